@@ -1,7 +1,7 @@
 import { existsSync } from 'node:fs';
 import { readFile, stat } from 'node:fs/promises';
 import path from 'node:path';
-import { OnnxModel, providerCandidates, type Provider, type ProviderChoice } from './onnx/runtime.js';
+import { OnnxModel, providerCandidates, type GraphOptimization, type Provider, type ProviderChoice, type SessionOptions } from './onnx/runtime.js';
 import { schedulerForClass, type SchedulerConfig, type SchedulerName } from './schedulers/index.js';
 import { ClipTokenizer } from './tokenizer.js';
 
@@ -20,6 +20,7 @@ export interface LoadOptions {
   provider?: ProviderChoice;
   /** intra-op threads per session; onnxruntime's default (all cores) when unset. */
   threads?: number;
+  optimization?: GraphOptimization;
   log?: (msg: string) => void;
 }
 
@@ -89,13 +90,17 @@ export async function loadModel(dir: string, options: LoadOptions = {}): Promise
 
   // `auto` settles on the first provider that opens the text encoder: a CUDA library without a
   // usable driver fails there, cheaply, before the UNet is read.
+  const session: SessionOptions = {
+    ...(options.threads ? { threads: options.threads } : {}),
+    ...(options.optimization ? { optimization: options.optimization } : {}),
+  };
   const candidates = providerCandidates(options.provider ?? 'auto');
   let textEncoder: OnnxModel | undefined;
   let provider: Provider | undefined;
   const failures: string[] = [];
   for (const p of candidates) {
     try {
-      textEncoder = await OnnxModel.open(file('text_encoder'), p, options.threads);
+      textEncoder = await OnnxModel.open(file('text_encoder'), p, session);
       provider = p;
       break;
     } catch (err) {
@@ -108,8 +113,8 @@ export async function loadModel(dir: string, options: LoadOptions = {}): Promise
   options.log?.(`execution provider: ${provider} (asked for ${options.provider ?? 'auto'})`);
 
   const [unet, vaeDecoder] = await Promise.all([
-    OnnxModel.open(file('unet'), provider, options.threads),
-    OnnxModel.open(file('vae_decoder'), provider, options.threads),
+    OnnxModel.open(file('unet'), provider, session),
+    OnnxModel.open(file('vae_decoder'), provider, session),
   ]);
   checkSignature(textEncoder, unet, vaeDecoder);
 

@@ -1,0 +1,63 @@
+import { parseArgs } from 'node:util';
+import { generateCommand, makeTestModelsCommand, tokenizeCommand, UsageError } from './engine-commands.js';
+
+const HELP = `t2i: text-to-image on Stable Diffusion ONNX models
+
+  t2i generate "prompt" [--negative TEXT] [--steps N] [--guidance G] [--seed S]
+                        [--scheduler pndm|ddim|euler|euler_ancestral|dpmpp_2m|lcm]
+                        [--width W] [--height H] [--model DIR] [--provider auto|cuda|coreml|cpu]
+                        [--threads N] [-o out.png]
+  t2i tokenize "prompt" [--model DIR]
+  t2i make-test-models DIR [--kind all|oracle|random] [--fp16] [--timestep int64|float32|float16]
+                        [--timestep-rank 0|1] [--ids int32|int64] [--hidden N] [--channels N]
+                        [--blocks N] [--external-data]
+  t2i bench [--rounds N] [--threads N] [--no-memory]
+
+The model is --model, else $MODEL_DIR, else the oracle test model (written to .t2i/models on first use).
+`;
+
+async function bench(argv: string[]): Promise<void> {
+  const { values } = parseArgs({
+    args: argv,
+    options: { rounds: { type: 'string' }, threads: { type: 'string' }, 'no-memory': { type: 'boolean' }, 'memory-probe': { type: 'string' } },
+  });
+  const { memoryProbe, runEngineBench } = await import('../bench/engine-bench.js');
+  if (values['memory-probe']) return memoryProbe(values['memory-probe']);
+  await runEngineBench({
+    ...(values.rounds ? { rounds: Number(values.rounds) } : {}),
+    ...(values.threads ? { threads: Number(values.threads) } : {}),
+    skipMemory: values['no-memory'] ?? false,
+  });
+}
+
+const commands: Record<string, (argv: string[]) => Promise<void>> = {
+  generate: generateCommand,
+  tokenize: tokenizeCommand,
+  'make-test-models': makeTestModelsCommand,
+  bench,
+};
+
+export async function main(argv: string[]): Promise<number> {
+  const [name, ...rest] = argv;
+  if (!name || name === 'help' || name === '--help' || name === '-h') {
+    process.stdout.write(HELP);
+    return name ? 0 : 1;
+  }
+  const command = commands[name];
+  if (!command) {
+    process.stderr.write(`unknown command "${name}"\n\n${HELP}`);
+    return 1;
+  }
+  try {
+    await command(rest);
+    return 0;
+  } catch (err) {
+    const e = err as Error & { code?: string };
+    // Usage and argument-parsing mistakes get one line; anything else its stack, for bug reports.
+    if (e instanceof UsageError || e.code?.startsWith('ERR_PARSE_ARGS')) process.stderr.write(`t2i ${name}: ${e.message}\n`);
+    else process.stderr.write(`t2i ${name}: ${e.message}\n${process.env.T2I_DEBUG ? `${e.stack}\n` : ''}`);
+    return 1;
+  }
+}
+
+process.exitCode = await main(process.argv.slice(2));

@@ -1,0 +1,86 @@
+import { parentPort, workerData } from 'node:worker_threads';
+import { loadModel, type LoadedModel } from '../model.js';
+import { StableDiffusionPipeline } from '../pipeline.js';
+import type { FromThread, SerializedError, ThreadInit, ToThread } from './protocol.js';
+
+/**
+ * The engine's thread. onnxruntime-node runs inference synchronously on the calling thread, so
+ * a UNet step on CPU would block its process for seconds: here it blocks only this thread,
+ * and the host's event loop stays free to renew job locks and answer health checks.
+ */
+
+if (!parentPort) throw new Error('engine-thread.ts must run as a worker thread');
+const port = parentPort;
+const init = workerData as ThreadInit;
+const post = (msg: FromThread, transfer: ArrayBuffer[] = []) => port.postMessage(msg, transfer);
+
+function serializeError(err: unknown): SerializedError {
+  const e = err instanceof Error ? err : new Error(String(err));
+  return { name: e.name, message: e.message, ...(e.stack ? { stack: e.stack } : {}) };
+}
+
+const active = new Map<number, AbortController>();
+let model: LoadedModel | undefined;
+let pipeline: StableDiffusionPipeline | undefined;
+
+async function generate(msg: Extract<ToThread, { type: 'generate' }>): Promise<void> {
+  const controller = new AbortController();
+  active.set(msg.id, controller);
+  try {
+    const generation = await pipeline!.generate(msg.params, {
+      signal: controller.signal,
+      previewEvery: msg.previewEvery,
+      returnLatents: msg.returnLatents,
+      onProgress: (progress) => post({ type: 'progress', id: msg.id, progress }),
+    });
+    for (const w of generation.warnings) post({ type: 'log', level: 'warn', msg: w, id: msg.id });
+    // Small Buffers share Node's allocation pool: copy into an ArrayBuffer of our own, which
+    // can be transferred instead of cloned without detaching the pool.
+    const png = new Uint8Array(generation.png);
+    post({ type: 'done', id: msg.id, generation: { ...generation, png: png as Buffer } }, [png.buffer]);
+  } catch (err) {
+    post({ type: 'failed', id: msg.id, error: serializeError(err) });
+  } finally {
+    active.delete(msg.id);
+  }
+}
+
+port.on('message', (msg: ToThread) => {
+  switch (msg.type) {
+    case 'generate':
+      void generate(msg);
+      break;
+    case 'cancel':
+      active.get(msg.id)?.abort();
+      break;
+    case 'close':
+      for (const c of active.values()) c.abort();
+      void (async () => {
+        await model?.release().catch(() => undefined);
+        post({ type: 'closed' });
+        port.close();
+      })();
+      break;
+  }
+});
+
+try {
+  model = await loadModel(init.modelDir, {
+    provider: init.provider,
+    ...(init.threads ? { threads: init.threads } : {}),
+    log: (msg) => post({ type: 'log', level: 'info', msg }),
+  });
+  pipeline = new StableDiffusionPipeline(model);
+  post({
+    type: 'ready',
+    info: {
+      modelDir: model.dir,
+      provider: model.provider,
+      defaultScheduler: model.defaultScheduler,
+      loadMs: model.loadMs,
+      sizeBytes: model.sizeBytes,
+    },
+  });
+} catch (err) {
+  post({ type: 'boot-failed', error: serializeError(err) });
+}

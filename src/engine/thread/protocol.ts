@@ -1,0 +1,39 @@
+import type { ProviderChoice } from '../onnx/runtime.js';
+import type { GenerateParams, Generation, Progress } from '../pipeline.js';
+import type { SchedulerName } from '../schedulers/types.js';
+
+/** Messages between the host and the engine thread. Plain data: structured-clone safe. */
+
+export interface ThreadInit {
+  modelDir: string;
+  provider: ProviderChoice;
+  threads?: number;
+}
+
+export interface EngineInfo {
+  modelDir: string;
+  provider: string;
+  defaultScheduler: SchedulerName | undefined;
+  loadMs: number;
+  sizeBytes: number;
+}
+
+export type ToThread =
+  | { type: 'generate'; id: number; params: GenerateParams; previewEvery: number; returnLatents: boolean }
+  | { type: 'cancel'; id: number }
+  | { type: 'close' };
+
+export interface SerializedError {
+  name: string;
+  message: string;
+  stack?: string;
+}
+
+export type FromThread =
+  | { type: 'ready'; info: EngineInfo }
+  | { type: 'boot-failed'; error: SerializedError }
+  | { type: 'log'; level: 'debug' | 'info' | 'warn'; msg: string; id?: number }
+  | { type: 'progress'; id: number; progress: Progress }
+  | { type: 'done'; id: number; generation: Generation }
+  | { type: 'failed'; id: number; error: SerializedError }
+  | { type: 'closed' };
