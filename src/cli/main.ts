@@ -1,5 +1,6 @@
 import { parseArgs } from 'node:util';
 import { generateCommand, makeTestModelsCommand, tokenizeCommand, UsageError } from './engine-commands.js';
+import { apiCommand, demoCommand, migrateCommand, workerCommand } from './service-commands.js';
 
 const HELP = `t2i: text-to-image on Stable Diffusion ONNX models
 
@@ -12,6 +13,12 @@ const HELP = `t2i: text-to-image on Stable Diffusion ONNX models
                         [--timestep-rank 0|1] [--ids int32|int64] [--hidden N] [--channels N]
                         [--blocks N] [--external-data]
   t2i bench [--rounds N] [--threads N] [--no-memory]
+
+  t2i demo [--prompt TEXT] [--port 8000] [--metrics-port 9191] [--exit]
+                        the whole system on local throwaway services, until Ctrl-C
+  t2i api               the HTTP API (configured by the environment, see .env.example)
+  t2i worker            a worker: loads MODEL_DIR once, then runs jobs one at a time
+  t2i migrate           applies prisma/migrations to DATABASE_URL
 
 The model is --model, else $MODEL_DIR, else the oracle test model (written to .t2i/models on first use).
 `;
@@ -35,6 +42,10 @@ const commands: Record<string, (argv: string[]) => Promise<void>> = {
   tokenize: tokenizeCommand,
   'make-test-models': makeTestModelsCommand,
   bench,
+  api: apiCommand,
+  worker: workerCommand,
+  migrate: migrateCommand,
+  demo: demoCommand,
 };
 
 export async function main(argv: string[]): Promise<number> {

@@ -1,0 +1,129 @@
+import type { Db, GeneratedImage } from '../core/db/client.js';
+import type { ImageRecord, ImagesRepo, NewImage } from '../core/images.js';
+
+/**
+ * The generated_images table through Prisma. Updates a worker makes while it owns an attempt
+ * are fenced on `attempts`: startAttempt increments it and returns the new value, and every
+ * later write matches on it, so a worker whose job was taken over (it stalled, its lock
+ * expired, another worker started attempt n+1) changes nothing.
+ */
+
+function toRecord(row: GeneratedImage): ImageRecord {
+  return {
+    id: row.id,
+    status: row.status,
+    prompt: row.prompt,
+    negativePrompt: row.negativePrompt,
+    numSteps: row.numSteps,
+    guidanceScale: row.guidanceScale,
+    seed: Number(row.seed),
+    width: row.width,
+    height: row.height,
+    scheduler: row.scheduler,
+    progress: row.progress,
+    fileName: row.fileName,
+    error: row.error,
+    attempts: row.attempts,
+    workerId: row.workerId,
+    model: row.model,
+    createdAt: row.createdAt,
+    updatedAt: row.updatedAt,
+    startedAt: row.startedAt,
+    finishedAt: row.finishedAt,
+    cancelRequestedAt: row.cancelRequestedAt,
+    generationMs: row.generationMs,
+  };
+}
+
+export function createImagesRepo(db: Db): ImagesRepo {
+  return {
+    async create(data: NewImage) {
+      const row = await db.generatedImage.create({
+        data: {
+          id: data.id,
+          prompt: data.prompt,
+          negativePrompt: data.negativePrompt,
+          numSteps: data.numSteps,
+          guidanceScale: data.guidanceScale,
+          seed: BigInt(data.seed),
+          width: data.width,
+          height: data.height,
+          scheduler: data.scheduler,
+        },
+      });
+      return toRecord(row);
+    },
+
+    async get(id) {
+      const row = await db.generatedImage.findUnique({ where: { id } });
+      return row ? toRecord(row) : null;
+    },
+
+    async list({ limit, before }) {
+      const rows = await db.generatedImage.findMany({
+        where: before
+          ? { OR: [{ createdAt: { lt: before.createdAt } }, { createdAt: before.createdAt, id: { lt: before.id } }] }
+          : {},
+        orderBy: [{ createdAt: 'desc' }, { id: 'desc' }],
+        take: limit,
+      });
+      return rows.map(toRecord);
+    },
+
+    async startAttempt(id, workerId) {
+      // One statement, so two workers can never both believe they own the same attempt.
+      const started = await db.$queryRaw<Array<{ attempts: number }>>`
+        UPDATE generated_images
+           SET status = 'running', attempts = attempts + 1, progress = 0, worker_id = ${workerId},
+               started_at = now(), updated_at = now(), error = NULL
+         WHERE id = ${id}::uuid AND status IN ('queued', 'running')
+     RETURNING attempts`;
+      const attempt = started[0]?.attempts;
+      if (attempt === undefined) return null;
+      const row = await db.generatedImage.findUnique({ where: { id } });
+      return row ? { record: toRecord(row), attempt } : null;
+    },
+
+    async setProgress(id, attempt, progress) {
+      const r = await db.generatedImage.updateMany({ where: { id, attempts: attempt, status: 'running' }, data: { progress } });
+      return r.count === 1;
+    },
+
+    async succeed(id, attempt, result) {
+      const r = await db.generatedImage.updateMany({
+        where: { id, attempts: attempt, status: 'running' },
+        data: {
+          status: 'succeeded',
+          progress: 100,
+          fileName: result.fileName,
+          generationMs: Math.round(result.generationMs),
+          model: result.model,
+          finishedAt: new Date(),
+          error: null,
+        },
+      });
+      return r.count === 1;
+    },
+
+    async fail(id, attempt, error, final) {
+      const r = await db.generatedImage.updateMany({
+        where: { id, attempts: attempt, status: 'running' },
+        // A failure that will be retried puts the row back in the queue, with the reason kept.
+        data: final ? { status: 'failed', error, finishedAt: new Date() } : { status: 'queued', error, progress: 0 },
+      });
+      return r.count === 1;
+    },
+
+    async failUnstarted(id, error) {
+      const r = await db.generatedImage.updateMany({
+        where: { id, status: 'queued' },
+        data: { status: 'failed', error, finishedAt: new Date() },
+      });
+      return r.count === 1;
+    },
+
+    async ping() {
+      await db.$queryRaw`SELECT 1`;
+    },
+  };
+}

@@ -1,0 +1,119 @@
+import { Queue, UnrecoverableError, Worker, type Job } from 'bullmq';
+import { Redis } from 'ioredis';
+import { GENERATE_JOB, type GeneratePayload, type QueueSettings } from '../core/jobs.js';
+
+/**
+ * BullMQ on Redis: the only module that imports bullmq and ioredis. Jobs are the catalog's
+ * `generate` job, keyed by the image id (so enqueueing the same image twice is a no-op).
+ */
+
+export { UnrecoverableError };
+
+export interface RedisOptions {
+  /** Fail commands at once while disconnected instead of buffering them (API: answer 503 fast). */
+  failFast?: boolean;
+}
+
+export function createRedis(url: string, opts: RedisOptions = {}): Redis {
+  return new Redis(url, {
+    // BullMQ workers need blocking commands to wait indefinitely.
+    maxRetriesPerRequest: opts.failFast ? 1 : null,
+    enableOfflineQueue: !opts.failFast,
+    connectTimeout: 5_000,
+    lazyConnect: false,
+    retryStrategy: (times) => Math.min(200 * 2 ** times, 5_000),
+  });
+}
+
+export interface ProducerQueue {
+  enqueue(imageId: string): Promise<void>;
+  counts(): Promise<Record<'waiting' | 'active' | 'delayed' | 'failed' | 'completed' | 'prioritized', number>>;
+  close(): Promise<void>;
+}
+
+export function createProducer(redisUrl: string, s: QueueSettings): ProducerQueue {
+  const connection = createRedis(redisUrl, { failFast: true });
+  const queue = new Queue<GeneratePayload>(s.queueName, {
+    connection,
+    defaultJobOptions: {
+      attempts: s.attempts,
+      backoff: { type: 'exponential', delay: s.backoffMs },
+      removeOnComplete: { count: s.keepCompleted },
+      removeOnFail: { count: s.keepFailed },
+    },
+  });
+  // Connection errors surface as rejected calls; without a listener they would crash the process.
+  queue.on('error', () => undefined);
+  return {
+    async enqueue(imageId) {
+      await queue.add(GENERATE_JOB.name, { imageId }, { jobId: imageId });
+    },
+    async counts() {
+      const c = await queue.getJobCounts('waiting', 'active', 'delayed', 'failed', 'completed', 'prioritized');
+      return c as Record<'waiting' | 'active' | 'delayed' | 'failed' | 'completed' | 'prioritized', number>;
+    },
+    async close() {
+      await queue.close();
+      connection.disconnect();
+    },
+  };
+}
+
+export interface JobContext {
+  id: string;
+  imageId: string;
+  /** 1 for the first attempt. */
+  attempt: number;
+  maxAttempts: number;
+  /** When the job was first enqueued. */
+  enqueuedAt: Date;
+}
+
+export type JobHandler = (job: JobContext) => Promise<void>;
+
+export interface QueueConsumer {
+  worker: Worker<GeneratePayload>;
+  /** Stops taking jobs and waits for the active one (BullMQ Worker.close()). */
+  close(force?: boolean): Promise<void>;
+}
+
+/**
+ * A consumer running one job at a time. Lock and stalled-check settings come from the shared
+ * configuration: BullMQ runs the stalled check queue-wide, so every worker must use the same.
+ */
+export function createConsumer(redisUrl: string, s: QueueSettings, handler: JobHandler, onError?: (err: Error) => void): QueueConsumer {
+  const connection = createRedis(redisUrl);
+  const worker = new Worker<GeneratePayload>(
+    s.queueName,
+    async (job: Job<GeneratePayload>) => {
+      const parsed = GENERATE_JOB.payload.safeParse(job.data);
+      if (!parsed.success || job.name !== GENERATE_JOB.name) {
+        throw new UnrecoverableError(`job ${job.id}: not a ${GENERATE_JOB.name} job with an image id`);
+      }
+      await handler({
+        id: job.id ?? parsed.data.imageId,
+        imageId: parsed.data.imageId,
+        attempt: job.attemptsMade + 1,
+        maxAttempts: job.opts.attempts ?? 1,
+        enqueuedAt: new Date(job.timestamp),
+      });
+    },
+    {
+      connection,
+      concurrency: 1,
+      lockDuration: s.lockMs,
+      stalledInterval: s.stalledIntervalMs,
+      // A job whose worker died is retried by the stalled check; count it as an attempt.
+      maxStalledCount: 1,
+      autorun: false,
+    },
+  );
+  worker.on('error', (err) => onError?.(err));
+  return {
+    worker,
+    async close(force = false) {
+      await worker.close(force);
+      connection.disconnect();
+    },
+  };
+}

@@ -1,0 +1,133 @@
+import Fastify, { type FastifyBaseLogger, type FastifyError, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
+import type { Logger } from 'pino';
+import { ProblemError, ValidationError } from '../core/errors.js';
+import type { ImageRecord, ImagesService } from '../core/images.js';
+import { createImageBody, fieldErrors, listQuery } from '../core/params.js';
+
+/**
+ * The HTTP API as a Fastify instance that tests build and inject into; src/api/main.ts boots
+ * it. Every error leaves as application/problem+json with type, title, status and detail.
+ */
+
+export interface AppDeps {
+  images: ImagesService;
+  logger: Logger;
+  bodyLimit: number;
+  /** Readiness of what the API depends on; the route answers 503 listing what is down. */
+  checks?: Record<string, () => Promise<void>>;
+}
+
+export function imageJson(r: ImageRecord) {
+  return {
+    id: r.id,
+    status: r.status,
+    progress: r.progress,
+    prompt: r.prompt,
+    negative_prompt: r.negativePrompt,
+    num_steps: r.numSteps,
+    guidance_scale: r.guidanceScale,
+    seed: r.seed,
+    width: r.width,
+    height: r.height,
+    scheduler: r.scheduler,
+    file_name: r.fileName,
+    error: r.error,
+    attempts: r.attempts,
+    created_at: r.createdAt.toISOString(),
+    started_at: r.startedAt?.toISOString() ?? null,
+    finished_at: r.finishedAt?.toISOString() ?? null,
+  };
+}
+
+const PROBLEM = 'application/problem+json';
+
+function sendProblem(reply: FastifyReply, status: number, title: string, detail: string, extra: Record<string, unknown> = {}) {
+  const type = status === 500 ? 'about:blank' : `https://t2i.dev/problems/${title.toLowerCase().replace(/[^a-z0-9]+/g, '-')}`;
+  return reply.status(status).type(PROBLEM).send({ type, title, status, detail, ...extra });
+}
+
+export function buildApp(deps: AppDeps): FastifyInstance {
+  const app = Fastify({
+    loggerInstance: deps.logger as FastifyBaseLogger,
+    bodyLimit: deps.bodyLimit,
+    // Request ids on every line the request logs; honour a caller's X-Request-Id.
+    requestIdHeader: 'x-request-id',
+    genReqId: () => crypto.randomUUID(),
+    return503OnClosing: true,
+    routerOptions: { ignoreTrailingSlash: true },
+  });
+
+  app.addHook('onSend', async (request, reply) => {
+    reply.header('x-request-id', request.id);
+  });
+
+  app.setNotFoundHandler((request, reply) =>
+    sendProblem(reply, 404, 'Not Found', `No route ${request.method} ${request.url.split('?')[0]}.`),
+  );
+
+  app.setErrorHandler((err: FastifyError | ProblemError | Error, request: FastifyRequest, reply: FastifyReply) => {
+    if (err instanceof ProblemError) {
+      for (const [k, v] of Object.entries(err.headers)) reply.header(k, v);
+      return sendProblem(reply, err.status, err.title, err.message, err.extra);
+    }
+    const fe = err as FastifyError;
+    // Fastify's own client errors: body too large, bad JSON, wrong content type.
+    if (fe.code === 'FST_ERR_CTP_BODY_TOO_LARGE') return sendProblem(reply, 413, 'Payload Too Large', `The request body is larger than ${deps.bodyLimit} bytes.`);
+    if (fe.code === 'FST_ERR_CTP_INVALID_MEDIA_TYPE') return sendProblem(reply, 415, 'Unsupported Media Type', 'Send the body as application/json.');
+    if (fe.code === 'FST_ERR_CTP_EMPTY_JSON_BODY') return sendProblem(reply, 400, 'Invalid request', 'The request body is empty; send a JSON object.', { errors: [{ field: '(body)', rule: 'required', message: 'is required' }] });
+    if (fe.code === 'FST_ERR_CTP_INVALID_JSON_BODY' || (fe.statusCode === 400 && err instanceof SyntaxError)) {
+      return sendProblem(reply, 400, 'Invalid request', `The request body is not valid JSON: ${err.message}`, { errors: [{ field: '(body)', rule: 'json', message: 'is not valid JSON' }] });
+    }
+    if (typeof fe.statusCode === 'number' && fe.statusCode >= 400 && fe.statusCode < 500) {
+      return sendProblem(reply, fe.statusCode, 'Bad Request', err.message);
+    }
+    request.log.error({ err }, 'request failed');
+    return sendProblem(reply, 500, 'Internal Server Error', 'The server failed to handle the request; it has been logged.');
+  });
+
+  app.post('/generated-images', async (request, reply) => {
+    const body = request.body;
+    if (typeof body !== 'object' || body === null || Array.isArray(body)) {
+      throw new ValidationError([{ field: '(body)', rule: 'type', message: 'must be a JSON object' }]);
+    }
+    const parsed = createImageBody.safeParse(body);
+    if (!parsed.success) throw new ValidationError(fieldErrors(parsed.error));
+    const record = await deps.images.create(parsed.data);
+    return reply.status(201).header('location', `/generated-images/${record.id}`).send(imageJson(record));
+  });
+
+  app.get('/generated-images', async (request) => {
+    const parsed = listQuery.safeParse(request.query);
+    if (!parsed.success) throw new ValidationError(fieldErrors(parsed.error));
+    const { items, nextCursor } = await deps.images.list(parsed.data.limit, parsed.data.cursor);
+    return { items: items.map(imageJson), next_cursor: nextCursor };
+  });
+
+  app.get<{ Params: { id: string } }>('/generated-images/:id', async (request) => imageJson(await deps.images.get(request.params.id)));
+
+  app.get<{ Params: { id: string } }>('/generated-images/:id/url', async (request) => {
+    const { url, expiresAt } = await deps.images.url(request.params.id);
+    return { url, expires_at: expiresAt.toISOString() };
+  });
+
+  app.get('/healthz', async () => ({ status: 'ok' }));
+
+  app.get('/readyz', async (_request, reply) => {
+    const results = await Promise.all(
+      Object.entries(deps.checks ?? {}).map(async ([name, check]) => {
+        try {
+          await check();
+          return [name, 'ok'] as const;
+        } catch (err) {
+          return [name, `down: ${(err as Error).message}`] as const;
+        }
+      }),
+    );
+    const checks = Object.fromEntries(results);
+    const down = results.filter(([, v]) => v !== 'ok').map(([k]) => k);
+    if (down.length > 0) return sendProblem(reply, 503, 'Service Unavailable', `Not ready: ${down.join(', ')} unreachable.`, { checks });
+    return { status: 'ready', checks };
+  });
+
+  return app;
+}

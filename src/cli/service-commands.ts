@@ -1,0 +1,169 @@
+import { spawn, type ChildProcess } from 'node:child_process';
+import { existsSync } from 'node:fs';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { parseArgs } from 'node:util';
+import { ConfigError, loadConfig } from '../config.js';
+import { applyMigrations } from '../core/db/migrate.js';
+import { writeOracleModel } from '../engine/testmodels/make.js';
+import { DEFAULT_MODELS_DIR, UsageError } from './engine-commands.js';
+
+/** The service's commands: api, worker, migrate, and demo (the whole system on local defaults). */
+
+function configOrExit(role: 'api' | 'worker' | 'any') {
+  try {
+    return loadConfig(process.env, role);
+  } catch (err) {
+    if (err instanceof ConfigError) throw new UsageError(`${err.message}\nSet these in the environment (see .env.example).`);
+    throw err;
+  }
+}
+
+/** Runs until SIGINT/SIGTERM, then closes; a second signal exits at once. */
+function untilSignal(close: () => Promise<void>): Promise<void> {
+  return new Promise((resolve) => {
+    let closing = false;
+    const onSignal = (signal: NodeJS.Signals) => {
+      if (closing) {
+        process.stderr.write(`${signal} again: exiting now\n`);
+        process.exit(130);
+      }
+      closing = true;
+      void close().finally(resolve);
+    };
+    process.on('SIGINT', onSignal);
+    process.on('SIGTERM', onSignal);
+  });
+}
+
+export async function apiCommand(): Promise<void> {
+  const { startApi } = await import('../api/main.js');
+  const api = await startApi(configOrExit('api'));
+  await untilSignal(api.close);
+}
+
+export async function workerCommand(): Promise<void> {
+  const { startWorker } = await import('../worker/main.js');
+  const worker = await startWorker(configOrExit('worker'));
+  await untilSignal(worker.close);
+}
+
+export async function migrateCommand(): Promise<void> {
+  const config = configOrExit('any');
+  const { applied } = await applyMigrations(config.DATABASE_URL, { log: (m) => process.stderr.write(`${m}\n`) });
+  process.stdout.write(applied.length ? `applied ${applied.join(', ')}\n` : 'database is up to date\n');
+}
+
+const BIN = fileURLToPath(new URL('../../bin/t2i.js', import.meta.url));
+
+function child(name: string, args: string[], env: NodeJS.ProcessEnv): ChildProcess {
+  const proc = spawn(process.execPath, [BIN, ...args], { env, stdio: ['ignore', 'pipe', 'pipe'] });
+  const prefix = (chunk: Buffer) =>
+    chunk
+      .toString()
+      .split('\n')
+      .filter(Boolean)
+      .map((l) => `[${name}] ${l}\n`)
+      .join('');
+  proc.stdout?.on('data', (c: Buffer) => process.stderr.write(prefix(c)));
+  proc.stderr?.on('data', (c: Buffer) => process.stderr.write(prefix(c)));
+  return proc;
+}
+
+async function waitFor(url: string, timeoutMs: number, procs: ChildProcess[]): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (Date.now() < deadline) {
+    if (procs.some((p) => p.exitCode !== null)) throw new Error(`a process exited while starting (see its log above)`);
+    try {
+      const r = await fetch(url);
+      if (r.ok) return;
+    } catch {
+      // not up yet
+    }
+    await new Promise((r) => setTimeout(r, 200));
+  }
+  throw new Error(`${url} did not answer within ${timeoutMs / 1000} s`);
+}
+
+/**
+ * The whole system on embedded defaults: throwaway Postgres, Redis and S3 (OpenStack Swift) in a
+ * temp folder, the oracle model, the API on :8000 and one worker; then it submits a prompt,
+ * shows its progress, prints the image URL and keeps running for curl until Ctrl-C.
+ */
+export async function demoCommand(argv: string[]): Promise<void> {
+  const { values } = parseArgs({
+    args: argv,
+    options: {
+      prompt: { type: 'string', default: 'a red circle on the left' },
+      port: { type: 'string', default: '8000' },
+      'metrics-port': { type: 'string', default: '9191' },
+      exit: { type: 'boolean', default: false },
+    },
+  });
+  const say = (m: string) => process.stdout.write(`${m}\n`);
+  const { startServices } = await import('../dev/services.js');
+  say('starting Postgres, Redis and S3 (OpenStack Swift) on 127.0.0.1 in a temp folder ...');
+  const services = await startServices({ log: (m) => process.stderr.write(`[services] ${m}\n`) });
+  const procs: ChildProcess[] = [];
+  const stopAll = async () => {
+    for (const p of procs) if (p.exitCode === null) p.kill('SIGTERM');
+    await Promise.all(procs.map((p) => (p.exitCode === null ? new Promise((r) => p.once('exit', r)) : undefined)));
+    await services.stop();
+  };
+  try {
+    const modelDir = path.join(DEFAULT_MODELS_DIR, 'oracle');
+    if (!existsSync(path.join(modelDir, 'model_index.json'))) await writeOracleModel(modelDir);
+    const env: NodeJS.ProcessEnv = {
+      ...process.env,
+      DATABASE_URL: services.postgres.url,
+      REDIS_URL: services.redis.url,
+      STORAGE_ENDPOINT: services.s3.endpoint,
+      STORAGE_ACCESS_KEY: services.s3.accessKey,
+      STORAGE_SECRET_KEY: services.s3.secretKey,
+      STORAGE_REGION: services.s3.region,
+      STORAGE_BUCKET: 't2i-images',
+      MODEL_DIR: modelDir,
+      HOST: '127.0.0.1',
+      PORT: values.port,
+      WORKER_METRICS_PORT: values['metrics-port'],
+      LOG_PRETTY: 'false',
+      LOG_LEVEL: process.env.LOG_LEVEL ?? 'warn',
+    };
+    await applyMigrations(services.postgres.url, { log: (m) => process.stderr.write(`[migrate] ${m}\n`) });
+    procs.push(child('api', ['api'], env), child('worker', ['worker'], env));
+    const api = `http://127.0.0.1:${values.port}`;
+    await waitFor(`${api}/healthz`, 60_000, procs);
+    await waitFor(`http://127.0.0.1:${values['metrics-port']}/healthz`, 60_000, procs);
+    say(`API on ${api}, worker metrics on http://127.0.0.1:${values['metrics-port']}, model ${modelDir}`);
+
+    const body = { prompt: values.prompt, num_steps: 30 };
+    say(`\n$ curl -X POST ${api}/generated-images -H 'content-type: application/json' -d '${JSON.stringify(body)}'`);
+    const created = await fetch(`${api}/generated-images`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) });
+    const job = (await created.json()) as { id: string; status: string; progress: number };
+    say(`${created.status} ${JSON.stringify(job)}`);
+    let last = -1;
+    for (;;) {
+      const r = (await (await fetch(`${api}/generated-images/${job.id}`)).json()) as { status: string; progress: number; file_name: string | null; error: string | null };
+      if (r.progress !== last || r.status !== 'running') {
+        if (r.progress !== last) say(`GET /generated-images/${job.id} -> status ${r.status}, progress ${r.progress}`);
+        last = r.progress;
+      }
+      if (r.status === 'succeeded') {
+        say(`file_name ${r.file_name}`);
+        break;
+      }
+      if (r.status === 'failed' || r.status === 'canceled') throw new Error(`the demo job ended ${r.status}: ${r.error}`);
+      await new Promise((res) => setTimeout(res, 100));
+    }
+    const url = (await (await fetch(`${api}/generated-images/${job.id}/url`)).json()) as { url: string; expires_at: string };
+    say(`\nimage URL (valid until ${url.expires_at}):\n${url.url}\n`);
+    say(`try it yourself:\n  curl -s -X POST ${api}/generated-images -H 'content-type: application/json' -d '{"prompt": "a blue square at the top", "num_steps": 20}'`);
+    say(`  curl -s ${api}/generated-images/<id>\n  curl -s ${api}/generated-images/<id>/url`);
+    if (values.exit) return;
+    say('\nrunning until Ctrl-C ...');
+    await untilSignal(async () => undefined);
+  } finally {
+    await stopAll();
+    say('stopped');
+  }
+}

@@ -1,0 +1,146 @@
+import { z } from 'zod';
+
+/**
+ * The one environment schema, parsed once at boot by each process. Every variable is listed
+ * in .env.example with the same comment. Invalid configuration fails fast, listing every
+ * problem at once rather than the first.
+ */
+
+const bool = z
+  .enum(['true', 'false', '1', '0', 'yes', 'no'])
+  .transform((v) => v === 'true' || v === '1' || v === 'yes');
+
+const int = (min: number, max: number) =>
+  z.coerce.number({ error: 'must be a whole number' }).int('must be a whole number').min(min).max(max);
+
+const ENDPOINT_MESSAGE = 'must be http://host:port, https://host:port or host:port, without a path or credentials';
+
+const SEVEN_DAYS_S = 7 * 24 * 3600;
+
+export const envSchema = z.object({
+  // --- Postgres
+  /** postgresql://user:password@host:5432/db */
+  DATABASE_URL: z.string().regex(/^postgres(ql)?:\/\//, 'must be a postgresql:// URL'),
+  /** Connections per process. */
+  DATABASE_POOL_MAX: int(1, 200).default(10),
+
+  // --- Redis / BullMQ
+  REDIS_URL: z.string().regex(/^rediss?:\/\//, 'must be a redis:// or rediss:// URL').default('redis://127.0.0.1:6379'),
+  /** BullMQ queue name; every API and worker of one deployment must agree on it. */
+  QUEUE_NAME: z.string().regex(/^[A-Za-z0-9_-]{1,64}$/, 'letters, digits, _ and - only').default('generate-image'),
+  /** Attempts per job before it is failed for good (transient faults only; bad input fails at once). */
+  JOB_ATTEMPTS: int(1, 20).default(3),
+  /** First retry delay; doubles on each further attempt. */
+  JOB_BACKOFF_MS: int(0, 3_600_000).default(5_000),
+  /** Worker lock time on an active job (renewed at half of it); a dead worker's job is taken over after about this long. */
+  JOB_LOCK_MS: int(1_000, 600_000).default(30_000),
+  /** How often workers look for jobs whose lock expired. Must be the same on every worker. */
+  JOB_STALLED_INTERVAL_MS: int(500, 600_000).default(15_000),
+  /** Completed and failed BullMQ jobs kept in Redis (the job row in Postgres is the record). */
+  JOB_KEEP_COMPLETED: int(0, 1_000_000).default(1_000),
+  JOB_KEEP_FAILED: int(0, 1_000_000).default(10_000),
+
+  // --- S3 storage (the textbook's names)
+  /** http(s)://host:port of the S3 API as the services reach it; a bare host:port means http. */
+  STORAGE_ENDPOINT: z.string().min(1).refine(isEndpoint, ENDPOINT_MESSAGE),
+  /** The endpoint presigned URLs are made for, when users reach storage at another address. */
+  STORAGE_PUBLIC_ENDPOINT: z.string().min(1).refine(isEndpoint, ENDPOINT_MESSAGE).optional(),
+  STORAGE_ACCESS_KEY: z.string().min(1),
+  STORAGE_SECRET_KEY: z.string().min(1),
+  STORAGE_BUCKET: z.string().regex(/^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$/, 'must be a valid S3 bucket name').default('t2i-images'),
+  STORAGE_REGION: z.string().min(1).default('us-east-1'),
+  /** Lifetime of presigned image URLs, in seconds: S3 allows 7 days at most. */
+  PRESIGN_TTL_SECONDS: int(1, SEVEN_DAYS_S).default(SEVEN_DAYS_S),
+
+  // --- API
+  HOST: z.string().min(1).default('127.0.0.1'),
+  PORT: int(0, 65535).default(8000),
+  /** Largest accepted request body. */
+  BODY_LIMIT_BYTES: int(1_024, 10_485_760).default(65_536),
+
+  // --- Worker
+  /** A Stable Diffusion ONNX export (diffusers/optimum layout). */
+  MODEL_DIR: z.string().min(1).optional(),
+  EXECUTION_PROVIDER: z.enum(['auto', 'cuda', 'coreml', 'cpu']).default('auto'),
+  /** onnxruntime intra-op threads; its default (all cores) when unset. */
+  ORT_THREADS: int(1, 256).optional(),
+  WORKER_METRICS_PORT: int(0, 65535).default(9191),
+  WORKER_METRICS_HOST: z.string().min(1).default('127.0.0.1'),
+  /** Shortest interval between progress writes to Postgres while a job runs. */
+  PROGRESS_INTERVAL_MS: int(0, 60_000).default(500),
+  /** Name of this worker in job rows and logs; hostname:pid when unset. */
+  WORKER_ID: z.string().min(1).max(200).optional(),
+
+  // --- Logs
+  LOG_LEVEL: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
+  LOG_PRETTY: bool.optional(),
+});
+
+export type Config = z.infer<typeof envSchema>;
+
+export class ConfigError extends Error {
+  override name = 'ConfigError';
+  constructor(readonly issues: string[]) {
+    super(`invalid configuration:\n${issues.map((i) => `  - ${i}`).join('\n')}`);
+  }
+}
+
+export type Role = 'api' | 'worker' | 'any';
+
+/** Parses the environment; throws a ConfigError listing every invalid or missing variable. */
+export function loadConfig(env: NodeJS.ProcessEnv = process.env, role: Role = 'any'): Config {
+  // Empty strings mean "unset", as in most .env tooling. Whitespace-only counts as empty too:
+  // z.coerce.number() would otherwise read PORT="  " as port 0.
+  const cleaned = Object.fromEntries(Object.entries(env).filter(([, v]) => v !== undefined && v.trim() !== ''));
+  const result = envSchema.safeParse(cleaned);
+  // "required" only when the variable is absent: zod 4 issues carry no `input` unless asked to,
+  // so testing i.input called every bad value (PORT=abc) "required". Values are never echoed,
+  // since some are secrets.
+  const issues = result.success
+    ? []
+    : result.error.issues.map((i) => {
+        const name = String(i.path[0] ?? '');
+        return `${i.path.join('.')}: ${i.code === 'invalid_type' && cleaned[name] === undefined ? 'required' : i.message}`;
+      });
+  // Checked even when other variables are invalid, so the worker's list is complete too.
+  if (role === 'worker' && cleaned.MODEL_DIR === undefined) issues.push('MODEL_DIR: required by the worker');
+  if (issues.length > 0) throw new ConfigError(issues);
+  return result.data!;
+}
+
+/**
+ * Host, port and TLS of an S3 endpoint given as a URL or a bare host:port. Throws on anything
+ * else rather than guessing: a path, query or user:password in the URL would be silently dropped
+ * (the S3 client takes host and port only), so it is refused. Errors never echo credentials.
+ */
+export function parseEndpoint(endpoint: string): { host: string; port: number; useSSL: boolean; url: string } {
+  const text = endpoint.trim();
+  const scheme = /^([a-z][a-z0-9+.-]*):\/\//i.exec(text)?.[1]?.toLowerCase();
+  if (scheme !== undefined && scheme !== 'http' && scheme !== 'https') {
+    throw new Error(`S3 endpoint: scheme "${scheme}://" is not supported; use http://host:port, https://host:port or host:port`);
+  }
+  let url: URL;
+  try {
+    url = new URL(scheme ? text : `http://${text}`);
+  } catch {
+    throw new Error('S3 endpoint: not a valid http(s)://host:port or host:port');
+  }
+  if (url.username || url.password) {
+    throw new Error(`S3 endpoint ${url.host}: remove the user:password part; credentials go in STORAGE_ACCESS_KEY and STORAGE_SECRET_KEY`);
+  }
+  if ((url.pathname !== '/' && url.pathname !== '') || url.search || url.hash) {
+    throw new Error(`S3 endpoint ${url.host}: must not have a path or query (got "${url.pathname}${url.search}"); give only http(s)://host:port`);
+  }
+  const useSSL = url.protocol === 'https:';
+  const port = url.port ? Number(url.port) : useSSL ? 443 : 80;
+  return { host: url.hostname, port, useSSL, url: `${url.protocol}//${url.host}` };
+}
+
+function isEndpoint(v: string): boolean {
+  try {
+    parseEndpoint(v);
+    return true;
+  } catch {
+    return false;
+  }
+}

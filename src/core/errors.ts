@@ -1,0 +1,58 @@
+/**
+ * Errors that mean something to a client. The API renders each as application/problem+json
+ * (RFC 9457) with `type`, `title`, `status` and `detail`; anything else is a 500 whose detail
+ * hides internals.
+ */
+
+export interface FieldError {
+  /** Dotted path of the offending field in the request, e.g. "num_steps". */
+  field: string;
+  /** Machine-readable rule that failed, e.g. "required", "max", "type", "unknown_field". */
+  rule: string;
+  message: string;
+}
+
+export class ProblemError extends Error {
+  constructor(
+    readonly status: number,
+    readonly title: string,
+    detail: string,
+    readonly extra: Record<string, unknown> = {},
+    readonly headers: Record<string, string> = {},
+  ) {
+    super(detail);
+  }
+
+  get type(): string {
+    return `https://t2i.dev/problems/${this.title.toLowerCase().replace(/[^a-z0-9]+/g, '-')}`;
+  }
+}
+
+export class ValidationError extends ProblemError {
+  override name = 'ValidationError';
+  constructor(readonly errors: FieldError[]) {
+    super(400, 'Invalid request', errors.map((e) => `${e.field}: ${e.message}`).join('; '), { errors });
+  }
+}
+
+export class NotFoundError extends ProblemError {
+  override name = 'NotFoundError';
+  constructor(detail = 'Not Found') {
+    super(404, 'Not Found', detail);
+  }
+}
+
+/** The textbook's 400 for an image that is not ready, and its siblings for failed or canceled jobs. */
+export class ImageNotAvailableError extends ProblemError {
+  override name = 'ImageNotAvailableError';
+  constructor(detail: string, status: string) {
+    super(400, 'Image not available', detail, { job_status: status });
+  }
+}
+
+export class ServiceUnavailableError extends ProblemError {
+  override name = 'ServiceUnavailableError';
+  constructor(detail: string, retryAfterSeconds = 5) {
+    super(503, 'Service Unavailable', detail, {}, { 'retry-after': String(retryAfterSeconds) });
+  }
+}

@@ -1,0 +1,29 @@
+import type { Config } from '../config.js';
+import type { QueueSettings } from './jobs.js';
+import type { StorageOptions } from '../adapters/storage.js';
+
+/** Settings objects for the adapters, derived from the one Config. */
+
+export function queueSettings(c: Config): QueueSettings {
+  return {
+    queueName: c.QUEUE_NAME,
+    attempts: c.JOB_ATTEMPTS,
+    backoffMs: c.JOB_BACKOFF_MS,
+    lockMs: c.JOB_LOCK_MS,
+    stalledIntervalMs: c.JOB_STALLED_INTERVAL_MS,
+    keepCompleted: c.JOB_KEEP_COMPLETED,
+    keepFailed: c.JOB_KEEP_FAILED,
+  };
+}
+
+export function storageOptions(c: Config): StorageOptions {
+  return {
+    endpoint: c.STORAGE_ENDPOINT,
+    ...(c.STORAGE_PUBLIC_ENDPOINT ? { publicEndpoint: c.STORAGE_PUBLIC_ENDPOINT } : {}),
+    accessKey: c.STORAGE_ACCESS_KEY,
+    secretKey: c.STORAGE_SECRET_KEY,
+    bucket: c.STORAGE_BUCKET,
+    region: c.STORAGE_REGION,
+    presignTtlSeconds: c.PRESIGN_TTL_SECONDS,
+  };
+}

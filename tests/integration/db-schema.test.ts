@@ -1,0 +1,596 @@
+/**
+ * The database layer against a real PostgreSQL 15: the offline migration runner, the shape of
+ * the bookkeeping it writes, the drift check (migrated database == prisma/schema.prisma), the
+ * generated client over @prisma/adapter-pg, and the failure / refusal paths.
+ *
+ * Why a hand-written drift check: Prisma's own (`prisma migrate diff`) needs the native schema
+ * engine, which cannot be downloaded here. The check reads schema.prisma itself (a small parser
+ * for the constructs this project uses, which fails loudly on anything else) and compares with
+ * pg_catalog. Needs the system packages: `sudo bash scripts/install-system-deps.sh`.
+ */
+import { cpSync, mkdtempSync, readFileSync, rmSync, writeFileSync, mkdirSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import pg from 'pg';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { createPrismaClient, type Db } from '../../src/core/db/client.js';
+import { applyMigrations, MigrationError, readMigrations, sha256Hex } from '../../src/core/db/migrate.js';
+import { createDatabase, startServices, type LocalServices } from '../../src/dev/services.js';
+
+const ROOT = fileURLToPath(new URL('../../', import.meta.url));
+const SCHEMA_FILE = join(ROOT, 'prisma', 'schema.prisma');
+const MIGRATIONS_DIR = join(ROOT, 'prisma', 'migrations');
+
+// ---------------------------------------------------------------------------------------------
+// A minimal schema.prisma reader: just enough for the drift check, and loud about the rest.
+
+interface ExpectedColumn { name: string; type: string; notNull: boolean; default: string | null }
+interface ExpectedTable { name: string; columns: ExpectedColumn[]; pk: { name: string; columns: string[] }; indexes: string[] }
+interface ExpectedSchema { enums: Map<string, string[]>; tables: ExpectedTable[] }
+
+const unsupported = (what: string): never => {
+  throw new Error(`drift check: schema.prisma uses ${what}, which the small parser in tests/integration/db-schema.test.ts does not understand yet; extend parseSchema there`);
+};
+
+/** Drops // comments (including /// docs) outside string literals. */
+function stripComments(text: string): string {
+  return text
+    .split('\n')
+    .map((line) => {
+      let inStr = false;
+      for (let i = 0; i < line.length; i++) {
+        const c = line[i];
+        if (c === '"' && line[i - 1] !== '\\') inStr = !inStr;
+        else if (!inStr && c === '/' && line[i + 1] === '/') return line.slice(0, i);
+      }
+      return line;
+    })
+    .join('\n');
+}
+
+interface Attr { name: string; args: string | null }
+
+/** Splits `@id @default(dbgenerated("x()")) @db.Uuid` into attributes with their raw arguments. */
+function parseAttrs(text: string): Attr[] {
+  const attrs: Attr[] = [];
+  let i = 0;
+  while (i < text.length) {
+    if (/\s/.test(text[i]!)) { i++; continue; }
+    if (text[i] !== '@') unsupported(`unexpected text "${text.slice(i)}"`);
+    const m = /^@@?[\w.]+/.exec(text.slice(i))!;
+    i += m[0].length;
+    let args: string | null = null;
+    if (text[i] === '(') {
+      let depth = 0;
+      let inStr = false;
+      const start = i;
+      for (; i < text.length; i++) {
+        const c = text[i];
+        if (c === '"' && text[i - 1] !== '\\') inStr = !inStr;
+        if (inStr) continue;
+        if (c === '(') depth++;
+        if (c === ')' && --depth === 0) break;
+      }
+      args = text.slice(start + 1, i);
+      i++;
+    }
+    attrs.push({ name: m[0], args });
+  }
+  return attrs;
+}
+
+/** Splits on top-level commas (not inside brackets, parentheses or strings). */
+function splitTop(text: string): string[] {
+  const parts: string[] = [];
+  let depth = 0;
+  let inStr = false;
+  let cur = '';
+  for (let i = 0; i < text.length; i++) {
+    const c = text[i]!;
+    if (c === '"' && text[i - 1] !== '\\') inStr = !inStr;
+    if (!inStr && (c === '(' || c === '[')) depth++;
+    if (!inStr && (c === ')' || c === ']')) depth--;
+    if (!inStr && depth === 0 && c === ',') { parts.push(cur.trim()); cur = ''; } else cur += c;
+  }
+  if (cur.trim()) parts.push(cur.trim());
+  return parts;
+}
+
+const unquote = (s: string) => JSON.parse(s.trim()) as string;
+
+/** Prisma's scalar -> PostgreSQL type, as format_type() prints it. */
+function columnType(prismaType: string, dbAttr: Attr | undefined, enumDbName: string | undefined): string {
+  if (enumDbName) return enumDbName;
+  if (dbAttr) {
+    const native = dbAttr.name.slice('@db.'.length);
+    const arg = dbAttr.args?.trim();
+    switch (native) {
+      case 'Uuid': return 'uuid';
+      case 'Text': return 'text';
+      case 'VarChar': return arg ? `character varying(${arg})` : 'character varying';
+      case 'Timestamptz': return `timestamp${arg ? `(${arg})` : ''} with time zone`;
+      case 'Timestamp': return `timestamp${arg ? `(${arg})` : ''} without time zone`;
+      case 'Integer': return 'integer';
+      case 'BigInt': return 'bigint';
+      case 'DoublePrecision': return 'double precision';
+      default: return unsupported(`@db.${native}`);
+    }
+  }
+  const defaults: Record<string, string> = {
+    String: 'text', Int: 'integer', BigInt: 'bigint', Float: 'double precision', Boolean: 'boolean',
+    DateTime: 'timestamp(3) without time zone', Json: 'jsonb', Bytes: 'bytea', Decimal: 'numeric(65,30)',
+  };
+  return defaults[prismaType] ?? unsupported(`the field type ${prismaType} (a relation?)`);
+}
+
+/** Prisma's @default(...) -> the default expression pg_get_expr() prints. */
+function columnDefault(args: string, type: string, enumDbName: string | undefined): string {
+  const a = args.trim();
+  let m: RegExpExecArray | null;
+  if ((m = /^dbgenerated\((".*")\)$/.exec(a))) return unquote(m[1]!);
+  if (a === 'now()') return 'CURRENT_TIMESTAMP';
+  if (/^-?\d+(\.\d+)?$/.test(a)) return a;
+  if (a === 'true' || a === 'false') return a;
+  if (/^\w+$/.test(a) && enumDbName) return `'${a}'::${enumDbName}`;
+  if (a.startsWith('"')) return `'${unquote(a).replaceAll("'", "''")}'::${type === 'text' ? 'text' : type}`;
+  return unsupported(`@default(${a})`);
+}
+
+/** Prisma's default index names: {table}_{columns}_idx / _key / _pkey, at most 63 characters. */
+function prismaName(table: string, columns: string[], suffix: string): string {
+  const name = [table, ...columns, suffix].join('_');
+  if (name.length > 63) unsupported(`an index name longer than 63 characters (${name}); Prisma truncates those`);
+  return name;
+}
+
+function parseSchema(text: string): ExpectedSchema {
+  const src = stripComments(text);
+  const blocks = [...src.matchAll(/^\s*(model|enum|generator|datasource|view|type)\s+(\w+)\s*\{([\s\S]*?)^\s*\}/gm)];
+  const enums = new Map<string, string[]>();
+  const enumDbNames = new Map<string, string>();
+  for (const [, kind, name, body] of blocks) {
+    if (kind === 'view' || kind === 'type') unsupported(`a ${kind} block`);
+    if (kind !== 'enum') continue;
+    const values: string[] = [];
+    let dbName = name!;
+    for (const line of body!.split('\n').map((l) => l.trim()).filter(Boolean)) {
+      if (line.startsWith('@@map(')) dbName = unquote(line.slice(6, -1));
+      else if (/^\w+$/.test(line)) values.push(line);
+      else unsupported(`the enum line "${line}"`);
+    }
+    enums.set(dbName, values);
+    enumDbNames.set(name!, dbName);
+  }
+
+  const tables: ExpectedTable[] = [];
+  for (const [, kind, modelName, body] of blocks) {
+    if (kind !== 'model') continue;
+    const fields: Array<{ name: string; column: string; type: string; optional: boolean; attrs: Attr[]; enumDb: string | undefined }> = [];
+    const blockAttrs: Attr[] = [];
+    for (const line of body!.split('\n').map((l) => l.trim()).filter(Boolean)) {
+      if (line.startsWith('@@')) { blockAttrs.push(...parseAttrs(line)); continue; }
+      const m = /^(\w+)\s+(\w+)(\?|\[\])?\s*(.*)$/.exec(line) ?? unsupported(`the model line "${line}"`);
+      if (m[3] === '[]') unsupported(`the list field ${m[1]}`);
+      const attrs = parseAttrs(m[4]!);
+      const map = attrs.find((a) => a.name === '@map');
+      fields.push({
+        name: m[1]!, column: map ? unquote(map.args!) : m[1]!, type: m[2]!, optional: m[3] === '?', attrs,
+        enumDb: enumDbNames.get(m[2]!),
+      });
+    }
+    const tableMap = blockAttrs.find((a) => a.name === '@@map');
+    const table = tableMap ? unquote(tableMap.args!) : modelName!;
+    const columnOf = (fieldName: string) =>
+      fields.find((f) => f.name === fieldName)?.column ?? unsupported(`an index on unknown field ${fieldName}`);
+
+    const columns = fields.map((f): ExpectedColumn => {
+      for (const a of f.attrs) {
+        if (!['@map', '@id', '@default', '@updatedAt'].includes(a.name) && !a.name.startsWith('@db.')) unsupported(`${a.name} on ${modelName}.${f.name}`);
+      }
+      const type = columnType(f.type, f.attrs.find((a) => a.name.startsWith('@db.')), f.enumDb);
+      const def = f.attrs.find((a) => a.name === '@default');
+      return { name: f.column, type, notNull: !f.optional, default: def ? columnDefault(def.args!, type, f.enumDb) : null };
+    });
+
+    const idField = fields.filter((f) => f.attrs.some((a) => a.name === '@id'));
+    if (idField.length !== 1) unsupported(`${idField.length} @id fields in ${modelName} (use of @@id?)`);
+    const pkCols = [idField[0]!.column];
+
+    const indexes: string[] = [];
+    for (const a of blockAttrs) {
+      if (a.name === '@@map') continue;
+      if (a.name !== '@@index' && a.name !== '@@unique') unsupported(`${a.name} in ${modelName}`);
+      const [list, ...named] = splitTop(a.args!);
+      const cols = splitTop(list!.replace(/^\[|\]$/g, '')).map((item) => {
+        const m = /^(\w+)(?:\(sort:\s*(Asc|Desc)\))?$/.exec(item) ?? unsupported(`the index field "${item}"`);
+        return { column: columnOf(m[1]!), desc: m[2] === 'Desc' };
+      });
+      const mapArg = named.find((n) => /^(map|name):/.test(n));
+      if (named.some((n) => !/^(map|name):/.test(n))) unsupported(`index arguments ${named.join(', ')}`);
+      const unique = a.name === '@@unique';
+      const name = mapArg ? unquote(mapArg.split(':')[1]!) : prismaName(table, cols.map((c) => c.column), unique ? 'key' : 'idx');
+      const colSql = cols.map((c) => `${c.column}${c.desc ? ' DESC' : ''}`).join(', ');
+      indexes.push(`CREATE ${unique ? 'UNIQUE ' : ''}INDEX ${name} ON public.${table} USING btree (${colSql})`);
+    }
+    tables.push({ name: table, columns, pk: { name: prismaName(table, [], 'pkey'), columns: pkCols }, indexes });
+  }
+  return { enums, tables };
+}
+
+/** One comparable line per fact, so a mismatch reads as a short list of differing lines. */
+function describeExpected(s: ExpectedSchema): string[] {
+  const lines: string[] = [];
+  for (const [name, values] of s.enums) lines.push(`enum ${name} (${values.join(', ')})`);
+  for (const t of s.tables) {
+    lines.push(`table ${t.name}`);
+    for (const c of t.columns) lines.push(`column ${t.name}.${c.name} ${c.type}${c.notNull ? ' NOT NULL' : ' NULL'} DEFAULT ${c.default ?? '-'}`);
+    lines.push(`primary key ${t.pk.name} ON ${t.name} (${t.pk.columns.join(', ')})`);
+    for (const i of t.indexes) lines.push(`index ${i}`);
+  }
+  return lines.sort();
+}
+
+async function describeDatabase(client: pg.Client): Promise<string[]> {
+  const lines: string[] = [];
+  const enums = await client.query<{ name: string; values: string[] }>(
+    `SELECT t.typname AS name, array_agg(e.enumlabel ORDER BY e.enumsortorder)::text[] AS values
+       FROM pg_type t JOIN pg_enum e ON e.enumtypid = t.oid JOIN pg_namespace n ON n.oid = t.typnamespace
+      WHERE n.nspname = 'public' GROUP BY t.typname`,
+  );
+  for (const e of enums.rows) lines.push(`enum ${e.name} (${e.values.join(', ')})`);
+
+  const tables = await client.query<{ name: string }>(
+    `SELECT c.relname AS name FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+      WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p', 'v', 'm') AND c.relname <> '_prisma_migrations'`,
+  );
+  for (const { name } of tables.rows) {
+    lines.push(`table ${name}`);
+    const cols = await client.query<{ name: string; type: string; notnull: boolean; def: string | null }>(
+      `SELECT a.attname AS name, format_type(a.atttypid, a.atttypmod) AS type, a.attnotnull AS notnull,
+              pg_get_expr(d.adbin, d.adrelid) AS def
+         FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+        WHERE a.attrelid = $1::regclass AND a.attnum > 0 AND NOT a.attisdropped`,
+      [`public.${name}`],
+    );
+    for (const c of cols.rows) lines.push(`column ${name}.${c.name} ${c.type}${c.notnull ? ' NOT NULL' : ' NULL'} DEFAULT ${c.def ?? '-'}`);
+    const pk = await client.query<{ name: string; cols: string[] }>(
+      `SELECT con.conname AS name,
+              array(SELECT a.attname FROM unnest(con.conkey) WITH ORDINALITY k(n, ord)
+                      JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.n ORDER BY k.ord)::text[] AS cols
+         FROM pg_constraint con WHERE con.conrelid = $1::regclass AND con.contype = 'p'`,
+      [`public.${name}`],
+    );
+    for (const p of pk.rows) lines.push(`primary key ${p.name} ON ${name} (${p.cols.join(', ')})`);
+    const idx = await client.query<{ def: string }>(
+      `SELECT pg_get_indexdef(i.indexrelid) AS def FROM pg_index i
+        WHERE i.indrelid = $1::regclass AND NOT i.indisprimary`,
+      [`public.${name}`],
+    );
+    for (const i of idx.rows) lines.push(`index ${i.def}`);
+  }
+  return lines.sort();
+}
+
+function driftReport(expected: string[], actual: string[]): string {
+  const exp = new Set(expected);
+  const act = new Set(actual);
+  const missing = expected.filter((l) => !act.has(l)).map((l) => `- schema.prisma: ${l}`);
+  const extra = actual.filter((l) => !exp.has(l)).map((l) => `+ database:      ${l}`);
+  return [...missing, ...extra].join('\n');
+}
+
+// ---------------------------------------------------------------------------------------------
+
+let svc: LocalServices;
+let dbCounter = 0;
+const freshDb = () => createDatabase(svc.postgres.url, `dbschema_${process.pid}_${++dbCounter}`);
+
+async function withClient<T>(url: string, fn: (c: pg.Client) => Promise<T>): Promise<T> {
+  const c = new pg.Client({ connectionString: url });
+  await c.connect();
+  try {
+    return await fn(c);
+  } finally {
+    await c.end();
+  }
+}
+
+/** A copy of the real migrations in a temp folder, to add or edit migrations without touching the repo. */
+function tempMigrations(): string {
+  const dir = mkdtempSync(join(tmpdir(), 't2i-migrations-'));
+  cpSync(MIGRATIONS_DIR, dir, { recursive: true });
+  tempDirs.push(dir);
+  return dir;
+}
+const tempDirs: string[] = [];
+
+beforeAll(async () => {
+  svc = await startServices({ only: ['postgres'] });
+});
+
+afterAll(async () => {
+  await svc?.stop();
+  for (const d of tempDirs) rmSync(d, { recursive: true, force: true });
+});
+
+describe('applyMigrations', () => {
+  it('applies the init migration to a fresh database, then nothing on a second run', async () => {
+    const url = await freshDb();
+    const names = readMigrations(MIGRATIONS_DIR).map((m) => m.name);
+    expect(names.length).toBeGreaterThan(0);
+    expect(names[0]).toMatch(/^\d{14}_init$/);
+
+    const logs: string[] = [];
+    expect(await applyMigrations(url, { log: (m) => logs.push(m) })).toEqual({ applied: names });
+    expect(logs).toContain('created _prisma_migrations');
+    expect(await applyMigrations(url)).toEqual({ applied: [] });
+  });
+
+  it('writes _prisma_migrations rows the way prisma migrate deploy does', async () => {
+    const url = await freshDb();
+    const t0 = Date.now();
+    await applyMigrations(url);
+    await withClient(url, async (c) => {
+      // The table itself: Prisma's column types and nullability.
+      const cols = await c.query<{ column_name: string; data_type: string; is_nullable: string; len: number | null }>(
+        `SELECT column_name, data_type, is_nullable, character_maximum_length AS len FROM information_schema.columns
+          WHERE table_name = '_prisma_migrations' ORDER BY ordinal_position`,
+      );
+      expect(cols.rows.map((r) => `${r.column_name} ${r.data_type}${r.len ? `(${r.len})` : ''} ${r.is_nullable}`)).toEqual([
+        'id character varying(36) NO',
+        'checksum character varying(64) NO',
+        'finished_at timestamp with time zone YES',
+        'migration_name character varying(255) NO',
+        'logs text YES',
+        'rolled_back_at timestamp with time zone YES',
+        'started_at timestamp with time zone NO',
+        'applied_steps_count integer NO',
+      ]);
+
+      const { rows } = await c.query('SELECT * FROM _prisma_migrations ORDER BY started_at');
+      const files = readMigrations(MIGRATIONS_DIR);
+      expect(rows).toHaveLength(files.length);
+      for (const [i, row] of rows.entries()) {
+        const file = files[i]!;
+        expect(row.id).toMatch(/^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/);
+        expect(row.migration_name).toBe(file.name);
+        expect(row.checksum).toBe(sha256Hex(readFileSync(join(MIGRATIONS_DIR, file.name, 'migration.sql'), 'utf8')));
+        expect(row.checksum).toMatch(/^[0-9a-f]{64}$/);
+        expect(row.logs).toBeNull();
+        expect(row.rolled_back_at).toBeNull();
+        expect(row.applied_steps_count).toBe(1);
+        expect(row.finished_at).toBeInstanceOf(Date);
+        expect(row.started_at.getTime()).toBeGreaterThanOrEqual(t0 - 1000);
+        expect(row.finished_at.getTime()).toBeGreaterThanOrEqual(row.started_at.getTime());
+      }
+    });
+  });
+
+  it('produces a database that matches schema.prisma (drift check)', async () => {
+    const url = await freshDb();
+    await applyMigrations(url);
+    const expected = describeExpected(parseSchema(readFileSync(SCHEMA_FILE, 'utf8')));
+    const actual = await withClient(url, describeDatabase);
+    // Guard against a parser that silently finds nothing.
+    expect(expected).toContain('table generated_images');
+    expect(expected).toContain('enum job_status (queued, running, succeeded, failed, canceled)');
+    const report = driftReport(expected, actual);
+    expect(report, `migrated database differs from prisma/schema.prisma:\n${report}\n`).toBe('');
+  });
+
+  it('the drift check notices a schema that differs from the database (negative control)', async () => {
+    const url = await freshDb();
+    await applyMigrations(url);
+    const altered = readFileSync(SCHEMA_FILE, 'utf8')
+      .replace('@db.VarChar(255)', '@db.VarChar(200)')
+      .replace('progress          Int       @default(0)', 'progress          Int?')
+      .replace('canceled\n', 'canceled\n  expired\n')
+      .replace('@@index([status, updatedAt])', '@@index([status, updatedAt(sort: Desc)])');
+    const report = driftReport(describeExpected(parseSchema(altered)), await withClient(url, describeDatabase));
+    expect(report.split('\n').sort()).toEqual([
+      '+ database:      column generated_images.file_name character varying(255) NULL DEFAULT -',
+      '+ database:      column generated_images.progress integer NOT NULL DEFAULT 0',
+      '+ database:      enum job_status (queued, running, succeeded, failed, canceled)',
+      '+ database:      index CREATE INDEX generated_images_status_updated_at_idx ON public.generated_images USING btree (status, updated_at)',
+      '- schema.prisma: column generated_images.file_name character varying(200) NULL DEFAULT -',
+      '- schema.prisma: column generated_images.progress integer NULL DEFAULT -',
+      '- schema.prisma: enum job_status (queued, running, succeeded, failed, canceled, expired)',
+      '- schema.prisma: index CREATE INDEX generated_images_status_updated_at_idx ON public.generated_images USING btree (status, updated_at DESC)',
+    ]);
+  });
+
+  it('has the CHECK constraints the schema comment promises, and they bite', async () => {
+    const url = await freshDb();
+    await applyMigrations(url);
+    await withClient(url, async (c) => {
+      const { rows } = await c.query<{ conname: string }>(
+        `SELECT conname FROM pg_constraint WHERE conrelid = 'generated_images'::regclass AND contype = 'c' ORDER BY conname`,
+      );
+      expect(rows.map((r) => r.conname)).toEqual([
+        'generated_images_num_steps_check', 'generated_images_progress_check', 'generated_images_seed_check',
+      ]);
+      const insert = (over: Record<string, unknown>) => {
+        const row = { prompt: 'p', num_steps: 1, guidance_scale: 7.5, seed: 0, width: 64, height: 64, scheduler: 'euler', ...over };
+        const keys = Object.keys(row);
+        return c.query(
+          `INSERT INTO generated_images (${keys.join(', ')}) VALUES (${keys.map((_, i) => `$${i + 1}`).join(', ')})`,
+          Object.values(row),
+        );
+      };
+      await insert({ seed: '4294967295', progress: 100 });
+      await expect(insert({ progress: 101 })).rejects.toThrow(/generated_images_progress_check/);
+      await expect(insert({ progress: -1 })).rejects.toThrow(/generated_images_progress_check/);
+      await expect(insert({ num_steps: 0 })).rejects.toThrow(/generated_images_num_steps_check/);
+      await expect(insert({ seed: '4294967296' })).rejects.toThrow(/generated_images_seed_check/);
+      await expect(insert({ seed: -1 })).rejects.toThrow(/generated_images_seed_check/);
+    });
+  });
+
+  it('serialises concurrent runs with the advisory lock: the migration is applied once', async () => {
+    const url = await freshDb();
+    const results = await Promise.all([applyMigrations(url), applyMigrations(url), applyMigrations(url)]);
+    const names = readMigrations(MIGRATIONS_DIR).map((m) => m.name);
+    expect(results.map((r) => r.applied.length).sort()).toEqual([0, 0, names.length]);
+    const count = await withClient(url, async (c) => (await c.query('SELECT count(*)::int AS n FROM _prisma_migrations')).rows[0].n);
+    expect(count).toBe(names.length);
+  });
+
+  it('rolls a failing migration back completely, records its logs, and refuses to go on until resolved', async () => {
+    const url = await freshDb();
+    const dir = tempMigrations();
+    const bad = '29990101000000_bad';
+    mkdirSync(join(dir, bad));
+    writeFileSync(
+      join(dir, bad, 'migration.sql'),
+      '-- CreateTable\nCREATE TABLE "should_not_exist" ("id" INTEGER NOT NULL);\n\n' +
+        'ALTER TABLE "generated_images" ADD COLUMN "should_not_exist" INTEGER;\n\n' +
+        'INSERT INTO "no_such_table" VALUES (1);\n',
+    );
+
+    const err = await applyMigrations(url, { migrationsDir: dir }).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(MigrationError);
+    expect((err as MigrationError).code).toBe('P3018');
+    expect((err as Error).message).toContain(bad);
+    expect((err as Error).message).toMatch(/no_such_table/);
+
+    await withClient(url, async (c) => {
+      // The init migration before it stays applied; nothing of the bad one is left.
+      expect((await c.query("SELECT to_regclass('generated_images') IS NOT NULL AS ok")).rows[0].ok).toBe(true);
+      expect((await c.query("SELECT to_regclass('should_not_exist') IS NULL AS ok")).rows[0].ok).toBe(true);
+      const col = await c.query(
+        "SELECT 1 FROM information_schema.columns WHERE table_name = 'generated_images' AND column_name = 'should_not_exist'",
+      );
+      expect(col.rowCount).toBe(0);
+
+      const { rows } = await c.query('SELECT * FROM _prisma_migrations WHERE migration_name = $1', [bad]);
+      expect(rows).toHaveLength(1);
+      expect(rows[0].finished_at).toBeNull();
+      expect(rows[0].rolled_back_at).toBeNull();
+      expect(rows[0].applied_steps_count).toBe(0);
+      expect(rows[0].checksum).toBe(sha256Hex(readFileSync(join(dir, bad, 'migration.sql'), 'utf8')));
+      expect(rows[0].logs).toContain(`Migration name: ${bad}`);
+      expect(rows[0].logs).toContain('Database error code: 42P01');
+      expect(rows[0].logs).toMatch(/relation "no_such_table" does not exist/);
+    });
+
+    // The next run stops at the failed row, with a message that says what to do.
+    const again = await applyMigrations(url, { migrationsDir: dir }).catch((e: unknown) => e);
+    expect(again).toBeInstanceOf(MigrationError);
+    expect((again as MigrationError).code).toBe('P3009');
+    expect((again as Error).message).toContain(`The \`${bad}\` migration started at`);
+    expect((again as Error).message).toMatch(/rolled_back_at/);
+
+    // Resolving it as prisma migrate resolve --rolled-back does, and fixing the file, lets it through.
+    await withClient(url, (c) =>
+      c.query('UPDATE _prisma_migrations SET rolled_back_at = now() WHERE migration_name = $1 AND finished_at IS NULL', [bad]),
+    );
+    writeFileSync(join(dir, bad, 'migration.sql'), 'CREATE TABLE "now_it_exists" ("id" INTEGER NOT NULL);\n');
+    expect(await applyMigrations(url, { migrationsDir: dir })).toEqual({ applied: [bad] });
+  });
+
+  it('refuses when an applied migration file was edited afterwards', async () => {
+    const url = await freshDb();
+    const dir = tempMigrations();
+    await applyMigrations(url, { migrationsDir: dir });
+    const [init] = readMigrations(dir);
+    writeFileSync(join(dir, init!.name, 'migration.sql'), `${init!.sql}\n-- an innocent-looking edit\n`);
+    const err = await applyMigrations(url, { migrationsDir: dir }).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(MigrationError);
+    expect((err as MigrationError).code).toBe('CHECKSUM_MISMATCH');
+    expect((err as Error).message).toContain(init!.name);
+  });
+
+  it('refuses a non-empty database that has no migration history (needs baselining)', async () => {
+    const url = await freshDb();
+    await withClient(url, (c) => c.query('CREATE TABLE legacy (id int)'));
+    const err = await applyMigrations(url).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(MigrationError);
+    expect((err as MigrationError).code).toBe('P3005');
+    expect((err as Error).message).toMatch(/legacy/);
+    expect(await withClient(url, async (c) => (await c.query("SELECT to_regclass('_prisma_migrations') AS t")).rows[0].t)).toBeNull();
+  });
+
+  it('says which database it could not reach', async () => {
+    await expect(applyMigrations('postgresql://postgres@127.0.0.1:1/nothing')).rejects.toThrow(
+      /cannot connect to postgresql:\/\/postgres@127\.0\.0\.1:1\/nothing/,
+    );
+  });
+});
+
+describe('createPrismaClient (generated client over @prisma/adapter-pg)', () => {
+  let db: Db;
+  let url: string;
+
+  beforeAll(async () => {
+    url = await freshDb();
+    await applyMigrations(url);
+    db = createPrismaClient(url, { poolMax: 3 });
+  });
+
+  afterAll(async () => {
+    await db?.$disconnect();
+  });
+
+  it('creates and reads back a job with database defaults filled in', async () => {
+    const created = await db.generatedImage.create({
+      data: {
+        prompt: 'a lighthouse at dusk', negativePrompt: null, numSteps: 20, guidanceScale: 7.5,
+        seed: 4294967295n, width: 512, height: 512, scheduler: 'euler_a',
+      },
+    });
+    expect(created.id).toMatch(/^[0-9a-f-]{36}$/);
+    expect(created.status).toBe('queued');
+    expect(created.progress).toBe(0);
+    expect(created.attempts).toBe(0);
+    expect(created.createdAt).toBeInstanceOf(Date);
+
+    const read = await db.generatedImage.findUniqueOrThrow({ where: { id: created.id } });
+    expect(read).toEqual(created);
+    expect(read.seed).toBe(4294967295n);
+    expect(read.guidanceScale).toBe(7.5);
+  });
+
+  it('fences updates on attempts: a conditional update matches once, a stale one matches nothing', async () => {
+    const job = await db.generatedImage.create({
+      data: { prompt: 'p', numSteps: 4, guidanceScale: 1, seed: 1n, width: 64, height: 64, scheduler: 'ddim' },
+    });
+    const start = await db.generatedImage.updateMany({
+      where: { id: job.id, attempts: 0, status: 'queued' },
+      data: { status: 'running', attempts: { increment: 1 }, startedAt: new Date(), workerId: 'w1' },
+    });
+    expect(start.count).toBe(1);
+
+    // A worker still holding attempt 0 must not be able to finish the job.
+    const stale = await db.generatedImage.updateMany({
+      where: { id: job.id, attempts: 0 },
+      data: { status: 'succeeded', progress: 100 },
+    });
+    expect(stale.count).toBe(0);
+
+    const fin = await db.generatedImage.updateMany({
+      where: { id: job.id, attempts: 1 },
+      data: { status: 'succeeded', progress: 100, fileName: `images/${job.id}.png`, finishedAt: new Date(), generationMs: 1234 },
+    });
+    expect(fin.count).toBe(1);
+    const after = await db.generatedImage.findUniqueOrThrow({ where: { id: job.id } });
+    expect(after).toMatchObject({ status: 'succeeded', attempts: 1, progress: 100, workerId: 'w1', generationMs: 1234 });
+    expect(after.updatedAt.getTime()).toBeGreaterThanOrEqual(job.updatedAt.getTime());
+  });
+
+  it('surfaces the CHECK constraints as errors', async () => {
+    await expect(
+      db.generatedImage.create({
+        data: { prompt: 'p', numSteps: 0, guidanceScale: 1, seed: 1n, width: 64, height: 64, scheduler: 'ddim' },
+      }),
+    ).rejects.toThrow(/num_steps_check/);
+  });
+
+  it('fails fast, not hangs, when the database is unreachable', async () => {
+    const down = createPrismaClient('postgresql://postgres@127.0.0.1:1/nothing', { connectionTimeoutMillis: 500 });
+    const t0 = Date.now();
+    await expect(down.generatedImage.count()).rejects.toThrow();
+    expect(Date.now() - t0).toBeLessThan(3000);
+    await down.$disconnect();
+  });
+});
