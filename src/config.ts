@@ -11,7 +11,12 @@ const bool = z
   .transform((v) => v === 'true' || v === '1' || v === 'yes');
 
 const int = (min: number, max: number) =>
-  z.coerce.number({ error: 'must be a whole number' }).int('must be a whole number').min(min).max(max);
+  // A function, not a string: a schema-level string would also replace the min/max messages.
+  z.coerce
+    .number({ error: (iss) => (iss.code === 'invalid_type' ? 'must be a whole number' : undefined) })
+    .int('must be a whole number')
+    .min(min)
+    .max(max);
 
 const ENDPOINT_MESSAGE = 'must be http://host:port, https://host:port or host:port, without a path or credentials';
 
@@ -25,6 +30,7 @@ export const envSchema = z.object({
   DATABASE_POOL_MAX: int(1, 200).default(10),
 
   // --- Redis / BullMQ
+  /** Redis holding the BullMQ queue; it must never evict keys (maxmemory-policy noeviction). */
   REDIS_URL: z.string().regex(/^rediss?:\/\//, 'must be a redis:// or rediss:// URL').default('redis://127.0.0.1:6379'),
   /** BullMQ queue name; every API and worker of one deployment must agree on it. */
   QUEUE_NAME: z.string().regex(/^[A-Za-z0-9_-]{1,64}$/, 'letters, digits, _ and - only').default('generate-image'),
@@ -36,8 +42,9 @@ export const envSchema = z.object({
   JOB_LOCK_MS: int(1_000, 600_000).default(30_000),
   /** How often workers look for jobs whose lock expired. Must be the same on every worker. */
   JOB_STALLED_INTERVAL_MS: int(500, 600_000).default(15_000),
-  /** Completed and failed BullMQ jobs kept in Redis (the job row in Postgres is the record). */
+  /** Completed BullMQ jobs kept in Redis (the job row in Postgres is the record). */
   JOB_KEEP_COMPLETED: int(0, 1_000_000).default(1_000),
+  /** Failed BullMQ jobs kept in Redis, for inspection. */
   JOB_KEEP_FAILED: int(0, 1_000_000).default(10_000),
 
   // --- S3 storage (the textbook's names)
@@ -45,15 +52,21 @@ export const envSchema = z.object({
   STORAGE_ENDPOINT: z.string().min(1).refine(isEndpoint, ENDPOINT_MESSAGE),
   /** The endpoint presigned URLs are made for, when users reach storage at another address. */
   STORAGE_PUBLIC_ENDPOINT: z.string().min(1).refine(isEndpoint, ENDPOINT_MESSAGE).optional(),
+  /** Access key of the S3 credentials; never logged. */
   STORAGE_ACCESS_KEY: z.string().min(1),
+  /** Secret key of the S3 credentials; never logged. */
   STORAGE_SECRET_KEY: z.string().min(1),
+  /** Bucket for generated images; created, private, at startup when missing. */
   STORAGE_BUCKET: z.string().regex(/^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$/, 'must be a valid S3 bucket name').default('t2i-images'),
+  /** Region the S3 server expects in signatures (MinIO and most local servers: us-east-1). */
   STORAGE_REGION: z.string().min(1).default('us-east-1'),
   /** Lifetime of presigned image URLs, in seconds: S3 allows 7 days at most. */
   PRESIGN_TTL_SECONDS: int(1, SEVEN_DAYS_S).default(SEVEN_DAYS_S),
 
   // --- API
+  /** Address the API listens on; 0.0.0.0 inside a container. */
   HOST: z.string().min(1).default('127.0.0.1'),
+  /** Port the API listens on. */
   PORT: int(0, 65535).default(8000),
   /** Largest accepted request body. */
   BODY_LIMIT_BYTES: int(1_024, 10_485_760).default(65_536),
@@ -61,10 +74,13 @@ export const envSchema = z.object({
   // --- Worker
   /** A Stable Diffusion ONNX export (diffusers/optimum layout). */
   MODEL_DIR: z.string().min(1).optional(),
+  /** onnxruntime execution provider; auto takes the first available of cuda, coreml and cpu. */
   EXECUTION_PROVIDER: z.enum(['auto', 'cuda', 'coreml', 'cpu']).default('auto'),
   /** onnxruntime intra-op threads; its default (all cores) when unset. */
   ORT_THREADS: int(1, 256).optional(),
+  /** Port of the worker's Prometheus /metrics endpoint. */
   WORKER_METRICS_PORT: int(0, 65535).default(9191),
+  /** Address the worker's metrics endpoint listens on; 0.0.0.0 inside a container. */
   WORKER_METRICS_HOST: z.string().min(1).default('127.0.0.1'),
   /** Shortest interval between progress writes to Postgres while a job runs. */
   PROGRESS_INTERVAL_MS: int(0, 60_000).default(500),
@@ -72,7 +88,9 @@ export const envSchema = z.object({
   WORKER_ID: z.string().min(1).max(200).optional(),
 
   // --- Logs
+  /** pino log level. */
   LOG_LEVEL: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
+  /** Human-readable logs instead of JSON lines; when unset, pretty only if stdout is a terminal. */
   LOG_PRETTY: bool.optional(),
 });
 

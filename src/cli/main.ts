@@ -13,6 +13,10 @@ const HELP = `t2i: text-to-image on Stable Diffusion ONNX models
                         [--timestep-rank 0|1] [--ids int32|int64] [--hidden N] [--channels N]
                         [--blocks N] [--external-data]
   t2i bench [--rounds N] [--threads N] [--no-memory]
+                        the engine's overhead and memory
+  t2i bench service [--rounds N] [--duration S] [--warmup S] [--connections C] [--jobs N]
+                        [--log-level L]   API throughput beside bare Fastify, and queue-path
+                        overhead per job, on local throwaway services
 
   t2i demo [--prompt TEXT] [--port 8000] [--metrics-port 9191] [--exit]
                         the whole system on local throwaway services, until Ctrl-C
@@ -24,10 +28,49 @@ The model is --model, else $MODEL_DIR, else the oracle test model (written to .t
 `;
 
 async function bench(argv: string[]): Promise<void> {
-  const { values } = parseArgs({
+  const { values, positionals } = parseArgs({
     args: argv,
-    options: { rounds: { type: 'string' }, threads: { type: 'string' }, 'no-memory': { type: 'boolean' }, 'memory-probe': { type: 'string' } },
+    allowPositionals: true,
+    options: {
+      rounds: { type: 'string' },
+      threads: { type: 'string' },
+      'no-memory': { type: 'boolean' },
+      'memory-probe': { type: 'string' },
+      duration: { type: 'string' },
+      warmup: { type: 'string' },
+      connections: { type: 'string' },
+      jobs: { type: 'string' },
+      'log-level': { type: 'string' },
+      'bare-server': { type: 'string' },
+    },
   });
+  const which = positionals[0] ?? 'engine';
+  if (positionals.length > 1 || (which !== 'engine' && which !== 'service')) {
+    throw new UsageError(`unknown benchmark "${positionals.join(' ')}": use \`t2i bench\` (engine) or \`t2i bench service\``);
+  }
+  const num = (name: string, v: string | undefined): number | undefined => {
+    if (v === undefined) return undefined;
+    const n = Number(v);
+    if (!Number.isFinite(n) || n <= 0) throw new UsageError(`--${name} must be a positive number, got "${v}"`);
+    return n;
+  };
+  if (values['bare-server']) {
+    const { runBareServer } = await import('../bench/service-bench.js');
+    return runBareServer(num('bare-server', values['bare-server'])!);
+  }
+  if (which === 'service') {
+    const { runServiceBench } = await import('../bench/service-bench.js');
+    const opts = {
+      rounds: num('rounds', values.rounds),
+      durationSec: num('duration', values.duration),
+      warmupSec: num('warmup', values.warmup),
+      connections: num('connections', values.connections),
+      jobs: num('jobs', values.jobs),
+      logLevel: values['log-level'],
+    };
+    await runServiceBench(Object.fromEntries(Object.entries(opts).filter(([, v]) => v !== undefined)));
+    return;
+  }
   const { memoryProbe, runEngineBench } = await import('../bench/engine-bench.js');
   if (values['memory-probe']) return memoryProbe(values['memory-probe']);
   await runEngineBench({

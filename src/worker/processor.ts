@@ -59,7 +59,7 @@ export function createProcessor(deps: ProcessorDeps) {
 
     // Progress goes to Postgres at most every progressIntervalMs (the textbook wrote every step),
     // one write at a time; the final 100 is written with the result.
-    let lastWrite = 0;
+    let lastWrite = Number.NEGATIVE_INFINITY;
     let writing: Promise<unknown> = Promise.resolve();
     const onProgress = (p: Progress) => {
       const now = performance.now();

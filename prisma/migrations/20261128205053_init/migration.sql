@@ -19,11 +19,11 @@ CREATE TABLE "generated_images" (
     "attempts" INTEGER NOT NULL DEFAULT 0,
     "worker_id" TEXT,
     "model" TEXT,
-    "created_at" TIMESTAMPTZ(6) NOT NULL DEFAULT CURRENT_TIMESTAMP,
-    "updated_at" TIMESTAMPTZ(6) NOT NULL DEFAULT CURRENT_TIMESTAMP,
-    "started_at" TIMESTAMPTZ(6),
-    "finished_at" TIMESTAMPTZ(6),
-    "cancel_requested_at" TIMESTAMPTZ(6),
+    "created_at" TIMESTAMPTZ(3) NOT NULL DEFAULT CURRENT_TIMESTAMP,
+    "updated_at" TIMESTAMPTZ(3) NOT NULL DEFAULT CURRENT_TIMESTAMP,
+    "started_at" TIMESTAMPTZ(3),
+    "finished_at" TIMESTAMPTZ(3),
+    "cancel_requested_at" TIMESTAMPTZ(3),
     "generation_ms" INTEGER,
 
     CONSTRAINT "generated_images_pkey" PRIMARY KEY ("id")

@@ -1,0 +1,457 @@
+import { spawn, type ChildProcess } from 'node:child_process';
+import os from 'node:os';
+import { fileURLToPath } from 'node:url';
+import autocannon from 'autocannon';
+import { Queue } from 'bullmq';
+import Fastify from 'fastify';
+import pg from 'pg';
+import { pino } from 'pino';
+import { createImagesRepo } from '../adapters/images-repo.js';
+import { createConsumer, createRedis, UnrecoverableError } from '../adapters/queue.js';
+import { createStorage, objectKeyFor } from '../adapters/storage.js';
+import { loadConfig } from '../config.js';
+import { createPrismaClient } from '../core/db/client.js';
+import { applyMigrations } from '../core/db/migrate.js';
+import { queueSettings, storageOptions } from '../core/wiring.js';
+import { freePort, startServices, type LocalServices } from '../dev/services.js';
+import type { GenerateParams, Generation } from '../engine/pipeline.js';
+import { encodePng } from '../engine/png.js';
+import { createProcessor } from '../worker/processor.js';
+
+/**
+ * `t2i bench service`: what the service adds around generation, on real Postgres, Redis and S3
+ * (startServices), measured side by side in one run.
+ *
+ * 1. Accepted POSTs per second: autocannon against the real API (`node bin/t2i.js api`, a child
+ *    process: Postgres insert + BullMQ enqueue per request, no worker, so jobs just queue) and
+ *    against a bare Fastify app in another child process (same loader, parses the same JSON
+ *    body, answers 201 with a constant). Rounds alternate so both see the same machine load;
+ *    the queue is obliterated and the table truncated between rounds. Latency percentiles come
+ *    from autocannon's per-response timings (hrtime, sub-millisecond).
+ * 2. Per-job overhead of the queue path with a zero-cost engine (generate() returns a fixed
+ *    PNG at once): a worker built from createConsumer + createProcessor with the real repo and
+ *    real storage, in this process. Jobs are submitted through the real API; the overhead is
+ *    measured server-side as finished_at - created_at - generation_ms from the row (both clocks
+ *    on this machine), first one job at a time, then as a burst of all jobs at once.
+ */
+
+export interface ServiceBenchOptions {
+  /** Measured autocannon rounds per server (alternating). Default 3. */
+  rounds?: number;
+  /** Seconds per measured round. Default 10. */
+  durationSec?: number;
+  /** Seconds of unmeasured warm-up per server before the rounds. Default 2. */
+  warmupSec?: number;
+  /** autocannon connections. Default 10. */
+  connections?: number;
+  /** Jobs in the sequential run and in the burst. Default 200. */
+  jobs?: number;
+  /** LOG_LEVEL of the API child (its stdout goes to /dev/null). Default info, as deployed. */
+  logLevel?: string;
+}
+
+const BODY = JSON.stringify({ prompt: 'a red circle', num_steps: 1, width: 64, height: 64, seed: 1, scheduler: 'euler' });
+const BIN = fileURLToPath(new URL('../../bin/t2i.js', import.meta.url));
+const CONSTANT_REPLY = { id: '00000000-0000-0000-0000-000000000000', status: 'queued' };
+
+const out = (line: string) => process.stdout.write(`${line}\n`);
+const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
+
+function quantile(xs: number[], q: number): number {
+  if (xs.length === 0) return NaN;
+  const sorted = Float64Array.from(xs).sort();
+  return sorted[Math.min(sorted.length - 1, Math.max(0, Math.ceil(q * sorted.length) - 1))]!;
+}
+const mean = (xs: number[]) => xs.reduce((a, b) => a + b, 0) / xs.length;
+const median = (xs: number[]) => quantile(xs, 0.5);
+const ms = (v: number) => `${v.toFixed(2)} ms`;
+const pad = (s: string, n: number) => s.padEnd(n);
+
+/** `t2i bench --bare-server PORT`: the bare Fastify app, run as a child like the API. */
+export async function runBareServer(port: number): Promise<void> {
+  const app = Fastify();
+  app.post('/generated-images', async (request, reply) => {
+    const body = request.body;
+    if (typeof body !== 'object' || body === null) return reply.status(400).send({ error: 'not an object' });
+    return reply.status(201).send(CONSTANT_REPLY);
+  });
+  app.get('/healthz', async () => ({ status: 'ok' }));
+  await app.listen({ host: '127.0.0.1', port });
+  await new Promise<void>((resolve) => {
+    const stop = () => void app.close().finally(resolve);
+    process.once('SIGTERM', stop);
+    process.once('SIGINT', stop);
+  });
+}
+
+interface Child {
+  name: string;
+  url: string;
+  proc: ChildProcess;
+  stderrTail: () => string;
+  stop(): Promise<void>;
+}
+
+async function startChild(name: string, args: string[], env: NodeJS.ProcessEnv, url: string): Promise<Child> {
+  // stdout (JSON log lines) to /dev/null: the process pays for producing its logs, not for a reader.
+  const proc = spawn(process.execPath, [BIN, ...args], { env, stdio: ['ignore', 'ignore', 'pipe'] });
+  let tail = '';
+  proc.stderr?.on('data', (c: Buffer) => {
+    tail = (tail + c.toString()).slice(-4000);
+  });
+  const child: Child = {
+    name,
+    url,
+    proc,
+    stderrTail: () => tail,
+    async stop() {
+      if (proc.exitCode !== null || proc.signalCode !== null) return;
+      const exited = new Promise((r) => proc.once('exit', r));
+      proc.kill('SIGTERM');
+      const timer = setTimeout(() => proc.kill('SIGKILL'), 5_000);
+      await exited;
+      clearTimeout(timer);
+    },
+  };
+  const deadline = Date.now() + 60_000;
+  for (;;) {
+    if (proc.exitCode !== null) throw new Error(`${name} exited while starting (code ${proc.exitCode}):\n${tail}`);
+    try {
+      const r = await fetch(`${url}/healthz`);
+      if (r.ok) return child;
+    } catch {
+      // not up yet
+    }
+    if (Date.now() > deadline) {
+      await child.stop();
+      throw new Error(`${name} did not answer ${url}/healthz within 60 s:\n${tail}`);
+    }
+    await sleep(100);
+  }
+}
+
+interface CannonRound {
+  rps: number;
+  ok: number;
+  non2xx: number;
+  errors: number;
+  timeouts: number;
+  p50: number;
+  p99: number;
+  durationS: number;
+}
+
+async function cannon(url: string, connections: number, durationSec: number): Promise<CannonRound> {
+  const latencies: number[] = [];
+  const instance = autocannon({
+    url: `${url}/generated-images`,
+    method: 'POST',
+    headers: { 'content-type': 'application/json' },
+    body: BODY,
+    connections,
+    duration: durationSec,
+  });
+  instance.on('response', (_client, _status, _bytes, responseTime) => {
+    latencies.push(responseTime);
+  });
+  const result = await new Promise<autocannon.Result>((resolve, reject) => {
+    instance.on('done', resolve);
+    instance.on('error', reject);
+  });
+  return {
+    rps: result['2xx'] / result.duration,
+    ok: result['2xx'],
+    non2xx: result.non2xx,
+    errors: result.errors,
+    timeouts: result.timeouts,
+    p50: median(latencies),
+    p99: quantile(latencies, 0.99),
+    durationS: result.duration,
+  };
+}
+
+/** A 64x64 PNG made once; the fake engine hands out this buffer at once. */
+async function fixedPng(): Promise<Buffer> {
+  const rgb = new Uint8Array(64 * 64 * 3);
+  for (let i = 0; i < rgb.length; i += 3) rgb[i] = 200;
+  return encodePng(rgb, 64, 64, {});
+}
+
+interface JobTimes {
+  /** finished_at - created_at - generation_ms */
+  overhead: number[];
+  /** started_at - created_at: commit, enqueue, pickup, claim */
+  pickup: number[];
+  /** finished_at - started_at - generation_ms: row read, storage put + stat, succeed */
+  work: number[];
+  spanMs: number;
+}
+
+async function rowTimes(db: pg.Client, ids: string[]): Promise<JobTimes> {
+  const { rows } = await db.query<{ overhead: number; pickup: number; work: number; status: string }>(
+    `SELECT status,
+            extract(epoch FROM finished_at - created_at) * 1000 - coalesce(generation_ms, 0) AS overhead,
+            extract(epoch FROM started_at - created_at) * 1000 AS pickup,
+            extract(epoch FROM finished_at - started_at) * 1000 - coalesce(generation_ms, 0) AS work
+       FROM generated_images WHERE id = ANY($1::uuid[])`,
+    [ids],
+  );
+  const bad = rows.filter((r) => r.status !== 'succeeded');
+  if (rows.length !== ids.length || bad.length > 0) {
+    throw new Error(`expected ${ids.length} succeeded rows, got ${rows.length} rows, ${bad.length} not succeeded`);
+  }
+  const span = await db.query<{ span: number }>(
+    `SELECT extract(epoch FROM max(finished_at) - min(created_at)) * 1000 AS span FROM generated_images WHERE id = ANY($1::uuid[])`,
+    [ids],
+  );
+  return {
+    overhead: rows.map((r) => Number(r.overhead)),
+    pickup: rows.map((r) => Number(r.pickup)),
+    work: rows.map((r) => Number(r.work)),
+    spanMs: Number(span.rows[0]?.span ?? NaN),
+  };
+}
+
+function printTimes(label: string, xs: number[]) {
+  out(`   ${pad(label, 44)} p50 ${pad(ms(median(xs)), 10)} p99 ${pad(ms(quantile(xs, 0.99)), 10)} mean ${ms(mean(xs))}`);
+}
+
+export async function runServiceBench(options: ServiceBenchOptions = {}): Promise<void> {
+  const rounds = options.rounds ?? 3;
+  const durationSec = options.durationSec ?? 10;
+  const warmupSec = options.warmupSec ?? 2;
+  const connections = options.connections ?? 10;
+  const jobs = options.jobs ?? 200;
+  const logLevel = options.logLevel ?? 'info';
+  const started = performance.now();
+
+  out(`t2i service benchmark  (${os.cpus().length} cores, ${os.cpus()[0]?.model ?? 'cpu'}, node ${process.version}, ${os.platform()} ${os.release()})`);
+  out(`parameters: autocannon ${connections} connections, ${rounds} measured rounds x ${durationSec} s per server (alternating, real first), ${warmupSec} s warm-up each;`);
+  out(`            POST body ${BODY}; API child LOG_LEVEL=${logLevel} (stdout to /dev/null); ${jobs} jobs sequential + ${jobs} burst, 1 worker`);
+  out('note: load generator, both servers, Postgres, Redis and Swift share this machine\'s cores.');
+
+  let services: LocalServices | undefined;
+  const children: Child[] = [];
+  const cleanups: Array<() => Promise<unknown>> = [];
+  try {
+    const t0 = performance.now();
+    services = await startServices();
+    await applyMigrations(services.postgres.url);
+    out(`services: postgres, redis, s3 (swift) up and migrated in ${((performance.now() - t0) / 1000).toFixed(1)} s`);
+
+    const apiPort = await freePort();
+    const env: NodeJS.ProcessEnv = {
+      ...process.env,
+      DATABASE_URL: services.postgres.url,
+      REDIS_URL: services.redis.url,
+      STORAGE_ENDPOINT: services.s3.endpoint,
+      STORAGE_ACCESS_KEY: services.s3.accessKey,
+      STORAGE_SECRET_KEY: services.s3.secretKey,
+      STORAGE_REGION: services.s3.region,
+      STORAGE_BUCKET: 't2i-bench',
+      HOST: '127.0.0.1',
+      PORT: String(apiPort),
+      LOG_LEVEL: logLevel,
+      LOG_PRETTY: 'false',
+    };
+    const config = loadConfig(env, 'api');
+    const qs = queueSettings(config);
+    out(`            queue "${qs.queueName}", DATABASE_POOL_MAX=${config.DATABASE_POOL_MAX} (API), bucket ${config.STORAGE_BUCKET}`);
+
+    const db = new pg.Client({ connectionString: services.postgres.url });
+    await db.connect();
+    cleanups.push(() => db.end());
+    const adminRedis = createRedis(services.redis.url);
+    const adminQueue = new Queue(qs.queueName, { connection: adminRedis });
+    adminQueue.on('error', () => undefined);
+    cleanups.push(async () => {
+      await adminQueue.close();
+      adminRedis.disconnect();
+    });
+    const reset = async () => {
+      await adminQueue.obliterate({ force: true });
+      if (await adminQueue.isPaused()) await adminQueue.resume();
+      await db.query('TRUNCATE generated_images');
+    };
+
+    const barePort = await freePort();
+    const [api, bare] = await Promise.all([
+      startChild('api', ['api'], env, `http://127.0.0.1:${apiPort}`),
+      startChild('bare', ['bench', '--bare-server', String(barePort)], { ...process.env }, `http://127.0.0.1:${barePort}`),
+    ]);
+    children.push(api, bare);
+
+    // ---------------------------------------------------------------------------------------
+    out(`\n1. accepted POST /generated-images per second (autocannon, ${connections} connections, ${durationSec} s rounds)`);
+    await cannon(api.url, connections, warmupSec);
+    await cannon(bare.url, connections, warmupSec);
+    await reset();
+    const real: CannonRound[] = [];
+    const bares: CannonRound[] = [];
+    const line = (name: string, r: CannonRound) =>
+      `${pad(name, 5)} ${pad(r.rps.toFixed(0), 6)} req/s  p50 ${pad(ms(r.p50), 9)} p99 ${pad(ms(r.p99), 9)} 2xx ${pad(String(r.ok), 7)} non-2xx ${r.non2xx}  errors ${r.errors}  timeouts ${r.timeouts}`;
+    for (let i = 0; i < rounds; i++) {
+      const r = await cannon(api.url, connections, durationSec);
+      real.push(r);
+      const queued = await adminQueue.getJobCounts('waiting', 'prioritized');
+      await reset();
+      const b = await cannon(bare.url, connections, durationSec);
+      bares.push(b);
+      out(`   round ${i + 1}: ${line('real', r)}  (queued ${(queued.waiting ?? 0) + (queued.prioritized ?? 0)})`);
+      out(`            ${line('bare', b)}  ratio real/bare ${(r.rps / b.rps).toFixed(3)}`);
+    }
+    const sum = (rs: CannonRound[], k: 'non2xx' | 'errors' | 'timeouts') => rs.reduce((a, r) => a + r[k], 0);
+    const medRps = (rs: CannonRound[]) => median(rs.map((r) => r.rps));
+    out(`   median: real ${medRps(real).toFixed(0)} req/s (p50 ${ms(median(real.map((r) => r.p50)))}, p99 ${ms(median(real.map((r) => r.p99)))})`);
+    out(`           bare ${medRps(bares).toFixed(0)} req/s (p50 ${ms(median(bares.map((r) => r.p50)))}, p99 ${ms(median(bares.map((r) => r.p99)))})`);
+    out(`           throughput ratio real/bare = ${(medRps(real) / medRps(bares)).toFixed(3)} (median of per-round ratios ${median(real.map((r, i) => r.rps / bares[i]!.rps)).toFixed(3)})`);
+    const failures = sum(real, 'non2xx') + sum(real, 'errors') + sum(bares, 'non2xx') + sum(bares, 'errors');
+    out(`   non-2xx: real ${sum(real, 'non2xx')}, bare ${sum(bares, 'non2xx')}; errors: real ${sum(real, 'errors')}, bare ${sum(bares, 'errors')}; timeouts: real ${sum(real, 'timeouts')}, bare ${sum(bares, 'timeouts')}  ${failures === 0 ? 'OK' : 'NOT ZERO'}`);
+
+    await bare.stop();
+    await reset();
+
+    // ---------------------------------------------------------------------------------------
+    out(`\n2. queue path per job, zero-cost engine (fixed 64x64 PNG at once), 1 worker in this process, real repo + storage`);
+    const png = await fixedPng();
+    const engine = {
+      async generate(params: GenerateParams): Promise<Generation> {
+        return {
+          png,
+          seed: params.seed ?? 0,
+          width: params.width ?? 64,
+          height: params.height ?? 64,
+          numSteps: params.numSteps ?? 1,
+          guidanceScale: params.guidanceScale ?? 0,
+          scheduler: params.scheduler ?? 'euler',
+          timings: { encodeMs: 0, denoiseMs: 0, decodeMs: 0, totalMs: 0, sessionRunMs: 0 },
+          warnings: [],
+        };
+      },
+    };
+    const workerDb = createPrismaClient(services.postgres.url, { poolMax: 3 });
+    cleanups.push(() => workerDb.$disconnect());
+    const realStorage = createStorage(storageOptions(config));
+    await realStorage.ensureBucket();
+    const storageMs: number[] = [];
+    const storage = {
+      async putPng(key: string, buf: Buffer) {
+        const t = performance.now();
+        try {
+          return await realStorage.putPng(key, buf);
+        } finally {
+          storageMs.push(performance.now() - t);
+        }
+      },
+      async stat(key: string) {
+        const t = performance.now();
+        try {
+          return await realStorage.stat(key);
+        } finally {
+          storageMs[storageMs.length - 1]! += performance.now() - t;
+        }
+      },
+    };
+    // The real worker logs at the same level; its lines go nowhere here, as the API's do.
+    const logger = pino({ level: logLevel }, pino.destination({ dest: '/dev/null', sync: true }));
+    const processJob = createProcessor({
+      repo: createImagesRepo(workerDb),
+      storage,
+      engine,
+      objectKeyFor,
+      workerId: 'bench-worker',
+      modelName: 'zero-cost',
+      progressIntervalMs: config.PROGRESS_INTERVAL_MS,
+      log: logger,
+      unrecoverable: (m) => new UnrecoverableError(m),
+    });
+    const waiters = new Map<string, () => void>();
+    const doneEarly = new Set<string>();
+    const done = (id: string) => {
+      const w = waiters.get(id);
+      if (w) {
+        waiters.delete(id);
+        w();
+      } else doneEarly.add(id);
+    };
+    const whenDone = (id: string) =>
+      new Promise<void>((resolve) => {
+        if (doneEarly.delete(id)) resolve();
+        else waiters.set(id, resolve);
+      });
+    let workerErrors = 0;
+    const consumer = createConsumer(
+      services.redis.url,
+      qs,
+      async (job) => {
+        try {
+          await processJob({ imageId: job.imageId, attempt: job.attempt, maxAttempts: job.maxAttempts, log: logger.child({ jobId: job.id }) });
+        } catch (err) {
+          workerErrors++;
+          throw err;
+        } finally {
+          done(job.imageId);
+        }
+      },
+      () => void workerErrors++,
+    );
+    cleanups.push(() => consumer.close());
+    void consumer.worker.run();
+    await consumer.worker.waitUntilReady();
+
+    const post = async (): Promise<string> => {
+      const r = await fetch(`${api.url}/generated-images`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: BODY });
+      if (r.status !== 201) throw new Error(`POST answered ${r.status}: ${await r.text()}`);
+      return ((await r.json()) as { id: string }).id;
+    };
+
+    // Warm-up: connections, prepared statements, JIT.
+    for (let i = 0; i < 10; i++) await whenDone(await post());
+    await reset();
+    storageMs.length = 0;
+
+    // One at a time.
+    const seqIds: string[] = [];
+    const clientMs: number[] = [];
+    const tSeq = performance.now();
+    for (let i = 0; i < jobs; i++) {
+      const t = performance.now();
+      const id = await post();
+      await whenDone(id);
+      clientMs.push(performance.now() - t);
+      seqIds.push(id);
+    }
+    const seqWall = performance.now() - tSeq;
+    const seq = await rowTimes(db, seqIds);
+    const seqStorage = storageMs.splice(0);
+    out(`   a) ${jobs} jobs one at a time (next POST after the previous job is stored): ${(jobs / (seqWall / 1000)).toFixed(1)} jobs/s`);
+    printTimes('enqueue->stored (finished-created-gen_ms)', seq.overhead);
+    printTimes('  of which created->started (queue, claim)', seq.pickup);
+    printTimes('  of which started->finished - gen_ms', seq.work);
+    printTimes('  of which storage put + stat (worker side)', seqStorage);
+    printTimes('client: POST sent -> job stored', clientMs);
+
+    await reset();
+
+    // Burst: all at once.
+    const tBurst = performance.now();
+    const burstIds = await Promise.all(Array.from({ length: jobs }, () => post()));
+    const tAccepted = performance.now() - tBurst;
+    await Promise.all(burstIds.map(whenDone));
+    const burstWall = performance.now() - tBurst;
+    const burst = await rowTimes(db, burstIds);
+    const burstStorage = storageMs.splice(0);
+    out(`   b) burst: ${jobs} POSTs at once (all accepted after ${ms(tAccepted)}), 1 worker`);
+    printTimes('enqueue->stored (finished-created-gen_ms)', burst.overhead);
+    printTimes('  of which created->started (queue wait)', burst.pickup);
+    printTimes('  of which started->finished - gen_ms', burst.work);
+    printTimes('  of which storage put + stat (worker side)', burstStorage);
+    out(`   throughput: ${(jobs / (burst.spanMs / 1000)).toFixed(1)} jobs/s (first created_at -> last finished_at ${ms(burst.spanMs)}); client wall ${ms(burstWall)} = ${(jobs / (burstWall / 1000)).toFixed(1)} jobs/s`);
+    out(`   worker errors: ${workerErrors}  ${workerErrors === 0 ? 'OK' : 'NOT ZERO'}`);
+    out(`\ntotal benchmark time ${((performance.now() - started) / 1000).toFixed(1)} s`);
+  } finally {
+    for (const c of children) await c.stop().catch(() => undefined);
+    for (const f of cleanups.reverse()) await f().catch(() => undefined);
+    await services?.stop();
+  }
+}
