@@ -55,7 +55,19 @@ export function buildApp(deps: AppDeps): FastifyInstance {
     genReqId: () => crypto.randomUUID(),
     return503OnClosing: true,
     routerOptions: { ignoreTrailingSlash: true },
+    // Errors the router raises before any route or hook runs; Fastify's default answers them as plain JSON.
+    frameworkErrors: (err, request, reply) => {
+      // An over-long path segment cannot be an id of anything here.
+      if (err.code === 'FST_ERR_MAX_PARAM_LENGTH') return void sendProblem(reply, 404, 'Not Found', 'No resource has an id that long.');
+      if (err.code === 'FST_ERR_BAD_URL') return void sendProblem(reply, 400, 'Bad Request', 'The URL is not valid: it has a malformed percent-encoding.');
+      request.log.error({ err }, 'request failed in the router');
+      return void sendProblem(reply, 500, 'Internal Server Error', 'The server failed to handle the request; it has been logged.');
+    },
   });
+
+  // Only JSON bodies: Fastify parses text/plain by default, which would answer a text body with
+  // "must be a JSON object" (400) instead of the 415 a wrong content type deserves.
+  app.removeContentTypeParser('text/plain');
 
   app.addHook('onSend', async (request, reply) => {
     reply.header('x-request-id', request.id);
@@ -90,14 +102,15 @@ export function buildApp(deps: AppDeps): FastifyInstance {
     if (typeof body !== 'object' || body === null || Array.isArray(body)) {
       throw new ValidationError([{ field: '(body)', rule: 'type', message: 'must be a JSON object' }]);
     }
-    const parsed = createImageBody.safeParse(body);
+    // reportInput: zod 4 leaves `input` off issues otherwise, and fieldErrors would call every wrongly typed field "required".
+    const parsed = createImageBody.safeParse(body, { reportInput: true });
     if (!parsed.success) throw new ValidationError(fieldErrors(parsed.error));
     const record = await deps.images.create(parsed.data);
     return reply.status(201).header('location', `/generated-images/${record.id}`).send(imageJson(record));
   });
 
   app.get('/generated-images', async (request) => {
-    const parsed = listQuery.safeParse(request.query);
+    const parsed = listQuery.safeParse(request.query, { reportInput: true });
     if (!parsed.success) throw new ValidationError(fieldErrors(parsed.error));
     const { items, nextCursor } = await deps.images.list(parsed.data.limit, parsed.data.cursor);
     return { items: items.map(imageJson), next_cursor: nextCursor };
