@@ -76,7 +76,7 @@ export function createImagesRepo(db: Db): ImagesRepo {
         UPDATE generated_images
            SET status = 'running', attempts = attempts + 1, progress = 0, worker_id = ${workerId},
                started_at = now(), updated_at = now(), error = NULL
-         WHERE id = ${id}::uuid AND status IN ('queued', 'running')
+         WHERE id = ${id}::uuid AND status IN ('queued', 'running') AND cancel_requested_at IS NULL
      RETURNING attempts`;
       const attempt = started[0]?.attempts;
       if (attempt === undefined) return null;
@@ -120,6 +120,58 @@ export function createImagesRepo(db: Db): ImagesRepo {
         data: { status: 'failed', error, finishedAt: new Date() },
       });
       return r.count === 1;
+    },
+
+    async failAny(id, error) {
+      const r = await db.generatedImage.updateMany({
+        where: { id, status: { in: ['queued', 'running'] } },
+        data: { status: 'failed', error, finishedAt: new Date() },
+      });
+      return r.count === 1;
+    },
+
+    async requestCancel(id) {
+      // One statement: a worker claiming the job at the same moment either sees the flag (and
+      // does not start) or has already claimed it (and stops at its next progress write).
+      await db.$executeRaw`
+        UPDATE generated_images
+           SET cancel_requested_at = COALESCE(cancel_requested_at, now()),
+               status = CASE WHEN status = 'queued' THEN 'canceled'::job_status ELSE status END,
+               finished_at = CASE WHEN status = 'queued' THEN now() ELSE finished_at END,
+               updated_at = now()
+         WHERE id = ${id}::uuid AND status IN ('queued', 'running')`;
+      const row = await db.generatedImage.findUnique({ where: { id } });
+      return row ? toRecord(row) : null;
+    },
+
+    async finishCanceled(id, attempt) {
+      const r = await db.generatedImage.updateMany({
+        where: { id, status: { in: ['queued', 'running'] }, cancelRequestedAt: { not: null }, ...(attempt === undefined ? {} : { attempts: attempt }) },
+        data: { status: 'canceled', finishedAt: new Date() },
+      });
+      return r.count === 1;
+    },
+
+    async release(id, attempt, reason) {
+      const r = await db.generatedImage.updateMany({
+        where: { id, attempts: attempt, status: 'running' },
+        data: { status: 'queued', progress: 0, error: reason },
+      });
+      return r.count === 1;
+    },
+
+    async findStale({ queuedBefore, runningBefore, limit }) {
+      const rows = await db.generatedImage.findMany({
+        where: {
+          OR: [
+            { status: 'queued', updatedAt: { lt: queuedBefore } },
+            { status: 'running', updatedAt: { lt: runningBefore } },
+          ],
+        },
+        orderBy: { updatedAt: 'asc' },
+        take: limit,
+      });
+      return rows.map(toRecord);
     },
 
     async ping() {

@@ -25,8 +25,30 @@ export function createRedis(url: string, opts: RedisOptions = {}): Redis {
   });
 }
 
+export type QueueJobState = 'waiting' | 'active' | 'delayed' | 'completed' | 'failed' | 'prioritized' | 'waiting-children' | 'unknown';
+
+/**
+ * BullMQ keeps jobs in Redis: an evicting Redis drops them silently under memory pressure.
+ * Throws with the fix when maxmemory-policy is anything but noeviction.
+ */
+export async function assertNoEviction(redis: Redis): Promise<void> {
+  const info = await redis.info('memory');
+  const policy = /maxmemory_policy:(\S+)/.exec(info)?.[1];
+  if (policy && policy !== 'noeviction') {
+    throw new Error(
+      `Redis maxmemory-policy is "${policy}"; the job queue needs "noeviction" or jobs can be lost. ` +
+        'Fix: redis-cli CONFIG SET maxmemory-policy noeviction (and set it in redis.conf or your managed Redis settings).',
+    );
+  }
+}
+
 export interface ProducerQueue {
   enqueue(imageId: string): Promise<void>;
+  /** The BullMQ job's state, or null when Redis has no such job. */
+  jobState(imageId: string): Promise<{ state: QueueJobState; failedReason?: string } | null>;
+  /** Removes a job that no worker holds; false when it is locked by one (or absent). */
+  remove(imageId: string): Promise<boolean>;
+  depth(): Promise<number>;
   counts(): Promise<Record<'waiting' | 'active' | 'delayed' | 'failed' | 'completed' | 'prioritized', number>>;
   close(): Promise<void>;
 }
@@ -47,6 +69,24 @@ export function createProducer(redisUrl: string, s: QueueSettings): ProducerQueu
   return {
     async enqueue(imageId) {
       await queue.add(GENERATE_JOB.name, { imageId }, { jobId: imageId });
+    },
+    async jobState(imageId) {
+      const job = await queue.getJob(imageId);
+      if (!job) return null;
+      const state = (await job.getState()) as QueueJobState;
+      return { state, ...(job.failedReason ? { failedReason: job.failedReason } : {}) };
+    },
+    async remove(imageId) {
+      try {
+        return (await queue.remove(imageId)) === 1;
+      } catch {
+        // BullMQ refuses to remove a job a worker holds the lock of.
+        return false;
+      }
+    },
+    async depth() {
+      const c = await queue.getJobCounts('waiting', 'delayed', 'prioritized');
+      return (c.waiting ?? 0) + (c.delayed ?? 0) + (c.prioritized ?? 0);
     },
     async counts() {
       const c = await queue.getJobCounts('waiting', 'active', 'delayed', 'failed', 'completed', 'prioritized');

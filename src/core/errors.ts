@@ -50,6 +50,13 @@ export class ImageNotAvailableError extends ProblemError {
   }
 }
 
+export class ConflictError extends ProblemError {
+  override name = 'ConflictError';
+  constructor(detail: string) {
+    super(409, 'Conflict', detail);
+  }
+}
+
 export class ServiceUnavailableError extends ProblemError {
   override name = 'ServiceUnavailableError';
   constructor(detail: string, retryAfterSeconds = 5) {

@@ -1,6 +1,6 @@
 import { randomUUID } from 'node:crypto';
 import { randomSeed } from '../engine/random.js';
-import { ImageNotAvailableError, NotFoundError, ServiceUnavailableError, ValidationError } from './errors.js';
+import { ConflictError, ImageNotAvailableError, NotFoundError, ServiceUnavailableError, ValidationError } from './errors.js';
 import type { CreateImageBody } from './params.js';
 
 /**
@@ -49,11 +49,28 @@ export interface ImagesRepo {
   /** `final` marks the job failed; otherwise it goes back to queued for the next attempt. */
   fail(id: string, attempt: number, error: string, final: boolean): Promise<boolean>;
   failUnstarted(id: string, error: string): Promise<boolean>;
+  /** Fails a queued or running job whatever its attempt (the queue gave up on it). */
+  failAny(id: string, error: string): Promise<boolean>;
+  /**
+   * Asks for cancellation: a queued job becomes canceled at once; a running one is flagged and
+   * its worker stops between steps. Null when the id is unknown; terminal jobs are unchanged.
+   */
+  requestCancel(id: string): Promise<ImageRecord | null>;
+  /** Ends a job whose cancellation was requested and that no attempt is finishing. */
+  finishCanceled(id: string, attempt?: number): Promise<boolean>;
+  /** Hands a running attempt back to the queue (graceful shutdown). */
+  release(id: string, attempt: number, reason: string): Promise<boolean>;
+  /** Queued or running jobs not updated since the given times: candidates for the reconciler. */
+  findStale(q: { queuedBefore: Date; runningBefore: Date; limit: number }): Promise<ImageRecord[]>;
   ping(): Promise<void>;
 }
 
 export interface JobQueue {
   enqueue(imageId: string): Promise<void>;
+  /** Removes a queued job no worker holds; false otherwise. */
+  remove(imageId: string): Promise<boolean>;
+  /** Jobs waiting to run (waiting + delayed + prioritized), for back-pressure. */
+  depth(): Promise<number>;
 }
 
 export interface ImageUrls {
@@ -64,19 +81,46 @@ export interface ImagesServiceDeps {
   repo: ImagesRepo;
   queue: JobQueue;
   storage: ImageUrls;
+  /** Past this many waiting jobs, submissions get 503 with Retry-After. 0 = no limit. */
+  maxQueueDepth?: number;
   log?: { warn: (obj: object, msg: string) => void };
 }
+
+/** How long a measured queue depth is trusted: one Redis round trip per second, not per POST. */
+const DEPTH_CACHE_MS = 1_000;
 
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 
 export class ImagesService {
+  private depthCache: { value: number; at: number } | undefined;
+
   constructor(private readonly deps: ImagesServiceDeps) {}
 
+  private async checkBackPressure(): Promise<void> {
+    const max = this.deps.maxQueueDepth ?? 0;
+    if (max <= 0) return;
+    const now = performance.now();
+    if (!this.depthCache || now - this.depthCache.at > DEPTH_CACHE_MS) {
+      let value: number;
+      try {
+        value = await this.deps.queue.depth();
+      } catch {
+        throw new ServiceUnavailableError('The job queue is unavailable. Please try again later.');
+      }
+      this.depthCache = { value, at: now };
+    }
+    if (this.depthCache.value >= max) {
+      throw new ServiceUnavailableError(`The queue is full (${this.depthCache.value} jobs waiting). Please try again later.`, 30);
+    }
+  }
+
   /**
-   * Commits the row, then enqueues its id. If enqueueing fails the row is marked failed with
-   * the reason, so it can never sit queued with no job behind it, and the caller gets a 503.
+   * Commits the row, then enqueues its id. If enqueueing fails after the commit, the row stays
+   * queued and the caller still gets its job: the workers' reconciler enqueues rows that have no
+   * job behind them, so nothing is lost and the client has no reason to submit twice.
    */
   async create(body: CreateImageBody): Promise<ImageRecord> {
+    await this.checkBackPressure();
     const record = await this.deps.repo.create({
       id: randomUUID(),
       prompt: body.prompt,
@@ -91,11 +135,24 @@ export class ImagesService {
     try {
       await this.deps.queue.enqueue(record.id);
     } catch (err) {
-      this.deps.log?.warn({ err, imageId: record.id }, 'enqueue failed; marking the job failed');
-      await this.deps.repo.failUnstarted(record.id, 'the job queue was unavailable when the job was submitted; submit it again').catch(() => undefined);
-      throw new ServiceUnavailableError('The job queue is unavailable. Please try again later.');
+      this.deps.log?.warn({ err, imageId: record.id }, 'enqueue failed after the row was committed; the reconciler will enqueue it');
     }
     return record;
+  }
+
+  /**
+   * Idempotent cancel: a queued job is canceled at once (and its queue entry removed), a running
+   * one is flagged and stops between denoising steps. A job that already succeeded or failed
+   * cannot be canceled (409).
+   */
+  async cancel(id: string): Promise<ImageRecord> {
+    const before = await this.get(id);
+    if (before.status === 'succeeded' || before.status === 'failed') {
+      throw new ConflictError(`The job already ${before.status}; there is nothing to cancel.`);
+    }
+    const after = (await this.deps.repo.requestCancel(id)) ?? before;
+    if (after.status === 'canceled') await this.deps.queue.remove(id).catch(() => false);
+    return after;
   }
 
   async get(id: string): Promise<ImageRecord> {

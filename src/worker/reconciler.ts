@@ -1,0 +1,98 @@
+import type { ImageRecord, ImagesRepo } from '../core/images.js';
+import type { ProducerQueue } from '../adapters/queue.js';
+
+/**
+ * Makes Postgres and the queue agree again after anything that split them: Redis down while a
+ * POST committed its row, Redis restarted without its data, a worker killed between steps, a
+ * job BullMQ gave up on (stalled too often) while its row still said running.
+ *
+ * It looks only at rows that have not changed for a while (a live job writes progress, which
+ * bumps updated_at), asks BullMQ for the job's state and repairs:
+ *
+ *   row queued,  no job in Redis          -> enqueue it again (same id: idempotent)
+ *   row queued,  job completed            -> remove the stale job, enqueue again
+ *   row running, no job in Redis          -> enqueue again (the next attempt takes it over)
+ *   row queued or running, job failed     -> mark the row failed with the queue's reason
+ *   anything else (waiting, active, delayed) is in flight and left alone.
+ *
+ * Every worker may run one; all repairs are idempotent or conditional, so several can overlap.
+ */
+
+export interface ReconcilerDeps {
+  repo: ImagesRepo;
+  queue: Pick<ProducerQueue, 'jobState' | 'enqueue' | 'remove'>;
+  log: { info(obj: object, msg: string): void; warn(obj: object, msg: string): void };
+  /** A queued row untouched this long is checked. */
+  queuedGraceMs: number;
+  /** A running row untouched this long is checked (more than a lock period plus a step). */
+  runningGraceMs: number;
+  batch?: number;
+}
+
+export interface ReconcileSummary {
+  checked: number;
+  requeued: number;
+  failed: number;
+}
+
+export function createReconciler(deps: ReconcilerDeps) {
+  async function repair(row: ImageRecord, summary: ReconcileSummary): Promise<void> {
+    const job = await deps.queue.jobState(row.id);
+    if (!job) {
+      await deps.queue.enqueue(row.id);
+      summary.requeued++;
+      deps.log.warn({ imageId: row.id, status: row.status }, 'reconciler: job missing from the queue; enqueued again');
+      return;
+    }
+    if (job.state === 'failed') {
+      if (await deps.repo.failAny(row.id, job.failedReason ?? 'the queue gave up on the job')) {
+        summary.failed++;
+        deps.log.warn({ imageId: row.id, reason: job.failedReason }, 'reconciler: queue failed the job; row marked failed');
+      }
+      return;
+    }
+    if (job.state === 'completed' && row.status === 'queued') {
+      if (await deps.queue.remove(row.id)) {
+        await deps.queue.enqueue(row.id);
+        summary.requeued++;
+        deps.log.warn({ imageId: row.id }, 'reconciler: queue had completed a job whose row is still queued; enqueued again');
+      }
+    }
+  }
+
+  async function runOnce(now = new Date()): Promise<ReconcileSummary> {
+    const summary: ReconcileSummary = { checked: 0, requeued: 0, failed: 0 };
+    const rows = await deps.repo.findStale({
+      queuedBefore: new Date(now.getTime() - deps.queuedGraceMs),
+      runningBefore: new Date(now.getTime() - deps.runningGraceMs),
+      limit: deps.batch ?? 100,
+    });
+    for (const row of rows) {
+      summary.checked++;
+      await repair(row, summary);
+    }
+    return summary;
+  }
+
+  let timer: NodeJS.Timeout | undefined;
+  let running: Promise<unknown> = Promise.resolve();
+  return {
+    runOnce,
+    /** Runs every intervalMs until stop(); errors (Redis or Postgres down) are logged and retried next time. */
+    start(intervalMs: number) {
+      timer = setInterval(() => {
+        running = running.then(() =>
+          runOnce().then(
+            (s) => s.requeued + s.failed > 0 && deps.log.info(s, 'reconciler repaired jobs'),
+            (err: unknown) => deps.log.warn({ err }, 'reconciler pass failed'),
+          ),
+        );
+      }, intervalMs);
+      timer.unref();
+    },
+    async stop() {
+      if (timer) clearInterval(timer);
+      await running;
+    },
+  };
+}
