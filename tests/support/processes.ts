@@ -1,0 +1,153 @@
+import { spawn, type ChildProcess } from 'node:child_process';
+import { readFileSync } from 'node:fs';
+import { createServer, type Server, type Socket, connect } from 'node:net';
+import path from 'node:path';
+import type { Config } from '../../src/config.js';
+
+/**
+ * Real API and worker processes for failure tests: started with `node bin/t2i.js api|worker`
+ * and a Config turned back into environment variables, their JSON log lines collected, killed
+ * with whatever signal a test needs.
+ */
+
+const BIN = path.resolve('bin/t2i.js');
+
+export interface LogLine {
+  level: number;
+  msg: string;
+  [key: string]: unknown;
+}
+
+export class ServiceProcess {
+  readonly lines: LogLine[] = [];
+  readonly stderr: string[] = [];
+  private partial = '';
+  readonly exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
+
+  constructor(
+    readonly name: string,
+    readonly proc: ChildProcess,
+  ) {
+    proc.stdout!.on('data', (chunk: Buffer) => this.onData(chunk.toString()));
+    proc.stderr!.on('data', (chunk: Buffer) => this.stderr.push(chunk.toString()));
+    this.exited = new Promise((resolve) => proc.once('exit', (code, signal) => resolve({ code, signal })));
+  }
+
+  private onData(text: string): void {
+    const parts = (this.partial + text).split('\n');
+    this.partial = parts.pop() ?? '';
+    for (const line of parts) {
+      if (!line.trim()) continue;
+      try {
+        this.lines.push(JSON.parse(line) as LogLine);
+      } catch {
+        this.stderr.push(line);
+      }
+    }
+  }
+
+  get pid(): number {
+    return this.proc.pid!;
+  }
+
+  get running(): boolean {
+    return this.proc.exitCode === null && this.proc.signalCode === null;
+  }
+
+  kill(signal: NodeJS.Signals): void {
+    if (this.running) this.proc.kill(signal);
+  }
+
+  /** Resident set size in bytes, from /proc. */
+  rss(): number {
+    const m = /VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${this.pid}/status`, 'utf8'));
+    return Number(m?.[1] ?? 0) * 1024;
+  }
+
+  /** Waits for a log line matching `pred`, failing with the process's output on timeout. */
+  async waitForLine(pred: (l: LogLine) => boolean, timeoutMs = 30_000): Promise<LogLine> {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const hit = this.lines.find(pred);
+      if (hit) return hit;
+      if (!this.running) throw new Error(`${this.name} exited before the expected log line:\n${this.output()}`);
+      if (Date.now() > deadline) throw new Error(`${this.name}: expected log line not seen in ${timeoutMs} ms:\n${this.output()}`);
+      await new Promise((r) => setTimeout(r, 25));
+    }
+  }
+
+  output(): string {
+    return [...this.lines.slice(-30).map((l) => JSON.stringify(l)), ...this.stderr.slice(-30)].join('\n');
+  }
+
+  async stop(): Promise<void> {
+    if (!this.running) return;
+    this.kill('SIGTERM');
+    const timer = setTimeout(() => this.kill('SIGKILL'), 10_000);
+    await this.exited;
+    clearTimeout(timer);
+  }
+}
+
+/** The environment a process needs to load `config` again. */
+export function configEnv(config: Config, overrides: Record<string, string> = {}): NodeJS.ProcessEnv {
+  const env: NodeJS.ProcessEnv = { PATH: process.env.PATH, HOME: process.env.HOME };
+  for (const [k, v] of Object.entries(config)) if (v !== undefined) env[k] = String(v);
+  return { ...env, LOG_PRETTY: 'false', ...overrides };
+}
+
+export function spawnService(name: string, role: 'api' | 'worker', env: NodeJS.ProcessEnv): ServiceProcess {
+  return new ServiceProcess(name, spawn(process.execPath, [BIN, role], { env, stdio: ['ignore', 'pipe', 'pipe'] }));
+}
+
+/**
+ * A TCP proxy in front of a service, which a test can cut (refusing and dropping connections)
+ * and restore, to make storage (or anything) unavailable without stopping the real server.
+ */
+export class CuttableProxy {
+  private server: Server | undefined;
+  private readonly sockets = new Set<Socket>();
+  private cut = false;
+  port = 0;
+
+  constructor(private readonly targetPort: number) {}
+
+  async start(): Promise<void> {
+    this.server = createServer((client) => {
+      if (this.cut) {
+        client.destroy();
+        return;
+      }
+      const upstream = connect(this.targetPort, '127.0.0.1');
+      this.sockets.add(client).add(upstream);
+      const drop = () => {
+        client.destroy();
+        upstream.destroy();
+        this.sockets.delete(client);
+        this.sockets.delete(upstream);
+      };
+      client.on('error', drop).on('close', drop);
+      upstream.on('error', drop).on('close', drop);
+      client.pipe(upstream).pipe(client);
+    });
+    await new Promise<void>((resolve) => this.server!.listen(0, '127.0.0.1', resolve));
+    const addr = this.server.address();
+    this.port = typeof addr === 'object' && addr ? addr.port : 0;
+  }
+
+  /** Refuses new connections and drops open ones until restore(). */
+  sever(): void {
+    this.cut = true;
+    for (const s of this.sockets) s.destroy();
+    this.sockets.clear();
+  }
+
+  restore(): void {
+    this.cut = false;
+  }
+
+  async close(): Promise<void> {
+    this.sever();
+    await new Promise((r) => this.server?.close(r));
+  }
+}
