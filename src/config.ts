@@ -92,6 +92,26 @@ export const envSchema = z.object({
   LOG_LEVEL: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
   /** Human-readable logs instead of JSON lines; when unset, pretty only if stdout is a terminal. */
   LOG_PRETTY: bool.optional(),
+  /** Also write JSON lines to this file (rotated, see below); stdout only when unset. */
+  LOG_FILE: z.string().min(1).optional(),
+  /** Level of the file sink; LOG_LEVEL when unset (e.g. warn on stdout, debug in the file). */
+  LOG_FILE_LEVEL: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace']).optional(),
+  /** Rotate the log file when it reaches this size: a number with k, m or g (megabytes when bare). */
+  LOG_FILE_MAX_SIZE: z.string().regex(/^\d+[kmg]?$/i, 'must be a size such as 500k, 100m or 1g').default('100m'),
+  /** Also rotate the log file daily or hourly, or only by size (none). */
+  LOG_FILE_FREQUENCY: z.enum(['daily', 'hourly', 'none']).default('daily'),
+  /** Rotated log files kept besides the current one; older ones are deleted. */
+  LOG_FILE_RETENTION: int(1, 10_000).default(14),
+
+  // --- Metrics and error reporting
+  /** Bearer token Prometheus must send to GET /metrics (API and worker); /metrics is open when unset. */
+  METRICS_TOKEN: z.string().min(16, 'must be at least 16 characters').optional(),
+  /** Sentry DSN; errors are reported only when set. */
+  SENTRY_DSN: z.string().url('must be a Sentry DSN URL').optional(),
+  /** Environment name on Sentry events (production, staging, ...). */
+  SENTRY_ENVIRONMENT: z.string().min(1).default('production'),
+  /** Release name on Sentry events; t2i@<package version> when unset. */
+  SENTRY_RELEASE: z.string().min(1).optional(),
 });
 
 export type Config = z.infer<typeof envSchema>;

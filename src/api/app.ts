@@ -1,8 +1,10 @@
 import Fastify, { type FastifyBaseLogger, type FastifyError, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
 import type { Logger } from 'pino';
 import { ProblemError, ValidationError } from '../core/errors.js';
+import type { ErrorReporter } from '../core/reporting.js';
 import type { ImageRecord, ImagesService } from '../core/images.js';
 import { createImageBody, fieldErrors, listQuery } from '../core/params.js';
+import { registerApiMetrics, type ApiMetrics } from './metrics.js';
 
 /**
  * The HTTP API as a Fastify instance that tests build and inject into; src/api/main.ts boots
@@ -15,6 +17,12 @@ export interface AppDeps {
   bodyLimit: number;
   /** Readiness of what the API depends on; the route answers 503 listing what is down. */
   checks?: Record<string, () => Promise<void>>;
+  /** Request metrics and GET /metrics (src/api/metrics.ts); none when absent. */
+  metrics?: ApiMetrics;
+  /** Bearer token GET /metrics requires (METRICS_TOKEN); open when unset. */
+  metricsToken?: string | undefined;
+  /** Where 5xx errors are reported (Sentry); client errors never are. */
+  reporter?: ErrorReporter;
 }
 
 export function imageJson(r: ImageRecord) {
@@ -61,6 +69,7 @@ export function buildApp(deps: AppDeps): FastifyInstance {
       if (err.code === 'FST_ERR_MAX_PARAM_LENGTH') return void sendProblem(reply, 404, 'Not Found', 'No resource has an id that long.');
       if (err.code === 'FST_ERR_BAD_URL') return void sendProblem(reply, 400, 'Bad Request', 'The URL is not valid: it has a malformed percent-encoding.');
       request.log.error({ err }, 'request failed in the router');
+      reportServerError(request, err, 500);
       return void sendProblem(reply, 500, 'Internal Server Error', 'The server failed to handle the request; it has been logged.');
     },
   });
@@ -68,6 +77,20 @@ export function buildApp(deps: AppDeps): FastifyInstance {
   // Only JSON bodies: Fastify parses text/plain by default, which would answer a text body with
   // "must be a JSON object" (400) instead of the 415 a wrong content type deserves.
   app.removeContentTypeParser('text/plain');
+
+  if (deps.metrics) registerApiMetrics(app, deps.metrics, { token: deps.metricsToken });
+
+  // Tags only: the route pattern, never the URL (ids, query strings), and no body. An error text
+  // may still quote the body (a database error echoing its values): its prompts are blanked.
+  const reportServerError = (request: FastifyRequest, err: unknown, status: number) => {
+    const body = request.body as Record<string, unknown> | null | undefined;
+    const redact = typeof body === 'object' && body !== null ? [body.prompt, body.negative_prompt].filter((v): v is string => typeof v === 'string') : [];
+    deps.reporter?.capture(err, {
+      tags: { method: request.method, route: request.routeOptions.url ?? 'unmatched', status },
+      extra: { requestId: request.id },
+      redact,
+    });
+  };
 
   app.addHook('onSend', async (request, reply) => {
     reply.header('x-request-id', request.id);
@@ -79,6 +102,7 @@ export function buildApp(deps: AppDeps): FastifyInstance {
 
   app.setErrorHandler((err: FastifyError | ProblemError | Error, request: FastifyRequest, reply: FastifyReply) => {
     if (err instanceof ProblemError) {
+      if (err.status >= 500) reportServerError(request, err, err.status);
       for (const [k, v] of Object.entries(err.headers)) reply.header(k, v);
       return sendProblem(reply, err.status, err.title, err.message, err.extra);
     }
@@ -94,6 +118,7 @@ export function buildApp(deps: AppDeps): FastifyInstance {
       return sendProblem(reply, fe.statusCode, 'Bad Request', err.message);
     }
     request.log.error({ err }, 'request failed');
+    reportServerError(request, err, 500);
     return sendProblem(reply, 500, 'Internal Server Error', 'The server failed to handle the request; it has been logged.');
   });
 

@@ -1,22 +1,34 @@
 import { createImagesRepo } from '../adapters/images-repo.js';
 import { createProducer } from '../adapters/queue.js';
+import { createErrorReporter } from '../adapters/sentry.js';
 import { createStorage } from '../adapters/storage.js';
 import { loadConfig, type Config } from '../config.js';
 import { createPrismaClient } from '../core/db/client.js';
 import { ImagesService } from '../core/images.js';
-import { createLogger } from '../core/logger.js';
+import { createProcessLogger, type Logger } from '../core/logger.js';
+import type { ErrorReporter } from '../core/reporting.js';
 import { queueSettings, storageOptions } from '../core/wiring.js';
 import { buildApp } from './app.js';
+import { createApiMetrics } from './metrics.js';
 
 /** Boots the API process: configuration, clients, the app, listen, and an orderly close. */
 
 export interface RunningApi {
   url: string;
+  logger: Logger;
+  reporter: ErrorReporter;
   close(): Promise<void>;
 }
 
-export async function startApi(config: Config = loadConfig(process.env, 'api')): Promise<RunningApi> {
-  const logger = createLogger({ level: config.LOG_LEVEL, pretty: config.LOG_PRETTY, name: 'api' });
+/** What a caller may give instead of what the configuration would make (tests capture logs). */
+export interface ApiOverrides {
+  logger?: Logger;
+  reporter?: ErrorReporter;
+}
+
+export async function startApi(config: Config = loadConfig(process.env, 'api'), overrides: ApiOverrides = {}): Promise<RunningApi> {
+  const logger = overrides.logger ?? (await createProcessLogger(config, 'api'));
+  const reporter = overrides.reporter ?? createErrorReporter(config, 'api');
   const db = createPrismaClient(config.DATABASE_URL, { poolMax: config.DATABASE_POOL_MAX, log: (level, msg) => logger[level]({}, msg) });
   const producer = createProducer(config.REDIS_URL, queueSettings(config));
   const storage = createStorage(storageOptions(config));
@@ -27,12 +39,16 @@ export async function startApi(config: Config = loadConfig(process.env, 'api')):
     images,
     logger,
     bodyLimit: config.BODY_LIMIT_BYTES,
+    metrics: createApiMetrics(),
+    metricsToken: config.METRICS_TOKEN,
+    reporter,
     checks: { postgres: () => repo.ping(), redis: async () => void (await producer.counts()), storage: () => storage.ping() },
   });
   app.addHook('onClose', async () => {
-    await Promise.allSettled([producer.close(), db.$disconnect()]);
+    // A reporter the caller gave stays the caller's to close.
+    await Promise.allSettled([producer.close(), db.$disconnect(), overrides.reporter ? undefined : reporter.close()]);
   });
   const url = await app.listen({ host: config.HOST, port: config.PORT });
   logger.info({ url }, 'api listening');
-  return { url, close: () => app.close() };
+  return { url, logger, reporter, close: () => app.close() };
 }

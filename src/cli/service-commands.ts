@@ -39,12 +39,16 @@ function untilSignal(close: () => Promise<void>): Promise<void> {
 export async function apiCommand(): Promise<void> {
   const { startApi } = await import('../api/main.js');
   const api = await startApi(configOrExit('api'));
+  const { exitOnUncaught } = await import('../core/reporting.js');
+  exitOnUncaught(api.reporter, api.logger);
   await untilSignal(api.close);
 }
 
 export async function workerCommand(): Promise<void> {
   const { startWorker } = await import('../worker/main.js');
   const worker = await startWorker(configOrExit('worker'));
+  const { exitOnUncaught } = await import('../core/reporting.js');
+  exitOnUncaught(worker.reporter, worker.logger);
   await untilSignal(worker.close);
 }
 

@@ -45,6 +45,8 @@ export interface Progress {
   step: number;
   totalSteps: number;
   elapsedMs: number;
+  /** This denoising step alone (UNet runs and scheduler), in milliseconds. */
+  stepMs?: number;
   preview?: Preview;
 }
 
@@ -167,6 +169,7 @@ export class StableDiffusionPipeline {
     const timesteps = scheduler.timesteps;
     for (let i = 0; i < timesteps.length; i++) {
       throwIfAborted(options.signal);
+      const stepStart = performance.now();
       const t = timesteps[i]!;
       const input = scheduler.scaleModelInput(latents, t);
       let eps: Float32Array;
@@ -197,6 +200,7 @@ export class StableDiffusionPipeline {
           step: i + 1,
           totalSteps: timesteps.length,
           elapsedMs: performance.now() - started,
+          stepMs: performance.now() - stepStart,
           ...(wantPreview ? { preview: latentPreview(latents, h, w) } : {}),
         });
       }

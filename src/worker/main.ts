@@ -2,13 +2,18 @@ import { hostname } from 'node:os';
 import path from 'node:path';
 import { createServer, type Server } from 'node:http';
 import { createImagesRepo } from '../adapters/images-repo.js';
-import { createConsumer, UnrecoverableError } from '../adapters/queue.js';
+import { createConsumer, createProducer, UnrecoverableError } from '../adapters/queue.js';
+import { createErrorReporter } from '../adapters/sentry.js';
 import { createStorage, objectKeyFor } from '../adapters/storage.js';
 import { loadConfig, type Config } from '../config.js';
 import { createPrismaClient } from '../core/db/client.js';
-import { createLogger } from '../core/logger.js';
+import { hasBearer } from '../core/bearer.js';
+import { createProcessLogger, type Logger } from '../core/logger.js';
+import { packageVersion, type ErrorReporter } from '../core/reporting.js';
 import { queueSettings, storageOptions } from '../core/wiring.js';
+import { SCHEDULER_NAMES } from '../engine/schedulers/types.js';
 import { Engine } from '../engine/thread/engine-host.js';
+import { createWorkerMetrics } from './metrics.js';
 import { createProcessor } from './processor.js';
 
 /**
@@ -19,12 +24,25 @@ import { createProcessor } from './processor.js';
 export interface RunningWorker {
   workerId: string;
   metricsUrl: string;
+  logger: Logger;
+  reporter: ErrorReporter;
   close(): Promise<void>;
 }
 
-export async function startWorker(config: Config = loadConfig(process.env, 'worker')): Promise<RunningWorker> {
+/** What a caller may give instead of what the configuration would make (tests capture logs). */
+export interface WorkerOverrides {
+  logger?: Logger;
+  reporter?: ErrorReporter;
+}
+
+/** Longest a scrape waits for queue depth from Redis; Prometheus' own scrape timeout is 10 s by default. */
+const QUEUE_COUNTS_TIMEOUT_MS = 1_000;
+
+export async function startWorker(config: Config = loadConfig(process.env, 'worker'), overrides: WorkerOverrides = {}): Promise<RunningWorker> {
   const workerId = config.WORKER_ID ?? `${hostname()}:${process.pid}`;
-  const logger = createLogger({ level: config.LOG_LEVEL, pretty: config.LOG_PRETTY, name: 'worker' }).child({ workerId });
+  const logger = (overrides.logger ?? (await createProcessLogger(config, 'worker'))).child({ workerId });
+  const reporter = overrides.reporter ?? createErrorReporter(config, 'worker');
+  const metrics = createWorkerMetrics();
   const modelDir = path.resolve(config.MODEL_DIR!);
   const engine = await Engine.start({
     modelDir,
@@ -33,6 +51,10 @@ export async function startWorker(config: Config = loadConfig(process.env, 'work
     log: (level, msg) => logger[level]({ component: 'engine' }, msg),
   });
   logger.info({ modelDir, provider: engine.info.provider, loadMs: Math.round(engine.info.loadMs) }, 'model loaded');
+  metrics.setModel({ model: path.basename(modelDir), schedulers: SCHEDULER_NAMES, provider: engine.info.provider, version: packageVersion(), loadSeconds: engine.info.loadMs / 1000 });
+  // Queue depth for t2i_queue_jobs, read on each scrape through a fail-fast connection of its own.
+  const queue = createProducer(config.REDIS_URL, queueSettings(config));
+  metrics.watchQueue(() => queue.counts(), QUEUE_COUNTS_TIMEOUT_MS);
 
   const db = createPrismaClient(config.DATABASE_URL, { poolMax: 3, log: (level, msg) => logger[level]({}, msg) });
   const storage = createStorage(storageOptions(config));
@@ -48,19 +70,36 @@ export async function startWorker(config: Config = loadConfig(process.env, 'work
     progressIntervalMs: config.PROGRESS_INTERVAL_MS,
     log: logger,
     unrecoverable: (m) => new UnrecoverableError(m),
+    metrics: metrics.job,
+    reporter,
   });
   const consumer = createConsumer(
     config.REDIS_URL,
     queueSettings(config),
     async (job) => {
+      // Bound once: every line about this job, the engine thread's included, carries its id, attempt and worker id.
       const log = logger.child({ jobId: job.id, attempt: job.attempt });
-      await process_({ imageId: job.imageId, attempt: job.attempt, maxAttempts: job.maxAttempts, log });
+      await process_({ imageId: job.imageId, jobId: job.id, attempt: job.attempt, maxAttempts: job.maxAttempts, enqueuedAt: job.enqueuedAt, log });
     },
     (err) => logger.error({ err }, 'queue error'),
   );
   void consumer.worker.run();
 
   const server: Server = createServer((req, res) => {
+    if (req.url === '/metrics' && req.method === 'GET') {
+      if (config.METRICS_TOKEN && !hasBearer(req.headers.authorization, config.METRICS_TOKEN)) {
+        res.writeHead(401, { 'www-authenticate': 'Bearer realm="metrics"' }).end();
+        return;
+      }
+      metrics.registry.metrics().then(
+        (text) => res.writeHead(200, { 'content-type': metrics.registry.contentType }).end(text),
+        (err: unknown) => {
+          logger.error({ err }, 'metrics collection failed');
+          res.writeHead(500).end();
+        },
+      );
+      return;
+    }
     if (req.url === '/healthz') {
       res.writeHead(engine.alive ? 200 : 503, { 'content-type': 'application/json' }).end(JSON.stringify({ status: engine.alive ? 'ok' : 'engine down' }));
       return;
@@ -75,9 +114,18 @@ export async function startWorker(config: Config = loadConfig(process.env, 'work
   return {
     workerId,
     metricsUrl,
+    logger,
+    reporter,
     async close() {
       await consumer.close();
-      await Promise.allSettled([engine.close(), db.$disconnect(), new Promise((r) => server.close(r))]);
+      await Promise.allSettled([
+        engine.close(),
+        db.$disconnect(),
+        queue.close(),
+        new Promise((r) => server.close(r)),
+        // A reporter the caller gave stays the caller's to close.
+        overrides.reporter ? reporter.flush() : reporter.close(),
+      ]);
     },
   };
 }

@@ -1,4 +1,6 @@
 import type { ImagesRepo } from '../core/images.js';
+import { scrubSecrets } from '../core/logger.js';
+import type { ReportContext } from '../core/reporting.js';
 import type { GenerateParams, Generation, Progress } from '../engine/pipeline.js';
 import type { SchedulerName } from '../engine/schedulers/types.js';
 
@@ -14,7 +16,7 @@ export interface ProcessorDeps {
     stat(key: string): Promise<{ size: number } | null>;
   };
   engine: {
-    generate(params: GenerateParams, run: { onProgress?: (p: Progress) => void; signal?: AbortSignal }): Promise<Generation>;
+    generate(params: GenerateParams, run: { onProgress?: (p: Progress) => void; signal?: AbortSignal; log?: EngineLog }): Promise<Generation>;
   };
   objectKeyFor(imageId: string): string;
   workerId: string;
@@ -24,7 +26,24 @@ export interface ProcessorDeps {
   log: JobLog;
   /** Marks an error as one retrying cannot fix (BullMQ's UnrecoverableError). */
   unrecoverable(message: string): Error;
+  /** Job counts and durations (src/worker/metrics.ts); nothing is recorded when absent. */
+  metrics?: JobMetrics;
+  /** Where failed attempts are reported (Sentry), tagged with job id, attempt, model and scheduler. */
+  reporter?: { capture(err: unknown, ctx?: ReportContext): void };
 }
+
+/** How an attempt ended, as metrics count it: `retried` is a failed attempt that the queue will retry. */
+export type MetricOutcome = 'succeeded' | 'failed' | 'retried' | 'skipped' | 'superseded';
+
+export interface JobMetrics {
+  /** An attempt starts; the queue wait is given for first attempts only (later ones include backoff). */
+  started(queueWaitSeconds?: number): void;
+  step(seconds: number): void;
+  finished(outcome: MetricOutcome, seconds: number): void;
+}
+
+/** A line from the engine thread about this job's generation. */
+export type EngineLog = (level: 'debug' | 'info' | 'warn', msg: string) => void;
 
 export interface JobLog {
   info(obj: object, msg: string): void;
@@ -39,12 +58,48 @@ export interface JobInput {
   maxAttempts: number;
   log: JobLog;
   signal?: AbortSignal;
+  /** The queue's job id, for error reports. */
+  jobId?: string;
+  /** When the job was first submitted, for the queue-wait metric. */
+  enqueuedAt?: Date;
 }
 
 export type JobOutcome = 'succeeded' | 'skipped' | 'superseded';
 
+/** What the attempt learned about its job, for the report if it fails. */
+interface Seen {
+  scheduler?: string;
+  secrets: string[];
+}
+
 export function createProcessor(deps: ProcessorDeps) {
+  const attempt = createAttempt(deps);
   return async function processJob(job: JobInput): Promise<JobOutcome> {
+    const started = performance.now();
+    const seen: Seen = { secrets: [] };
+    const queueWait = job.attempt === 1 && job.enqueuedAt ? (Date.now() - job.enqueuedAt.getTime()) / 1000 : undefined;
+    deps.metrics?.started(queueWait);
+    try {
+      const outcome = await attempt(job, seen);
+      deps.metrics?.finished(outcome, (performance.now() - started) / 1000);
+      return outcome;
+    } catch (err) {
+      const final = job.attempt >= job.maxAttempts || (err as Error | undefined)?.name === 'UnrecoverableError';
+      const durationMs = Math.round(performance.now() - started);
+      deps.metrics?.finished(final ? 'failed' : 'retried', durationMs / 1000);
+      job.log.error({ err: withoutTexts(err, seen.secrets), outcome: final ? 'failed' : 'retrying', final, durationMs }, 'job attempt failed');
+      deps.reporter?.capture(err, {
+        level: final ? 'error' : 'warning',
+        tags: { jobId: job.jobId ?? job.imageId, imageId: job.imageId, attempt: job.attempt, maxAttempts: job.maxAttempts, final, model: deps.modelName, scheduler: seen.scheduler, workerId: deps.workerId },
+        redact: seen.secrets,
+      });
+      throw err;
+    }
+  };
+}
+
+function createAttempt(deps: ProcessorDeps) {
+  return async function attemptJob(job: JobInput, seen: Seen): Promise<JobOutcome> {
     const { imageId, log } = job;
     const claimed = await deps.repo.startAttempt(imageId, deps.workerId);
     if (!claimed) {
@@ -53,6 +108,9 @@ export function createProcessor(deps: ProcessorDeps) {
       return 'skipped';
     }
     const { record, attempt } = claimed;
+    seen.scheduler = record.scheduler;
+    // Prompts are user data: an error text that quotes one must not carry it to the error tracker.
+    seen.secrets.push(record.prompt, ...(record.negativePrompt ? [record.negativePrompt] : []));
     const started = performance.now();
     log.info({ dbAttempt: attempt, steps: record.numSteps, scheduler: record.scheduler, size: `${record.width}x${record.height}` }, 'generation started');
     log.debug({ prompt: record.prompt, negativePrompt: record.negativePrompt }, 'prompt');
@@ -61,7 +119,12 @@ export function createProcessor(deps: ProcessorDeps) {
     // one write at a time; the final 100 is written with the result.
     let lastWrite = Number.NEGATIVE_INFINITY;
     let writing: Promise<unknown> = Promise.resolve();
+    let lastElapsedMs: number | undefined;
     const onProgress = (p: Progress) => {
+      // Step time from the engine; without it, the gap since the previous step (the first one would include encoding).
+      const stepMs = p.stepMs ?? (lastElapsedMs === undefined ? undefined : p.elapsedMs - lastElapsedMs);
+      lastElapsedMs = p.elapsedMs;
+      if (stepMs !== undefined) deps.metrics?.step(stepMs / 1000);
       const now = performance.now();
       if (p.step >= p.totalSteps || now - lastWrite < deps.progressIntervalMs) return;
       lastWrite = now;
@@ -84,7 +147,12 @@ export function createProcessor(deps: ProcessorDeps) {
           height: record.height,
           scheduler: record.scheduler as SchedulerName,
         },
-        { onProgress, ...(job.signal ? { signal: job.signal } : {}) },
+        {
+          onProgress,
+          // The engine thread's lines about this generation, with this job's id, attempt and worker on them.
+          log: (level, msg) => logEngineLine(log, level, msg),
+          ...(job.signal ? { signal: job.signal } : {}),
+        },
       );
     } catch (err) {
       await writing;
@@ -133,4 +201,24 @@ async function recordFailure(deps: ProcessorDeps, job: JobInput, attempt: number
   const final = job.attempt >= job.maxAttempts;
   await deps.repo.fail(job.imageId, attempt, message, final).catch((err: unknown) => job.log.error({ err }, 'could not record the failure'));
   job.log.warn({ dbAttempt: attempt, final, outcome: final ? 'failed' : 'retrying' }, message);
+}
+
+/**
+ * An engine line in the job's log. The engine quotes user text (the dropped part of a truncated
+ * prompt): above debug the quotes are emptied, and the whole line goes to debug.
+ */
+function logEngineLine(log: JobLog, level: 'debug' | 'info' | 'warn', msg: string): void {
+  const quoted = /"[^"]*"/g;
+  if (level === 'debug' || !quoted.test(msg)) {
+    log[level]({ component: 'engine' }, msg);
+    return;
+  }
+  log.debug({ component: 'engine' }, msg);
+  log[level]({ component: 'engine' }, msg.replace(quoted, '"[prompt text at debug level]"'));
+}
+
+/** The error as logged: its message and stack without the job's prompts (an engine error may quote them). */
+function withoutTexts(err: unknown, texts: readonly string[]): unknown {
+  if (!(err instanceof Error) || texts.length === 0) return err;
+  return { type: err.name, message: scrubSecrets(err.message, texts), ...(err.stack ? { stack: scrubSecrets(err.stack, texts) } : {}) };
 }

@@ -26,12 +26,17 @@ export interface RunOptions {
   returnLatents?: boolean;
   /** Called with the engine's id for this generation, so log lines can be matched to it. */
   onStart?: (generationId: number) => void;
+  /** Receives the engine thread's lines about this generation (instead of EngineOptions.log), so they carry the job's context. */
+  log?: EngineLog;
 }
+
+export type EngineLog = (level: 'debug' | 'info' | 'warn', msg: string) => void;
 
 interface Pending {
   resolve: (g: Generation) => void;
   reject: (e: Error) => void;
   onProgress?: (p: Progress) => void;
+  log?: EngineLog;
 }
 
 export class EngineError extends Error {
@@ -145,6 +150,7 @@ export class Engine {
           reject(e);
         },
         ...(run.onProgress ? { onProgress: run.onProgress } : {}),
+        ...(run.log ? { log: run.log } : {}),
       });
       this.send({ type: 'generate', id, params, previewEvery: run.previewEvery ?? 0, returnLatents: run.returnLatents ?? false });
     });
@@ -156,9 +162,12 @@ export class Engine {
 
   private onMessage(msg: FromThread): void {
     switch (msg.type) {
-      case 'log':
-        this.options.log?.(msg.level, msg.msg, msg.id);
+      case 'log': {
+        const own = msg.id === undefined ? undefined : this.pending.get(msg.id)?.log;
+        if (own) own(msg.level, msg.msg);
+        else this.options.log?.(msg.level, msg.msg, msg.id);
         break;
+      }
       case 'progress':
         this.pending.get(msg.id)?.onProgress?.(msg.progress);
         break;
