@@ -42,6 +42,10 @@ export const envSchema = z.object({
   JOB_LOCK_MS: int(1_000, 600_000).default(30_000),
   /** How often workers look for jobs whose lock expired. Must be the same on every worker. */
   JOB_STALLED_INTERVAL_MS: int(500, 600_000).default(15_000),
+  /** Times a job may lose its worker (crash, lock expired) before it is failed for good. */
+  JOB_MAX_STALLS: int(1, 20).default(3),
+  /** Waiting jobs past which POST /generated-images answers 503 with Retry-After; 0 = no limit. */
+  MAX_QUEUE_DEPTH: int(0, 10_000_000).default(10_000),
   /** Completed BullMQ jobs kept in Redis (the job row in Postgres is the record). */
   JOB_KEEP_COMPLETED: int(0, 1_000_000).default(1_000),
   /** Failed BullMQ jobs kept in Redis, for inspection. */
@@ -86,6 +90,16 @@ export const envSchema = z.object({
   PROGRESS_INTERVAL_MS: int(0, 60_000).default(500),
   /** Name of this worker in job rows and logs; hostname:pid when unset. */
   WORKER_ID: z.string().min(1).max(200).optional(),
+  /** onnx runs MODEL_DIR; synthetic is a zero-cost stand-in for load and failure tests (no model, flat images). */
+  ENGINE: z.enum(['onnx', 'synthetic']).default('onnx'),
+  /** With ENGINE=synthetic: how long each denoising step waits. */
+  SYNTHETIC_STEP_MS: int(0, 60_000).default(0),
+  /** On SIGTERM, how long a worker lets its current job finish before handing it back to the queue. */
+  SHUTDOWN_GRACE_MS: int(0, 3_600_000).default(30_000),
+  /** How often each worker reconciles job rows with the queue (re-enqueues lost jobs, fails dead ones). */
+  RECONCILE_INTERVAL_MS: int(1_000, 3_600_000).default(30_000),
+  /** A queued row unchanged this long is checked against the queue by the reconciler. */
+  RECONCILE_QUEUED_AFTER_MS: int(1_000, 86_400_000).default(60_000),
 
   // --- Logs
   /** pino log level. */
@@ -141,7 +155,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env, role: Role = 'a
         return `${i.path.join('.')}: ${i.code === 'invalid_type' && cleaned[name] === undefined ? 'required' : i.message}`;
       });
   // Checked even when other variables are invalid, so the worker's list is complete too.
-  if (role === 'worker' && cleaned.MODEL_DIR === undefined) issues.push('MODEL_DIR: required by the worker');
+  if (role === 'worker' && cleaned.ENGINE !== 'synthetic' && cleaned.MODEL_DIR === undefined) issues.push('MODEL_DIR: required by the worker');
   if (issues.length > 0) throw new ConfigError(issues);
   return result.data!;
 }

@@ -85,8 +85,12 @@ export function createImagesRepo(db: Db): ImagesRepo {
     },
 
     async setProgress(id, attempt, progress) {
-      const r = await db.generatedImage.updateMany({ where: { id, attempts: attempt, status: 'running' }, data: { progress } });
-      return r.count === 1;
+      const rows = await db.$queryRaw<Array<{ cancel: boolean }>>`
+        UPDATE generated_images SET progress = ${progress}, updated_at = now()
+         WHERE id = ${id}::uuid AND attempts = ${attempt} AND status = 'running'
+     RETURNING cancel_requested_at IS NOT NULL AS cancel`;
+      const row = rows[0];
+      return { owned: row !== undefined, cancelRequested: row?.cancel ?? false };
     },
 
     async succeed(id, attempt, result) {

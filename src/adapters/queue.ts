@@ -1,4 +1,4 @@
-import { Queue, UnrecoverableError, Worker, type Job } from 'bullmq';
+import { DelayedError, Queue, UnrecoverableError, Worker, type Job } from 'bullmq';
 import { Redis } from 'ioredis';
 import { GENERATE_JOB, type GeneratePayload, type QueueSettings } from '../core/jobs.js';
 
@@ -42,7 +42,34 @@ export async function assertNoEviction(redis: Redis): Promise<void> {
   }
 }
 
+/** Connects once to check Redis is reachable and will not evict; for process start-up. */
+export async function checkRedis(url: string): Promise<void> {
+  const redis = new Redis(url, { lazyConnect: true, connectTimeout: 5_000, maxRetriesPerRequest: 1, retryStrategy: () => null });
+  try {
+    await redis.connect();
+    await assertNoEviction(redis);
+  } catch (err) {
+    if ((err as Error).message.includes('maxmemory-policy')) throw err;
+    throw new Error(`Redis at ${redactUrl(url)} is not reachable: ${(err as Error).message}`, { cause: err });
+  } finally {
+    redis.disconnect();
+  }
+}
+
+/** A Redis URL without its password, for messages. */
+function redactUrl(url: string): string {
+  try {
+    const u = new URL(url);
+    if (u.password) u.password = '***';
+    return u.toString();
+  } catch {
+    return 'the configured REDIS_URL';
+  }
+}
+
 export interface ProducerQueue {
+  /** Resolves once connected (commands fail fast while disconnected, so wait at start-up). */
+  ready(timeoutMs?: number): Promise<void>;
   enqueue(imageId: string): Promise<void>;
   /** The BullMQ job's state, or null when Redis has no such job. */
   jobState(imageId: string): Promise<{ state: QueueJobState; failedReason?: string } | null>;
@@ -67,6 +94,16 @@ export function createProducer(redisUrl: string, s: QueueSettings): ProducerQueu
   // Connection errors surface as rejected calls; without a listener they would crash the process.
   queue.on('error', () => undefined);
   return {
+    async ready(timeoutMs = 10_000) {
+      if (connection.status === 'ready') return;
+      await new Promise<void>((resolve, reject) => {
+        const timer = setTimeout(() => reject(new Error(`Redis not ready after ${timeoutMs} ms`)), timeoutMs);
+        connection.once('ready', () => {
+          clearTimeout(timer);
+          resolve();
+        });
+      });
+    },
     async enqueue(imageId) {
       await queue.add(GENERATE_JOB.name, { imageId }, { jobId: imageId });
     },
@@ -107,15 +144,26 @@ export interface JobContext {
   maxAttempts: number;
   /** When the job was first enqueued. */
   enqueuedAt: Date;
+  /** Aborted when the consumer's shutdown grace period runs out while this job runs. */
+  signal: AbortSignal;
 }
 
 export type JobHandler = (job: JobContext) => Promise<void>;
 
 export interface QueueConsumer {
   worker: Worker<GeneratePayload>;
-  /** Stops taking jobs and waits for the active one (BullMQ Worker.close()). */
-  close(force?: boolean): Promise<void>;
+  /**
+   * Stops taking jobs and waits for the active one; once `graceMs` has passed, tells the active
+   * job to stop (its signal aborts) and waits for it to hand the job back.
+   */
+  close(graceMs?: number): Promise<void>;
 }
+
+/**
+ * A handler throws an error of this name to hand its job back unfinished: the job returns to
+ * the queue at once and the attempt is not counted as failed.
+ */
+export const RELEASED_ERROR_NAME = 'JobReleasedError';
 
 /**
  * A consumer running one job at a time. Lock and stalled-check settings come from the shared
@@ -123,37 +171,58 @@ export interface QueueConsumer {
  */
 export function createConsumer(redisUrl: string, s: QueueSettings, handler: JobHandler, onError?: (err: Error) => void): QueueConsumer {
   const connection = createRedis(redisUrl);
+  const active = new Set<AbortController>();
   const worker = new Worker<GeneratePayload>(
     s.queueName,
-    async (job: Job<GeneratePayload>) => {
+    async (job: Job<GeneratePayload>, token?: string) => {
       const parsed = GENERATE_JOB.payload.safeParse(job.data);
       if (!parsed.success || job.name !== GENERATE_JOB.name) {
         throw new UnrecoverableError(`job ${job.id}: not a ${GENERATE_JOB.name} job with an image id`);
       }
-      await handler({
-        id: job.id ?? parsed.data.imageId,
-        imageId: parsed.data.imageId,
-        attempt: job.attemptsMade + 1,
-        maxAttempts: job.opts.attempts ?? 1,
-        enqueuedAt: new Date(job.timestamp),
-      });
+      const controller = new AbortController();
+      active.add(controller);
+      try {
+        await handler({
+          id: job.id ?? parsed.data.imageId,
+          imageId: parsed.data.imageId,
+          attempt: job.attemptsMade + 1,
+          maxAttempts: job.opts.attempts ?? 1,
+          enqueuedAt: new Date(job.timestamp),
+          signal: controller.signal,
+        });
+      } catch (err) {
+        if ((err as Error).name === RELEASED_ERROR_NAME && token) {
+          // Back to the queue now, for any worker; DelayedError tells BullMQ this is not a failure.
+          await job.moveToDelayed(Date.now(), token);
+          throw new DelayedError();
+        }
+        throw err;
+      } finally {
+        active.delete(controller);
+      }
     },
     {
       connection,
       concurrency: 1,
       lockDuration: s.lockMs,
       stalledInterval: s.stalledIntervalMs,
-      // A job whose worker died is retried by the stalled check; count it as an attempt.
-      maxStalledCount: 1,
+      // A job whose worker died is moved back by the stalled check; after this many stalls it
+      // fails (the reconciler then marks its row failed).
+      maxStalledCount: s.maxStalls,
       autorun: false,
     },
   );
   worker.on('error', (err) => onError?.(err));
   return {
     worker,
-    async close(force = false) {
-      await worker.close(force);
-      connection.disconnect();
+    async close(graceMs = Number.POSITIVE_INFINITY) {
+      const timer = Number.isFinite(graceMs) ? setTimeout(() => active.forEach((c) => c.abort()), graceMs) : undefined;
+      try {
+        await worker.close();
+      } finally {
+        clearTimeout(timer);
+        connection.disconnect();
+      }
     },
   };
 }

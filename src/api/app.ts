@@ -4,6 +4,7 @@ import { ProblemError, ValidationError } from '../core/errors.js';
 import type { ErrorReporter } from '../core/reporting.js';
 import type { ImageRecord, ImagesService } from '../core/images.js';
 import { createImageBody, fieldErrors, listQuery } from '../core/params.js';
+import { readiness } from '../core/lifecycle.js';
 import { registerApiMetrics, type ApiMetrics } from './metrics.js';
 
 /**
@@ -41,6 +42,7 @@ export function imageJson(r: ImageRecord) {
     file_name: r.fileName,
     error: r.error,
     attempts: r.attempts,
+    cancel_requested_at: r.cancelRequestedAt?.toISOString() ?? null,
     created_at: r.createdAt.toISOString(),
     started_at: r.startedAt?.toISOString() ?? null,
     finished_at: r.finishedAt?.toISOString() ?? null,
@@ -48,6 +50,23 @@ export function imageJson(r: ImageRecord) {
 }
 
 const PROBLEM = 'application/problem+json';
+
+/**
+ * Which backing service an error says is unreachable, if any: connection refused or reset,
+ * timeouts, Prisma's "can't reach database" codes, ioredis giving up while disconnected.
+ */
+export function unavailableDependency(err: unknown): 'database' | 'job queue' | undefined {
+  for (let e = err as { name?: string; code?: string; message?: string; cause?: unknown } | undefined, depth = 0; e && depth < 5; e = e.cause as typeof e, depth++) {
+    const code = String(e.code ?? '');
+    const text = `${e.name ?? ''} ${e.message ?? ''}`;
+    if (/^P(1001|1002|1008|1017|2024)$/.test(code) || /DatabaseNotReachable|Can't reach database|Connection terminated|connection timeout|timeout exceeded when trying to connect|Query read timeout/i.test(text)) {
+      return 'database';
+    }
+    if (/MaxRetriesPerRequestError|Stream isn't writeable|enableOfflineQueue|Connection is closed/i.test(text)) return 'job queue';
+    if (/ECONNREFUSED|ECONNRESET|ETIMEDOUT|EPIPE/.test(code + text)) return /6379|redis/i.test(text) ? 'job queue' : 'database';
+  }
+  return undefined;
+}
 
 function sendProblem(reply: FastifyReply, status: number, title: string, detail: string, extra: Record<string, unknown> = {}) {
   const type = status === 500 ? 'about:blank' : `https://t2i.dev/problems/${title.toLowerCase().replace(/[^a-z0-9]+/g, '-')}`;
@@ -117,6 +136,13 @@ export function buildApp(deps: AppDeps): FastifyInstance {
     if (typeof fe.statusCode === 'number' && fe.statusCode >= 400 && fe.statusCode < 500) {
       return sendProblem(reply, fe.statusCode, 'Bad Request', err.message);
     }
+    const down = unavailableDependency(err);
+    if (down) {
+      // Postgres or Redis unreachable: a quick 503 the client can retry, not a 500 or a hang.
+      request.log.warn({ err }, `${down} unavailable`);
+      reply.header('retry-after', '5');
+      return sendProblem(reply, 503, 'Service Unavailable', `The ${down} is unavailable. Please try again later.`);
+    }
     request.log.error({ err }, 'request failed');
     reportServerError(request, err, 500);
     return sendProblem(reply, 500, 'Internal Server Error', 'The server failed to handle the request; it has been logged.');
@@ -148,22 +174,14 @@ export function buildApp(deps: AppDeps): FastifyInstance {
     return { url, expires_at: expiresAt.toISOString() };
   });
 
+  app.post<{ Params: { id: string } }>('/generated-images/:id/cancel', async (request) => imageJson(await deps.images.cancel(request.params.id)));
+
   app.get('/healthz', async () => ({ status: 'ok' }));
 
   app.get('/readyz', async (_request, reply) => {
-    const results = await Promise.all(
-      Object.entries(deps.checks ?? {}).map(async ([name, check]) => {
-        try {
-          await check();
-          return [name, 'ok'] as const;
-        } catch (err) {
-          return [name, `down: ${(err as Error).message}`] as const;
-        }
-      }),
-    );
-    const checks = Object.fromEntries(results);
-    const down = results.filter(([, v]) => v !== 'ok').map(([k]) => k);
-    if (down.length > 0) return sendProblem(reply, 503, 'Service Unavailable', `Not ready: ${down.join(', ')} unreachable.`, { checks });
+    const { ok, checks } = await readiness(deps.checks ?? {});
+    const down = Object.entries(checks).filter(([, v]) => v !== 'ok').map(([k]) => k);
+    if (!ok) return sendProblem(reply, 503, 'Service Unavailable', `Not ready: ${down.join(', ')} unreachable.`, { checks });
     return { status: 'ready', checks };
   });
 

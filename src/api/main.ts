@@ -1,5 +1,6 @@
 import { createImagesRepo } from '../adapters/images-repo.js';
-import { createProducer } from '../adapters/queue.js';
+import { checkRedis, createProducer } from '../adapters/queue.js';
+import { withTimeout } from '../core/lifecycle.js';
 import { createErrorReporter } from '../adapters/sentry.js';
 import { createStorage } from '../adapters/storage.js';
 import { loadConfig, type Config } from '../config.js';
@@ -29,12 +30,14 @@ export interface ApiOverrides {
 export async function startApi(config: Config = loadConfig(process.env, 'api'), overrides: ApiOverrides = {}): Promise<RunningApi> {
   const logger = overrides.logger ?? (await createProcessLogger(config, 'api'));
   const reporter = overrides.reporter ?? createErrorReporter(config, 'api');
+  // Refuse to run on a Redis that may evict queue keys.
+  await checkRedis(config.REDIS_URL);
   const db = createPrismaClient(config.DATABASE_URL, { poolMax: config.DATABASE_POOL_MAX, log: (level, msg) => logger[level]({}, msg) });
   const producer = createProducer(config.REDIS_URL, queueSettings(config));
   const storage = createStorage(storageOptions(config));
-  await storage.ensureBucket();
+  await Promise.all([storage.ensureBucket(), producer.ready()]);
   const repo = createImagesRepo(db);
-  const images = new ImagesService({ repo, queue: producer, storage, log: logger });
+  const images = new ImagesService({ repo, queue: producer, storage, maxQueueDepth: config.MAX_QUEUE_DEPTH, log: logger });
   const app = buildApp({
     images,
     logger,
@@ -46,7 +49,12 @@ export async function startApi(config: Config = loadConfig(process.env, 'api'), 
   });
   app.addHook('onClose', async () => {
     // A reporter the caller gave stays the caller's to close.
-    await Promise.allSettled([producer.close(), db.$disconnect(), overrides.reporter ? undefined : reporter.close()]);
+    // Bounded, so a Redis or Postgres that went away cannot hold the process open.
+    await Promise.allSettled([
+      withTimeout(producer.close(), 5_000, 'closing the queue connection'),
+      withTimeout(db.$disconnect(), 5_000, 'disconnecting from Postgres'),
+      overrides.reporter ? undefined : reporter.close(),
+    ]);
   });
   const url = await app.listen({ host: config.HOST, port: config.PORT });
   logger.info({ url }, 'api listening');

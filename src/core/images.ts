@@ -44,7 +44,11 @@ export interface ImagesRepo {
   list(q: { limit: number; before?: { createdAt: Date; id: string } }): Promise<ImageRecord[]>;
   /** Claims the next attempt; null when the job is already finished or canceled. */
   startAttempt(id: string, workerId: string): Promise<{ record: ImageRecord; attempt: number } | null>;
-  setProgress(id: string, attempt: number, progress: number): Promise<boolean>;
+  /**
+   * Writes progress for the attempt that owns the job; says whether it still owns it and whether
+   * someone asked to cancel (a running job learns of both at its next progress write).
+   */
+  setProgress(id: string, attempt: number, progress: number): Promise<{ owned: boolean; cancelRequested: boolean }>;
   succeed(id: string, attempt: number, result: { fileName: string; generationMs: number; model: string }): Promise<boolean>;
   /** `final` marks the job failed; otherwise it goes back to queued for the next attempt. */
   fail(id: string, attempt: number, error: string, final: boolean): Promise<boolean>;

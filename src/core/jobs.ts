@@ -18,6 +18,8 @@ export interface QueueSettings {
   backoffMs: number;
   lockMs: number;
   stalledIntervalMs: number;
+  /** Times a job may lose its worker (lock expired) before it fails. */
+  maxStalls: number;
   keepCompleted: number;
   keepFailed: number;
 }

@@ -11,6 +11,7 @@ export function queueSettings(c: Config): QueueSettings {
     backoffMs: c.JOB_BACKOFF_MS,
     lockMs: c.JOB_LOCK_MS,
     stalledIntervalMs: c.JOB_STALLED_INTERVAL_MS,
+    maxStalls: c.JOB_MAX_STALLS,
     keepCompleted: c.JOB_KEEP_COMPLETED,
     keepFailed: c.JOB_KEEP_FAILED,
   };

@@ -12,7 +12,11 @@ import { createProcessLogger, type Logger } from '../core/logger.js';
 import { packageVersion, type ErrorReporter } from '../core/reporting.js';
 import { queueSettings, storageOptions } from '../core/wiring.js';
 import { SCHEDULER_NAMES } from '../engine/schedulers/types.js';
+import { SyntheticEngine } from '../engine/synthetic.js';
 import { Engine } from '../engine/thread/engine-host.js';
+import { checkRedis } from '../adapters/queue.js';
+import { readiness, withTimeout } from '../core/lifecycle.js';
+import { createReconciler } from './reconciler.js';
 import { createWorkerMetrics } from './metrics.js';
 import { createProcessor } from './processor.js';
 
@@ -43,22 +47,29 @@ export async function startWorker(config: Config = loadConfig(process.env, 'work
   const logger = (overrides.logger ?? (await createProcessLogger(config, 'worker'))).child({ workerId });
   const reporter = overrides.reporter ?? createErrorReporter(config, 'worker');
   const metrics = createWorkerMetrics();
-  const modelDir = path.resolve(config.MODEL_DIR!);
-  const engine = await Engine.start({
-    modelDir,
-    provider: config.EXECUTION_PROVIDER,
-    ...(config.ORT_THREADS ? { threads: config.ORT_THREADS } : {}),
-    log: (level, msg) => logger[level]({ component: 'engine' }, msg),
-  });
-  logger.info({ modelDir, provider: engine.info.provider, loadMs: Math.round(engine.info.loadMs) }, 'model loaded');
-  metrics.setModel({ model: path.basename(modelDir), schedulers: SCHEDULER_NAMES, provider: engine.info.provider, version: packageVersion(), loadSeconds: engine.info.loadMs / 1000 });
-  // Queue depth for t2i_queue_jobs, read on each scrape through a fail-fast connection of its own.
-  const queue = createProducer(config.REDIS_URL, queueSettings(config));
+  // Refuse to run on a Redis that may evict queue keys, before loading anything heavy.
+  await checkRedis(config.REDIS_URL);
+  const engine =
+    config.ENGINE === 'synthetic'
+      ? new SyntheticEngine({ stepMs: config.SYNTHETIC_STEP_MS })
+      : await Engine.start({
+          modelDir: path.resolve(config.MODEL_DIR!),
+          provider: config.EXECUTION_PROVIDER,
+          ...(config.ORT_THREADS ? { threads: config.ORT_THREADS } : {}),
+          log: (level, msg) => logger[level]({ component: 'engine' }, msg),
+        });
+  const modelName = path.basename(engine.info.modelDir);
+  logger.info({ modelDir: engine.info.modelDir, engine: config.ENGINE, provider: engine.info.provider, loadMs: Math.round(engine.info.loadMs) }, 'model loaded');
+  metrics.setModel({ model: modelName, schedulers: SCHEDULER_NAMES, provider: engine.info.provider, version: packageVersion(), loadSeconds: engine.info.loadMs / 1000 });
+  // Queue depth for t2i_queue_jobs, read on each scrape through a fail-fast connection of its own;
+  // the reconciler uses it too.
+  const settings = queueSettings(config);
+  const queue = createProducer(config.REDIS_URL, settings);
   metrics.watchQueue(() => queue.counts(), QUEUE_COUNTS_TIMEOUT_MS);
 
   const db = createPrismaClient(config.DATABASE_URL, { poolMax: 3, log: (level, msg) => logger[level]({}, msg) });
   const storage = createStorage(storageOptions(config));
-  await storage.ensureBucket();
+  await Promise.all([storage.ensureBucket(), queue.ready()]);
   const repo = createImagesRepo(db);
   const process_ = createProcessor({
     repo,
@@ -66,7 +77,7 @@ export async function startWorker(config: Config = loadConfig(process.env, 'work
     engine,
     objectKeyFor,
     workerId,
-    modelName: path.basename(modelDir),
+    modelName,
     progressIntervalMs: config.PROGRESS_INTERVAL_MS,
     log: logger,
     unrecoverable: (m) => new UnrecoverableError(m),
@@ -79,11 +90,28 @@ export async function startWorker(config: Config = loadConfig(process.env, 'work
     async (job) => {
       // Bound once: every line about this job, the engine thread's included, carries its id, attempt and worker id.
       const log = logger.child({ jobId: job.id, attempt: job.attempt });
-      await process_({ imageId: job.imageId, jobId: job.id, attempt: job.attempt, maxAttempts: job.maxAttempts, enqueuedAt: job.enqueuedAt, log });
+      await process_({ imageId: job.imageId, jobId: job.id, attempt: job.attempt, maxAttempts: job.maxAttempts, enqueuedAt: job.enqueuedAt, log, signal: job.signal });
     },
     (err) => logger.error({ err }, 'queue error'),
   );
+  // A job the queue gave up on without our handler deciding (it stalled too often) still has
+  // a row that says running: record the reason now rather than at the next reconcile.
+  consumer.worker.on('failed', (job, err) => {
+    if (!job || !job.finishedOn) return;
+    void repo.failAny(job.data.imageId, err.message).catch((e: unknown) => logger.warn({ err: e }, 'could not mark a failed job'));
+  });
   void consumer.worker.run();
+
+  const reconciler = createReconciler({
+    repo,
+    queue,
+    log: logger.child({ component: 'reconciler' }),
+    queuedGraceMs: config.RECONCILE_QUEUED_AFTER_MS,
+    // A running job writes progress (updated_at) at least every few seconds; one silent for
+    // several lock periods has lost its worker, or its queue entry.
+    runningGraceMs: Math.max(60_000, 4 * config.JOB_LOCK_MS),
+  });
+  reconciler.start(config.RECONCILE_INTERVAL_MS);
 
   const server: Server = createServer((req, res) => {
     if (req.url === '/metrics' && req.method === 'GET') {
@@ -104,6 +132,15 @@ export async function startWorker(config: Config = loadConfig(process.env, 'work
       res.writeHead(engine.alive ? 200 : 503, { 'content-type': 'application/json' }).end(JSON.stringify({ status: engine.alive ? 'ok' : 'engine down' }));
       return;
     }
+    if (req.url === '/readyz') {
+      void readiness({ model: async () => {
+          if (!engine.alive) throw new Error('engine down');
+        },
+        postgres: () => repo.ping(), redis: async () => void (await queue.counts()), storage: () => storage.ping() }).then(
+        ({ ok, checks }) => res.writeHead(ok ? 200 : 503, { 'content-type': 'application/json' }).end(JSON.stringify({ status: ok ? 'ready' : 'not ready', checks })),
+      );
+      return;
+    }
     res.writeHead(404).end();
   });
   await new Promise<void>((resolve) => server.listen(config.WORKER_METRICS_PORT, config.WORKER_METRICS_HOST, resolve));
@@ -117,15 +154,21 @@ export async function startWorker(config: Config = loadConfig(process.env, 'work
     logger,
     reporter,
     async close() {
-      await consumer.close();
-      await Promise.allSettled([
-        engine.close(),
-        db.$disconnect(),
-        queue.close(),
+      // Stop taking jobs; let the current one finish within the grace period, then hand it back.
+      logger.info({ graceMs: config.SHUTDOWN_GRACE_MS }, 'shutting down');
+      await reconciler.stop();
+      await withTimeout(consumer.close(config.SHUTDOWN_GRACE_MS), config.SHUTDOWN_GRACE_MS + 10_000, 'closing the queue consumer');
+      // Every cleanup runs even if one fails or hangs (Redis or Postgres unreachable).
+      const results = await Promise.allSettled([
+        withTimeout(engine.close(), 10_000, 'closing the engine'),
+        withTimeout(db.$disconnect(), 5_000, 'disconnecting from Postgres'),
+        withTimeout(queue.close(), 5_000, 'closing the queue connection'),
         new Promise((r) => server.close(r)),
         // A reporter the caller gave stays the caller's to close.
         overrides.reporter ? reporter.flush() : reporter.close(),
       ]);
+      for (const r of results) if (r.status === 'rejected') logger.warn({ err: r.reason }, 'shutdown step failed');
+      logger.info({}, 'worker stopped');
     },
   };
 }

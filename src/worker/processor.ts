@@ -32,8 +32,11 @@ export interface ProcessorDeps {
   reporter?: { capture(err: unknown, ctx?: ReportContext): void };
 }
 
-/** How an attempt ended, as metrics count it: `retried` is a failed attempt that the queue will retry. */
-export type MetricOutcome = 'succeeded' | 'failed' | 'retried' | 'skipped' | 'superseded';
+/**
+ * How an attempt ended, as metrics count it: `retried` is a failed attempt that the queue will
+ * retry; `released` one handed back unfinished at shutdown.
+ */
+export type MetricOutcome = 'succeeded' | 'failed' | 'retried' | 'skipped' | 'superseded' | 'canceled' | 'released';
 
 export interface JobMetrics {
   /** An attempt starts; the queue wait is given for first attempts only (later ones include backoff). */
@@ -57,6 +60,7 @@ export interface JobInput {
   attempt: number;
   maxAttempts: number;
   log: JobLog;
+  /** Aborted when the worker must give the job back (its shutdown grace period ran out). */
   signal?: AbortSignal;
   /** The queue's job id, for error reports. */
   jobId?: string;
@@ -64,7 +68,18 @@ export interface JobInput {
   enqueuedAt?: Date;
 }
 
-export type JobOutcome = 'succeeded' | 'skipped' | 'superseded';
+export type JobOutcome = 'succeeded' | 'skipped' | 'superseded' | 'canceled';
+
+/**
+ * Thrown when an attempt was handed back unfinished (worker shutdown): the queue should run the
+ * job again without counting a failed attempt.
+ */
+export class JobReleasedError extends Error {
+  // The queue adapter recognises the name (RELEASED_ERROR_NAME); the processor imports no queue code.
+  override name = 'JobReleasedError';
+}
+
+type StopReason = 'canceled' | 'superseded' | 'shutdown';
 
 /** What the attempt learned about its job, for the report if it fails. */
 interface Seen {
@@ -84,6 +99,11 @@ export function createProcessor(deps: ProcessorDeps) {
       deps.metrics?.finished(outcome, (performance.now() - started) / 1000);
       return outcome;
     } catch (err) {
+      if (err instanceof JobReleasedError) {
+        deps.metrics?.finished('released', (performance.now() - started) / 1000);
+        job.log.info({ outcome: 'released' }, err.message);
+        throw err;
+      }
       const final = job.attempt >= job.maxAttempts || (err as Error | undefined)?.name === 'UnrecoverableError';
       const durationMs = Math.round(performance.now() - started);
       deps.metrics?.finished(final ? 'failed' : 'retried', durationMs / 1000);
@@ -103,6 +123,11 @@ function createAttempt(deps: ProcessorDeps) {
     const { imageId, log } = job;
     const claimed = await deps.repo.startAttempt(imageId, deps.workerId);
     if (!claimed) {
+      // Canceled while its previous attempt's worker was gone: end it as canceled now.
+      if (await deps.repo.finishCanceled(imageId)) {
+        log.info({ outcome: 'canceled' }, 'job was canceled before it could run');
+        return 'canceled';
+      }
       // Finished, failed or canceled already (a duplicate delivery or a late retry): nothing to do.
       log.info({}, 'job is no longer pending; skipping');
       return 'skipped';
@@ -119,6 +144,15 @@ function createAttempt(deps: ProcessorDeps) {
     // one write at a time; the final 100 is written with the result.
     let lastWrite = Number.NEGATIVE_INFINITY;
     let writing: Promise<unknown> = Promise.resolve();
+    // Stops the generation between steps: canceled by a user, taken over by another attempt, or
+    // handed back because this worker is shutting down.
+    const stop = new AbortController();
+    const stopFor = (reason: StopReason) => {
+      if (!stop.signal.aborted) stop.abort(reason);
+    };
+    const onShutdown = () => stopFor('shutdown');
+    if (job.signal?.aborted) onShutdown();
+    job.signal?.addEventListener('abort', onShutdown, { once: true });
     let lastElapsedMs: number | undefined;
     const onProgress = (p: Progress) => {
       // Step time from the engine; without it, the gap since the previous step (the first one would include encoding).
@@ -130,7 +164,13 @@ function createAttempt(deps: ProcessorDeps) {
       lastWrite = now;
       const percent = Math.min(99, Math.floor((p.step / p.totalSteps) * 100));
       writing = writing.then(() =>
-        deps.repo.setProgress(imageId, attempt, percent).catch((err: unknown) => log.warn({ err }, 'progress write failed')),
+        deps.repo.setProgress(imageId, attempt, percent).then(
+          (state) => {
+            if (!state.owned) stopFor('superseded');
+            else if (state.cancelRequested) stopFor('canceled');
+          },
+          (err: unknown) => log.warn({ err }, 'progress write failed'),
+        ),
       );
     };
 
@@ -151,12 +191,14 @@ function createAttempt(deps: ProcessorDeps) {
           onProgress,
           // The engine thread's lines about this generation, with this job's id, attempt and worker on them.
           log: (level, msg) => logEngineLine(log, level, msg),
-          ...(job.signal ? { signal: job.signal } : {}),
+          signal: stop.signal,
         },
       );
     } catch (err) {
       await writing;
+      job.signal?.removeEventListener('abort', onShutdown);
       const e = err as Error;
+      if (e.name === 'AbortError' && stop.signal.aborted) return stopped(deps, job, attempt, stop.signal.reason as StopReason);
       if (e.name === 'InvalidParamsError') {
         // The parameters can never work on this model: fail now, do not retry.
         await deps.repo.fail(imageId, attempt, e.message, true);
@@ -167,6 +209,9 @@ function createAttempt(deps: ProcessorDeps) {
       throw err;
     }
     await writing;
+    job.signal?.removeEventListener('abort', onShutdown);
+    // A cancel or takeover seen at the last progress write still wins over storing the result.
+    if (stop.signal.aborted && stop.signal.reason !== 'shutdown') return stopped(deps, job, attempt, stop.signal.reason as StopReason);
 
     const key = deps.objectKeyFor(imageId);
     try {
@@ -195,6 +240,21 @@ function createAttempt(deps: ProcessorDeps) {
     log.info({ dbAttempt: attempt, durationMs, seed: generation.seed, outcome: 'succeeded' }, 'job succeeded');
     return 'succeeded';
   };
+}
+
+/** Ends an attempt that was stopped between steps, as its reason says. */
+async function stopped(deps: ProcessorDeps, job: JobInput, attempt: number, reason: StopReason): Promise<JobOutcome> {
+  if (reason === 'canceled') {
+    await deps.repo.finishCanceled(job.imageId, attempt);
+    job.log.info({ dbAttempt: attempt, outcome: 'canceled' }, 'job canceled between steps');
+    return 'canceled';
+  }
+  if (reason === 'superseded') {
+    job.log.warn({ dbAttempt: attempt, outcome: 'superseded' }, 'job was taken over by another attempt; stopped');
+    return 'superseded';
+  }
+  await deps.repo.release(job.imageId, attempt, 'the worker shut down during the job; it will run again');
+  throw new JobReleasedError('worker shutting down: job handed back to the queue');
 }
 
 async function recordFailure(deps: ProcessorDeps, job: JobInput, attempt: number, message: string): Promise<void> {

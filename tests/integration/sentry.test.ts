@@ -126,7 +126,7 @@ describe('worker', () => {
     const repo = {
       startAttempt: async (id: string) => ({ record: record(id), attempt: 1 }),
       fail: async () => true,
-      setProgress: async () => true,
+      setProgress: async () => ({ owned: true, cancelRequested: false }),
       succeed: async () => true,
     } as unknown as ImagesRepo;
     const process = createProcessor({
