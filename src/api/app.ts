@@ -59,7 +59,7 @@ export function unavailableDependency(err: unknown): 'database' | 'job queue' | 
   for (let e = err as { name?: string; code?: string; message?: string; cause?: unknown } | undefined, depth = 0; e && depth < 5; e = e.cause as typeof e, depth++) {
     const code = String(e.code ?? '');
     const text = `${e.name ?? ''} ${e.message ?? ''}`;
-    if (/^P(1001|1002|1008|1017|2024)$/.test(code) || /DatabaseNotReachable|Can't reach database|Connection terminated|connection timeout|timeout exceeded when trying to connect|Query read timeout/i.test(text)) {
+    if (/^P(1001|1002|1008|1017|2024)$/.test(code) || /^57P0[1-3]$/.test(code) || /DatabaseNotReachable|Can't reach database|Connection terminated|connection timeout|timeout exceeded when trying to connect|Query read timeout|terminating connection due to administrator command|the database system is (starting up|shutting down|in recovery mode)|Server has closed the connection|Connection ended unexpectedly|ConnectionClosed/i.test(text)) {
       return 'database';
     }
     if (/MaxRetriesPerRequestError|Stream isn't writeable|enableOfflineQueue|Connection is closed/i.test(text)) return 'job queue';
