@@ -28,6 +28,8 @@ export default defineConfig({
           include: ['tests/reliability/**/*.test.ts'],
           fileParallelism: false,
           testTimeout: 600_000,
+          // The soak measures heap after full collections (global.gc).
+          execArgv: ['--expose-gc'],
         },
       },
     ],

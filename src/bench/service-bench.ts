@@ -13,7 +13,7 @@ import { loadConfig } from '../config.js';
 import { createPrismaClient } from '../core/db/client.js';
 import { applyMigrations } from '../core/db/migrate.js';
 import { queueSettings, storageOptions } from '../core/wiring.js';
-import { freePort, startServices, type LocalServices } from '../dev/services.js';
+import { freePort, servicesEnv, startServices, type LocalServices } from '../dev/services.js';
 import type { GenerateParams, Generation } from '../engine/pipeline.js';
 import { encodePng } from '../engine/png.js';
 import { createProcessor } from '../worker/processor.js';
@@ -243,13 +243,7 @@ export async function runServiceBench(options: ServiceBenchOptions = {}): Promis
     const apiPort = await freePort();
     const env: NodeJS.ProcessEnv = {
       ...process.env,
-      DATABASE_URL: services.postgres.url,
-      REDIS_URL: services.redis.url,
-      STORAGE_ENDPOINT: services.s3.endpoint,
-      STORAGE_ACCESS_KEY: services.s3.accessKey,
-      STORAGE_SECRET_KEY: services.s3.secretKey,
-      STORAGE_REGION: services.s3.region,
-      STORAGE_BUCKET: 't2i-bench',
+      ...servicesEnv(services, 't2i-bench'),
       HOST: '127.0.0.1',
       PORT: String(apiPort),
       LOG_LEVEL: logLevel,

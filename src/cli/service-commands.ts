@@ -105,7 +105,7 @@ export async function demoCommand(argv: string[]): Promise<void> {
     },
   });
   const say = (m: string) => process.stdout.write(`${m}\n`);
-  const { startServices } = await import('../dev/services.js');
+  const { servicesEnv, startServices } = await import('../dev/services.js');
   say('starting Postgres, Redis and S3 (OpenStack Swift) on 127.0.0.1 in a temp folder ...');
   const services = await startServices({ log: (m) => process.stderr.write(`[services] ${m}\n`) });
   const procs: ChildProcess[] = [];
@@ -119,13 +119,7 @@ export async function demoCommand(argv: string[]): Promise<void> {
     if (!existsSync(path.join(modelDir, 'model_index.json'))) await writeOracleModel(modelDir);
     const env: NodeJS.ProcessEnv = {
       ...process.env,
-      DATABASE_URL: services.postgres.url,
-      REDIS_URL: services.redis.url,
-      STORAGE_ENDPOINT: services.s3.endpoint,
-      STORAGE_ACCESS_KEY: services.s3.accessKey,
-      STORAGE_SECRET_KEY: services.s3.secretKey,
-      STORAGE_REGION: services.s3.region,
-      STORAGE_BUCKET: 't2i-images',
+      ...servicesEnv(services, 't2i-images'),
       MODEL_DIR: modelDir,
       HOST: '127.0.0.1',
       PORT: values.port,

@@ -774,6 +774,22 @@ function startWatchdog(pidFile: string, removeDir: string): ChildProcess {
 // ---------------------------------------------------------------------------------------------
 // Public entry point
 
+/**
+ * The configuration variables (see src/config.ts) that point a t2i process at these services,
+ * with its own bucket.
+ */
+export function servicesEnv(services: Pick<LocalServices, 'postgres' | 'redis' | 's3'>, bucket: string): Record<string, string> {
+  return {
+    DATABASE_URL: services.postgres.url,
+    REDIS_URL: services.redis.url,
+    STORAGE_ENDPOINT: services.s3.endpoint,
+    STORAGE_ACCESS_KEY: services.s3.accessKey,
+    STORAGE_SECRET_KEY: services.s3.secretKey,
+    STORAGE_REGION: services.s3.region,
+    STORAGE_BUCKET: bucket,
+  };
+}
+
 export async function startServices(opts: StartOptions = {}): Promise<LocalServices> {
   const log = opts.log ?? (() => {});
   const wanted = new Set<ServiceName>(opts.only ?? ['postgres', 'redis', 's3']);

@@ -16,7 +16,7 @@ export const QUEUE_WAIT_BUCKETS = [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30
 /** Seconds per denoising step: milliseconds for test models, tenths on a GPU, seconds on a CPU. */
 export const STEP_DURATION_BUCKETS = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 7.5, 10, 20, 30];
 
-const OUTCOMES: MetricOutcome[] = ['succeeded', 'failed', 'retried', 'skipped', 'superseded'];
+const OUTCOMES: MetricOutcome[] = ['succeeded', 'failed', 'retried', 'canceled', 'skipped', 'superseded', 'released'];
 
 export interface WorkerMetrics {
   registry: Registry;
@@ -35,14 +35,14 @@ export function createWorkerMetrics(): WorkerMetrics {
 
   const finished = new Counter({
     name: 't2i_jobs_finished_total',
-    help: 'Jobs this worker finished, by outcome: succeeded, failed (for good), skipped (no longer pending), superseded (another attempt owned it).',
+    help: 'Jobs this worker finished, by outcome: succeeded, failed (for good), canceled, skipped (no longer pending), superseded (another attempt owned it), released (handed back at shutdown).',
     labelNames: ['outcome'],
     registers,
   });
   const retries = new Counter({ name: 't2i_job_retries_total', help: 'Attempts that failed and were handed back to the queue for a retry.', registers });
   const duration = new Histogram({
     name: 't2i_job_duration_seconds',
-    help: 'Duration of each attempt on this worker, from taking the job to its outcome (succeeded, failed, retried, skipped, superseded).',
+    help: 'Duration of each attempt on this worker, from taking the job to its outcome (succeeded, failed, retried, canceled, skipped, superseded, released).',
     labelNames: ['outcome'],
     buckets: JOB_DURATION_BUCKETS,
     registers,

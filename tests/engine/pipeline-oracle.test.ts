@@ -9,6 +9,7 @@ import { readPngText } from '../../src/engine/png.js';
 import { SCHEDULER_NAMES, type SchedulerName } from '../../src/engine/schedulers/index.js';
 import { writeOracleModel } from '../../src/engine/testmodels/make.js';
 import { COLOURS, guidedTargetLatent, oracleImage } from '../../src/engine/testmodels/oracle-spec.js';
+import { centroidOf, maxAbs, meanAbs } from '../support/pixels.js';
 
 /**
  * The whole pipeline against the oracle model, whose UNet is the exact noise predictor for a
@@ -37,36 +38,8 @@ async function pixels(png: Buffer): Promise<{ data: Buffer; width: number; heigh
   return { data, width: info.width, height: info.height };
 }
 
-function meanAbs(a: ArrayLike<number>, b: ArrayLike<number>): number {
-  let s = 0;
-  for (let i = 0; i < a.length; i++) s += Math.abs(a[i]! - b[i]!);
-  return s / a.length;
-}
 
-function maxAbs(a: ArrayLike<number>, b: ArrayLike<number>): number {
-  let m = 0;
-  for (let i = 0; i < a.length; i++) m = Math.max(m, Math.abs(a[i]! - b[i]!));
-  return m;
-}
 
-/** Centroid (x, y in 0..1) of the pixels whose colour is close to `rgb`. */
-function centroidOf(img: { data: Buffer; width: number; height: number }, rgb: [number, number, number]) {
-  let sx = 0;
-  let sy = 0;
-  let n = 0;
-  for (let y = 0; y < img.height; y++) {
-    for (let x = 0; x < img.width; x++) {
-      const i = (y * img.width + x) * 3;
-      const d = Math.abs(img.data[i]! - rgb[0]) + Math.abs(img.data[i + 1]! - rgb[1]) + Math.abs(img.data[i + 2]! - rgb[2]);
-      if (d < 60) {
-        sx += x;
-        sy += y;
-        n++;
-      }
-    }
-  }
-  return { x: sx / n / img.width, y: sy / n / img.height, fraction: n / (img.width * img.height) };
-}
 
 // sqrt(1 - abar_0) for SD 1.5's schedule: what PNDM and DDIM leave of the noise by design
 // (set_alpha_to_one false: the last step lands on alphas_cumprod[0], not on 1).

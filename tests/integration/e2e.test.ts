@@ -10,6 +10,7 @@ import type { Config } from '../../src/config.js';
 import { guidedTargetLatent, oracleImage } from '../../src/engine/testmodels/oracle-spec.js';
 import { startWorker, type RunningWorker } from '../../src/worker/main.js';
 import { isolatedConfig } from '../support/system.js';
+import { centroidOf, meanAbs } from '../support/pixels.js';
 
 interface ImageJson {
   id: string;
@@ -82,31 +83,7 @@ async function pixels(png: Buffer): Promise<{ data: Buffer; width: number; heigh
   return { data, width: info.width, height: info.height };
 }
 
-function meanAbs(a: ArrayLike<number>, b: ArrayLike<number>): number {
-  expect(a.length).toBe(b.length);
-  let s = 0;
-  for (let i = 0; i < a.length; i++) s += Math.abs(a[i]! - b[i]!);
-  return s / a.length;
-}
 
-/** Centroid (x, y in 0..1) of the pixels whose colour is close to `rgb`, and what fraction of the frame they cover. */
-function centroidOf(img: { data: Buffer; width: number; height: number }, rgb: [number, number, number]) {
-  let sx = 0;
-  let sy = 0;
-  let n = 0;
-  for (let y = 0; y < img.height; y++) {
-    for (let x = 0; x < img.width; x++) {
-      const i = (y * img.width + x) * 3;
-      const d = Math.abs(img.data[i]! - rgb[0]) + Math.abs(img.data[i + 1]! - rgb[1]) + Math.abs(img.data[i + 2]! - rgb[2]);
-      if (d < 60) {
-        sx += x;
-        sy += y;
-        n++;
-      }
-    }
-  }
-  return { x: sx / n / img.width, y: sy / n / img.height, fraction: n / (img.width * img.height) };
-}
 
 describe('the textbook session, end to end', () => {
   it('"a red circle on the left": 201, progress climbs to 100, and the URL downloads the expected picture', async () => {

@@ -9,7 +9,7 @@ import { createPrismaClient, type Db } from '../../src/core/db/client.js';
 import { applyMigrations } from '../../src/core/db/migrate.js';
 import type { ImagesRepo } from '../../src/core/images.js';
 import { storageOptions } from '../../src/core/wiring.js';
-import { freePort, startServices, type LocalServices } from '../../src/dev/services.js';
+import { freePort, servicesEnv, startServices, type LocalServices } from '../../src/dev/services.js';
 import { configEnv, CuttableProxy, spawnService, type ServiceProcess } from '../support/processes.js';
 
 /**
@@ -33,13 +33,7 @@ beforeAll(async () => {
   await applyMigrations(services.postgres.url);
   base = loadConfig(
     {
-      DATABASE_URL: services.postgres.url,
-      REDIS_URL: services.redis.url,
-      STORAGE_ENDPOINT: services.s3.endpoint,
-      STORAGE_ACCESS_KEY: services.s3.accessKey,
-      STORAGE_SECRET_KEY: services.s3.secretKey,
-      STORAGE_REGION: services.s3.region,
-      STORAGE_BUCKET: 't2i-reliability',
+      ...servicesEnv(services, 't2i-reliability'),
       ENGINE: 'synthetic',
       SYNTHETIC_STEP_MS: String(STEP_MS),
       // Fast failure detection, the same on every worker (BullMQ's stalled check is queue-wide).
