@@ -244,6 +244,8 @@ export async function runServiceBench(options: ServiceBenchOptions = {}): Promis
     const env: NodeJS.ProcessEnv = {
       ...process.env,
       ...servicesEnv(services, 't2i-bench'),
+      // Throughput of accepted submissions: back-pressure would turn the later ones into 503s.
+      MAX_QUEUE_DEPTH: '0',
       HOST: '127.0.0.1',
       PORT: String(apiPort),
       LOG_LEVEL: logLevel,
