@@ -1,16 +1,13 @@
 
-import { mkdirSync, writeFileSync } from 'node:fs';
-import path from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { createImagesRepo } from '../../src/adapters/images-repo.js';
 import { createStorage, objectKeyFor, type ImageStorage } from '../../src/adapters/storage.js';
-import { loadConfig, type Config } from '../../src/config.js';
+import type { Config } from '../../src/config.js';
 import { createPrismaClient, type Db } from '../../src/core/db/client.js';
-import { applyMigrations } from '../../src/core/db/migrate.js';
 import type { ImagesRepo } from '../../src/core/images.js';
 import { storageOptions } from '../../src/core/wiring.js';
-import { freePort, servicesEnv, startServices, type LocalServices } from '../../src/dev/services.js';
-import { configEnv, CuttableProxy, spawnService, type ServiceProcess } from '../support/processes.js';
+import { freePort, type LocalServices } from '../../src/dev/services.js';
+import { configEnv, CuttableProxy, saveReport, spawnService, startOwnSystem, type ServiceProcess } from '../support/processes.js';
 
 /**
  * Failure tests with real processes: API and workers started as `t2i api` / `t2i worker` on the
@@ -29,13 +26,8 @@ const procs: ServiceProcess[] = [];
 const report: Record<string, unknown> = {};
 
 beforeAll(async () => {
-  services = await startServices();
-  await applyMigrations(services.postgres.url);
-  base = loadConfig(
-    {
-      ...servicesEnv(services, 't2i-reliability'),
-      ENGINE: 'synthetic',
-      SYNTHETIC_STEP_MS: String(STEP_MS),
+  ({ services, config: base } = await startOwnSystem('t2i-reliability', {
+    SYNTHETIC_STEP_MS: String(STEP_MS),
       // Fast failure detection, the same on every worker (BullMQ's stalled check is queue-wide).
       JOB_LOCK_MS: '2000',
       JOB_STALLED_INTERVAL_MS: '1000',
@@ -47,12 +39,8 @@ beforeAll(async () => {
       PROGRESS_INTERVAL_MS: '100',
       SHUTDOWN_GRACE_MS: '10000',
       MAX_QUEUE_DEPTH: '0',
-      HOST: '127.0.0.1',
-      WORKER_METRICS_PORT: '0',
       LOG_LEVEL: 'info',
-    },
-    'worker',
-  );
+  }));
   db = createPrismaClient(base.DATABASE_URL, { connectionTimeoutMillis: 1_000 });
   repo = createImagesRepo(db);
   storage = createStorage(storageOptions(base));
@@ -67,10 +55,7 @@ afterEach(async () => {
 afterAll(async () => {
   await db?.$disconnect();
   await services?.stop();
-  const dir = process.env.REPORT_DIR ?? path.resolve('.t2i');
-  mkdirSync(dir, { recursive: true });
-  writeFileSync(path.join(dir, 'reliability-report.json'), JSON.stringify(report, null, 2));
-  console.log(`reliability figures:\n${JSON.stringify(report, null, 2)}`);
+  saveReport(report);
 }, 60_000);
 
 async function startApiProcess(overrides: Record<string, string> = {}): Promise<{ proc: ServiceProcess; url: string }> {

@@ -1,8 +1,10 @@
 import { spawn, type ChildProcess } from 'node:child_process';
-import { readFileSync } from 'node:fs';
+import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { createServer, type Server, type Socket, connect } from 'node:net';
 import path from 'node:path';
-import type { Config } from '../../src/config.js';
+import { loadConfig, type Config } from '../../src/config.js';
+import { applyMigrations } from '../../src/core/db/migrate.js';
+import { servicesEnv, startServices, type LocalServices } from '../../src/dev/services.js';
 
 /**
  * Real API and worker processes for failure tests: started with `node bin/t2i.js api|worker`
@@ -150,4 +152,32 @@ export class CuttableProxy {
     this.sever();
     await new Promise((r) => this.server?.close(r));
   }
+}
+
+/**
+ * Services of a test file's own (so it may restart Redis and Postgres), migrated, and the
+ * Config of processes on the synthetic engine that use them.
+ */
+export async function startOwnSystem(bucket: string, env: Record<string, string>): Promise<{ services: LocalServices; config: Config }> {
+  const services = await startServices();
+  await applyMigrations(services.postgres.url);
+  const config = loadConfig(
+    { ...servicesEnv(services, bucket), ENGINE: 'synthetic', HOST: '127.0.0.1', WORKER_METRICS_PORT: '0', ...env },
+    'worker',
+  );
+  return { services, config };
+}
+
+/** Adds figures to reliability-report.json (REPORT_DIR, default .t2i/), for the README. */
+export function saveReport(part: Record<string, unknown>): void {
+  const file = path.join(process.env.REPORT_DIR ?? path.resolve('.t2i'), 'reliability-report.json');
+  mkdirSync(path.dirname(file), { recursive: true });
+  let existing: Record<string, unknown> = {};
+  try {
+    existing = JSON.parse(readFileSync(file, 'utf8')) as Record<string, unknown>;
+  } catch {
+    // first writer
+  }
+  writeFileSync(file, JSON.stringify({ ...existing, ...part }, null, 2));
+  console.log(`reliability figures:\n${JSON.stringify(part, null, 2)}`);
 }

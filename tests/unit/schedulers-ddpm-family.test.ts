@@ -4,6 +4,7 @@ import { DdimScheduler } from '../../src/engine/schedulers/ddim.js';
 import { LcmScheduler } from '../../src/engine/schedulers/lcm.js';
 import { PndmScheduler } from '../../src/engine/schedulers/pndm.js';
 import type { NoiseSource, Scheduler, SchedulerConfig } from '../../src/engine/schedulers/types.js';
+import { SD15_SCHEDULER_CONFIG } from '../../src/engine/testmodels/make.js';
 
 /**
  * Reference numbers come from diffusers' own scheduler tests (tests/schedulers/
@@ -12,18 +13,8 @@ import type { NoiseSource, Scheduler, SchedulerConfig } from '../../src/engine/s
  * tolerances.
  */
 
-const SD15_CONFIG: SchedulerConfig = {
-  _class_name: 'PNDMScheduler',
-  beta_end: 0.012,
-  beta_schedule: 'scaled_linear',
-  beta_start: 0.00085,
-  num_train_timesteps: 1000,
-  set_alpha_to_one: false,
-  skip_prk_steps: true,
-  steps_offset: 1,
-  trained_betas: null,
-  clip_sample: false,
-};
+/** Stable Diffusion 1.5's scheduler_config.json (the same file the test models ship). */
+const SD15_CONFIG: SchedulerConfig = SD15_SCHEDULER_CONFIG;
 
 const [B, C, H, W] = [4, 3, 8, 8];
 const NUM = B * C * H * W;

@@ -17,6 +17,7 @@ import { EulerAncestralScheduler } from '../../src/engine/schedulers/euler-ances
 import { EulerDiscreteScheduler } from '../../src/engine/schedulers/euler.js';
 import type { NoiseSource, Scheduler, SchedulerConfig } from '../../src/engine/schedulers/types.js';
 import { TorchGenerator } from '../../src/engine/random.js';
+import { SD15_SCHEDULER_CONFIG } from '../../src/engine/testmodels/make.js';
 
 // ---- diffusers' test fixtures (tests/schedulers/test_schedulers.py) -------------------------
 
@@ -91,18 +92,8 @@ function expectClose(actual: ArrayLike<number>, expected: number[], relTol: numb
 /** About one float32 ulp, relative. */
 const SIGMA_TOL = 2e-7;
 
-const SD15: SchedulerConfig = {
-  _class_name: 'PNDMScheduler',
-  beta_end: 0.012,
-  beta_schedule: 'scaled_linear',
-  beta_start: 0.00085,
-  num_train_timesteps: 1000,
-  set_alpha_to_one: false,
-  skip_prk_steps: true,
-  steps_offset: 1,
-  trained_betas: null,
-  clip_sample: false,
-};
+/** Stable Diffusion 1.5's scheduler_config.json (the same file the test models ship). */
+const SD15: SchedulerConfig = SD15_SCHEDULER_CONFIG;
 
 // ---- Euler ----------------------------------------------------------------------------------
 
