@@ -1,4 +1,4 @@
-import type { Db, GeneratedImage } from '../core/db/client.js';
+import type { Db, GeneratedImage } from './db/client.js';
 import type { ImageRecord, ImagesRepo, NewImage } from '../core/images.js';
 
 /**

@@ -4,7 +4,7 @@ import { withTimeout } from '../core/lifecycle.js';
 import { createErrorReporter } from '../adapters/sentry.js';
 import { createStorage } from '../adapters/storage.js';
 import { loadConfig, type Config } from '../config.js';
-import { createPrismaClient } from '../core/db/client.js';
+import { createPrismaClient } from '../adapters/db/client.js';
 import { ImagesService } from '../core/images.js';
 import { createProcessLogger, type Logger } from '../core/logger.js';
 import type { ErrorReporter } from '../core/reporting.js';

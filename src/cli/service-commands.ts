@@ -4,7 +4,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { ConfigError, loadConfig } from '../config.js';
-import { applyMigrations } from '../core/db/migrate.js';
+import { applyMigrations } from '../adapters/db/migrate.js';
 import { writeOracleModel } from '../engine/testmodels/make.js';
 import { DEFAULT_MODELS_DIR, UsageError } from './engine-commands.js';
 

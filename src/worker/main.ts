@@ -6,7 +6,7 @@ import { createConsumer, createProducer, UnrecoverableError } from '../adapters/
 import { createErrorReporter } from '../adapters/sentry.js';
 import { createStorage, objectKeyFor } from '../adapters/storage.js';
 import { loadConfig, type Config } from '../config.js';
-import { createPrismaClient } from '../core/db/client.js';
+import { createPrismaClient } from '../adapters/db/client.js';
 import { hasBearer } from '../core/bearer.js';
 import { createProcessLogger, type Logger } from '../core/logger.js';
 import { packageVersion, type ErrorReporter } from '../core/reporting.js';

@@ -17,7 +17,7 @@ import { createProducer, type ProducerQueue } from '../../src/adapters/queue.js'
 import { createStorage, objectKeyFor, type ImageStorage } from '../../src/adapters/storage.js';
 import { buildApp } from '../../src/api/app.js';
 import type { Config } from '../../src/config.js';
-import { createPrismaClient, type Db } from '../../src/core/db/client.js';
+import { createPrismaClient, type Db } from '../../src/adapters/db/client.js';
 import { ImagesService } from '../../src/core/images.js';
 import { LIMITS } from '../../src/core/params.js';
 import { queueSettings, storageOptions } from '../../src/core/wiring.js';

@@ -14,8 +14,8 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { createPrismaClient, type Db } from '../../src/core/db/client.js';
-import { applyMigrations, MigrationError, readMigrations, sha256Hex } from '../../src/core/db/migrate.js';
+import { createPrismaClient, type Db } from '../../src/adapters/db/client.js';
+import { applyMigrations, MigrationError, readMigrations, sha256Hex } from '../../src/adapters/db/migrate.js';
 import { createDatabase, startServices, type LocalServices } from '../../src/dev/services.js';
 
 const ROOT = fileURLToPath(new URL('../../', import.meta.url));

@@ -3,7 +3,7 @@ import { Queue, UnrecoverableError, Worker } from 'bullmq';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createImagesRepo } from '../../src/adapters/images-repo.js';
 import { createProducer, createRedis, type ProducerQueue } from '../../src/adapters/queue.js';
-import { createPrismaClient, type Db } from '../../src/core/db/client.js';
+import { createPrismaClient, type Db } from '../../src/adapters/db/client.js';
 import type { ImagesRepo } from '../../src/core/images.js';
 import { queueSettings } from '../../src/core/wiring.js';
 import { createReconciler } from '../../src/worker/reconciler.js';

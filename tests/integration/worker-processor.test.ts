@@ -2,7 +2,7 @@ import { randomUUID } from 'node:crypto';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createImagesRepo } from '../../src/adapters/images-repo.js';
 import { createStorage, objectKeyFor, type ImageStorage } from '../../src/adapters/storage.js';
-import { createPrismaClient, type Db } from '../../src/core/db/client.js';
+import { createPrismaClient, type Db } from '../../src/adapters/db/client.js';
 import type { ImagesRepo } from '../../src/core/images.js';
 import { InvalidParamsError, type GenerateParams, type Generation, type Progress } from '../../src/engine/pipeline.js';
 import { storageOptions } from '../../src/core/wiring.js';

@@ -3,7 +3,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { createImagesRepo } from '../../src/adapters/images-repo.js';
 import { createStorage, objectKeyFor, type ImageStorage } from '../../src/adapters/storage.js';
 import type { Config } from '../../src/config.js';
-import { createPrismaClient, type Db } from '../../src/core/db/client.js';
+import { createPrismaClient, type Db } from '../../src/adapters/db/client.js';
 import type { ImagesRepo } from '../../src/core/images.js';
 import { storageOptions } from '../../src/core/wiring.js';
 import { freePort, type LocalServices } from '../../src/dev/services.js';

@@ -4,7 +4,7 @@ import { pino } from 'pino';
 import { startApi as startApiInProcess } from '../../src/api/main.js';
 import { startWorker } from '../../src/worker/main.js';
 import { loadConfig, type Config } from '../../src/config.js';
-import { createPrismaClient, type Db } from '../../src/core/db/client.js';
+import { createPrismaClient, type Db } from '../../src/adapters/db/client.js';
 import { freePort, servicesEnv, type LocalServices } from '../../src/dev/services.js';
 import { configEnv, saveReport, spawnService, startOwnSystem, type ServiceProcess } from '../support/processes.js';
 

@@ -3,7 +3,7 @@ import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { createServer, type Server, type Socket, connect } from 'node:net';
 import path from 'node:path';
 import { loadConfig, type Config } from '../../src/config.js';
-import { applyMigrations } from '../../src/core/db/migrate.js';
+import { applyMigrations } from '../../src/adapters/db/migrate.js';
 import { servicesEnv, startServices, type LocalServices } from '../../src/dev/services.js';
 
 /**

@@ -1,7 +1,7 @@
 import { randomUUID } from 'node:crypto';
 import { inject } from 'vitest';
 import { loadConfig, type Config } from '../../src/config.js';
-import { applyMigrations } from '../../src/core/db/migrate.js';
+import { applyMigrations } from '../../src/adapters/db/migrate.js';
 import { createDatabase } from '../../src/dev/services.js';
 
 /**

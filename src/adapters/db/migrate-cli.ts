@@ -1,12 +1,12 @@
 /**
- * `npm run db:migrate` (tsx src/core/db/migrate-cli.ts [--dir prisma/migrations]): applies the
+ * `npm run db:migrate` (tsx src/adapters/db/migrate-cli.ts [--dir prisma/migrations]): applies the
  * pending migrations to DATABASE_URL. Safe to run on every deploy or container start: it does
  * nothing when the database is up to date, and concurrent runs wait for each other.
  */
 import { applyMigrations, MigrationError } from './migrate.js';
 
 function usage(): never {
-  console.error('usage: DATABASE_URL=postgresql://... tsx src/core/db/migrate-cli.ts [--dir <migrations folder>]');
+  console.error('usage: DATABASE_URL=postgresql://... tsx src/adapters/db/migrate-cli.ts [--dir <migrations folder>]');
   process.exit(2);
 }
 
