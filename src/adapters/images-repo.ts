@@ -118,14 +118,6 @@ export function createImagesRepo(db: Db): ImagesRepo {
       return r.count === 1;
     },
 
-    async failUnstarted(id, error) {
-      const r = await db.generatedImage.updateMany({
-        where: { id, status: 'queued' },
-        data: { status: 'failed', error, finishedAt: new Date() },
-      });
-      return r.count === 1;
-    },
-
     async failAny(id, error) {
       const r = await db.generatedImage.updateMany({
         where: { id, status: { in: ['queued', 'running'] } },

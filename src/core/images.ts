@@ -52,7 +52,6 @@ export interface ImagesRepo {
   succeed(id: string, attempt: number, result: { fileName: string; generationMs: number; model: string }): Promise<boolean>;
   /** `final` marks the job failed; otherwise it goes back to queued for the next attempt. */
   fail(id: string, attempt: number, error: string, final: boolean): Promise<boolean>;
-  failUnstarted(id: string, error: string): Promise<boolean>;
   /** Fails a queued or running job whatever its attempt (the queue gave up on it). */
   failAny(id: string, error: string): Promise<boolean>;
   /**

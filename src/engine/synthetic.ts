@@ -1,5 +1,5 @@
 import sharp from 'sharp';
-import { GENERATION_DEFAULTS, resolveParams, throwIfAborted, type GenerateParams, type Generation, type Progress } from './pipeline.js';
+import { resolveParams, throwIfAborted, type GenerateParams, type Generation, type Progress } from './pipeline.js';
 
 /**
  * A zero-cost stand-in for the diffusion engine, for load tests, soak tests and failure tests
@@ -42,7 +42,7 @@ export class SyntheticEngine {
       width: side,
       height: side,
       numSteps: p.numSteps,
-      guidanceScale: p.guidanceScale ?? GENERATION_DEFAULTS.guidanceScale,
+      guidanceScale: p.guidanceScale,
       scheduler: p.scheduler,
       timings: { encodeMs: 0, denoiseMs: totalMs, decodeMs: 0, totalMs, sessionRunMs: 0 },
       warnings: [],

@@ -164,7 +164,7 @@ describe('engine thread', () => {
       let ticks = 0;
       const timer = setInterval(() => ticks++, 5);
       const steps: number[] = [];
-      const g = await engine.generate({ ...RUN, numSteps: 6, width: 256, height: 256 }, { onProgress: (p) => steps.push(ticks) });
+      const g = await engine.generate({ ...RUN, numSteps: 6, width: 256, height: 256 }, { onProgress: () => steps.push(ticks) });
       clearInterval(timer);
       expect(g.png.subarray(1, 4).toString()).toBe('PNG');
       // Timers fired between every pair of steps: nothing held the host's loop for a whole step.

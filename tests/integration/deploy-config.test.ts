@@ -11,7 +11,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
-import { parse, parseAllDocuments } from 'yaml';
+import { parseAllDocuments } from 'yaml';
 import { envSchema, loadConfig, type Role } from '../../src/config.js';
 
 const ROOT = fileURLToPath(new URL('../../', import.meta.url));
