@@ -6,9 +6,7 @@ import { z } from 'zod';
  * problem at once rather than the first.
  */
 
-const bool = z
-  .enum(['true', 'false', '1', '0', 'yes', 'no'])
-  .transform((v) => v === 'true' || v === '1' || v === 'yes');
+const bool = z.enum(['true', 'false', '1', '0', 'yes', 'no']).transform((v) => v === 'true' || v === '1' || v === 'yes');
 
 const int = (min: number, max: number) =>
   // A function, not a string: a schema-level string would also replace the min/max messages.
@@ -31,9 +29,15 @@ export const envSchema = z.object({
 
   // --- Redis / BullMQ
   /** Redis holding the BullMQ queue; it must never evict keys (maxmemory-policy noeviction). */
-  REDIS_URL: z.string().regex(/^rediss?:\/\//, 'must be a redis:// or rediss:// URL').default('redis://127.0.0.1:6379'),
+  REDIS_URL: z
+    .string()
+    .regex(/^rediss?:\/\//, 'must be a redis:// or rediss:// URL')
+    .default('redis://127.0.0.1:6379'),
   /** BullMQ queue name; every API and worker of one deployment must agree on it. */
-  QUEUE_NAME: z.string().regex(/^[A-Za-z0-9_-]{1,64}$/, 'letters, digits, _ and - only').default('generate-image'),
+  QUEUE_NAME: z
+    .string()
+    .regex(/^[A-Za-z0-9_-]{1,64}$/, 'letters, digits, _ and - only')
+    .default('generate-image'),
   /** Attempts per job before it is failed for good (transient faults only; bad input fails at once). */
   JOB_ATTEMPTS: int(1, 20).default(3),
   /** First retry delay; doubles on each further attempt. */
@@ -61,7 +65,10 @@ export const envSchema = z.object({
   /** Secret key of the S3 credentials; never logged. */
   STORAGE_SECRET_KEY: z.string().min(1),
   /** Bucket for generated images; created, private, at startup when missing. */
-  STORAGE_BUCKET: z.string().regex(/^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$/, 'must be a valid S3 bucket name').default('t2i-images'),
+  STORAGE_BUCKET: z
+    .string()
+    .regex(/^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$/, 'must be a valid S3 bucket name')
+    .default('t2i-images'),
   /** Region the S3 server expects in signatures (MinIO and most local servers: us-east-1). */
   STORAGE_REGION: z.string().min(1).default('us-east-1'),
   /** Lifetime of presigned image URLs, in seconds: S3 allows 7 days at most. */
@@ -111,7 +118,10 @@ export const envSchema = z.object({
   /** Level of the file sink; LOG_LEVEL when unset (e.g. warn on stdout, debug in the file). */
   LOG_FILE_LEVEL: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace']).optional(),
   /** Rotate the log file when it reaches this size: a number with k, m or g (megabytes when bare). */
-  LOG_FILE_MAX_SIZE: z.string().regex(/^\d+[kmg]?$/i, 'must be a size such as 500k, 100m or 1g').default('100m'),
+  LOG_FILE_MAX_SIZE: z
+    .string()
+    .regex(/^\d+[kmg]?$/i, 'must be a size such as 500k, 100m or 1g')
+    .default('100m'),
   /** Also rotate the log file daily or hourly, or only by size (none). */
   LOG_FILE_FREQUENCY: z.enum(['daily', 'hourly', 'none']).default('daily'),
   /** Rotated log files kept besides the current one; older ones are deleted. */

@@ -61,9 +61,7 @@ export function createImagesRepo(db: Db): ImagesRepo {
 
     async list({ limit, before }) {
       const rows = await db.generatedImage.findMany({
-        where: before
-          ? { OR: [{ createdAt: { lt: before.createdAt } }, { createdAt: before.createdAt, id: { lt: before.id } }] }
-          : {},
+        where: before ? { OR: [{ createdAt: { lt: before.createdAt } }, { createdAt: before.createdAt, id: { lt: before.id } }] } : {},
         orderBy: [{ createdAt: 'desc' }, { id: 'desc' }],
         take: limit,
       });

@@ -140,12 +140,15 @@ export function createStorage(opts: StorageOptions): ImageStorage {
     const e = (err ?? {}) as { code?: unknown; message?: unknown; name?: unknown };
     const code = typeof e.code === 'string' && e.code ? e.code : e.name === 'AbortError' ? 'ETIMEDOUT' : undefined;
     const reason =
-      e.name === 'AbortError' ? 'timed out'
-      : typeof e.message === 'string' && e.message ? e.message
-      : code ? code
-      // minio gives no status for an error answer without a body (HEAD requests): a 400 there
-      // is most often a signature scoped to the wrong region.
-      : 'the server refused the request without details; check that STORAGE_REGION matches the server and STORAGE_ENDPOINT is an S3 API';
+      e.name === 'AbortError'
+        ? 'timed out'
+        : typeof e.message === 'string' && e.message
+          ? e.message
+          : code
+            ? code
+            : // minio gives no status for an error answer without a body (HEAD requests): a 400 there
+              // is most often a signature scoped to the wrong region.
+              'the server refused the request without details; check that STORAGE_REGION matches the server and STORAGE_ENDPOINT is an S3 API';
     const target = key === undefined ? `bucket "${bucket}"` : `"${bucket}/${key}"`;
     const msg = `storage: ${operation} ${target} at ${internal.url} failed: ${code && code !== reason ? `${code}: ` : ''}${redact(reason)}${hintFor(code, internal.url)}`;
     return new StorageError(msg, operation, bucket, key, code);
@@ -183,7 +186,10 @@ export function createStorage(opts: StorageOptions): ImageStorage {
       if (!(await bucketExists('ensureBucket (verify)'))) {
         throw new StorageError(
           `storage: bucket "${bucket}" at ${internal.url} still does not exist after creating it; check that the endpoint is an S3 API and STORAGE_REGION matches the server`,
-          'ensureBucket (verify)', bucket, undefined, 'NoSuchBucket',
+          'ensureBucket (verify)',
+          bucket,
+          undefined,
+          'NoSuchBucket',
         );
       }
     },
@@ -241,7 +247,13 @@ export function createStorage(opts: StorageOptions): ImageStorage {
         throw fail(`ping (${PING_TIMEOUT_MS} ms limit)`, undefined, signal.aborted ? Object.assign(new Error('timed out'), { code: 'ETIMEDOUT' }) : err);
       }
       if (!exists) {
-        throw new StorageError(`storage: ping: bucket "${bucket}" at ${internal.url} does not exist; ensureBucket() creates it at startup`, 'ping', bucket, undefined, 'NoSuchBucket');
+        throw new StorageError(
+          `storage: ping: bucket "${bucket}" at ${internal.url} does not exist; ensureBucket() creates it at startup`,
+          'ping',
+          bucket,
+          undefined,
+          'NoSuchBucket',
+        );
       }
     },
   };

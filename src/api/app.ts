@@ -56,10 +56,20 @@ const PROBLEM = 'application/problem+json';
  * timeouts, Prisma's "can't reach database" codes, ioredis giving up while disconnected.
  */
 export function unavailableDependency(err: unknown): 'database' | 'job queue' | undefined {
-  for (let e = err as { name?: string; code?: string; message?: string; cause?: unknown } | undefined, depth = 0; e && depth < 5; e = e.cause as typeof e, depth++) {
+  for (
+    let e = err as { name?: string; code?: string; message?: string; cause?: unknown } | undefined, depth = 0;
+    e && depth < 5;
+    e = e.cause as typeof e, depth++
+  ) {
     const code = String(e.code ?? '');
     const text = `${e.name ?? ''} ${e.message ?? ''}`;
-    if (/^P(1001|1002|1008|1017|2024)$/.test(code) || /^57P0[1-3]$/.test(code) || /DatabaseNotReachable|Can't reach database|Connection terminated|connection timeout|timeout exceeded when trying to connect|Query read timeout|terminating connection due to administrator command|the database system is (starting up|shutting down|in recovery mode)|Server has closed the connection|Connection ended unexpectedly|ConnectionClosed/i.test(text)) {
+    if (
+      /^P(1001|1002|1008|1017|2024)$/.test(code) ||
+      /^57P0[1-3]$/.test(code) ||
+      /DatabaseNotReachable|Can't reach database|Connection terminated|connection timeout|timeout exceeded when trying to connect|Query read timeout|terminating connection due to administrator command|the database system is (starting up|shutting down|in recovery mode)|Server has closed the connection|Connection ended unexpectedly|ConnectionClosed/i.test(
+        text,
+      )
+    ) {
       return 'database';
     }
     if (/MaxRetriesPerRequestError|Stream isn't writeable|enableOfflineQueue|Connection is closed/i.test(text)) return 'job queue';
@@ -70,7 +80,10 @@ export function unavailableDependency(err: unknown): 'database' | 'job queue' | 
 
 function sendProblem(reply: FastifyReply, status: number, title: string, detail: string, extra: Record<string, unknown> = {}) {
   const type = status === 500 ? 'about:blank' : `https://t2i.dev/problems/${title.toLowerCase().replace(/[^a-z0-9]+/g, '-')}`;
-  return reply.status(status).type(PROBLEM).send({ type, title, status, detail, ...extra });
+  return reply
+    .status(status)
+    .type(PROBLEM)
+    .send({ type, title, status, detail, ...extra });
 }
 
 export function buildApp(deps: AppDeps): FastifyInstance {
@@ -115,9 +128,7 @@ export function buildApp(deps: AppDeps): FastifyInstance {
     reply.header('x-request-id', request.id);
   });
 
-  app.setNotFoundHandler((request, reply) =>
-    sendProblem(reply, 404, 'Not Found', `No route ${request.method} ${request.url.split('?')[0]}.`),
-  );
+  app.setNotFoundHandler((request, reply) => sendProblem(reply, 404, 'Not Found', `No route ${request.method} ${request.url.split('?')[0]}.`));
 
   app.setErrorHandler((err: FastifyError | ProblemError | Error, request: FastifyRequest, reply: FastifyReply) => {
     if (err instanceof ProblemError) {
@@ -127,11 +138,17 @@ export function buildApp(deps: AppDeps): FastifyInstance {
     }
     const fe = err as FastifyError;
     // Fastify's own client errors: body too large, bad JSON, wrong content type.
-    if (fe.code === 'FST_ERR_CTP_BODY_TOO_LARGE') return sendProblem(reply, 413, 'Payload Too Large', `The request body is larger than ${deps.bodyLimit} bytes.`);
+    if (fe.code === 'FST_ERR_CTP_BODY_TOO_LARGE')
+      return sendProblem(reply, 413, 'Payload Too Large', `The request body is larger than ${deps.bodyLimit} bytes.`);
     if (fe.code === 'FST_ERR_CTP_INVALID_MEDIA_TYPE') return sendProblem(reply, 415, 'Unsupported Media Type', 'Send the body as application/json.');
-    if (fe.code === 'FST_ERR_CTP_EMPTY_JSON_BODY') return sendProblem(reply, 400, 'Invalid request', 'The request body is empty; send a JSON object.', { errors: [{ field: '(body)', rule: 'required', message: 'is required' }] });
+    if (fe.code === 'FST_ERR_CTP_EMPTY_JSON_BODY')
+      return sendProblem(reply, 400, 'Invalid request', 'The request body is empty; send a JSON object.', {
+        errors: [{ field: '(body)', rule: 'required', message: 'is required' }],
+      });
     if (fe.code === 'FST_ERR_CTP_INVALID_JSON_BODY' || (fe.statusCode === 400 && err instanceof SyntaxError)) {
-      return sendProblem(reply, 400, 'Invalid request', `The request body is not valid JSON: ${err.message}`, { errors: [{ field: '(body)', rule: 'json', message: 'is not valid JSON' }] });
+      return sendProblem(reply, 400, 'Invalid request', `The request body is not valid JSON: ${err.message}`, {
+        errors: [{ field: '(body)', rule: 'json', message: 'is not valid JSON' }],
+      });
     }
     if (typeof fe.statusCode === 'number' && fe.statusCode >= 400 && fe.statusCode < 500) {
       return sendProblem(reply, fe.statusCode, 'Bad Request', err.message);
@@ -180,7 +197,9 @@ export function buildApp(deps: AppDeps): FastifyInstance {
 
   app.get('/readyz', async (_request, reply) => {
     const { ok, checks } = await readiness(deps.checks ?? {});
-    const down = Object.entries(checks).filter(([, v]) => v !== 'ok').map(([k]) => k);
+    const down = Object.entries(checks)
+      .filter(([, v]) => v !== 'ok')
+      .map(([k]) => k);
     if (!ok) return sendProblem(reply, 503, 'Service Unavailable', `Not ready: ${down.join(', ')} unreachable.`, { checks });
     return { status: 'ready', checks };
   });

@@ -36,10 +36,33 @@ export function createApiMetrics(): ApiMetrics {
   const labelNames = ['method', 'route', 'status_class'] as const;
   return {
     registry,
-    requests: new Counter({ name: 'http_requests_total', help: 'HTTP requests answered, by method, route pattern and status class (2xx, 4xx, 5xx).', labelNames, registers: [registry] }),
-    duration: new Histogram({ name: 'http_request_duration_seconds', help: 'Time from receiving a request to sending its response, in seconds.', labelNames, buckets: DURATION_BUCKETS, registers: [registry] }),
-    requestSize: new Histogram({ name: 'http_request_size_bytes', help: 'Size of request bodies, in bytes (Content-Length; 0 without a body).', labelNames: ['method', 'route'], buckets: SIZE_BUCKETS, registers: [registry] }),
-    responseSize: new Histogram({ name: 'http_response_size_bytes', help: 'Size of response bodies, in bytes.', labelNames, buckets: SIZE_BUCKETS, registers: [registry] }),
+    requests: new Counter({
+      name: 'http_requests_total',
+      help: 'HTTP requests answered, by method, route pattern and status class (2xx, 4xx, 5xx).',
+      labelNames,
+      registers: [registry],
+    }),
+    duration: new Histogram({
+      name: 'http_request_duration_seconds',
+      help: 'Time from receiving a request to sending its response, in seconds.',
+      labelNames,
+      buckets: DURATION_BUCKETS,
+      registers: [registry],
+    }),
+    requestSize: new Histogram({
+      name: 'http_request_size_bytes',
+      help: 'Size of request bodies, in bytes (Content-Length; 0 without a body).',
+      labelNames: ['method', 'route'],
+      buckets: SIZE_BUCKETS,
+      registers: [registry],
+    }),
+    responseSize: new Histogram({
+      name: 'http_response_size_bytes',
+      help: 'Size of response bodies, in bytes.',
+      labelNames,
+      buckets: SIZE_BUCKETS,
+      registers: [registry],
+    }),
   };
 }
 
@@ -81,11 +104,12 @@ export function registerApiMetrics(app: FastifyInstance, metrics: ApiMetrics, op
   // Scraped every few seconds: its request lines would drown the others, so only warnings are logged.
   app.get('/metrics', { logLevel: 'warn' }, async (request, reply) => {
     if (opts.token && !hasBearer(request.headers.authorization, opts.token)) {
-      return reply
-        .status(401)
-        .header('www-authenticate', 'Bearer realm="metrics"')
-        .type('application/problem+json')
-        .send({ type: 'https://t2i.dev/problems/unauthorized', title: 'Unauthorized', status: 401, detail: 'GET /metrics needs the bearer token of METRICS_TOKEN.' });
+      return reply.status(401).header('www-authenticate', 'Bearer realm="metrics"').type('application/problem+json').send({
+        type: 'https://t2i.dev/problems/unauthorized',
+        title: 'Unauthorized',
+        status: 401,
+        detail: 'GET /metrics needs the bearer token of METRICS_TOKEN.',
+      });
     }
     return reply.type(metrics.registry.contentType).send(await metrics.registry.metrics());
   });

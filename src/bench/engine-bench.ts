@@ -93,7 +93,9 @@ export async function runEngineBench(options: { rounds?: number; threads?: numbe
     out(`t2i engine benchmark  (${os.cpus().length} cores, ${os.cpus()[0]?.model ?? 'cpu'}, node ${process.version})`);
     const computeDir = path.join(dir, 'compute');
     await writeRandomModel(computeDir, COMPUTE_MODEL);
-    out(`\n1. overhead: random model ${JSON.stringify(COMPUTE_MODEL)}, ${COMPUTE_RUN.width}x${COMPUTE_RUN.height}, ${COMPUTE_RUN.numSteps} steps, guidance on (UNet batch 2)`);
+    out(
+      `\n1. overhead: random model ${JSON.stringify(COMPUTE_MODEL)}, ${COMPUTE_RUN.width}x${COMPUTE_RUN.height}, ${COMPUTE_RUN.numSteps} steps, guidance on (UNet batch 2)`,
+    );
 
     const engine = await Engine.start({ modelDir: computeDir, provider: 'cpu', ...(options.threads ? { threads: options.threads } : {}) });
     const pipelineMs: number[] = [];
@@ -135,7 +137,9 @@ export async function runEngineBench(options: { rounds?: number; threads?: numbe
     const across = median(pipelineMs.map((p, i) => p / bareMs[i]!));
     out(`   total / session.run, same generation (median): ${ratio.toFixed(3)}  (goal <= 1.05) ${ratio <= 1.05 ? 'OK' : 'OVER'}`);
     out(`   pipeline / bare session.run sequence, back to back (median of rounds): ${across.toFixed(3)}`);
-    out(`   last pipeline run: encode ${s(lastTimings!.encodeMs)}, denoise ${s(lastTimings!.denoiseMs)}, decode + PNG ${s(lastTimings!.decodeMs)}; inside session.run ${s(lastTimings!.sessionRunMs)}`);
+    out(
+      `   last pipeline run: encode ${s(lastTimings!.encodeMs)}, denoise ${s(lastTimings!.denoiseMs)}, decode + PNG ${s(lastTimings!.decodeMs)}; inside session.run ${s(lastTimings!.sessionRunMs)}`,
+    );
     out(`\n2. event loop: longest stall of the host while the engine thread generates: ${Math.max(...stalls).toFixed(1)} ms`);
     out(`   for comparison, the same UNet run on the main thread stalls it ${mainStall.toFixed(0)} ms (one step ~ ${unetStep.toFixed(0)} ms)`);
 
@@ -148,7 +152,9 @@ export async function runEngineBench(options: { rounds?: number; threads?: numbe
       const { maxRssBytes, sizeBytes } = JSON.parse(child.stdout.trim().split('\n').at(-1)!) as { maxRssBytes: number; sizeBytes: number };
       const budget = 1.15 * sizeBytes + 250 * 2 ** 20;
       const baseline = nodeBaselineRss();
-      out(`   model files ${mb(sizeBytes)}; peak RSS ${mb(maxRssBytes)} = ${(maxRssBytes / sizeBytes).toFixed(2)} x size (bare node + onnxruntime + sharp: ${mb(baseline)})`);
+      out(
+        `   model files ${mb(sizeBytes)}; peak RSS ${mb(maxRssBytes)} = ${(maxRssBytes / sizeBytes).toFixed(2)} x size (bare node + onnxruntime + sharp: ${mb(baseline)})`,
+      );
       out(`   budget 1.15 x size + 250 MB = ${mb(budget)} ${maxRssBytes <= budget ? 'OK' : 'OVER'}`);
     }
   } finally {

@@ -227,9 +227,11 @@ export async function runServiceBench(options: ServiceBenchOptions = {}): Promis
   const started = performance.now();
 
   out(`t2i service benchmark  (${os.cpus().length} cores, ${os.cpus()[0]?.model ?? 'cpu'}, node ${process.version}, ${os.platform()} ${os.release()})`);
-  out(`parameters: autocannon ${connections} connections, ${rounds} measured rounds x ${durationSec} s per server (alternating, real first), ${warmupSec} s warm-up each;`);
+  out(
+    `parameters: autocannon ${connections} connections, ${rounds} measured rounds x ${durationSec} s per server (alternating, real first), ${warmupSec} s warm-up each;`,
+  );
   out(`            POST body ${BODY}; API child LOG_LEVEL=${logLevel} (stdout to /dev/null); ${jobs} jobs sequential + ${jobs} burst, 1 worker`);
-  out('note: load generator, both servers, Postgres, Redis and Swift share this machine\'s cores.');
+  out("note: load generator, both servers, Postgres, Redis and Swift share this machine's cores.");
 
   let services: LocalServices | undefined;
   const children: Child[] = [];
@@ -301,9 +303,13 @@ export async function runServiceBench(options: ServiceBenchOptions = {}): Promis
     const medRps = (rs: CannonRound[]) => median(rs.map((r) => r.rps));
     out(`   median: real ${medRps(real).toFixed(0)} req/s (p50 ${ms(median(real.map((r) => r.p50)))}, p99 ${ms(median(real.map((r) => r.p99)))})`);
     out(`           bare ${medRps(bares).toFixed(0)} req/s (p50 ${ms(median(bares.map((r) => r.p50)))}, p99 ${ms(median(bares.map((r) => r.p99)))})`);
-    out(`           throughput ratio real/bare = ${(medRps(real) / medRps(bares)).toFixed(3)} (median of per-round ratios ${median(real.map((r, i) => r.rps / bares[i]!.rps)).toFixed(3)})`);
+    out(
+      `           throughput ratio real/bare = ${(medRps(real) / medRps(bares)).toFixed(3)} (median of per-round ratios ${median(real.map((r, i) => r.rps / bares[i]!.rps)).toFixed(3)})`,
+    );
     const failures = sum(real, 'non2xx') + sum(real, 'errors') + sum(bares, 'non2xx') + sum(bares, 'errors');
-    out(`   non-2xx: real ${sum(real, 'non2xx')}, bare ${sum(bares, 'non2xx')}; errors: real ${sum(real, 'errors')}, bare ${sum(bares, 'errors')}; timeouts: real ${sum(real, 'timeouts')}, bare ${sum(bares, 'timeouts')}  ${failures === 0 ? 'OK' : 'NOT ZERO'}`);
+    out(
+      `   non-2xx: real ${sum(real, 'non2xx')}, bare ${sum(bares, 'non2xx')}; errors: real ${sum(real, 'errors')}, bare ${sum(bares, 'errors')}; timeouts: real ${sum(real, 'timeouts')}, bare ${sum(bares, 'timeouts')}  ${failures === 0 ? 'OK' : 'NOT ZERO'}`,
+    );
 
     await bare.stop();
     await reset();
@@ -450,7 +456,9 @@ export async function runServiceBench(options: ServiceBenchOptions = {}): Promis
     printTimes('  of which started->finished - gen_ms', burst.work);
     printTimes('    of which storage putObject (worker side)', burstPut);
     printTimes('    of which storage statObject (worker side)', burstStat);
-    out(`   throughput: ${(jobs / (burst.spanMs / 1000)).toFixed(1)} jobs/s (first created_at -> last finished_at ${ms(burst.spanMs)}); client wall ${ms(burstWall)} = ${(jobs / (burstWall / 1000)).toFixed(1)} jobs/s`);
+    out(
+      `   throughput: ${(jobs / (burst.spanMs / 1000)).toFixed(1)} jobs/s (first created_at -> last finished_at ${ms(burst.spanMs)}); client wall ${ms(burstWall)} = ${(jobs / (burstWall / 1000)).toFixed(1)} jobs/s`,
+    );
     out(`   worker errors: ${workerErrors}  ${workerErrors === 0 ? 'OK' : 'NOT ZERO'}`);
     out(`\ntotal benchmark time ${((performance.now() - started) / 1000).toFixed(1)} s`);
   } finally {

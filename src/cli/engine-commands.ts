@@ -87,7 +87,10 @@ export async function generateCommand(argv: string[]): Promise<void> {
     },
   });
   const prompt = positionals.join(' ');
-  if (!prompt) throw new UsageError('usage: t2i generate "prompt" [--negative TEXT] [--steps N] [--guidance G] [--seed S] [--scheduler NAME] [--width W] [--height H] [--model DIR] [--provider auto|cuda|coreml|cpu] [-o out.png]');
+  if (!prompt)
+    throw new UsageError(
+      'usage: t2i generate "prompt" [--negative TEXT] [--steps N] [--guidance G] [--seed S] [--scheduler NAME] [--width W] [--height H] [--model DIR] [--provider auto|cuda|coreml|cpu] [-o out.png]',
+    );
   const err = process.stderr;
   const log = (msg: string) => err.write(`${msg}\n`);
   const modelDir = await resolveModelDir(values.model, log);
@@ -117,8 +120,12 @@ export async function generateCommand(argv: string[]): Promise<void> {
     const g = await engine.generate(clean, { onProgress: (p) => progressBar(p, err) });
     const out = path.resolve(values.output ?? 'output.png');
     await writeFile(out, g.png);
-    log(`model ${modelDir} on ${engine.info.provider}; scheduler ${g.scheduler}, ${g.numSteps} steps, guidance ${g.guidanceScale}, seed ${g.seed}, ${g.width}x${g.height}`);
-    log(`load ${ms(loadMs)} | encode ${ms(g.timings.encodeMs)} | denoise ${ms(g.timings.denoiseMs)} | decode ${ms(g.timings.decodeMs)} | total ${ms(g.timings.totalMs)}`);
+    log(
+      `model ${modelDir} on ${engine.info.provider}; scheduler ${g.scheduler}, ${g.numSteps} steps, guidance ${g.guidanceScale}, seed ${g.seed}, ${g.width}x${g.height}`,
+    );
+    log(
+      `load ${ms(loadMs)} | encode ${ms(g.timings.encodeMs)} | denoise ${ms(g.timings.denoiseMs)} | decode ${ms(g.timings.decodeMs)} | total ${ms(g.timings.totalMs)}`,
+    );
     process.stdout.write(`${out}\n`);
   } finally {
     await engine.close();
@@ -153,7 +160,10 @@ export async function makeTestModelsCommand(argv: string[]): Promise<void> {
     },
   });
   const dir = positionals[0];
-  if (!dir) throw new UsageError('usage: t2i make-test-models DIR [--kind all|oracle|random] [--fp16] [--timestep int64|float32|float16] [--timestep-rank 0|1] [--ids int32|int64] [--hidden N] [--channels N] [--blocks N] [--external-data]');
+  if (!dir)
+    throw new UsageError(
+      'usage: t2i make-test-models DIR [--kind all|oracle|random] [--fp16] [--timestep int64|float32|float16] [--timestep-rank 0|1] [--ids int32|int64] [--hidden N] [--channels N] [--blocks N] [--external-data]',
+    );
   const kind = values.kind;
   if (!['all', 'oracle', 'random'].includes(kind)) throw new UsageError(`--kind must be all, oracle or random, got "${kind}"`);
   const timestepType = values.timestep;
@@ -163,9 +173,7 @@ export async function makeTestModelsCommand(argv: string[]): Promise<void> {
   const ids = values.ids;
   if (ids && ids !== 'int32' && ids !== 'int64') throw new UsageError('--ids must be int32 or int64');
   const timestep =
-    timestepType || rank !== undefined
-      ? { type: (timestepType ?? 'int64') as 'int64' | 'float32' | 'float16', rank: (rank ?? 1) as 0 | 1 }
-      : undefined;
+    timestepType || rank !== undefined ? { type: (timestepType ?? 'int64') as 'int64' | 'float32' | 'float16', rank: (rank ?? 1) as 0 | 1 } : undefined;
 
   if (kind === 'all' || kind === 'oracle') {
     const out = path.resolve(dir, 'oracle');

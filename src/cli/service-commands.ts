@@ -141,7 +141,12 @@ export async function demoCommand(argv: string[]): Promise<void> {
     say(`${created.status} ${JSON.stringify(job)}`);
     let last = -1;
     for (;;) {
-      const r = (await (await fetch(`${api}/generated-images/${job.id}`)).json()) as { status: string; progress: number; file_name: string | null; error: string | null };
+      const r = (await (await fetch(`${api}/generated-images/${job.id}`)).json()) as {
+        status: string;
+        progress: number;
+        file_name: string | null;
+        error: string | null;
+      };
       if (r.progress !== last || r.status !== 'running') {
         if (r.progress !== last) say(`GET /generated-images/${job.id} -> status ${r.status}, progress ${r.progress}`);
         last = r.progress;
@@ -155,7 +160,9 @@ export async function demoCommand(argv: string[]): Promise<void> {
     }
     const url = (await (await fetch(`${api}/generated-images/${job.id}/url`)).json()) as { url: string; expires_at: string };
     say(`\nimage URL (valid until ${url.expires_at}):\n${url.url}\n`);
-    say(`try it yourself:\n  curl -s -X POST ${api}/generated-images -H 'content-type: application/json' -d '{"prompt": "a blue square at the top", "num_steps": 20}'`);
+    say(
+      `try it yourself:\n  curl -s -X POST ${api}/generated-images -H 'content-type: application/json' -d '{"prompt": "a blue square at the top", "num_steps": 20}'`,
+    );
     say(`  curl -s ${api}/generated-images/<id>\n  curl -s ${api}/generated-images/<id>/url`);
     if (values.exit) return;
     say('\nrunning until Ctrl-C ...');

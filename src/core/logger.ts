@@ -85,7 +85,13 @@ export function createLogger(opts: LoggerOptions): Logger {
   const secrets = (opts.secrets ?? []).filter((s) => s.length > 0);
   // Synchronous stdout, as pino's default: a crashing process still gets its last lines out.
   const main: DestinationStream = pretty
-    ? PinoPretty({ colorize: opts.destination === undefined, translateTime: 'SYS:HH:MM:ss.l', ignore: 'pid,hostname', destination: opts.destination ?? 1, sync: true })
+    ? PinoPretty({
+        colorize: opts.destination === undefined,
+        translateTime: 'SYS:HH:MM:ss.l',
+        ignore: 'pid,hostname',
+        destination: opts.destination ?? 1,
+        sync: true,
+      })
     : (opts.destination ?? pino.destination({ dest: 1, sync: true }));
 
   const streams: StreamEntry[] = [];
@@ -119,7 +125,12 @@ export function createLogger(opts: LoggerOptions): Logger {
 }
 
 /** A size-and-time rotating file stream (pino-roll), creating the folder when missing. */
-export async function openRotatingFile(opts: { path: string; maxSize: string; frequency: 'daily' | 'hourly' | 'none'; retention: number }): Promise<DestinationStream> {
+export async function openRotatingFile(opts: {
+  path: string;
+  maxSize: string;
+  frequency: 'daily' | 'hourly' | 'none';
+  retention: number;
+}): Promise<DestinationStream> {
   const { default: roll } = await import('pino-roll');
   return roll({
     file: opts.path,
@@ -135,7 +146,12 @@ export async function openRotatingFile(opts: { path: string; maxSize: string; fr
 export async function createProcessLogger(config: Config, name: string, destination?: DestinationStream): Promise<Logger> {
   const file = config.LOG_FILE
     ? {
-        stream: await openRotatingFile({ path: config.LOG_FILE, maxSize: config.LOG_FILE_MAX_SIZE, frequency: config.LOG_FILE_FREQUENCY, retention: config.LOG_FILE_RETENTION }),
+        stream: await openRotatingFile({
+          path: config.LOG_FILE,
+          maxSize: config.LOG_FILE_MAX_SIZE,
+          frequency: config.LOG_FILE_FREQUENCY,
+          retention: config.LOG_FILE_RETENTION,
+        }),
         level: config.LOG_FILE_LEVEL ?? (config.LOG_LEVEL === 'silent' ? 'info' : config.LOG_LEVEL),
       }
     : undefined;

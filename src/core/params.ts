@@ -40,12 +40,7 @@ export const createImageBody = z.strictObject({
 export type CreateImageBody = z.infer<typeof createImageBody>;
 
 export const listQuery = z.strictObject({
-  limit: z
-    .string()
-    .regex(/^\d+$/, 'must be a whole number')
-    .transform(Number)
-    .pipe(z.number().int().min(1).max(100))
-    .default(20),
+  limit: z.string().regex(/^\d+$/, 'must be a whole number').transform(Number).pipe(z.number().int().min(1).max(100)).default(20),
   cursor: z.string().max(200).optional(),
 });
 
@@ -64,9 +59,13 @@ export function fieldErrors(error: z.ZodError): FieldError[] {
             : { field, rule: 'type', message: `must be ${article(issue.expected)}, got ${describe(issue.input)}` },
         ];
       case 'too_small':
-        return [{ field, rule: 'min', message: issue.origin === 'string' ? `must be at least ${issue.minimum} characters` : `must be at least ${issue.minimum}` }];
+        return [
+          { field, rule: 'min', message: issue.origin === 'string' ? `must be at least ${issue.minimum} characters` : `must be at least ${issue.minimum}` },
+        ];
       case 'too_big':
-        return [{ field, rule: 'max', message: issue.origin === 'string' ? `must be at most ${issue.maximum} characters` : `must be at most ${issue.maximum}` }];
+        return [
+          { field, rule: 'max', message: issue.origin === 'string' ? `must be at most ${issue.maximum} characters` : `must be at most ${issue.maximum}` },
+        ];
       case 'invalid_value':
         return [{ field, rule: 'enum', message: `must be one of ${issue.values.map(String).join(', ')}` }];
       case 'custom':

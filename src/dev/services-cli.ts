@@ -38,7 +38,10 @@ function parseArgs(argv: string[]): Args {
       args.command = argv.slice(i + 1);
       break;
     } else if (a === '--only') {
-      const list = value().split(',').map((s) => s.trim()).filter(Boolean);
+      const list = value()
+        .split(',')
+        .map((s) => s.trim())
+        .filter(Boolean);
       const bad = list.filter((s) => !NAMES.includes(s as ServiceName));
       if (bad.length) throw new Error(`--only: unknown service ${bad.join(', ')} (choose from ${NAMES.join(', ')})`);
       args.only = list as ServiceName[];
@@ -86,7 +89,10 @@ async function main(): Promise<number> {
   };
 
   const env = envFor(svc, args.only);
-  const lines = Object.entries(env).map(([k, v]) => `${k}=${v}`).join('\n') + '\n';
+  const lines =
+    Object.entries(env)
+      .map(([k, v]) => `${k}=${v}`)
+      .join('\n') + '\n';
   process.stdout.write(lines);
   if (args.envFile) {
     // Written whole and renamed, so a script polling for the file never reads half of it.

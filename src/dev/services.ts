@@ -17,8 +17,20 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import {
-  accessSync, appendFileSync, chmodSync, chownSync, closeSync, constants as fsConstants, existsSync,
-  mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, rmSync, writeFileSync,
+  accessSync,
+  appendFileSync,
+  chmodSync,
+  chownSync,
+  closeSync,
+  constants as fsConstants,
+  existsSync,
+  mkdirSync,
+  mkdtempSync,
+  openSync,
+  readdirSync,
+  readFileSync,
+  rmSync,
+  writeFileSync,
 } from 'node:fs';
 import { connect, createServer } from 'node:net';
 import { tmpdir, userInfo } from 'node:os';
@@ -172,9 +184,7 @@ function requireExecutable(service: string, name: string, pkg: string, extraDirs
 /** Newest /usr/lib/postgresql/N/bin (Debian keeps server binaries off PATH). */
 function postgresBinDir(): string {
   const root = '/usr/lib/postgresql';
-  const versions = existsSync(root)
-    ? readdirSync(root).filter((v) => /^\d+$/.test(v) && existsSync(join(root, v, 'bin', 'postgres')))
-    : [];
+  const versions = existsSync(root) ? readdirSync(root).filter((v) => /^\d+$/.test(v) && existsSync(join(root, v, 'bin', 'postgres'))) : [];
   versions.sort((a, b) => Number(b) - Number(a));
   if (!versions[0]) throw new Error(`postgres: no server binaries under ${root}/*/bin (Debian package postgresql-15); ${INSTALL_HINT}`);
   return join(root, versions[0], 'bin');
@@ -328,9 +338,7 @@ async function waitReady(service: string, procs: Managed[], timeoutMs: number, c
     }
     if (Date.now() > deadline) {
       const logs = procs.map((p) => `--- ${p.logFile}:\n${tail(p.logFile)}`).join('\n');
-      throw new Error(
-        `${service}: not ready after ${timeoutMs / 1000} s (last error: ${(lastErr as Error)?.message ?? lastErr}).\n${logs}`,
-      );
+      throw new Error(`${service}: not ready after ${timeoutMs / 1000} s (last error: ${(lastErr as Error)?.message ?? lastErr}).\n${logs}`);
     }
     await sleep(100);
   }
@@ -415,9 +423,10 @@ async function startPostgres(dir: string, registry: Registry): Promise<Restartab
   });
   await initdb.exited;
   if (initdb.child.exitCode !== 0) {
-    const hint = owner && /Permission denied/.test(tail(logFile))
-      ? ` The "postgres" user must be able to enter ${dir} and every folder above it (chmod o+x), or leave \`dir\` unset for a temp folder.`
-      : '';
+    const hint =
+      owner && /Permission denied/.test(tail(logFile))
+        ? ` The "postgres" user must be able to enter ${dir} and every folder above it (chmod o+x), or leave \`dir\` unset for a temp folder.`
+        : '';
     throw new Error(`postgres: initdb failed (exit ${initdb.child.exitCode}).${hint} Log ${logFile}:\n${tail(logFile)}`);
   }
 
@@ -426,14 +435,22 @@ async function startPostgres(dir: string, registry: Registry): Promise<Restartab
       name: 'postgres',
       cmd: join(bin, 'postgres'),
       args: [
-        '-D', data,
-        '-p', String(port),
-        '-c', 'listen_addresses=127.0.0.1',
-        '-c', 'unix_socket_directories=', // TCP only: no socket path-length limits or stale sockets
-        '-c', 'fsync=off', // throwaway data: durability only costs time
-        '-c', 'synchronous_commit=off',
-        '-c', 'full_page_writes=off',
-        '-c', 'max_connections=200', // per-test databases with their own pools add up
+        '-D',
+        data,
+        '-p',
+        String(port),
+        '-c',
+        'listen_addresses=127.0.0.1',
+        '-c',
+        'unix_socket_directories=', // TCP only: no socket path-length limits or stale sockets
+        '-c',
+        'fsync=off', // throwaway data: durability only costs time
+        '-c',
+        'synchronous_commit=off',
+        '-c',
+        'full_page_writes=off',
+        '-c',
+        'max_connections=200', // per-test databases with their own pools add up
       ],
       logFile,
       stopSignal: 'SIGINT',
@@ -494,14 +511,21 @@ async function startRedis(dir: string, registry: Registry): Promise<Restartable<
       name: 'redis-server',
       cmd,
       args: [
-        '--port', String(port),
-        '--bind', '127.0.0.1',
-        '--dir', data,
-        '--save', '', // no snapshots: throwaway data
-        '--appendonly', 'no',
+        '--port',
+        String(port),
+        '--bind',
+        '127.0.0.1',
+        '--dir',
+        data,
+        '--save',
+        '', // no snapshots: throwaway data
+        '--appendonly',
+        'no',
         // BullMQ requires noeviction: an evicted job key silently loses work.
-        '--maxmemory-policy', 'noeviction',
-        '--daemonize', 'no', // keep the PID we spawned as the server's
+        '--maxmemory-policy',
+        'noeviction',
+        '--daemonize',
+        'no', // keep the PID we spawned as the server's
       ],
       logFile,
     });
@@ -563,7 +587,16 @@ def filter_factory(global_conf, **local_conf):
     return deny_anonymous
 `;
 
-function swiftConfigs(o: { swiftDir: string; devices: string; user: string; proxyPort: number; ports: Record<(typeof SWIFT_SERVERS)[number], number>; account: string; user_: string; secret: string }) {
+function swiftConfigs(o: {
+  swiftDir: string;
+  devices: string;
+  user: string;
+  proxyPort: number;
+  ports: Record<(typeof SWIFT_SERVERS)[number], number>;
+  account: string;
+  user_: string;
+  secret: string;
+}) {
   const common = (port: number) => `[DEFAULT]
 bind_ip = 127.0.0.1
 bind_port = ${port}
@@ -822,9 +855,21 @@ export async function startServices(opts: StartOptions = {}): Promise<LocalServi
   };
 
   const [pgRes, redisRes, s3Res] = await Promise.allSettled([
-    timed('postgres', () => startPostgres(dir, registry), (v) => v.info.url),
-    timed('redis', () => startRedis(dir, registry), (v) => v.info.url),
-    timed('s3', () => startSwift(dir, registry), (v) => v.endpoint),
+    timed(
+      'postgres',
+      () => startPostgres(dir, registry),
+      (v) => v.info.url,
+    ),
+    timed(
+      'redis',
+      () => startRedis(dir, registry),
+      (v) => v.info.url,
+    ),
+    timed(
+      's3',
+      () => startSwift(dir, registry),
+      (v) => v.endpoint,
+    ),
   ]);
   const failures = [pgRes, redisRes, s3Res].flatMap((r) => (r.status === 'rejected' ? [r.reason as Error] : []));
   if (failures.length > 0 || pgRes.status !== 'fulfilled' || redisRes.status !== 'fulfilled' || s3Res.status !== 'fulfilled') {

@@ -112,10 +112,7 @@ export async function loadModel(dir: string, options: LoadOptions = {}): Promise
   if (failures.length > 0) options.log?.(`execution providers that failed: ${failures.join('; ')}`);
   options.log?.(`execution provider: ${provider} (asked for ${options.provider ?? 'auto'})`);
 
-  const [unet, vaeDecoder] = await Promise.all([
-    OnnxModel.open(file('unet'), provider, session),
-    OnnxModel.open(file('vae_decoder'), provider, session),
-  ]);
+  const [unet, vaeDecoder] = await Promise.all([OnnxModel.open(file('unet'), provider, session), OnnxModel.open(file('vae_decoder'), provider, session)]);
   checkSignature(textEncoder, unet, vaeDecoder);
 
   const sizes = await Promise.all(['text_encoder', 'unet', 'vae_decoder'].map((c) => componentSize(path.join(root, c))));

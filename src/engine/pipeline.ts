@@ -249,15 +249,10 @@ export class StableDiffusionPipeline {
     const { tokenizer, textEncoder } = this.model;
     const enc = tokenizer.encode(text);
     if (enc.truncated) {
-      warnings.push(
-        `${what} truncated to ${tokenizer.modelMaxLength - 2} tokens: ${enc.droppedTokens} tokens dropped ("${enc.droppedText}")`,
-      );
+      warnings.push(`${what} truncated to ${tokenizer.modelMaxLength - 2} tokens: ${enc.droppedTokens} tokens dropped ("${enc.droppedText}")`);
     }
     const outName = textEncoder.outputs.has('last_hidden_state') ? 'last_hidden_state' : [...textEncoder.outputs.keys()][0]!;
-    const out = await textEncoder.run(
-      { input_ids: intTensor(textEncoder.input('input_ids'), enc.ids, [1, enc.ids.length]) },
-      [outName],
-    );
+    const out = await textEncoder.run({ input_ids: intTensor(textEncoder.input('input_ids'), enc.ids, [1, enc.ids.length]) }, [outName]);
     return out[outName]!;
   }
 

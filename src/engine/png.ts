@@ -8,7 +8,9 @@ import sharp from 'sharp';
  */
 
 export async function encodePng(rgb: Uint8Array, width: number, height: number, text: Record<string, string>): Promise<Buffer> {
-  const png = await sharp(rgb, { raw: { width, height, channels: 3 } }).png({ compressionLevel: 6 }).toBuffer();
+  const png = await sharp(rgb, { raw: { width, height, channels: 3 } })
+    .png({ compressionLevel: 6 })
+    .toBuffer();
   return withTextChunks(png, text);
 }
 

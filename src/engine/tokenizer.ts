@@ -127,21 +127,22 @@ function unescapeHtml(text: string): string {
 }
 
 function cleanText(text: string): string {
-  return unescapeHtml(unescapeHtml(text))
-    .normalize('NFC')
-    .replace(/[\u2018\u2019\u201a\u201b]/g, "'") // ftfy's uncurl_quotes: "it’s" must split like "it's"
-    .replace(/[\u201c\u201d\u201e\u201f]/g, '"')
-    // Control and zero-width characters vanish (ftfy's remove_control_chars); \t \n \v \f \r
-    // and NEL stay, as whitespace.
-    .replace(/[\x00-\x08\x0e-\x1f\x7f-\x84\x86-\x9f\u200b-\u200d\u2060\ufeff]/g, '')
-    .replace(/[\s\x85]+/g, ' ') // Python's \s also covers NEL (U+0085); JS's does not
-    .trim()
-    .toLowerCase();
+  return (
+    unescapeHtml(unescapeHtml(text))
+      .normalize('NFC')
+      .replace(/[\u2018\u2019\u201a\u201b]/g, "'") // ftfy's uncurl_quotes: "it’s" must split like "it's"
+      .replace(/[\u201c\u201d\u201e\u201f]/g, '"')
+      // Control and zero-width characters vanish (ftfy's remove_control_chars); \t \n \v \f \r
+      // and NEL stay, as whitespace.
+      .replace(/[\x00-\x08\x0e-\x1f\x7f-\x84\x86-\x9f\u200b-\u200d\u2060\ufeff]/g, '')
+      .replace(/[\s\x85]+/g, ' ') // Python's \s also covers NEL (U+0085); JS's does not
+      .trim()
+      .toLowerCase()
+  );
 }
 
 /** CLIP's pre-tokenizer: special tokens, contractions, letter runs, single digits, symbol runs. */
-const CLIP_SPLIT =
-  /<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+/giu;
+const CLIP_SPLIT = /<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+/giu;
 
 /** transformers' decode clean-up (clean_up_tokenization_spaces=True). */
 function cleanUpTokenizationSpaces(text: string): string {
@@ -166,8 +167,7 @@ function vocabToMap(vocab: Vocab, source: string): Map<string, number> {
   for (const [token, id] of entries) {
     if (!Number.isInteger(id) || id < 0) {
       throw new Error(
-        `${source}: expected a JSON object mapping token to id (a non-negative integer), ` +
-          `but ${JSON.stringify(token)} maps to ${JSON.stringify(id)}`,
+        `${source}: expected a JSON object mapping token to id (a non-negative integer), ` + `but ${JSON.stringify(token)} maps to ${JSON.stringify(id)}`,
       );
     }
     map.set(token, id);
@@ -195,15 +195,9 @@ function resolveSpecial(vocab: ReadonlyMap<string, number>, token: string, role:
 }
 
 function checkModelMaxLength(value: unknown, source: string): number {
-  if (
-    typeof value !== 'number' ||
-    !Number.isInteger(value) ||
-    value < MIN_MODEL_MAX_LENGTH ||
-    value > MAX_MODEL_MAX_LENGTH
-  ) {
+  if (typeof value !== 'number' || !Number.isInteger(value) || value < MIN_MODEL_MAX_LENGTH || value > MAX_MODEL_MAX_LENGTH) {
     throw new Error(
-      `${source}: model_max_length must be an integer from ${MIN_MODEL_MAX_LENGTH} to ${MAX_MODEL_MAX_LENGTH}, ` +
-        `got ${JSON.stringify(value)}`,
+      `${source}: model_max_length must be an integer from ${MIN_MODEL_MAX_LENGTH} to ${MAX_MODEL_MAX_LENGTH}, ` + `got ${JSON.stringify(value)}`,
     );
   }
   return value;
@@ -241,12 +235,7 @@ export class ClipTokenizer {
   private readonly specialsByLength: readonly string[];
   private readonly bpeCache = new Map<string, readonly string[]>();
 
-  private constructor(
-    vocab: Map<string, number>,
-    ranks: Map<string, number>,
-    options: Required<SpecialTokenOptions>,
-    sources: OptionSources,
-  ) {
+  private constructor(vocab: Map<string, number>, ranks: Map<string, number>, options: Required<SpecialTokenOptions>, sources: OptionSources) {
     this.vocab = vocab;
     // Later tokens win on duplicate ids, as in transformers' `{v: k for k, v in encoder.items()}`.
     this.idToToken = new Map([...vocab].map(([token, id]) => [id, token]));
@@ -260,9 +249,7 @@ export class ClipTokenizer {
     this.eosId = resolveSpecial(vocab, options.eosToken, 'eos_token', sourceOf(sources, 'eosToken'));
     this.padId = resolveSpecial(vocab, options.padToken, 'pad_token', sourceOf(sources, 'padToken'));
     this.unkId = resolveSpecial(vocab, options.unkToken, 'unk_token', sourceOf(sources, 'unkToken'));
-    this.specialsByLength = [...new Set([this.bosToken, this.eosToken, this.padToken, this.unkToken])].sort(
-      (a, b) => b.length - a.length,
-    );
+    this.specialsByLength = [...new Set([this.bosToken, this.eosToken, this.padToken, this.unkToken])].sort((a, b) => b.length - a.length);
   }
 
   get vocabSize(): number {
@@ -436,7 +423,7 @@ export class ClipTokenizer {
       const second = symbols[best + 1]!;
       const merged: string[] = [];
       const fromOld: number[] = []; // index in `symbols` of each merged symbol, -1 if new
-      for (let i = 0; i < symbols.length; ) {
+      for (let i = 0; i < symbols.length;) {
         if (i >= best && symbols[i] === first && i + 1 < symbols.length && symbols[i + 1] === second) {
           merged.push(first + second);
           fromOld.push(-1);
@@ -508,12 +495,7 @@ const SPECIAL_KEYS = [
 ] as const;
 
 /** A special token is a string or an AddedToken object `{content: string, ...}`. */
-function readSpecialTokens(
-  json: Record<string, unknown>,
-  file: string,
-  into: SpecialTokenOptions,
-  sources: OptionSources,
-): void {
+function readSpecialTokens(json: Record<string, unknown>, file: string, into: SpecialTokenOptions, sources: OptionSources): void {
   for (const [key, option] of SPECIAL_KEYS) {
     const value = json[key];
     if (value === undefined || value === null) continue;
@@ -569,9 +551,7 @@ export function clipVocabFromBpeMerges(
   mergeCount: number = CLIP_MERGE_COUNT,
 ): { vocab: Map<string, number>; merges: string[] } {
   if (mergesLines.length < mergeCount + 1) {
-    throw new Error(
-      `CLIP merges: expected a header line and ${mergeCount} merges, got ${mergesLines.length} lines`,
-    );
+    throw new Error(`CLIP merges: expected a header line and ${mergeCount} merges, got ${mergesLines.length} lines`);
   }
   const merges = mergesLines.slice(1, mergeCount + 1).map((line, i) => parseMergePair(line, `CLIP merges:${i + 2}`));
   const bytes = byteSymbolsInVocabOrder();
@@ -595,11 +575,7 @@ export async function writeTokenizerDirectory(dir: string, data: TokenizerData):
 
   await mkdir(dir, { recursive: true });
   await writeFile(path.join(dir, 'vocab.json'), JSON.stringify(Object.fromEntries(byId), null, 2) + '\n', 'utf8');
-  await writeFile(
-    path.join(dir, 'merges.txt'),
-    ['#version: 0.2', ...data.merges.map((m) => parseMergePair(m, 'merges').join(' '))].join('\n') + '\n',
-    'utf8',
-  );
+  await writeFile(path.join(dir, 'merges.txt'), ['#version: 0.2', ...data.merges.map((m) => parseMergePair(m, 'merges').join(' '))].join('\n') + '\n', 'utf8');
   const config = {
     tokenizer_class: 'CLIPTokenizer',
     model_max_length: tokenizer.modelMaxLength,

@@ -59,8 +59,17 @@ export async function startWorker(config: Config = loadConfig(process.env, 'work
           log: (level, msg) => logger[level]({ component: 'engine' }, msg),
         });
   const modelName = path.basename(engine.info.modelDir);
-  logger.info({ modelDir: engine.info.modelDir, engine: config.ENGINE, provider: engine.info.provider, loadMs: Math.round(engine.info.loadMs) }, 'model loaded');
-  metrics.setModel({ model: modelName, schedulers: SCHEDULER_NAMES, provider: engine.info.provider, version: packageVersion(), loadSeconds: engine.info.loadMs / 1000 });
+  logger.info(
+    { modelDir: engine.info.modelDir, engine: config.ENGINE, provider: engine.info.provider, loadMs: Math.round(engine.info.loadMs) },
+    'model loaded',
+  );
+  metrics.setModel({
+    model: modelName,
+    schedulers: SCHEDULER_NAMES,
+    provider: engine.info.provider,
+    version: packageVersion(),
+    loadSeconds: engine.info.loadMs / 1000,
+  });
   // Queue depth for t2i_queue_jobs, read on each scrape through a fail-fast connection of its own;
   // the reconciler uses it too.
   const settings = queueSettings(config);
@@ -90,7 +99,15 @@ export async function startWorker(config: Config = loadConfig(process.env, 'work
     async (job) => {
       // Bound once: every line about this job, the engine thread's included, carries its id, attempt and worker id.
       const log = logger.child({ jobId: job.id, attempt: job.attempt });
-      await process_({ imageId: job.imageId, jobId: job.id, attempt: job.attempt, maxAttempts: job.maxAttempts, enqueuedAt: job.enqueuedAt, log, signal: job.signal });
+      await process_({
+        imageId: job.imageId,
+        jobId: job.id,
+        attempt: job.attempt,
+        maxAttempts: job.maxAttempts,
+        enqueuedAt: job.enqueuedAt,
+        log,
+        signal: job.signal,
+      });
     },
     (err) => logger.error({ err }, 'queue error'),
   );
@@ -133,11 +150,15 @@ export async function startWorker(config: Config = loadConfig(process.env, 'work
       return;
     }
     if (req.url === '/readyz') {
-      void readiness({ model: async () => {
+      void readiness({
+        model: async () => {
           if (!engine.alive) throw new Error('engine down');
         },
-        postgres: () => repo.ping(), redis: async () => void (await queue.counts()), storage: () => storage.ping() }).then(
-        ({ ok, checks }) => res.writeHead(ok ? 200 : 503, { 'content-type': 'application/json' }).end(JSON.stringify({ status: ok ? 'ready' : 'not ready', checks })),
+        postgres: () => repo.ping(),
+        redis: async () => void (await queue.counts()),
+        storage: () => storage.ping(),
+      }).then(({ ok, checks }) =>
+        res.writeHead(ok ? 200 : 503, { 'content-type': 'application/json' }).end(JSON.stringify({ status: ok ? 'ready' : 'not ready', checks })),
       );
       return;
     }

@@ -47,11 +47,26 @@ export function createWorkerMetrics(): WorkerMetrics {
     buckets: JOB_DURATION_BUCKETS,
     registers,
   });
-  const queueWait = new Histogram({ name: 't2i_job_queue_wait_seconds', help: 'Time from submission to a worker starting the first attempt.', buckets: QUEUE_WAIT_BUCKETS, registers });
+  const queueWait = new Histogram({
+    name: 't2i_job_queue_wait_seconds',
+    help: 'Time from submission to a worker starting the first attempt.',
+    buckets: QUEUE_WAIT_BUCKETS,
+    registers,
+  });
   const inProgress = new Gauge({ name: 't2i_jobs_in_progress', help: 'Jobs this worker is running now (0 or 1).', registers });
-  const step = new Histogram({ name: 't2i_denoise_step_duration_seconds', help: 'Duration of one denoising step (UNet runs and scheduler).', buckets: STEP_DURATION_BUCKETS, registers });
+  const step = new Histogram({
+    name: 't2i_denoise_step_duration_seconds',
+    help: 'Duration of one denoising step (UNet runs and scheduler).',
+    buckets: STEP_DURATION_BUCKETS,
+    registers,
+  });
   const modelLoad = new Gauge({ name: 't2i_model_load_duration_seconds', help: 'How long this worker took to load its model at start.', registers });
-  const info = new Gauge({ name: 't2i_worker_info', help: 'Always 1; the labels say which model, schedulers, execution provider and version this worker runs.', labelNames: ['model', 'schedulers', 'provider', 'version'], registers });
+  const info = new Gauge({
+    name: 't2i_worker_info',
+    help: 'Always 1; the labels say which model, schedulers, execution provider and version this worker runs.',
+    labelNames: ['model', 'schedulers', 'provider', 'version'],
+    registers,
+  });
 
   // Series exist at 0 from the start, so rates and ratios are defined before the first event.
   for (const outcome of OUTCOMES) {
@@ -109,7 +124,11 @@ export function createWorkerMetrics(): WorkerMetrics {
           }
         },
       });
-      queueErrors = new Counter({ name: 't2i_queue_counts_errors_total', help: 'Scrapes on which queue depth could not be read from Redis in time.', registers });
+      queueErrors = new Counter({
+        name: 't2i_queue_counts_errors_total',
+        help: 'Scrapes on which queue depth could not be read from Redis in time.',
+        registers,
+      });
     },
   };
 }

@@ -110,7 +110,16 @@ export function createProcessor(deps: ProcessorDeps) {
       job.log.error({ err: withoutTexts(err, seen.secrets), outcome: final ? 'failed' : 'retrying', final, durationMs }, 'job attempt failed');
       deps.reporter?.capture(err, {
         level: final ? 'error' : 'warning',
-        tags: { jobId: job.jobId ?? job.imageId, imageId: job.imageId, attempt: job.attempt, maxAttempts: job.maxAttempts, final, model: deps.modelName, scheduler: seen.scheduler, workerId: deps.workerId },
+        tags: {
+          jobId: job.jobId ?? job.imageId,
+          imageId: job.imageId,
+          attempt: job.attempt,
+          maxAttempts: job.maxAttempts,
+          final,
+          model: deps.modelName,
+          scheduler: seen.scheduler,
+          workerId: deps.workerId,
+        },
         redact: seen.secrets,
       });
       throw err;

@@ -25,13 +25,37 @@ describe('t2i CLI', () => {
   it('make-test-models writes loadable model directories', async () => {
     const { stdout } = await t2i(['make-test-models', 'models', '--kind', 'oracle']);
     expect(stdout.trim()).toBe(path.join(dir, 'models', 'oracle'));
-    for (const f of ['model_index.json', 'unet/model.onnx', 'text_encoder/model.onnx', 'vae_decoder/model.onnx', 'tokenizer/vocab.json', 'scheduler/scheduler_config.json']) {
+    for (const f of [
+      'model_index.json',
+      'unet/model.onnx',
+      'text_encoder/model.onnx',
+      'vae_decoder/model.onnx',
+      'tokenizer/vocab.json',
+      'scheduler/scheduler_config.json',
+    ]) {
       expect(existsSync(path.join(dir, 'models', 'oracle', f))).toBe(true);
     }
   });
 
   it('generate writes a PNG with progress and per-phase timings', async () => {
-    const { stdout, stderr } = await t2i(['generate', 'a red circle', '--model', 'models/oracle', '--steps', '5', '--seed', '3', '--width', '128', '--height', '128', '--scheduler', 'euler', '-o', 'out.png']);
+    const { stdout, stderr } = await t2i([
+      'generate',
+      'a red circle',
+      '--model',
+      'models/oracle',
+      '--steps',
+      '5',
+      '--seed',
+      '3',
+      '--width',
+      '128',
+      '--height',
+      '128',
+      '--scheduler',
+      'euler',
+      '-o',
+      'out.png',
+    ]);
     expect(stdout.trim()).toBe(path.join(dir, 'out.png'));
     expect(stderr).toMatch(/step 5\/5/);
     expect(stderr).toMatch(/load [\d.]+ s \| encode [\d.]+ s \| denoise [\d.]+ s \| decode [\d.]+ s \| total [\d.]+ s/);
@@ -42,7 +66,9 @@ describe('t2i CLI', () => {
 
   it('tokenize prints ids and the truncation', async () => {
     const { stdout } = await t2i(['tokenize', Array(40).fill('red circle').join(' '), '--model', 'models/oracle']);
-    expect(stdout).toMatch(/^\d+( \d+)+\n77 tokens \(with start and end\), padded to 77 with \d+\ntruncated: 5 tokens dropped: "circle red circle red circle"\n$/);
+    expect(stdout).toMatch(
+      /^\d+( \d+)+\n77 tokens \(with start and end\), padded to 77 with \d+\ntruncated: 5 tokens dropped: "circle red circle red circle"\n$/,
+    );
   });
 
   it('explains bad arguments in one line and exits 1', async () => {

@@ -180,13 +180,16 @@ describe('engine thread', () => {
       expect(engine.info).toMatchObject({ provider: 'cpu', defaultScheduler: 'pndm' });
       const controller = new AbortController();
       const progress: number[] = [];
-      const first = engine.generate({ ...RUN, numSteps: 40 }, {
-        signal: controller.signal,
-        onProgress: (p) => {
-          progress.push(p.step);
-          if (p.step === 2) controller.abort();
+      const first = engine.generate(
+        { ...RUN, numSteps: 40 },
+        {
+          signal: controller.signal,
+          onProgress: (p) => {
+            progress.push(p.step);
+            if (p.step === 2) controller.abort();
+          },
         },
-      });
+      );
       const second = engine.generate({ ...RUN, prompt: 'a blue square' });
       await expect(first).rejects.toMatchObject({ name: 'AbortError' });
       expect(progress.at(-1)).toBeLessThan(40);

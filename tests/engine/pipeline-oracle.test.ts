@@ -38,9 +38,6 @@ async function pixels(png: Buffer): Promise<{ data: Buffer; width: number; heigh
   return { data, width: info.width, height: info.height };
 }
 
-
-
-
 // sqrt(1 - abar_0) for SD 1.5's schedule: what PNDM and DDIM leave of the noise by design
 // (set_alpha_to_one false: the last step lands on alphas_cumprod[0], not on 1).
 const RESIDUAL_NOISE = Math.sqrt(1 - (1 - 0.00085));
@@ -70,7 +67,12 @@ describe('oracle model: every scheduler lands on the target', () => {
       expect(r).toBeGreaterThan(240);
       expect(gg).toBeLessThan(15);
       expect(b).toBeLessThan(15);
-      for (const [x, y] of [[2, 2], [125, 2], [2, 125], [125, 125]] as const) {
+      for (const [x, y] of [
+        [2, 2],
+        [125, 2],
+        [2, 125],
+        [125, 125],
+      ] as const) {
         for (const v of at(x, y)) expect(Math.abs(v - 102)).toBeLessThan(16);
       }
     });
@@ -147,7 +149,15 @@ describe('pipeline contract', () => {
   });
 
   it('carries the generation parameters as PNG text', async () => {
-    const g = await pipe.generate({ prompt: 'a red circle — ünïcode', negativePrompt: 'blue', seed: 99, scheduler: 'euler', numSteps: 3, width: 64, height: 64 });
+    const g = await pipe.generate({
+      prompt: 'a red circle — ünïcode',
+      negativePrompt: 'blue',
+      seed: 99,
+      scheduler: 'euler',
+      numSteps: 3,
+      width: 64,
+      height: 64,
+    });
     const text = readPngText(g.png);
     expect(text).toMatchObject({
       prompt: 'a red circle — ünïcode',
@@ -178,10 +188,13 @@ describe('pipeline contract', () => {
     let last = 0;
     const run = pipe.generate(
       { prompt: 'a red circle', seed: 1, scheduler: 'euler', numSteps: 30, width: 64, height: 64 },
-      { signal: controller.signal, onProgress: (p) => {
-        last = p.step;
-        if (p.step === 3) controller.abort();
-      } },
+      {
+        signal: controller.signal,
+        onProgress: (p) => {
+          last = p.step;
+          if (p.step === 3) controller.abort();
+        },
+      },
     );
     await expect(run).rejects.toMatchObject({ name: 'AbortError' });
     expect(last).toBe(3);

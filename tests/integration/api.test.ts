@@ -101,7 +101,9 @@ async function createImage(body: Record<string, unknown> = { prompt: 'a red circ
 }
 
 async function tinyPng(): Promise<Buffer> {
-  return sharp({ create: { width: 8, height: 8, channels: 3, background: { r: 200, g: 10, b: 10 } } }).png().toBuffer();
+  return sharp({ create: { width: 8, height: 8, channels: 3, background: { r: 200, g: 10, b: 10 } } })
+    .png()
+    .toBuffer();
 }
 
 describe('POST /generated-images', () => {
@@ -139,7 +141,17 @@ describe('POST /generated-images', () => {
     // The row is in Postgres with the same values, seed included.
     const row = await db.generatedImage.findUnique({ where: { id: body.id } });
     expect(row).not.toBeNull();
-    expect(row).toMatchObject({ status: 'queued', prompt, negativePrompt: null, numSteps: 50, guidanceScale: 9, width: 512, height: 512, scheduler: 'pndm', progress: 0 });
+    expect(row).toMatchObject({
+      status: 'queued',
+      prompt,
+      negativePrompt: null,
+      numSteps: 50,
+      guidanceScale: 9,
+      width: 512,
+      height: 512,
+      scheduler: 'pndm',
+      progress: 0,
+    });
     expect(Number(row!.seed)).toBe(body.seed);
 
     // One BullMQ job keyed by the row id, carrying the id only: no prompt in Redis.
@@ -153,7 +165,16 @@ describe('POST /generated-images', () => {
   });
 
   it('echoes every parameter that is given, seed included', async () => {
-    const sent = { prompt: 'a blue square', negative_prompt: 'green', num_steps: 20, guidance_scale: 7.5, seed: 42, width: 256, height: 128, scheduler: 'euler' };
+    const sent = {
+      prompt: 'a blue square',
+      negative_prompt: 'green',
+      num_steps: 20,
+      guidance_scale: 7.5,
+      seed: 42,
+      width: 256,
+      height: 128,
+      scheduler: 'euler',
+    };
     const body = await createImage(sent);
     expect(body).toMatchObject(sent);
     const again = await api().get(`/generated-images/${body.id}`);
@@ -414,15 +435,22 @@ describe('other routes', () => {
 describe('property: arbitrary JSON bodies never make a 5xx', () => {
   const KEYS = ['prompt', 'negative_prompt', 'num_steps', 'guidance_scale', 'seed', 'width', 'height', 'scheduler', '__proto__', 'constructor', 'toString', ''];
   const key = fc.oneof(fc.constantFrom(...KEYS), fc.string({ maxLength: 12 }));
-  const valid = { prompt: 'a red circle on the left', num_steps: 20, seed: 42, guidance_scale: 7.5, width: 256, height: 256, scheduler: 'ddim', negative_prompt: 'blue' };
-  const mutated = fc
-    .tuple(fc.subarray(Object.keys(valid)), fc.dictionary(key, fc.jsonValue({ maxDepth: 2 }), { maxKeys: 3 }))
-    .map(([keep, extra]) => {
-      const out: Record<string, unknown> = {};
-      for (const k of keep) out[k] = valid[k as keyof typeof valid];
-      for (const [k, v] of Object.entries(extra)) Object.defineProperty(out, k, { value: v, enumerable: true, writable: true, configurable: true });
-      return out;
-    });
+  const valid = {
+    prompt: 'a red circle on the left',
+    num_steps: 20,
+    seed: 42,
+    guidance_scale: 7.5,
+    width: 256,
+    height: 256,
+    scheduler: 'ddim',
+    negative_prompt: 'blue',
+  };
+  const mutated = fc.tuple(fc.subarray(Object.keys(valid)), fc.dictionary(key, fc.jsonValue({ maxDepth: 2 }), { maxKeys: 3 })).map(([keep, extra]) => {
+    const out: Record<string, unknown> = {};
+    for (const k of keep) out[k] = valid[k as keyof typeof valid];
+    for (const [k, v] of Object.entries(extra)) Object.defineProperty(out, k, { value: v, enumerable: true, writable: true, configurable: true });
+    return out;
+  });
   const body = fc.oneof(
     fc.jsonValue({ maxDepth: 3 }),
     fc.dictionary(key, fc.jsonValue({ maxDepth: 2 }), { maxKeys: 6 }),
@@ -433,7 +461,10 @@ describe('property: arbitrary JSON bodies never make a 5xx', () => {
   it('every response is a 201 job or a problem+json with a detail', async () => {
     await fc.assert(
       fc.asyncProperty(body, async (b) => {
-        const res = await api().post('/generated-images').set('content-type', 'application/json').send(JSON.stringify(b) ?? 'null');
+        const res = await api()
+          .post('/generated-images')
+          .set('content-type', 'application/json')
+          .send(JSON.stringify(b) ?? 'null');
         expect(res.status).toBeLessThan(500);
         if (res.status === 201) {
           expect(res.body.id).toMatch(UUID_RE);

@@ -33,7 +33,8 @@ afterAll(async () => {
   await api?.close();
 });
 
-const post = (body: object) => fetch(`${base}/generated-images`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) });
+const post = (body: object) =>
+  fetch(`${base}/generated-images`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) });
 const cancel = (id: string) => fetch(`${base}/generated-images/${id}/cancel`, { method: 'POST' });
 const get = async (id: string) => (await (await fetch(`${base}/generated-images/${id}`)).json()) as Record<string, unknown>;
 

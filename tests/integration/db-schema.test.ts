@@ -25,12 +25,27 @@ const MIGRATIONS_DIR = join(ROOT, 'prisma', 'migrations');
 // ---------------------------------------------------------------------------------------------
 // A minimal schema.prisma reader: just enough for the drift check, and loud about the rest.
 
-interface ExpectedColumn { name: string; type: string; notNull: boolean; default: string | null }
-interface ExpectedTable { name: string; columns: ExpectedColumn[]; pk: { name: string; columns: string[] }; indexes: string[] }
-interface ExpectedSchema { enums: Map<string, string[]>; tables: ExpectedTable[] }
+interface ExpectedColumn {
+  name: string;
+  type: string;
+  notNull: boolean;
+  default: string | null;
+}
+interface ExpectedTable {
+  name: string;
+  columns: ExpectedColumn[];
+  pk: { name: string; columns: string[] };
+  indexes: string[];
+}
+interface ExpectedSchema {
+  enums: Map<string, string[]>;
+  tables: ExpectedTable[];
+}
 
 const unsupported = (what: string): never => {
-  throw new Error(`drift check: schema.prisma uses ${what}, which the small parser in tests/integration/db-schema.test.ts does not understand yet; extend parseSchema there`);
+  throw new Error(
+    `drift check: schema.prisma uses ${what}, which the small parser in tests/integration/db-schema.test.ts does not understand yet; extend parseSchema there`,
+  );
 };
 
 /** Drops // comments (including /// docs) outside string literals. */
@@ -49,14 +64,20 @@ function stripComments(text: string): string {
     .join('\n');
 }
 
-interface Attr { name: string; args: string | null }
+interface Attr {
+  name: string;
+  args: string | null;
+}
 
 /** Splits `@id @default(dbgenerated("x()")) @db.Uuid` into attributes with their raw arguments. */
 function parseAttrs(text: string): Attr[] {
   const attrs: Attr[] = [];
   let i = 0;
   while (i < text.length) {
-    if (/\s/.test(text[i]!)) { i++; continue; }
+    if (/\s/.test(text[i]!)) {
+      i++;
+      continue;
+    }
     if (text[i] !== '@') unsupported(`unexpected text "${text.slice(i)}"`);
     const m = /^@@?[\w.]+/.exec(text.slice(i))!;
     i += m[0].length;
@@ -91,7 +112,10 @@ function splitTop(text: string): string[] {
     if (c === '"' && text[i - 1] !== '\\') inStr = !inStr;
     if (!inStr && (c === '(' || c === '[')) depth++;
     if (!inStr && (c === ')' || c === ']')) depth--;
-    if (!inStr && depth === 0 && c === ',') { parts.push(cur.trim()); cur = ''; } else cur += c;
+    if (!inStr && depth === 0 && c === ',') {
+      parts.push(cur.trim());
+      cur = '';
+    } else cur += c;
   }
   if (cur.trim()) parts.push(cur.trim());
   return parts;
@@ -106,20 +130,36 @@ function columnType(prismaType: string, dbAttr: Attr | undefined, enumDbName: st
     const native = dbAttr.name.slice('@db.'.length);
     const arg = dbAttr.args?.trim();
     switch (native) {
-      case 'Uuid': return 'uuid';
-      case 'Text': return 'text';
-      case 'VarChar': return arg ? `character varying(${arg})` : 'character varying';
-      case 'Timestamptz': return `timestamp${arg ? `(${arg})` : ''} with time zone`;
-      case 'Timestamp': return `timestamp${arg ? `(${arg})` : ''} without time zone`;
-      case 'Integer': return 'integer';
-      case 'BigInt': return 'bigint';
-      case 'DoublePrecision': return 'double precision';
-      default: return unsupported(`@db.${native}`);
+      case 'Uuid':
+        return 'uuid';
+      case 'Text':
+        return 'text';
+      case 'VarChar':
+        return arg ? `character varying(${arg})` : 'character varying';
+      case 'Timestamptz':
+        return `timestamp${arg ? `(${arg})` : ''} with time zone`;
+      case 'Timestamp':
+        return `timestamp${arg ? `(${arg})` : ''} without time zone`;
+      case 'Integer':
+        return 'integer';
+      case 'BigInt':
+        return 'bigint';
+      case 'DoublePrecision':
+        return 'double precision';
+      default:
+        return unsupported(`@db.${native}`);
     }
   }
   const defaults: Record<string, string> = {
-    String: 'text', Int: 'integer', BigInt: 'bigint', Float: 'double precision', Boolean: 'boolean',
-    DateTime: 'timestamp(3) without time zone', Json: 'jsonb', Bytes: 'bytea', Decimal: 'numeric(65,30)',
+    String: 'text',
+    Int: 'integer',
+    BigInt: 'bigint',
+    Float: 'double precision',
+    Boolean: 'boolean',
+    DateTime: 'timestamp(3) without time zone',
+    Json: 'jsonb',
+    Bytes: 'bytea',
+    Decimal: 'numeric(65,30)',
   };
   return defaults[prismaType] ?? unsupported(`the field type ${prismaType} (a relation?)`);
 }
@@ -154,7 +194,10 @@ function parseSchema(text: string): ExpectedSchema {
     if (kind !== 'enum') continue;
     const values: string[] = [];
     let dbName = name!;
-    for (const line of body!.split('\n').map((l) => l.trim()).filter(Boolean)) {
+    for (const line of body!
+      .split('\n')
+      .map((l) => l.trim())
+      .filter(Boolean)) {
       if (line.startsWith('@@map(')) dbName = unquote(line.slice(6, -1));
       else if (/^\w+$/.test(line)) values.push(line);
       else unsupported(`the enum line "${line}"`);
@@ -168,27 +211,40 @@ function parseSchema(text: string): ExpectedSchema {
     if (kind !== 'model') continue;
     const fields: Array<{ name: string; column: string; type: string; optional: boolean; attrs: Attr[]; enumDb: string | undefined }> = [];
     const blockAttrs: Attr[] = [];
-    for (const line of body!.split('\n').map((l) => l.trim()).filter(Boolean)) {
-      if (line.startsWith('@@')) { blockAttrs.push(...parseAttrs(line)); continue; }
+    for (const line of body!
+      .split('\n')
+      .map((l) => l.trim())
+      .filter(Boolean)) {
+      if (line.startsWith('@@')) {
+        blockAttrs.push(...parseAttrs(line));
+        continue;
+      }
       const m = /^(\w+)\s+(\w+)(\?|\[\])?\s*(.*)$/.exec(line) ?? unsupported(`the model line "${line}"`);
       if (m[3] === '[]') unsupported(`the list field ${m[1]}`);
       const attrs = parseAttrs(m[4]!);
       const map = attrs.find((a) => a.name === '@map');
       fields.push({
-        name: m[1]!, column: map ? unquote(map.args!) : m[1]!, type: m[2]!, optional: m[3] === '?', attrs,
+        name: m[1]!,
+        column: map ? unquote(map.args!) : m[1]!,
+        type: m[2]!,
+        optional: m[3] === '?',
+        attrs,
         enumDb: enumDbNames.get(m[2]!),
       });
     }
     const tableMap = blockAttrs.find((a) => a.name === '@@map');
     const table = tableMap ? unquote(tableMap.args!) : modelName!;
-    const columnOf = (fieldName: string) =>
-      fields.find((f) => f.name === fieldName)?.column ?? unsupported(`an index on unknown field ${fieldName}`);
+    const columnOf = (fieldName: string) => fields.find((f) => f.name === fieldName)?.column ?? unsupported(`an index on unknown field ${fieldName}`);
 
     const columns = fields.map((f): ExpectedColumn => {
       for (const a of f.attrs) {
         if (!['@map', '@id', '@default', '@updatedAt'].includes(a.name) && !a.name.startsWith('@db.')) unsupported(`${a.name} on ${modelName}.${f.name}`);
       }
-      const type = columnType(f.type, f.attrs.find((a) => a.name.startsWith('@db.')), f.enumDb);
+      const type = columnType(
+        f.type,
+        f.attrs.find((a) => a.name.startsWith('@db.')),
+        f.enumDb,
+      );
       const def = f.attrs.find((a) => a.name === '@default');
       return { name: f.column, type, notNull: !f.optional, default: def ? columnDefault(def.args!, type, f.enumDb) : null };
     });
@@ -209,7 +265,13 @@ function parseSchema(text: string): ExpectedSchema {
       const mapArg = named.find((n) => /^(map|name):/.test(n));
       if (named.some((n) => !/^(map|name):/.test(n))) unsupported(`index arguments ${named.join(', ')}`);
       const unique = a.name === '@@unique';
-      const name = mapArg ? unquote(mapArg.split(':')[1]!) : prismaName(table, cols.map((c) => c.column), unique ? 'key' : 'idx');
+      const name = mapArg
+        ? unquote(mapArg.split(':')[1]!)
+        : prismaName(
+            table,
+            cols.map((c) => c.column),
+            unique ? 'key' : 'idx',
+          );
       const colSql = cols.map((c) => `${c.column}${c.desc ? ' DESC' : ''}`).join(', ');
       indexes.push(`CREATE ${unique ? 'UNIQUE ' : ''}INDEX ${name} ON public.${table} USING btree (${colSql})`);
     }
@@ -407,16 +469,11 @@ describe('applyMigrations', () => {
       const { rows } = await c.query<{ conname: string }>(
         `SELECT conname FROM pg_constraint WHERE conrelid = 'generated_images'::regclass AND contype = 'c' ORDER BY conname`,
       );
-      expect(rows.map((r) => r.conname)).toEqual([
-        'generated_images_num_steps_check', 'generated_images_progress_check', 'generated_images_seed_check',
-      ]);
+      expect(rows.map((r) => r.conname)).toEqual(['generated_images_num_steps_check', 'generated_images_progress_check', 'generated_images_seed_check']);
       const insert = (over: Record<string, unknown>) => {
         const row = { prompt: 'p', num_steps: 1, guidance_scale: 7.5, seed: 0, width: 64, height: 64, scheduler: 'euler', ...over };
         const keys = Object.keys(row);
-        return c.query(
-          `INSERT INTO generated_images (${keys.join(', ')}) VALUES (${keys.map((_, i) => `$${i + 1}`).join(', ')})`,
-          Object.values(row),
-        );
+        return c.query(`INSERT INTO generated_images (${keys.join(', ')}) VALUES (${keys.map((_, i) => `$${i + 1}`).join(', ')})`, Object.values(row));
       };
       await insert({ seed: '4294967295', progress: 100 });
       await expect(insert({ progress: 101 })).rejects.toThrow(/generated_images_progress_check/);
@@ -458,9 +515,7 @@ describe('applyMigrations', () => {
       // The init migration before it stays applied; nothing of the bad one is left.
       expect((await c.query("SELECT to_regclass('generated_images') IS NOT NULL AS ok")).rows[0].ok).toBe(true);
       expect((await c.query("SELECT to_regclass('should_not_exist') IS NULL AS ok")).rows[0].ok).toBe(true);
-      const col = await c.query(
-        "SELECT 1 FROM information_schema.columns WHERE table_name = 'generated_images' AND column_name = 'should_not_exist'",
-      );
+      const col = await c.query("SELECT 1 FROM information_schema.columns WHERE table_name = 'generated_images' AND column_name = 'should_not_exist'");
       expect(col.rowCount).toBe(0);
 
       const { rows } = await c.query('SELECT * FROM _prisma_migrations WHERE migration_name = $1', [bad]);
@@ -482,9 +537,7 @@ describe('applyMigrations', () => {
     expect((again as Error).message).toMatch(/rolled_back_at/);
 
     // Resolving it as prisma migrate resolve --rolled-back does, and fixing the file, lets it through.
-    await withClient(url, (c) =>
-      c.query('UPDATE _prisma_migrations SET rolled_back_at = now() WHERE migration_name = $1 AND finished_at IS NULL', [bad]),
-    );
+    await withClient(url, (c) => c.query('UPDATE _prisma_migrations SET rolled_back_at = now() WHERE migration_name = $1 AND finished_at IS NULL', [bad]));
     writeFileSync(join(dir, bad, 'migration.sql'), 'CREATE TABLE "now_it_exists" ("id" INTEGER NOT NULL);\n');
     expect(await applyMigrations(url, { migrationsDir: dir })).toEqual({ applied: [bad] });
   });
@@ -535,8 +588,14 @@ describe('createPrismaClient (generated client over @prisma/adapter-pg)', () => 
   it('creates and reads back a job with database defaults filled in', async () => {
     const created = await db.generatedImage.create({
       data: {
-        prompt: 'a lighthouse at dusk', negativePrompt: null, numSteps: 20, guidanceScale: 7.5,
-        seed: 4294967295n, width: 512, height: 512, scheduler: 'euler_a',
+        prompt: 'a lighthouse at dusk',
+        negativePrompt: null,
+        numSteps: 20,
+        guidanceScale: 7.5,
+        seed: 4294967295n,
+        width: 512,
+        height: 512,
+        scheduler: 'euler_a',
       },
     });
     expect(created.id).toMatch(/^[0-9a-f-]{36}$/);

@@ -29,7 +29,11 @@ type Yaml = any;
 function yamlFile(p: string): Yaml {
   const docs = parseAllDocuments(read(p), { merge: true });
   const list = Array.isArray(docs) ? docs : [docs];
-  for (const d of list) expect(d.errors.map((e) => e.message), `YAML errors in ${p}`).toEqual([]);
+  for (const d of list)
+    expect(
+      d.errors.map((e) => e.message),
+      `YAML errors in ${p}`,
+    ).toEqual([]);
   return list.map((d) => d.toJS({ maxAliasCount: -1 }) as Yaml).filter((d) => d != null);
 }
 
@@ -89,16 +93,19 @@ describe('the code these files are checked against', () => {
  * $$, with variables from .env (here .env.example, as `cp .env.example .env` gives).
  */
 function interpolate(text: string, vars: Record<string, string>, missing: Set<string>): string {
-  return text.replace(/\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}|\$([A-Za-z_][A-Za-z0-9_]*)/g, (all, name?: string, op?: string, arg?: string, bare?: string) => {
-    if (all === '$$') return '$';
-    const n = (name ?? bare)!;
-    const v = vars[n];
-    const unset = v === undefined || (op?.startsWith(':') === true && v === '');
-    if (!unset) return v;
-    if (op === ':-' || op === '-') return arg ?? '';
-    missing.add(n);
-    return '';
-  });
+  return text.replace(
+    /\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}|\$([A-Za-z_][A-Za-z0-9_]*)/g,
+    (all, name?: string, op?: string, arg?: string, bare?: string) => {
+      if (all === '$$') return '$';
+      const n = (name ?? bare)!;
+      const v = vars[n];
+      const unset = v === undefined || (op?.startsWith(':') === true && v === '');
+      if (!unset) return v;
+      if (op === ':-' || op === '-') return arg ?? '';
+      missing.add(n);
+      return '';
+    },
+  );
 }
 function interpolateDeep(v: Yaml, vars: Record<string, string>, missing: Set<string>): Yaml {
   if (typeof v === 'string') return interpolate(v, vars, missing);
@@ -258,7 +265,11 @@ describe('docker-compose.yml', () => {
     expect(raw.minio.environment.MINIO_ROOT_PASSWORD).toMatch(/^\$\{STORAGE_SECRET_KEY[:?}]/);
     // The entrypoint's URL parsing, run with sh as the image would.
     const script = services.postgres.entrypoint.at(-1).replace('exec docker-entrypoint.sh postgres', 'echo "$POSTGRES_USER|$POSTGRES_PASSWORD|$POSTGRES_DB"');
-    const out = execFileSync('sh', ['-c', script], { env: { PATH: process.env.PATH, T2I_DATABASE_URL: 'postgresql://alice:pw-1_x@postgres:5432/images?schema=public' } }).toString().trim();
+    const out = execFileSync('sh', ['-c', script], {
+      env: { PATH: process.env.PATH, T2I_DATABASE_URL: 'postgresql://alice:pw-1_x@postgres:5432/images?schema=public' },
+    })
+      .toString()
+      .trim();
     expect(out).toBe('alice|pw-1_x|images');
     // .env.example's own DATABASE_URL points at this service.
     expect(new URL(ENV_EXAMPLE.DATABASE_URL!).hostname).toBe('postgres');
@@ -310,7 +321,9 @@ describe('docker-compose.yml', () => {
 
   const composeCli = findComposeCli();
   it.skipIf(!composeCli)(
-    composeCli ? `passes \`${composeCli.join(' ')} config\` with .env copied from .env.example` : '`docker compose config` [skipped: no docker compose or docker-compose client here]',
+    composeCli
+      ? `passes \`${composeCli.join(' ')} config\` with .env copied from .env.example`
+      : '`docker compose config` [skipped: no docker compose or docker-compose client here]',
     () => {
       const dir = mkdtempSync(path.join(os.tmpdir(), 't2i-compose-'));
       try {
@@ -396,7 +409,16 @@ function dockerignored(file: string): boolean {
     .split('\n')
     .map((l) => l.trim())
     .filter((l) => l && !l.startsWith('#'));
-  const toRe = (p: string) => new RegExp(`^${p.replace(/^\//, '').replace(/[.+^${}()|[\]\\]/g, '\\$&').replace(/\*\*/g, '\u0000').replace(/\*/g, '[^/]*').replace(/\?/g, '[^/]').replace(/\u0000/g, '.*')}(/.*)?$`);
+  const toRe = (p: string) =>
+    new RegExp(
+      `^${p
+        .replace(/^\//, '')
+        .replace(/[.+^${}()|[\]\\]/g, '\\$&')
+        .replace(/\*\*/g, '\u0000')
+        .replace(/\*/g, '[^/]*')
+        .replace(/\?/g, '[^/]')
+        .replace(/\u0000/g, '.*')}(/.*)?$`,
+    );
   let ignored = false;
   for (const p of patterns) {
     const negate = p.startsWith('!');
@@ -454,10 +476,15 @@ function checkBuildStage(p: string) {
   const ci = runs.find((r) => /^npm ci$/.test(r.run));
   expect(ci, `${p}: npm ci with dev dependencies`).toBeDefined();
   // .npmrc skips onnxruntime-node's CUDA download; the postinstall needs the prisma schema and config.
-  for (const f of ['.npmrc', 'package-lock.json', 'scripts/prisma-generate.mjs', 'prisma.config.ts', 'prisma']) expect(ci!.copied, `${p}: ${f} before npm ci`).toContain(f);
+  for (const f of ['.npmrc', 'package-lock.json', 'scripts/prisma-generate.mjs', 'prisma.config.ts', 'prisma'])
+    expect(ci!.copied, `${p}: ${f} before npm ci`).toContain(f);
   const b = runs.find((r) => r.run === 'npm run build');
   expect(b, `${p}: npm run build`).toBeDefined();
-  for (const f of ['tsconfig.json', 'tsconfig.build.json', 'src']) expect(b!.copied.map((s) => s.replace(/^\.\//, '')), `${p}: ${f} before the build`).toContain(f);
+  for (const f of ['tsconfig.json', 'tsconfig.build.json', 'src'])
+    expect(
+      b!.copied.map((s) => s.replace(/^\.\//, '')),
+      `${p}: ${f} before the build`,
+    ).toContain(f);
   expect(read('.npmrc')).toMatch(/^onnxruntime-node-install=skip$/m);
   expect(JSON.parse(read('package.json')).scripts.postinstall).toContain('scripts/prisma-generate.mjs');
 }
@@ -503,7 +530,12 @@ describe('Dockerfile.worker', () => {
     expect(byName['runtime-cuda']).toBe('${CUDA_IMAGE}');
     expect(byName['runtime-cpu']).toBe('${NODE_IMAGE}');
     // Node comes from the node image into the CUDA one.
-    expect(ops(df.stages.find((s) => s.name === 'runtime-cuda')!, 'COPY')).toContain('--from=deps /usr/local/bin/node /usr/local/bin/node');
+    expect(
+      ops(
+        df.stages.find((s) => s.name === 'runtime-cuda')!,
+        'COPY',
+      ),
+    ).toContain('--from=deps /usr/local/bin/node /usr/local/bin/node');
   });
 
   it('builds like the API and ships dist/ and bin/, as a non-root user, for both variants', () => {
@@ -539,7 +571,8 @@ describe('Dockerfile.worker', () => {
 describe('.dockerignore', () => {
   it('keeps secrets, local state and dependencies out of the build context', () => {
     for (const f of ['.env', '.env.local', 'node_modules', 'dist', '.git', 'src/generated', 'models', '.t2i']) expect(dockerignored(f), f).toBe(true);
-    for (const f of ['src', 'bin', 'prisma', 'package.json', 'package-lock.json', '.npmrc', 'scripts/prisma-generate.mjs']) expect(dockerignored(f), f).toBe(false);
+    for (const f of ['src', 'bin', 'prisma', 'package.json', 'package-lock.json', '.npmrc', 'scripts/prisma-generate.mjs'])
+      expect(dockerignored(f), f).toBe(false);
   });
 });
 
@@ -593,7 +626,9 @@ describe('deploy/kubernetes', () => {
       if (d.kind !== 'Namespace') expect(d.metadata.namespace ?? 't2i', `${d.kind}/${d.metadata.name}`).toBe('t2i');
       const meta = [d.metadata, d.spec?.template?.metadata].filter(Boolean);
       // A number or boolean there is rejected by the API server (e.g. prometheus.io/port: 8000).
-      for (const m of meta) for (const v of [...Object.values(m.labels ?? {}), ...Object.values(m.annotations ?? {})]) expect(typeof v, `${d.kind}/${d.metadata.name}: ${v}`).toBe('string');
+      for (const m of meta)
+        for (const v of [...Object.values(m.labels ?? {}), ...Object.values(m.annotations ?? {})])
+          expect(typeof v, `${d.kind}/${d.metadata.name}: ${v}`).toBe('string');
     }
     for (const cm of kind('ConfigMap')) for (const [k, v] of Object.entries(cm.data ?? {})) expect(typeof v, `ConfigMap ${k} must be a string`).toBe('string');
     for (const s of kind('Secret')) for (const [k, v] of Object.entries(s.stringData ?? {})) expect(typeof v, `Secret ${k} must be a string`).toBe('string');
@@ -605,7 +640,10 @@ describe('deploy/kubernetes', () => {
       if (d.kind === 'Deployment') expect(labels).toMatchObject(d.spec.selector.matchLabels);
       for (const c of podSpec(d).containers) {
         expect(c.name).toBeTruthy();
-        expect((kustomization.images as Yaml[]).map((i) => i.name), `${d.metadata.name}: image ${c.image} is set by kustomization images`).toContain(c.image);
+        expect(
+          (kustomization.images as Yaml[]).map((i) => i.name),
+          `${d.metadata.name}: image ${c.image} is set by kustomization images`,
+        ).toContain(c.image);
         for (const e of c.env ?? []) if (e.value !== undefined) expect(typeof e.value, `${e.name} must be a string`).toBe('string');
       }
     }
@@ -656,7 +694,11 @@ describe('deploy/kubernetes', () => {
     expect(c.livenessProbe.httpGet.path).toBe('/healthz');
     expect(portNumber(c, c.readinessProbe.httpGet.port)).toBe(API_PORT);
     expect(portNumber(c, c.livenessProbe.httpGet.port)).toBe(API_PORT);
-    expect(api.spec.template.metadata.annotations).toEqual({ 'prometheus.io/scrape': 'true', 'prometheus.io/port': String(API_PORT), 'prometheus.io/path': '/metrics' });
+    expect(api.spec.template.metadata.annotations).toEqual({
+      'prometheus.io/scrape': 'true',
+      'prometheus.io/port': String(API_PORT),
+      'prometheus.io/path': '/metrics',
+    });
   });
 
   it('runs workers on one GPU each, the model from a ReadOnlyMany PVC, with a long grace period and scraped on 9191', () => {
@@ -745,7 +787,10 @@ function checkTargets(file: string, targets: string[]) {
     const want = expectedPort(m[1]!);
     if (want !== undefined) expect(Number(m[2]), `${file}: target ${t}`).toBe(want);
   }
-  expect(targets.some((t) => t.endsWith(`:${WORKER_PORT}`)), `${file} scrapes a worker on :${WORKER_PORT}: ${targets.join(', ')}`).toBe(true);
+  expect(
+    targets.some((t) => t.endsWith(`:${WORKER_PORT}`)),
+    `${file} scrapes a worker on :${WORKER_PORT}: ${targets.join(', ')}`,
+  ).toBe(true);
 }
 
 describe('observability configs', () => {
@@ -754,7 +799,10 @@ describe('observability configs', () => {
     const cfg = yamlFile(prom)[0];
     const targets = scrapeTargets(cfg.scrape_configs);
     checkTargets(prom, targets);
-    expect(targets.some((t) => expectedPort(t.split(':')[0]!) === API_PORT), `${prom} scrapes the API`).toBe(true);
+    expect(
+      targets.some((t) => expectedPort(t.split(':')[0]!) === API_PORT),
+      `${prom} scrapes the API`,
+    ).toBe(true);
     for (const job of cfg.scrape_configs) if (job.metrics_path !== undefined) expect(job.metrics_path, job.job_name).toBe('/metrics');
     // Rule files resolve, from /etc/prometheus, to files compose mounts.
     const mounted = mounts(services.prometheus).map((m) => m.target);
@@ -767,14 +815,21 @@ describe('observability configs', () => {
     // parsed, so parse what it sees with every variable unset (the defaults).
     const expanded = interpolate(read(agent), {}, new Set());
     const docs = parseAllDocuments(expanded);
-    for (const d of docs) expect(d.errors.map((e) => e.message), `YAML errors in ${agent} after env expansion`).toEqual([]);
+    for (const d of docs)
+      expect(
+        d.errors.map((e) => e.message),
+        `YAML errors in ${agent} after env expansion`,
+      ).toEqual([]);
     checkTargets(agent, scrapeTargets(docs.map((d) => d.toJS() as Yaml)));
   });
 
   const ds = 'deploy/grafana/provisioning/datasources/prometheus.yml';
   it.skipIf(!present(ds))(`${ds} points Grafana at the compose Prometheus ${present(ds) ? '' : note(ds)}`, () => {
     const urls = (yamlFile(ds)[0].datasources as Yaml[]).map((d) => new URL(d.url));
-    expect(urls.some((u) => u.hostname === 'prometheus' && u.port === '9090'), urls.join(', ')).toBe(true);
+    expect(
+      urls.some((u) => u.hostname === 'prometheus' && u.port === '9090'),
+      urls.join(', '),
+    ).toBe(true);
     expect(publishedPorts(services.prometheus).map((p) => p.target)).toContain(9090);
   });
 

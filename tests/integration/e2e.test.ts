@@ -83,15 +83,24 @@ async function pixels(png: Buffer): Promise<{ data: Buffer; width: number; heigh
   return { data, width: info.width, height: info.height };
 }
 
-
-
 describe('the textbook session, end to end', () => {
   it('"a red circle on the left": 201, progress climbs to 100, and the URL downloads the expected picture', async () => {
     const prompt = 'a red circle on the left';
     const created = await post({ prompt, num_steps: 20, seed: 42 });
     expect(created.status).toBe(201);
     expect(created.location).toBe(`/generated-images/${created.json.id}`);
-    expect(created.json).toMatchObject({ progress: 0, prompt, num_steps: 20, seed: 42, file_name: null, error: null, width: 512, height: 512, scheduler: 'pndm', guidance_scale: 9 });
+    expect(created.json).toMatchObject({
+      progress: 0,
+      prompt,
+      num_steps: 20,
+      seed: 42,
+      file_name: null,
+      error: null,
+      width: 512,
+      height: 512,
+      scheduler: 'pndm',
+      guidance_scale: 9,
+    });
     expect(['queued', 'running']).toContain(created.json.status);
 
     // Before the job is done, the URL route answers the textbook's 400 (unless the worker was faster than us).
@@ -123,7 +132,10 @@ describe('the textbook session, end to end', () => {
     expect(progress.at(-1)).toBe(100);
     for (const p of progress) expect(p >= 0 && p <= 100).toBe(true);
     // 20 steps on the CPU take far longer than one poll: the user sees the job part-way through.
-    expect(progress.some((p) => p > 0 && p < 100), `progress seen: ${progress.join(', ')}`).toBe(true);
+    expect(
+      progress.some((p) => p > 0 && p < 100),
+      `progress seen: ${progress.join(', ')}`,
+    ).toBe(true);
     const rank = { queued: 0, running: 1, succeeded: 2, failed: 2, canceled: 2 } as const;
     const statuses = seen.map((s) => rank[s.status]);
     for (let i = 1; i < statuses.length; i++) expect(statuses[i]!).toBeGreaterThanOrEqual(statuses[i - 1]!);

@@ -101,7 +101,12 @@ class Prometheus {
     const stderr: string[] = [];
     const proc = spawn(
       'prometheus',
-      [`--config.file=${path.join(dir, 'prometheus.yml')}`, `--storage.tsdb.path=${path.join(dir, 'data')}`, `--web.listen-address=127.0.0.1:${port}`, '--log.level=warn'],
+      [
+        `--config.file=${path.join(dir, 'prometheus.yml')}`,
+        `--storage.tsdb.path=${path.join(dir, 'data')}`,
+        `--web.listen-address=127.0.0.1:${port}`,
+        '--log.level=warn',
+      ],
       { stdio: ['ignore', 'ignore', 'pipe'] },
     );
     proc.stderr?.on('data', (c: Buffer) => stderr.push(c.toString()));
@@ -142,11 +147,7 @@ function numbers(data: { resultType: string; result: PromSample[] | [number, str
 
 /** Grafana's built-in variables as Grafana would substitute them for a 1 s scrape interval. */
 function grafanaExpr(expr: string): string {
-  return expr
-    .replaceAll('$__rate_interval', '1m')
-    .replaceAll('${__rate_interval}', '1m')
-    .replaceAll('$__interval', '1s')
-    .replaceAll('$__range', '5m');
+  return expr.replaceAll('$__rate_interval', '1m').replaceAll('${__rate_interval}', '1m').replaceAll('$__interval', '1s').replaceAll('$__range', '5m');
 }
 
 /** Splits a PromQL condition at its top-level and/or/unless, and drops each part's trailing comparison with a number. */
@@ -297,7 +298,7 @@ describe('metrics endpoints', () => {
 describe('logs', () => {
   const parsed = () => workerLogs.lines.map((l) => JSON.parse(l) as Record<string, unknown>);
 
-  it('every worker line about a job carries its id, attempt and worker id, the engine thread\'s lines included', () => {
+  it("every worker line about a job carries its id, attempt and worker id, the engine thread's lines included", () => {
     const lines = parsed();
     const jobLines = lines.filter((l) => l.jobId !== undefined);
     expect(jobLines.length).toBeGreaterThan(3);
@@ -348,14 +349,26 @@ describe('Prometheus with the dashboard and the alert rules', () => {
   it('loads every rule of alerts.yml healthy, records numbers, and has data under every alert condition', async () => {
     const source = await readFile(ALERTS, 'utf8');
     const declared = [...source.matchAll(/^\s*- (record|alert): (\S+)/gm)].map((m) => m[2]!);
-    interface Rule { name: string; query: string; type: 'recording' | 'alerting'; health: string; lastError?: string; lastEvaluation: string }
+    interface Rule {
+      name: string;
+      query: string;
+      type: 'recording' | 'alerting';
+      health: string;
+      lastError?: string;
+      lastEvaluation: string;
+    }
     const groups = await until('every rule to be evaluated', 20_000, async () => {
       const data = await prom!.api<{ groups: { rules: Rule[] }[] }>('/api/v1/rules');
       const rules = data.groups.flatMap((g) => g.rules);
       return rules.length === declared.length && rules.every((r) => r.health !== 'unknown') ? rules : undefined;
     });
     expect(groups.map((r) => r.name).sort()).toEqual([...declared].sort());
-    expect(groups.filter((r) => r.type === 'alerting').map((r) => r.name).sort()).toEqual(['T2IApiLatencyHigh', 'T2IJobFailureRatioHigh', 'T2INoWorkerUp', 'T2IQueueBacklogGrowing']);
+    expect(
+      groups
+        .filter((r) => r.type === 'alerting')
+        .map((r) => r.name)
+        .sort(),
+    ).toEqual(['T2IApiLatencyHigh', 'T2IJobFailureRatioHigh', 'T2INoWorkerUp', 'T2IQueueBacklogGrowing']);
 
     const failures: string[] = [];
     for (const rule of groups) {
@@ -377,7 +390,10 @@ describe('Prometheus with the dashboard and the alert rules', () => {
   });
 
   it('splits alert conditions into operands', () => {
-    expect(conditionOperands('t2i:queue_waiting:max > 20 and deriv(t2i:queue_waiting:max[15m]) > 0')).toEqual(['t2i:queue_waiting:max', 'deriv(t2i:queue_waiting:max[15m])']);
+    expect(conditionOperands('t2i:queue_waiting:max > 20 and deriv(t2i:queue_waiting:max[15m]) > 0')).toEqual([
+      't2i:queue_waiting:max',
+      'deriv(t2i:queue_waiting:max[15m])',
+    ]);
     expect(conditionOperands('count(up{job="a and b"} == 1) or vector(0)')).toEqual(['count(up{job="a and b"} == 1)', 'vector(0)']);
     expect(conditionOperands('x < 1e-3')).toEqual(['x']);
   });

@@ -65,9 +65,13 @@ describe('reconciler', () => {
     const id = await row('running');
     await producer.enqueue(id);
     // A consumer that gives up on it, as BullMQ does when a job stalls too often.
-    const worker = new Worker(config.QUEUE_NAME, async () => {
-      throw new UnrecoverableError('job stalled more than allowable limit');
-    }, { connection: createRedis(config.REDIS_URL) });
+    const worker = new Worker(
+      config.QUEUE_NAME,
+      async () => {
+        throw new UnrecoverableError('job stalled more than allowable limit');
+      },
+      { connection: createRedis(config.REDIS_URL) },
+    );
     await expect.poll(async () => (await producer.jobState(id))?.state, { timeout: 10_000 }).toBe('failed');
     await worker.close();
     await reconciler().runOnce();

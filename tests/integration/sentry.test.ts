@@ -70,7 +70,8 @@ function reporter(component: string): ErrorReporter {
 }
 
 function expectClean(raw: string) {
-  for (const leaked of [PROMPT, 'secretive otter', SECRET_KEY, ACCESS_KEY, 'X-Amz-Signature', 'feedface', 's3.internal', 'Bearer ']) expect(raw).not.toContain(leaked);
+  for (const leaked of [PROMPT, 'secretive otter', SECRET_KEY, ACCESS_KEY, 'X-Amz-Signature', 'feedface', 's3.internal', 'Bearer '])
+    expect(raw).not.toContain(leaked);
 }
 
 describe('API', () => {
@@ -82,7 +83,11 @@ describe('API', () => {
     });
     const r = reporter('api');
     const app = buildApp({
-      images: new ImagesService({ repo: broken, queue: { enqueue: async () => undefined, remove: async () => false, depth: async () => 0 } as unknown as JobQueue, storage: { presignGet: async () => ({ url: PRESIGNED, expiresAt: new Date() }) } }),
+      images: new ImagesService({
+        repo: broken,
+        queue: { enqueue: async () => undefined, remove: async () => false, depth: async () => 0 } as unknown as JobQueue,
+        storage: { presignGet: async () => ({ url: PRESIGNED, expiresAt: new Date() }) },
+      }),
       logger: createLogger({ name: 'api', level: 'silent' }),
       bodyLimit: 65_536,
       reporter: r,
@@ -117,8 +122,28 @@ describe('API', () => {
 describe('worker', () => {
   const silent: JobLog = { info() {}, warn() {}, error() {}, debug() {} };
   const record = (id: string): ImageRecord => ({
-    id, status: 'running', prompt: PROMPT, negativePrompt: 'blurry otter', numSteps: 2, guidanceScale: 9, seed: 1, width: 64, height: 64, scheduler: 'euler',
-    progress: 0, fileName: null, error: null, attempts: 1, workerId: 'w-1', model: null, createdAt: new Date(), updatedAt: new Date(), startedAt: new Date(), finishedAt: null, cancelRequestedAt: null, generationMs: null,
+    id,
+    status: 'running',
+    prompt: PROMPT,
+    negativePrompt: 'blurry otter',
+    numSteps: 2,
+    guidanceScale: 9,
+    seed: 1,
+    width: 64,
+    height: 64,
+    scheduler: 'euler',
+    progress: 0,
+    fileName: null,
+    error: null,
+    attempts: 1,
+    workerId: 'w-1',
+    model: null,
+    createdAt: new Date(),
+    updatedAt: new Date(),
+    startedAt: new Date(),
+    finishedAt: null,
+    cancelRequestedAt: null,
+    generationMs: null,
   });
 
   it('reports failed attempts tagged with job id, attempt, model and scheduler, without the prompt', async () => {
@@ -153,7 +178,10 @@ describe('worker', () => {
     const evs = events();
     expect(evs).toHaveLength(2);
     const [retrying, final] = evs as [Record<string, any>, Record<string, any>];
-    expect(retrying).toMatchObject({ level: 'warning', tags: { component: 'worker', jobId: imageId, attempt: 1, final: false, model: 'sd15', scheduler: 'euler', workerId: 'w-1' } });
+    expect(retrying).toMatchObject({
+      level: 'warning',
+      tags: { component: 'worker', jobId: imageId, attempt: 1, final: false, model: 'sd15', scheduler: 'euler', workerId: 'w-1' },
+    });
     expect(final).toMatchObject({ level: 'error', tags: { jobId: imageId, attempt: 3, maxAttempts: 3, final: true, model: 'sd15', scheduler: 'euler' } });
     expect(final.exception.values[0].value).toContain('CUDA out of memory while generating');
     for (const e of envelopes) {
@@ -165,7 +193,12 @@ describe('worker', () => {
 });
 
 describe('configuration', () => {
-  const base = { DATABASE_URL: 'postgresql://x@localhost/x', STORAGE_ENDPOINT: 'localhost:9000', STORAGE_ACCESS_KEY: ACCESS_KEY, STORAGE_SECRET_KEY: SECRET_KEY };
+  const base = {
+    DATABASE_URL: 'postgresql://x@localhost/x',
+    STORAGE_ENDPOINT: 'localhost:9000',
+    STORAGE_ACCESS_KEY: ACCESS_KEY,
+    STORAGE_SECRET_KEY: SECRET_KEY,
+  };
 
   it('reports only when SENTRY_DSN is set, with the package version as release unless SENTRY_RELEASE says otherwise', async () => {
     expect(createErrorReporter(loadConfig(base), 'api').enabled).toBe(false);

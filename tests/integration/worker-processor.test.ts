@@ -15,7 +15,10 @@ import { isolatedConfig } from '../support/system.js';
  */
 
 const silent: JobLog = { info() {}, warn() {}, error() {}, debug() {} };
-const PNG = Buffer.from('89504e470d0a1a0a0000000d49484452000000010000000108020000009077530de0000000c4944415408d763f8cfc0f0000300010005fe0b1d0000000049454e44ae426082', 'hex');
+const PNG = Buffer.from(
+  '89504e470d0a1a0a0000000d49484452000000010000000108020000009077530de0000000c4944415408d763f8cfc0f0000300010005fe0b1d0000000049454e44ae426082',
+  'hex',
+);
 
 let db: Db;
 let repo: ImagesRepo;
@@ -34,7 +37,17 @@ afterAll(async () => {
 
 async function newJob(steps = 10): Promise<string> {
   const id = randomUUID();
-  await repo.create({ id, prompt: 'a red circle', negativePrompt: null, numSteps: steps, guidanceScale: 9, seed: 1, width: 512, height: 512, scheduler: 'pndm' });
+  await repo.create({
+    id,
+    prompt: 'a red circle',
+    negativePrompt: null,
+    numSteps: steps,
+    guidanceScale: 9,
+    seed: 1,
+    width: 512,
+    height: 512,
+    scheduler: 'pndm',
+  });
   return id;
 }
 
@@ -84,7 +97,15 @@ describe('worker job handler', () => {
     });
     expect(await run({ imageId: id, attempt: 1, maxAttempts: 3, log: silent })).toBe('succeeded');
     const row = (await repo.get(id))!;
-    expect(row).toMatchObject({ status: 'succeeded', progress: 100, fileName: objectKeyFor(id), attempts: 1, workerId: 'test-worker', error: null, model: 'fake' });
+    expect(row).toMatchObject({
+      status: 'succeeded',
+      progress: 100,
+      fileName: objectKeyFor(id),
+      attempts: 1,
+      workerId: 'test-worker',
+      error: null,
+      model: 'fake',
+    });
     expect(row.startedAt).toBeInstanceOf(Date);
     expect(row.finishedAt).toBeInstanceOf(Date);
     expect(await storage.stat(objectKeyFor(id))).toMatchObject({ size: PNG.length, contentType: 'image/png' });

@@ -1,4 +1,3 @@
-
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { createImagesRepo } from '../../src/adapters/images-repo.js';
 import { createStorage, objectKeyFor, type ImageStorage } from '../../src/adapters/storage.js';
@@ -28,18 +27,18 @@ const report: Record<string, unknown> = {};
 beforeAll(async () => {
   ({ services, config: base } = await startOwnSystem('t2i-reliability', {
     SYNTHETIC_STEP_MS: String(STEP_MS),
-      // Fast failure detection, the same on every worker (BullMQ's stalled check is queue-wide).
-      JOB_LOCK_MS: '2000',
-      JOB_STALLED_INTERVAL_MS: '1000',
-      JOB_MAX_STALLS: '10',
-      JOB_ATTEMPTS: '6',
-      JOB_BACKOFF_MS: '300',
-      RECONCILE_INTERVAL_MS: '1000',
-      RECONCILE_QUEUED_AFTER_MS: '3000',
-      PROGRESS_INTERVAL_MS: '100',
-      SHUTDOWN_GRACE_MS: '10000',
-      MAX_QUEUE_DEPTH: '0',
-      LOG_LEVEL: 'info',
+    // Fast failure detection, the same on every worker (BullMQ's stalled check is queue-wide).
+    JOB_LOCK_MS: '2000',
+    JOB_STALLED_INTERVAL_MS: '1000',
+    JOB_MAX_STALLS: '10',
+    JOB_ATTEMPTS: '6',
+    JOB_BACKOFF_MS: '300',
+    RECONCILE_INTERVAL_MS: '1000',
+    RECONCILE_QUEUED_AFTER_MS: '3000',
+    PROGRESS_INTERVAL_MS: '100',
+    SHUTDOWN_GRACE_MS: '10000',
+    MAX_QUEUE_DEPTH: '0',
+    LOG_LEVEL: 'info',
   }));
   db = createPrismaClient(base.DATABASE_URL, { connectionTimeoutMillis: 1_000 });
   repo = createImagesRepo(db);
@@ -74,7 +73,12 @@ async function startWorkerProcess(id: string, overrides: Record<string, string> 
 }
 
 async function submit(url: string, body: object): Promise<string> {
-  const r = await fetch(`${url}/generated-images`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body), signal: AbortSignal.timeout(5_000) });
+  const r = await fetch(`${url}/generated-images`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json' },
+    body: JSON.stringify(body),
+    signal: AbortSignal.timeout(5_000),
+  });
   expect(r.status).toBe(201);
   return ((await r.json()) as { id: string }).id;
 }
@@ -147,7 +151,13 @@ describe('failures, with real processes', () => {
     await waitTerminal(ids, 60_000);
     await expectEachSucceededOnce(ids, all);
     expect(recoveries.length).toBeGreaterThanOrEqual(3);
-    report.sigkill = { jobs: ids.length, kills: recoveries.length, lost: 0, runTwice: 0, recoveryMs: { median: median(recoveries), max: Math.max(...recoveries), all: recoveries } };
+    report.sigkill = {
+      jobs: ids.length,
+      kills: recoveries.length,
+      lost: 0,
+      runTwice: 0,
+      recoveryMs: { median: median(recoveries), max: Math.max(...recoveries), all: recoveries },
+    };
     await Promise.all([...live.values()].map((w) => w.stop()));
   });
 
@@ -182,7 +192,12 @@ describe('failures, with real processes', () => {
       while (running) {
         const t0 = Date.now();
         try {
-          const r = await fetch(`${url}/generated-images`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ prompt: 'restart test', num_steps: 5 }), signal: AbortSignal.timeout(5_000) });
+          const r = await fetch(`${url}/generated-images`, {
+            method: 'POST',
+            headers: { 'content-type': 'application/json' },
+            body: JSON.stringify({ prompt: 'restart test', num_steps: 5 }),
+            signal: AbortSignal.timeout(5_000),
+          });
           statuses.set(r.status, (statuses.get(r.status) ?? 0) + 1);
           if (r.status === 201) accepted.push(((await r.json()) as { id: string }).id);
           else expect(r.headers.get('content-type')).toContain('application/problem+json');
@@ -213,7 +228,13 @@ describe('failures, with real processes', () => {
     // Accepted before, during and after: all done, including jobs Redis forgot when it restarted empty.
     await waitTerminal(accepted, 90_000);
     await expectEachSucceededOnce(accepted, [w]);
-    report.restarts = { submitted: [...statuses.values()].reduce((a, b) => a + b, 0), accepted: accepted.length, statuses: Object.fromEntries(statuses), lost: 0, slowestAnswerMs: Math.max(0, ...slow) };
+    report.restarts = {
+      submitted: [...statuses.values()].reduce((a, b) => a + b, 0),
+      accepted: accepted.length,
+      statuses: Object.fromEntries(statuses),
+      lost: 0,
+      slowestAnswerMs: Math.max(0, ...slow),
+    };
     await Promise.all([api.stop(), w.stop()]);
   });
 
@@ -297,7 +318,11 @@ describe('failures, with real processes', () => {
     next.kill('SIGTERM');
     const exit3 = await next.exited;
     expect(exit3.code).toBe(130);
-    report.sigterm = { longGrace: { exitMs: longGraceExitMs, job: 'finished' }, shortGrace: { graceMs: 300, exitMs: shortGraceExitMs, job: 'handed back, then succeeded on another worker' }, secondSignalExitMs: Date.now() - t2 };
+    report.sigterm = {
+      longGrace: { exitMs: longGraceExitMs, job: 'finished' },
+      shortGrace: { graceMs: 300, exitMs: shortGraceExitMs, job: 'handed back, then succeeded on another worker' },
+      secondSignalExitMs: Date.now() - t2,
+    };
     await api.stop();
   });
 });
@@ -315,4 +340,3 @@ async function pollFor<T>(probe: () => Promise<T | undefined>, timeoutMs: number
     await new Promise((r) => setTimeout(r, 25));
   }
 }
-

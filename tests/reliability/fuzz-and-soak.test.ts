@@ -63,9 +63,14 @@ const valid = { prompt: 'a red circle', negative_prompt: null, num_steps: 10, gu
 /** Bodies: arbitrary JSON, objects with hostile keys, and a valid body with one field mutated. */
 const bodies = fc.oneof(
   fc.jsonValue().map((v) => JSON.stringify(v)),
-  fc.dictionary(fc.oneof(fc.constantFrom('__proto__', 'constructor', 'prompt', 'num_steps', 'seed', ''), fc.string()), fc.jsonValue()).map((v) => JSON.stringify(v)),
   fc
-    .record({ key: fc.constantFrom(...Object.keys(valid), 'extra'), value: fc.oneof(fc.jsonValue(), fc.double(), fc.bigInt().map(String), fc.string({ maxLength: 3000 })) })
+    .dictionary(fc.oneof(fc.constantFrom('__proto__', 'constructor', 'prompt', 'num_steps', 'seed', ''), fc.string()), fc.jsonValue())
+    .map((v) => JSON.stringify(v)),
+  fc
+    .record({
+      key: fc.constantFrom(...Object.keys(valid), 'extra'),
+      value: fc.oneof(fc.jsonValue(), fc.double(), fc.bigInt().map(String), fc.string({ maxLength: 3000 })),
+    })
     .map(({ key, value }) => JSON.stringify({ ...valid, [key]: value })),
   fc.string({ maxLength: 200 }), // not JSON at all
 );
@@ -76,7 +81,12 @@ describe('bad input and long runs, with real processes', () => {
     const seen = new Map<number, number>();
     await fc.assert(
       fc.asyncProperty(bodies, async (body) => {
-        const r = await fetch(`${url}/generated-images`, { method: 'POST', headers: { 'content-type': 'application/json' }, body, signal: AbortSignal.timeout(5_000) });
+        const r = await fetch(`${url}/generated-images`, {
+          method: 'POST',
+          headers: { 'content-type': 'application/json' },
+          body,
+          signal: AbortSignal.timeout(5_000),
+        });
         seen.set(r.status, (seen.get(r.status) ?? 0) + 1);
         expect(r.status).toBeLessThan(500);
         const json = (await r.json()) as Record<string, unknown>;
@@ -165,7 +175,12 @@ describe('bad input and long runs, with real processes', () => {
           return [low.t, low.rss[k]! / 2 ** 20];
         });
     const slopes = watched.map((_, k) => slopeMbPerMin(floors(k)));
-    const rssMb = watched.map((p, k) => ({ process: p.name, firstMb: round(warm[0]!.rss[k]! / 2 ** 20), lastMb: round(warm.at(-1)!.rss[k]! / 2 ** 20), slopeMbPerMin: round(slopes[k]!) }));
+    const rssMb = watched.map((p, k) => ({
+      process: p.name,
+      firstMb: round(warm[0]!.rss[k]! / 2 ** 20),
+      lastMb: round(warm.at(-1)!.rss[k]! / 2 ** 20),
+      slopeMbPerMin: round(slopes[k]!),
+    }));
     report.soak = {
       warmupRequests: WARMUP_REQUESTS,
       seconds: SOAK_SECONDS,
@@ -193,7 +208,18 @@ describe('bad input and long runs, with real processes', () => {
   it('heap after full collections stays flat across thousands of jobs (API and worker in this process)', async () => {
     const gc = (globalThis as { gc?: () => void }).gc;
     expect(gc, 'run with --expose-gc (vitest.config.ts sets it for this project)').toBeDefined();
-    const config = loadConfig({ ...servicesEnv(services, 't2i-heap'), ENGINE: 'synthetic', MAX_QUEUE_DEPTH: '0', HOST: '127.0.0.1', PORT: '0', WORKER_METRICS_PORT: '0', QUEUE_NAME: 'heap' }, 'worker');
+    const config = loadConfig(
+      {
+        ...servicesEnv(services, 't2i-heap'),
+        ENGINE: 'synthetic',
+        MAX_QUEUE_DEPTH: '0',
+        HOST: '127.0.0.1',
+        PORT: '0',
+        WORKER_METRICS_PORT: '0',
+        QUEUE_NAME: 'heap',
+      },
+      'worker',
+    );
     const silent = pino({ level: 'silent' });
     const api = await startApiInProcess(config, { logger: silent });
     const worker = await startWorker(config, { logger: silent });
@@ -203,7 +229,11 @@ describe('bad input and long runs, with real processes', () => {
         for (let i = 0; i < HEAP_JOBS_PER_ROUND; i += 10) {
           await Promise.all(
             Array.from({ length: 10 }, async () => {
-              const r = await fetch(`${api.url}/generated-images`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ prompt: 'heap', num_steps: 4, width: 64, height: 64 }) });
+              const r = await fetch(`${api.url}/generated-images`, {
+                method: 'POST',
+                headers: { 'content-type': 'application/json' },
+                body: JSON.stringify({ prompt: 'heap', num_steps: 4, width: 64, height: 64 }),
+              });
               expect(r.status).toBe(201);
               await r.arrayBuffer();
             }),

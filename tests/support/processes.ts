@@ -161,10 +161,7 @@ export class CuttableProxy {
 export async function startOwnSystem(bucket: string, env: Record<string, string>): Promise<{ services: LocalServices; config: Config }> {
   const services = await startServices();
   await applyMigrations(services.postgres.url);
-  const config = loadConfig(
-    { ...servicesEnv(services, bucket), ENGINE: 'synthetic', HOST: '127.0.0.1', WORKER_METRICS_PORT: '0', ...env },
-    'worker',
-  );
+  const config = loadConfig({ ...servicesEnv(services, bucket), ENGINE: 'synthetic', HOST: '127.0.0.1', WORKER_METRICS_PORT: '0', ...env }, 'worker');
   return { services, config };
 }
 

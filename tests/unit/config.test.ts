@@ -109,9 +109,7 @@ describe('loadConfig', () => {
 
   it('rejects PRESIGN_TTL_SECONDS above 7 days (S3 refuses longer presigned URLs)', () => {
     expect(loadConfig({ ...MINIMAL, PRESIGN_TTL_SECONDS: '604800' }).PRESIGN_TTL_SECONDS).toBe(604_800);
-    expect(configError({ ...MINIMAL, PRESIGN_TTL_SECONDS: '604801' }).issues).toEqual([
-      expect.stringMatching(/^PRESIGN_TTL_SECONDS: .*604800/),
-    ]);
+    expect(configError({ ...MINIMAL, PRESIGN_TTL_SECONDS: '604801' }).issues).toEqual([expect.stringMatching(/^PRESIGN_TTL_SECONDS: .*604800/)]);
     expect(configError({ ...MINIMAL, PRESIGN_TTL_SECONDS: '0' }).issues[0]).toMatch(/^PRESIGN_TTL_SECONDS:/);
     expect(configError({ ...MINIMAL, PRESIGN_TTL_SECONDS: '1.5' }).issues).toEqual(['PRESIGN_TTL_SECONDS: must be a whole number']);
   });
@@ -166,8 +164,14 @@ describe('.env.example', () => {
   it('lists every variable of envSchema exactly once, in schema order, and nothing else', () => {
     const names = entries.map((e) => e.name);
     expect(new Set(names).size, 'a variable is listed twice').toBe(names.length);
-    expect(names.filter((n) => !schemaKeys.includes(n)), 'in .env.example but not in envSchema').toEqual([]);
-    expect(schemaKeys.filter((k) => !names.includes(k)), 'in envSchema but not in .env.example').toEqual([]);
+    expect(
+      names.filter((n) => !schemaKeys.includes(n)),
+      'in .env.example but not in envSchema',
+    ).toEqual([]);
+    expect(
+      schemaKeys.filter((k) => !names.includes(k)),
+      'in envSchema but not in .env.example',
+    ).toEqual([]);
     expect(names).toEqual(schemaKeys);
   });
 
@@ -177,7 +181,13 @@ describe('.env.example', () => {
     const schemaSource = source.slice(source.indexOf('export const envSchema'));
     // A JSDoc comment (one that does not run past its own */) right before `NAME:`.
     for (const m of schemaSource.matchAll(/\/\*\*((?:(?!\*\/)[\s\S])*)\*\/\s*([A-Z][A-Z0-9_]*):/g)) {
-      comments.set(m[2]!, m[1]!.replace(/^\s*\*\s?/gm, '').replace(/\s+/g, ' ').trim());
+      comments.set(
+        m[2]!,
+        m[1]!
+          .replace(/^\s*\*\s?/gm, '')
+          .replace(/\s+/g, ' ')
+          .trim(),
+      );
     }
     expect([...comments.keys()].sort()).toEqual([...schemaKeys].sort()); // every variable is commented
     for (const e of entries) {
@@ -191,7 +201,17 @@ describe('.env.example', () => {
   it('is a valid worker configuration, and every commented-out value is valid and is the default when there is one', () => {
     const set = Object.fromEntries(entries.filter((e) => !e.commented).map((e) => [e.name, e.value]));
     expect(Object.keys(set).sort()).toEqual(
-      ['DATABASE_URL', 'HOST', 'MODEL_DIR', 'REDIS_URL', 'STORAGE_ACCESS_KEY', 'STORAGE_ENDPOINT', 'STORAGE_PUBLIC_ENDPOINT', 'STORAGE_SECRET_KEY', 'WORKER_METRICS_HOST'].sort(),
+      [
+        'DATABASE_URL',
+        'HOST',
+        'MODEL_DIR',
+        'REDIS_URL',
+        'STORAGE_ACCESS_KEY',
+        'STORAGE_ENDPOINT',
+        'STORAGE_PUBLIC_ENDPOINT',
+        'STORAGE_SECRET_KEY',
+        'WORKER_METRICS_HOST',
+      ].sort(),
     );
     expect(set).toMatchObject({
       DATABASE_URL: 'postgresql://t2i:t2i@postgres:5432/t2i',

@@ -5,9 +5,21 @@ describe('float16 conversion', () => {
   it('encodes known values as numpy does', () => {
     // np.array([...], np.float16).view(np.uint16)
     const cases: Array<[number, number]> = [
-      [0, 0x0000], [-0, 0x8000], [1, 0x3c00], [-2, 0xc000], [0.5, 0x3800], [65504, 0x7bff],
-      [65520, 0x7c00], [1e-8, 0x0000], [6.103515625e-5, 0x0400], [5.960464477539063e-8, 0x0001],
-      [0.1, 0x2e66], [Infinity, 0x7c00], [-Infinity, 0xfc00], [1.00048828125, 0x3c00], [1.00146484375, 0x3c02],
+      [0, 0x0000],
+      [-0, 0x8000],
+      [1, 0x3c00],
+      [-2, 0xc000],
+      [0.5, 0x3800],
+      [65504, 0x7bff],
+      [65520, 0x7c00],
+      [1e-8, 0x0000],
+      [6.103515625e-5, 0x0400],
+      [5.960464477539063e-8, 0x0001],
+      [0.1, 0x2e66],
+      [Infinity, 0x7c00],
+      [-Infinity, 0xfc00],
+      [1.00048828125, 0x3c00],
+      [1.00146484375, 0x3c02],
     ];
     for (const [v, bits] of cases) expect([v, toHalf(v)]).toEqual([v, bits]);
     expect(toHalf(NaN) & 0x7c00).toBe(0x7c00);

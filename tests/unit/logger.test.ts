@@ -133,7 +133,10 @@ describe('rotating log file (LOG_FILE)', () => {
     expect(files.length).toBe(3);
     expect(Number(files.at(-1)!.split('.')[1])).toBeGreaterThan(3);
     const current = await readFile(path.join(dir, files.at(-1)!), 'utf8');
-    const last = current.trim().split('\n').map((l) => JSON.parse(l) as { msg: string; level: number; name: string });
+    const last = current
+      .trim()
+      .split('\n')
+      .map((l) => JSON.parse(l) as { msg: string; level: number; name: string });
     expect(last.at(-1)).toMatchObject({ msg: 'a warning', level: 40, name: 'api' });
     const all = (await Promise.all(files.map((f) => readFile(path.join(dir, f), 'utf8')))).join('');
     expect(all).not.toContain(SECRET);

@@ -8,7 +8,11 @@ import { createWorkerMetrics } from '../../src/worker/metrics.js';
 /** Metric modules without services: registries per instance, the /metrics token, queue-depth timeouts. */
 
 function app(token?: string) {
-  const images = new ImagesService({ repo: { get: async () => null } as unknown as ImagesRepo, queue: { enqueue: async () => undefined, remove: async () => false, depth: async () => 0 } as unknown as JobQueue, storage: { presignGet: async () => ({ url: '', expiresAt: new Date() }) } });
+  const images = new ImagesService({
+    repo: { get: async () => null } as unknown as ImagesRepo,
+    queue: { enqueue: async () => undefined, remove: async () => false, depth: async () => 0 } as unknown as JobQueue,
+    storage: { presignGet: async () => ({ url: '', expiresAt: new Date() }) },
+  });
   return buildApp({ images, logger: createLogger({ name: 'api', level: 'silent' }), bodyLimit: 65_536, metrics: createApiMetrics(), metricsToken: token });
 }
 

@@ -10,15 +10,11 @@ describe('MT19937', () => {
 
 describe('NumpyRandomState.randn', () => {
   it('reproduces np.random.RandomState(0).randn exactly', () => {
-    expect(Array.from(new NumpyRandomState(0).randnFloat64(4))).toEqual([
-      1.764052345967664, 0.4001572083672233, 0.9787379841057392, 2.240893199201458,
-    ]);
+    expect(Array.from(new NumpyRandomState(0).randnFloat64(4))).toEqual([1.764052345967664, 0.4001572083672233, 0.9787379841057392, 2.240893199201458]);
   });
 
   it('reproduces np.random.RandomState(42).randn exactly', () => {
-    expect(Array.from(new NumpyRandomState(42).randnFloat64(4))).toEqual([
-      0.4967141530112327, -0.13826430117118466, 0.6476885381006925, 1.5230298564080254,
-    ]);
+    expect(Array.from(new NumpyRandomState(42).randnFloat64(4))).toEqual([0.4967141530112327, -0.13826430117118466, 0.6476885381006925, 1.5230298564080254]);
   });
 
   it('continues the stream across calls, including an odd split', () => {
@@ -40,8 +36,8 @@ describe('TorchGenerator.randn', () => {
   it('reproduces torch.manual_seed(0); torch.randn(16)', () => {
     // torch 2.x CPU: torch.manual_seed(0); torch.randn(16)
     const expected = [
-      -1.1258398, -1.1523602, -0.2505786, -0.4338788, 0.8487103, 0.6920092, -0.3160127, -2.1152194,
-      0.3222749, -1.2633348, 0.3499832, 0.3081339, 0.1198415, 1.2376579, 1.1167772, -0.2472782,
+      -1.1258398, -1.1523602, -0.2505786, -0.4338788, 0.8487103, 0.6920092, -0.3160127, -2.1152194, 0.3222749, -1.2633348, 0.3499832, 0.3081339, 0.1198415,
+      1.2376579, 1.1167772, -0.2472782,
     ];
     const got = Array.from(new TorchGenerator(0).randn(16));
     got.forEach((v, i) => expect(v).toBeCloseTo(expected[i]!, 5));

@@ -99,7 +99,14 @@ describe('PndmScheduler', () => {
 
   it('applies PNDM defaults for missing keys and ignores unknown ones', () => {
     const s = new PndmScheduler({ _class_name: 'PNDMScheduler', _diffusers_version: '0.6.0' });
-    expect(s.config).toMatchObject({ beta_start: 0.0001, beta_schedule: 'linear', skip_prk_steps: false, set_alpha_to_one: false, steps_offset: 0, prediction_type: 'epsilon' });
+    expect(s.config).toMatchObject({
+      beta_start: 0.0001,
+      beta_schedule: 'linear',
+      skip_prk_steps: false,
+      set_alpha_to_one: false,
+      steps_offset: 0,
+      prediction_type: 'epsilon',
+    });
     expect(new PndmScheduler(SD15_CONFIG).config).toMatchObject({ beta_schedule: 'scaled_linear', skip_prk_steps: true, steps_offset: 1 });
   });
 
@@ -168,8 +175,19 @@ describe('DdimScheduler', () => {
   });
 
   it('applies DDIM defaults (clip_sample and set_alpha_to_one on) unless the config says otherwise', () => {
-    expect(new DdimScheduler().config).toMatchObject({ clip_sample: true, set_alpha_to_one: true, steps_offset: 0, timestep_spacing: 'leading', beta_schedule: 'linear' });
-    expect(new DdimScheduler(SD15_CONFIG).config).toMatchObject({ clip_sample: false, set_alpha_to_one: false, steps_offset: 1, beta_schedule: 'scaled_linear' });
+    expect(new DdimScheduler().config).toMatchObject({
+      clip_sample: true,
+      set_alpha_to_one: true,
+      steps_offset: 0,
+      timestep_spacing: 'leading',
+      beta_schedule: 'linear',
+    });
+    expect(new DdimScheduler(SD15_CONFIG).config).toMatchObject({
+      clip_sample: false,
+      set_alpha_to_one: false,
+      steps_offset: 1,
+      beta_schedule: 'scaled_linear',
+    });
   });
 
   it('full loop, no noise (test_full_loop_no_noise)', () => {
@@ -242,8 +260,14 @@ describe('LcmScheduler', () => {
 
   it('applies LCM defaults', () => {
     expect(new LcmScheduler().config).toMatchObject({
-      beta_start: 0.00085, beta_end: 0.012, beta_schedule: 'scaled_linear', original_inference_steps: 50,
-      timestep_scaling: 10, set_alpha_to_one: true, clip_sample: false, prediction_type: 'epsilon',
+      beta_start: 0.00085,
+      beta_end: 0.012,
+      beta_schedule: 'scaled_linear',
+      original_inference_steps: 50,
+      timestep_scaling: 10,
+      set_alpha_to_one: true,
+      clip_sample: false,
+      prediction_type: 'epsilon',
     });
     expect(new LcmScheduler({ original_inference_steps: 100 }).config.original_inference_steps).toBe(100);
   });

@@ -21,7 +21,10 @@ import { SD15_SCHEDULER_CONFIG } from '../../src/engine/testmodels/make.js';
 
 // ---- diffusers' test fixtures (tests/schedulers/test_schedulers.py) -------------------------
 
-const B = 4, C = 3, H = 8, W = 8;
+const B = 4,
+  C = 3,
+  H = 8,
+  W = 8;
 const NUM = B * C * H * W;
 
 /**
@@ -55,7 +58,10 @@ const absSum = (x: Float32Array) => x.reduce((acc, v) => acc + Math.abs(v), 0);
 const absMean = (x: Float32Array) => absSum(x) / x.length;
 
 /** diffusers' euler full_loop: note the model sees, and step() receives, the scaled input. */
-function eulerLoop(s: Scheduler, opts: { noise?: NoiseSource; steps?: number; tStart?: number; addNoise?: (x: Float32Array, t: number) => Float32Array } = {}): Float32Array {
+function eulerLoop(
+  s: Scheduler,
+  opts: { noise?: NoiseSource; steps?: number; tStart?: number; addNoise?: (x: Float32Array, t: number) => Float32Array } = {},
+): Float32Array {
   s.setTimesteps(opts.steps ?? 10);
   let sample: Float32Array = scale(dummySampleDeter(), s.initNoiseSigma);
   const timesteps = Array.from(s.timesteps).slice(opts.tStart ?? 0);
@@ -163,7 +169,11 @@ describe('EulerDiscreteScheduler (diffusers test_scheduler_euler.py)', () => {
     s.setTimesteps(20);
     // numpy's float32 log and JavaScript's Math.log can differ in the last bit, which moves
     // these fractional timesteps by up to ~4e-5.
-    const expected = [999.0, 961.7327880859375, 921.0420532226562, 876.313720703125, 826.7905883789062, 771.5519409179688, 709.5297241210938, 639.61474609375, 560.975341796875, 473.7489013671875, 380.1317443847656, 285.3175354003906, 197.0806121826172, 123.39511108398438, 69.25687408447266, 34.69736099243164, 15.481610298156738, 5.991831302642822, 1.7829495668411255, 0.0];
+    const expected = [
+      999.0, 961.7327880859375, 921.0420532226562, 876.313720703125, 826.7905883789062, 771.5519409179688, 709.5297241210938, 639.61474609375, 560.975341796875,
+      473.7489013671875, 380.1317443847656, 285.3175354003906, 197.0806121826172, 123.39511108398438, 69.25687408447266, 34.69736099243164, 15.481610298156738,
+      5.991831302642822, 1.7829495668411255, 0.0,
+    ];
     const ts = s.timesteps;
     expect(ts.length).toBe(20);
     expected.forEach((e, i) => expect(Math.abs(ts[i]! - e), `timestep ${i}`).toBeLessThan(1e-4));
@@ -327,7 +337,7 @@ describe('DpmSolverMultistepScheduler (diffusers test_scheduler_dpm_multi.py)', 
     expectClose(sig.subarray(22), [0.06416226923465729, 0.04374285787343979, 0.029167532920837402, 0], SIGMA_TOL);
   });
 
-  it('defaults are diffusers\' (no Karras sigmas unless the config asks)', () => {
+  it("defaults are diffusers' (no Karras sigmas unless the config asks)", () => {
     const plain = new DpmSolverMultistepScheduler(SD15);
     expect(plain.options.use_karras_sigmas).toBe(false);
     expect(plain.options.lower_order_final).toBe(true);

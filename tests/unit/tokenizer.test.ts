@@ -6,12 +6,7 @@ import { fileURLToPath } from 'node:url';
 import { gunzipSync } from 'node:zlib';
 import fc from 'fast-check';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import {
-  ClipTokenizer,
-  clipVocabFromBpeMerges,
-  writeTokenizerDirectory,
-  type TokenizerData,
-} from '../../src/engine/tokenizer.js';
+import { ClipTokenizer, clipVocabFromBpeMerges, writeTokenizerDirectory, type TokenizerData } from '../../src/engine/tokenizer.js';
 
 function findRepoRoot(): string {
   let dir = path.dirname(fileURLToPath(import.meta.url));
@@ -143,7 +138,7 @@ describe.skipIf(!haveMerges)('ClipTokenizer with the real CLIP vocabulary', () =
         if (known.length === 0) break;
         const [first, second] = known.reduce((x, y) => (ranks.get(x)! <= ranks.get(y)! ? x : y)).split(' ');
         const next: string[] = [];
-        for (let i = 0; i < w.length; ) {
+        for (let i = 0; i < w.length;) {
           if (w[i] === first && w[i + 1] === second && i < w.length - 1) {
             next.push(first! + second!);
             i += 2;
@@ -258,18 +253,12 @@ describe('ClipTokenizer with a hand-made vocabulary', () => {
     expect(() => ClipTokenizer.fromData({ vocab: {}, merges: [] })).toThrow(/vocab: .*got an empty one/);
     expect(() => ClipTokenizer.fromData({ vocab: { a: -1 }, merges: [] })).toThrow(/"a" maps to -1/);
     expect(() => ClipTokenizer.fromData({ vocab, merges: ['a b c'] })).toThrow(/merges\[0\]: expected a merge "left right"/);
-    expect(() => ClipTokenizer.fromData({ vocab, merges: [], padToken: '<pad>' })).toThrow(
-      /pad_token "<pad>" is not in the vocabulary/,
-    );
-    expect(() => ClipTokenizer.fromData({ vocab: { '': 0, ...vocab }, merges: [], padToken: '' })).toThrow(
-      /pad_token must not be empty/,
-    );
+    expect(() => ClipTokenizer.fromData({ vocab, merges: [], padToken: '<pad>' })).toThrow(/pad_token "<pad>" is not in the vocabulary/);
+    expect(() => ClipTokenizer.fromData({ vocab: { '': 0, ...vocab }, merges: [], padToken: '' })).toThrow(/pad_token must not be empty/);
     expect(() => ClipTokenizer.fromData({ vocab: { a: 0 }, merges: [] })).toThrow(
       /tokenizer options \(default\): bos_token "<\|startoftext\|>" is not in the vocabulary/,
     );
-    expect(() => ClipTokenizer.fromData({ vocab, merges: [], modelMaxLength: 2 })).toThrow(
-      /model_max_length must be an integer from 3 to 4096, got 2/,
-    );
+    expect(() => ClipTokenizer.fromData({ vocab, merges: [], modelMaxLength: 2 })).toThrow(/model_max_length must be an integer from 3 to 4096, got 2/);
   });
 });
 
@@ -353,16 +342,12 @@ describe('ClipTokenizer.fromDirectory errors', () => {
 
   it('names the folder when it does not exist', async () => {
     const missing = path.join(root, 'nowhere', 'tokenizer');
-    await expect(ClipTokenizer.fromDirectory(missing)).rejects.toThrow(
-      `${path.join(missing, 'vocab.json')}: file not found`,
-    );
+    await expect(ClipTokenizer.fromDirectory(missing)).rejects.toThrow(`${path.join(missing, 'vocab.json')}: file not found`);
   });
 });
 
 describe('clipVocabFromBpeMerges', () => {
   it('rejects a cut-short merges file', () => {
-    expect(() => clipVocabFromBpeMerges(['#version: 0.2', 'i n'])).toThrow(
-      /expected a header line and 48894 merges, got 2 lines/,
-    );
+    expect(() => clipVocabFromBpeMerges(['#version: 0.2', 'i n'])).toThrow(/expected a header line and 48894 merges, got 2 lines/);
   });
 });

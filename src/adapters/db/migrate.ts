@@ -84,10 +84,7 @@ export function defaultMigrationsDir(): string {
     if (existsSync(candidate)) return candidate;
     const parent = dirname(dir);
     if (parent === dir) {
-      throw new MigrationError(
-        `no prisma/migrations folder above ${fileURLToPath(import.meta.url)}; pass migrationsDir explicitly`,
-        'BAD_MIGRATIONS_DIR',
-      );
+      throw new MigrationError(`no prisma/migrations folder above ${fileURLToPath(import.meta.url)}; pass migrationsDir explicitly`, 'BAD_MIGRATIONS_DIR');
     }
     dir = parent;
   }
@@ -107,10 +104,7 @@ export function readMigrations(migrationsDir: string): MigrationFolder[] {
   return names.map((name) => {
     const file = join(dir, name, 'migration.sql');
     if (!existsSync(file)) {
-      throw new MigrationError(
-        `migration folder ${join(dir, name)} has no migration.sql; add it or remove the folder`,
-        'BAD_MIGRATIONS_DIR',
-      );
+      throw new MigrationError(`migration folder ${join(dir, name)} has no migration.sql; add it or remove the folder`, 'BAD_MIGRATIONS_DIR');
     }
     // Hash the exact file content, as Prisma does (no newline normalisation).
     const sql = readFileSync(file, 'utf8');
@@ -124,10 +118,7 @@ function checkLockFile(dir: string): void {
   if (!existsSync(lockFile)) return;
   const provider = /^\s*provider\s*=\s*"([^"]*)"/m.exec(readFileSync(lockFile, 'utf8'))?.[1];
   if (provider !== undefined && provider !== 'postgresql') {
-    throw new MigrationError(
-      `${lockFile} says provider = "${provider}", but this runner only applies PostgreSQL migrations`,
-      'P3019',
-    );
+    throw new MigrationError(`${lockFile} says provider = "${provider}", but this runner only applies PostgreSQL migrations`, 'P3019');
   }
 }
 
@@ -170,11 +161,7 @@ export async function applyMigrations(databaseUrl: string, opts: ApplyOptions = 
   }
 }
 
-async function applyLocked(
-  client: pg.Client,
-  migrations: MigrationFolder[],
-  log: (m: string) => void,
-): Promise<{ applied: string[] }> {
+async function applyLocked(client: pg.Client, migrations: MigrationFolder[], log: (m: string) => void): Promise<{ applied: string[] }> {
   await ensureMigrationsTable(client, log);
 
   const { rows } = await client.query<MigrationRow>(
@@ -184,9 +171,7 @@ async function applyLocked(
 
   const failed = rows.filter((r) => r.finished_at === null && r.rolled_back_at === null);
   if (failed.length > 0) {
-    const details = failed
-      .map((r) => `The \`${r.migration_name}\` migration started at ${r.started_at.toISOString()} failed`)
-      .join('\n');
+    const details = failed.map((r) => `The \`${r.migration_name}\` migration started at ${r.started_at.toISOString()} failed`).join('\n');
     throw new MigrationError(
       'migrate found failed migrations in the target database, new migrations will not be applied.\n' +
         `${details}\n` +
@@ -240,10 +225,7 @@ async function applyOne(client: pg.Client, m: MigrationFolder): Promise<void> {
   const id = randomUUID();
   // The row goes in first, on its own, as Prisma does: if the process dies mid-script the row
   // stays unfinished and the next run stops at it instead of guessing.
-  await client.query(
-    'INSERT INTO _prisma_migrations (id, checksum, started_at, migration_name) VALUES ($1, $2, $3, $4)',
-    [id, m.checksum, new Date(), m.name],
-  );
+  await client.query('INSERT INTO _prisma_migrations (id, checksum, started_at, migration_name) VALUES ($1, $2, $3, $4)', [id, m.checksum, new Date(), m.name]);
   try {
     // No parameters, so pg uses the simple query protocol: the whole file is one query, which
     // PostgreSQL runs as one implicit transaction (all statements or none).
@@ -262,9 +244,7 @@ async function applyOne(client: pg.Client, m: MigrationFolder): Promise<void> {
 }
 
 async function ensureMigrationsTable(client: pg.Client, log: (m: string) => void): Promise<void> {
-  const { rows } = await client.query<{ exists: boolean }>(
-    "SELECT to_regclass('_prisma_migrations') IS NOT NULL AS exists",
-  );
+  const { rows } = await client.query<{ exists: boolean }>("SELECT to_regclass('_prisma_migrations') IS NOT NULL AS exists");
   if (rows[0]?.exists) return;
 
   // Prisma's P3005: a database with objects but no migration history was created some other way;
@@ -294,9 +274,7 @@ async function acquireLock(client: pg.Client): Promise<void> {
   // session's lock_timeout untouched for the migration scripts.
   const deadline = Date.now() + LOCK_TIMEOUT_MS;
   for (;;) {
-    const { rows } = await client.query<{ locked: boolean }>('SELECT pg_try_advisory_lock($1) AS locked', [
-      PRISMA_MIGRATE_LOCK_KEY,
-    ]);
+    const { rows } = await client.query<{ locked: boolean }>('SELECT pg_try_advisory_lock($1) AS locked', [PRISMA_MIGRATE_LOCK_KEY]);
     if (rows[0]?.locked) return;
     if (Date.now() >= deadline) {
       throw new MigrationError(

@@ -154,7 +154,7 @@ function ioSpec(file: string, m: ort.InferenceSession.ValueMetadata): IoSpec {
   if (!['float32', 'float16', 'int32', 'int64', 'float64'].includes(type)) {
     throw new Error(`${file}: "${m.name}" has dtype ${type}; expected float32, float16, int32 or int64`);
   }
-  return { name: m.name, type: type as TensorType, shape: m.shape.map((d) => (typeof d === 'number' ? d : d ?? -1)) };
+  return { name: m.name, type: type as TensorType, shape: m.shape.map((d) => (typeof d === 'number' ? d : (d ?? -1))) };
 }
 
 /** A float tensor of the dtype `spec` declares, from float32 (or float64) data. */

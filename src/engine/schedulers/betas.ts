@@ -11,7 +11,9 @@ export interface NoiseSchedule {
   alphasCumprod: Float64Array;
 }
 
-export function noiseSchedule(config: Required<Pick<SchedulerConfig, 'num_train_timesteps' | 'beta_start' | 'beta_end' | 'beta_schedule'>> & Pick<SchedulerConfig, 'trained_betas'>): NoiseSchedule {
+export function noiseSchedule(
+  config: Required<Pick<SchedulerConfig, 'num_train_timesteps' | 'beta_start' | 'beta_end' | 'beta_schedule'>> & Pick<SchedulerConfig, 'trained_betas'>,
+): NoiseSchedule {
   const n = config.num_train_timesteps;
   const betas = new Float64Array(n);
   if (config.trained_betas && config.trained_betas.length > 0) {
@@ -28,7 +30,7 @@ export function noiseSchedule(config: Required<Pick<SchedulerConfig, 'num_train_
     for (let i = 0; i < n; i++) betas[i] = linspaceAt(a, b, n, i) ** 2;
   } else if (config.beta_schedule === 'squaredcos_cap_v2') {
     // Glide cosine schedule (betas_for_alpha_bar with max_beta 0.999).
-    const alphaBar = (t: number) => Math.cos(((t + 0.008) / 1.008) * Math.PI / 2) ** 2;
+    const alphaBar = (t: number) => Math.cos((((t + 0.008) / 1.008) * Math.PI) / 2) ** 2;
     for (let i = 0; i < n; i++) betas[i] = Math.min(1 - alphaBar((i + 1) / n) / alphaBar(i / n), 0.999);
   } else {
     throw new Error(`beta_schedule "${String(config.beta_schedule)}" is not one of linear, scaled_linear, squaredcos_cap_v2`);

@@ -116,7 +116,10 @@ export function dpmSchedule(o: DpmSolverOptions, n: number): DpmSchedule {
   let timesteps: Float64Array;
   if (o.timestep_spacing === 'linspace') {
     // n + 1 points over [0, last - 1], dropping the 0: rounded half to even, so 499.5 -> 500.
-    timesteps = npLinspace(0, lastTimestep - 1, n + 1).map(roundHalfEven).reverse().subarray(0, n);
+    timesteps = npLinspace(0, lastTimestep - 1, n + 1)
+      .map(roundHalfEven)
+      .reverse()
+      .subarray(0, n);
   } else if (o.timestep_spacing === 'leading') {
     const ratio = Math.floor(lastTimestep / (n + 1));
     timesteps = Float64Array.from({ length: n }, (_, i) => (n - i) * ratio + o.steps_offset);

@@ -121,7 +121,14 @@ export function predictOriginal(prediction: PredictionType, modelOutput: number,
  * Adds noise at the given scheduler timestep: original + noise * sigma(t). For img2img,
  * where the run then starts at that timestep.
  */
-export function addNoiseBySigma(scheduler: string, timesteps: Float64Array, sigmas: Float64Array, original: Float32Array, noise: Float32Array, timestep: number): Float32Array {
+export function addNoiseBySigma(
+  scheduler: string,
+  timesteps: Float64Array,
+  sigmas: Float64Array,
+  original: Float32Array,
+  noise: Float32Array,
+  timestep: number,
+): Float32Array {
   if (original.length !== noise.length) {
     throw new Error(`${scheduler}: noise has ${noise.length} values but the sample has ${original.length}; they must match`);
   }

@@ -6,14 +6,7 @@ import { ClipTokenizer, clipVocabFromBpeMerges, writeTokenizerDirectory } from '
 import type { SerializedModel } from './onnx-builder.js';
 import { oracleTextEncoder, oracleUnet, oracleVaeDecoder, oracleVaeEncoder, type TimestepInput } from './oracle.js';
 import { oracleVocabularyWords } from './oracle-spec.js';
-import {
-  DEFAULT_RANDOM_MODEL,
-  randomTextEncoder,
-  randomUnet,
-  randomVaeDecoder,
-  randomVaeEncoder,
-  type RandomModelOptions,
-} from './random-model.js';
+import { DEFAULT_RANDOM_MODEL, randomTextEncoder, randomUnet, randomVaeDecoder, randomVaeEncoder, type RandomModelOptions } from './random-model.js';
 
 /**
  * Writes test models as complete diffusers/optimum ONNX directories (model_index.json,
@@ -47,7 +40,9 @@ export function wordVocabulary(words: string[]): { vocab: Map<string, number>; m
   for (const word of words) {
     const { vocab } = build();
     const byId = new Map([...vocab].map(([tok, id]) => [id, tok]));
-    const pieces = ClipTokenizer.fromData(build()).tokenize(word).map((id) => byId.get(id)!);
+    const pieces = ClipTokenizer.fromData(build())
+      .tokenize(word)
+      .map((id) => byId.get(id)!);
     let joined = pieces[0]!;
     for (const piece of pieces.slice(1)) {
       merges.push(`${joined} ${piece}`);

@@ -112,8 +112,7 @@ export function promptFeatures(prompt: string): Float32Array {
 export function oracleScene(features: Float32Array) {
   const at = (k: number) => features[k]!;
   const colourCount = at(F.colourCount);
-  const colour: [number, number, number] =
-    colourCount > 0.5 ? [at(F.r) / colourCount, at(F.g) / colourCount, at(F.b) / colourCount] : [...DEFAULT_COLOUR];
+  const colour: [number, number, number] = colourCount > 0.5 ? [at(F.r) / colourCount, at(F.g) / colourCount, at(F.b) / colourCount] : [...DEFAULT_COLOUR];
   const cx = 0.5 + (POSITION_STEP * at(F.xSum)) / Math.max(at(F.xCount), 1);
   const cy = 0.5 + (POSITION_STEP * at(F.ySum)) / Math.max(at(F.yCount), 1);
   const radius = BASE_RADIUS * (at(F.sizeCount) > 0.5 ? at(F.sizeSum) / at(F.sizeCount) : 1);

@@ -1,13 +1,5 @@
 import { GraphBuilder, type ElemType, type SerializedModel } from './onnx-builder.js';
-import {
-  BACKGROUND,
-  BASE_RADIUS,
-  DEFAULT_COLOUR,
-  F,
-  ORACLE_HIDDEN_SIZE,
-  POSITION_STEP,
-  wordFeatures,
-} from './oracle-spec.js';
+import { BACKGROUND, BASE_RADIUS, DEFAULT_COLOUR, F, ORACLE_HIDDEN_SIZE, POSITION_STEP, wordFeatures } from './oracle-spec.js';
 
 /**
  * ONNX graphs of the oracle model (see oracle-spec.ts for what it means). Its UNet is the
@@ -112,10 +104,7 @@ function targetLatent(g: GraphBuilder, feats: string, sample: string): string {
   const dy = g.op('Sub', [axis(2, [1, -1, 1]), cy]); // [B, h, 1]
 
   const asFloat = (b: string) => g.op('Cast', [b], { to: 1 });
-  const circle = g.op('LessOrEqual', [
-    g.op('Add', [g.op('Mul', [dx, dx]), g.op('Mul', [dy, dy])]),
-    g.op('Mul', [radius, radius]),
-  ]);
+  const circle = g.op('LessOrEqual', [g.op('Add', [g.op('Mul', [dx, dx]), g.op('Mul', [dy, dy])]), g.op('Mul', [radius, radius])]);
   const square = g.op('LessOrEqual', [g.op('Max', [g.op('Abs', [dx]), g.op('Abs', [dy])]), radius]);
   const wantCircle = toB11(asFloat(isSet(col(F.circle))));
   const wantSquare = toB11(asFloat(isSet(col(F.square))));

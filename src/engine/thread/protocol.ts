@@ -19,9 +19,7 @@ export interface EngineInfo {
 }
 
 export type ToThread =
-  | { type: 'generate'; id: number; params: GenerateParams; previewEvery: number; returnLatents: boolean }
-  | { type: 'cancel'; id: number }
-  | { type: 'close' };
+  { type: 'generate'; id: number; params: GenerateParams; previewEvery: number; returnLatents: boolean } | { type: 'cancel'; id: number } | { type: 'close' };
 
 export interface SerializedError {
   name: string;
