@@ -19,6 +19,7 @@ import { readiness, withTimeout } from '../core/lifecycle.js';
 import { createReconciler } from './reconciler.js';
 import { createWorkerMetrics } from './metrics.js';
 import { createProcessor } from './processor.js';
+import { SHUTDOWN_TIMEOUTS_MS } from './shutdown.js';
 
 /**
  * Boots a worker process: loads the model once (before taking any job, as the textbook's
@@ -178,10 +179,10 @@ export async function startWorker(config: Config = loadConfig(process.env, 'work
       // Stop taking jobs; let the current one finish within the grace period, then hand it back.
       logger.info({ graceMs: config.SHUTDOWN_GRACE_MS }, 'shutting down');
       await reconciler.stop();
-      await withTimeout(consumer.close(config.SHUTDOWN_GRACE_MS), config.SHUTDOWN_GRACE_MS + 10_000, 'closing the queue consumer');
+      await withTimeout(consumer.close(config.SHUTDOWN_GRACE_MS), config.SHUTDOWN_GRACE_MS + SHUTDOWN_TIMEOUTS_MS.release, 'closing the queue consumer');
       // Every cleanup runs even if one fails or hangs (Redis or Postgres unreachable).
       const results = await Promise.allSettled([
-        withTimeout(engine.close(), 10_000, 'closing the engine'),
+        withTimeout(engine.close(), SHUTDOWN_TIMEOUTS_MS.cleanup, 'closing the engine'),
         withTimeout(db.$disconnect(), 5_000, 'disconnecting from Postgres'),
         withTimeout(queue.close(), 5_000, 'closing the queue connection'),
         new Promise((r) => server.close(r)),
