@@ -110,7 +110,7 @@ export function createProducer(redisUrl: string, s: QueueSettings): ProducerQueu
     async jobState(imageId) {
       const job = await queue.getJob(imageId);
       if (!job) return null;
-      const state = (await job.getState()) as QueueJobState;
+      const state = await job.getState();
       return { state, ...(job.failedReason ? { failedReason: job.failedReason } : {}) };
     },
     async remove(imageId) {

@@ -206,7 +206,7 @@ export function createStorage(opts: StorageOptions): ImageStorage {
     async stat(key) {
       try {
         const st = await s3.statObject(bucket, key);
-        const contentType = st.metaData['content-type'];
+        const contentType: unknown = st.metaData['content-type'];
         return { size: st.size, etag: st.etag, contentType: typeof contentType === 'string' ? contentType : undefined };
       } catch (err) {
         if (isMissing(err)) return null;

@@ -153,7 +153,7 @@ async function cannon(url: string, connections: number, durationSec: number): Pr
         connections,
         duration: durationSec,
       },
-      (err: unknown, res: autocannon.Result) => (err ? reject(err as Error) : resolve(res)),
+      (err: unknown, res: autocannon.Result) => (err ? reject(err instanceof Error ? err : new Error('autocannon failed')) : resolve(res)),
     );
     instance.on('response', (_client, _status, _bytes, responseTime) => {
       latencies.push(responseTime);

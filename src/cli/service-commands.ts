@@ -41,7 +41,7 @@ export async function apiCommand(): Promise<void> {
   const api = await startApi(configOrExit('api'));
   const { exitOnUncaught } = await import('../core/reporting.js');
   exitOnUncaught(api.reporter, api.logger);
-  await untilSignal(api.close);
+  await untilSignal(() => api.close());
 }
 
 export async function workerCommand(): Promise<void> {
@@ -49,7 +49,7 @@ export async function workerCommand(): Promise<void> {
   const worker = await startWorker(configOrExit('worker'));
   const { exitOnUncaught } = await import('../core/reporting.js');
   exitOnUncaught(worker.reporter, worker.logger);
-  await untilSignal(worker.close);
+  await untilSignal(() => worker.close());
 }
 
 export async function migrateCommand(): Promise<void> {
@@ -111,7 +111,7 @@ export async function demoCommand(argv: string[]): Promise<void> {
   const procs: ChildProcess[] = [];
   const stopAll = async () => {
     for (const p of procs) if (p.exitCode === null) p.kill('SIGTERM');
-    await Promise.all(procs.map((p) => (p.exitCode === null ? new Promise((r) => p.once('exit', r)) : undefined)));
+    await Promise.all(procs.map((p) => (p.exitCode === null ? new Promise((r) => p.once('exit', r)) : Promise.resolve())));
     await services.stop();
   };
   try {

@@ -7,7 +7,6 @@ import type { JobMetrics, MetricOutcome } from './processor.js';
  */
 
 export const QUEUE_STATES = ['waiting', 'active', 'delayed', 'failed'] as const;
-export type QueueState = (typeof QUEUE_STATES)[number];
 
 /** Seconds; a job is a few seconds on a GPU and minutes on a CPU. */
 export const JOB_DURATION_BUCKETS = [0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300, 600, 1200];
@@ -98,7 +97,11 @@ export function createWorkerMetrics(): WorkerMetrics {
     },
     watchQueue(counts, timeoutMs) {
       // A registry collects its metrics concurrently: a miss is counted by the next scrape.
-      let queueErrors: Counter | undefined;
+      const queueErrors = new Counter({
+        name: 't2i_queue_counts_errors_total',
+        help: 'Scrapes on which queue depth could not be read from Redis in time.',
+        registers,
+      });
       new Gauge({
         name: 't2i_queue_jobs',
         help: 'Jobs in the queue by state (waiting, active, delayed, failed), read from Redis on each scrape; every worker reports the same queue, so aggregate with max.',
@@ -118,16 +121,11 @@ export function createWorkerMetrics(): WorkerMetrics {
           } catch {
             // Absent rather than stale: a scrape must not report counts it could not read.
             this.reset();
-            queueErrors?.inc();
+            queueErrors.inc();
           } finally {
             clearTimeout(timer);
           }
         },
-      });
-      queueErrors = new Counter({
-        name: 't2i_queue_counts_errors_total',
-        help: 'Scrapes on which queue depth could not be read from Redis in time.',
-        registers,
       });
     },
   };
