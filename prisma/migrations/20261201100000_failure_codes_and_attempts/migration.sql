@@ -10,7 +10,6 @@ CREATE TABLE "job_attempts" (
     "finished_at" TIMESTAMPTZ(3),
     "outcome" TEXT,
     "error_code" TEXT,
-    "object_key" VARCHAR(255),
 
     CONSTRAINT "job_attempts_pkey" PRIMARY KEY ("image_id","attempt")
 );
