@@ -235,13 +235,14 @@ function parseSchema(text: string): ExpectedSchema {
         // names its foreign key, which Prisma creates as {table}_{columns}_fkey.
         const rel = attrs.find((a) => a.name === '@relation');
         if (m[3] === '[]' || !rel) continue;
-        const named = Object.fromEntries(splitTop(rel.args!).map((part) => part.split(':').map((x) => x.trim())));
+        const named: Record<string, string | undefined> = Object.fromEntries(splitTop(rel.args!).map((part) => part.split(':').map((x) => x.trim())));
         const list = (v: string | undefined) =>
           (v ?? unsupported(`@relation(${rel.args}) without fields and references`))
             .replace(/^\[|\]$/g, '')
             .split(',')
             .map((x) => x.trim());
-        const onDelete = { Cascade: 'CASCADE', Restrict: 'RESTRICT', SetNull: 'SET NULL', NoAction: 'NO ACTION' }[named.onDelete ?? 'Restrict'];
+        const actions: Record<string, string | undefined> = { Cascade: 'CASCADE', Restrict: 'RESTRICT', SetNull: 'SET NULL', NoAction: 'NO ACTION' };
+        const onDelete = actions[named.onDelete ?? 'Restrict'];
         if (!onDelete) unsupported(`onDelete: ${named.onDelete}`);
         relations.push({ fields: list(named.fields), model: m[2]!, references: list(named.references), onDelete: onDelete! });
         continue;
