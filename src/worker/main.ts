@@ -20,6 +20,7 @@ import { createReconciler } from './reconciler.js';
 import { createWorkerMetrics } from './metrics.js';
 import { createProcessor } from './processor.js';
 import { SHUTDOWN_TIMEOUTS_MS } from './shutdown.js';
+import { resolveModelDir } from './model-source.js';
 
 /**
  * Boots a worker process: loads the model once (before taking any job, as the textbook's
@@ -54,7 +55,7 @@ export async function startWorker(config: Config = loadConfig(process.env, 'work
     config.ENGINE === 'synthetic'
       ? new SyntheticEngine({ stepMs: config.SYNTHETIC_STEP_MS })
       : await Engine.start({
-          modelDir: path.resolve(config.MODEL_DIR!),
+          modelDir: await resolveModelDir(config, logger),
           provider: config.EXECUTION_PROVIDER,
           ...(config.ORT_THREADS ? { threads: config.ORT_THREADS } : {}),
           log: (level, msg) => logger[level]({ component: 'engine' }, msg),
