@@ -262,6 +262,9 @@ interface Lock {
   release(): Promise<void>;
 }
 
+/** Tokens of the locks this process holds now: a lock naming this host and pid but none of these was left by an earlier process with the same pid (a restarted container). */
+const heldTokens = new Set<string>();
+
 /**
  * Takes the lock file with O_EXCL, or waits while another process holds it and keeps it fresh.
  * Returns 'completed-while-waiting' when the other process finished the folder meanwhile.
@@ -285,9 +288,11 @@ async function acquireLock(file: string, opts: SyncOptions, completed: () => Pro
         utimes(file, now, now).catch(() => undefined);
       }, heartbeatMs);
       timer.unref();
+      heldTokens.add(token);
       return {
         async release() {
           clearInterval(timer);
+          heldTokens.delete(token);
           // Remove only our own lock (a waiter may have judged it stale and taken it over).
           const holder = await readFile(file, 'utf8').catch(() => '');
           if (holder.includes(token)) await rm(file, { force: true });
@@ -299,7 +304,7 @@ async function acquireLock(file: string, opts: SyncOptions, completed: () => Pro
     if (await completed()) return 'completed-while-waiting';
     const st = await stat(file).catch(() => undefined);
     const holder = st ? await readFile(file, 'utf8').catch(() => '') : '';
-    const ownPast = holder.includes(`"host":${JSON.stringify(hostname())},"pid":${process.pid},`) && !holder.includes(token);
+    const ownPast = holder.includes(`"host":${JSON.stringify(hostname())},"pid":${process.pid},`) && ![...heldTokens].some((t) => holder.includes(t));
     if (st && (Date.now() - st.mtimeMs > staleMs || ownPast)) {
       // Renamed away first, so two waiters cannot both delete a lock a third one just created.
       const aside = `${file}.stale.${token}`;
