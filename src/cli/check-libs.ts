@@ -11,7 +11,9 @@ import { UsageError } from './engine-commands.js';
  * that is missing. Dockerfile.worker runs it after installing the CUDA provider, so an image
  * whose base lacks a library the provider links does not build.
  */
-export async function checkLibsCommand(argv: string[]): Promise<void> {
+export const checkLibsCommand = (argv: string[]): Promise<void> => Promise.resolve().then(() => checkLibs(argv));
+
+function checkLibs(argv: string[]): void {
   const { values, positionals } = parseArgs({
     args: argv,
     allowPositionals: true,
@@ -49,7 +51,9 @@ export function formatCheck(files: string[], check: LibraryCheck): string {
   for (const f of files) {
     lines.push(f);
     for (const r of all.filter((x) => x.requiredBy === f)) {
-      lines.push(`  ${r.name.padEnd(36)} ${r.path ? `${r.path} (${r.via})` : check.driver.includes(r) ? 'not here: a driver library, mounted with the GPU' : 'NOT FOUND'}`);
+      lines.push(
+        `  ${r.name.padEnd(36)} ${r.path ? `${r.path} (${r.via})` : check.driver.includes(r) ? 'not here: a driver library, mounted with the GPU' : 'NOT FOUND'}`,
+      );
     }
   }
   const deeper = check.missing.filter((m) => !files.includes(m.requiredBy));

@@ -73,7 +73,7 @@ export async function runDoctor(env: NodeJS.ProcessEnv, role: 'worker' | 'api'):
 
 function providerChecks(wanted: Config['EXECUTION_PROVIDER']): Check[] {
   const out: Check[] = [];
-  let offered: string[] = [];
+  let offered: string[];
   try {
     const info = runtimeInfo();
     offered = availableProviders();
@@ -97,7 +97,10 @@ function providerChecks(wanted: Config['EXECUTION_PROVIDER']): Check[] {
     if (check.missing.length > 0) problems.push(missingMessage(check.missing));
     // The driver's library is mounted by the NVIDIA Container Toolkit only when the container gets a GPU.
     const driver = findLibrary('libcuda.so.1');
-    if (!driver) problems.push('no NVIDIA driver library (libcuda.so.1) here: start the container with a GPU (docker --gpus, compose device reservation, Kubernetes nvidia.com/gpu)');
+    if (!driver)
+      problems.push(
+        'no NVIDIA driver library (libcuda.so.1) here: start the container with a GPU (docker --gpus, compose device reservation, Kubernetes nvidia.com/gpu)',
+      );
     const ok = `${check.objects.length} shared objects resolve${driver ? `; driver library ${driver}` : ''}`;
     out.push({
       name: 'cuda',
@@ -118,14 +121,17 @@ async function modelCheck(config: Config): Promise<Check> {
       const { manifest, raw } = await withTimeout(readManifest(store), SERVICE_TIMEOUT_MS, 'reading the model manifest');
       const bytes = manifest.files.reduce((a, f) => a + f.size, 0);
       const p = cachePaths(config.MODEL_CACHE_DIR, store.uri, createHash('sha256').update(raw).digest('hex'));
-      const cached = existsSync(p.marker) ? `synced in ${p.dir}` : `not synced yet into ${path.resolve(config.MODEL_CACHE_DIR)} (the worker downloads it at boot)`;
+      const cached = existsSync(p.marker)
+        ? `synced in ${p.dir}`
+        : `not synced yet into ${path.resolve(config.MODEL_CACHE_DIR)} (the worker downloads it at boot)`;
       return { name: 'model', status: 'ok', detail: `${store.uri}: ${manifest.files.length} files, ${bytes} bytes, pushed ${manifest.created_at}; ${cached}` };
     } catch (err) {
       return { name: 'model', status: 'fail', detail: (err as Error).message };
     }
   }
   const report = await inspectModel(config.MODEL_DIR!);
-  if (report.problems.length > 0) return { name: 'model', status: 'fail', detail: `MODEL_DIR ${report.dir} is not a usable model:\n${report.problems.join('\n')}` };
+  if (report.problems.length > 0)
+    return { name: 'model', status: 'fail', detail: `MODEL_DIR ${report.dir} is not a usable model:\n${report.problems.join('\n')}` };
   return { name: 'model', status: 'ok', detail: `${report.dir}: ${report.variant}; ${report.totalBytes} bytes` };
 }
 

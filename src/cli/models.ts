@@ -22,7 +22,12 @@ function storeFor(uri: string) {
   const env = parsed.data;
   let store;
   try {
-    store = createModelStore(uri, { endpoint: env.STORAGE_ENDPOINT, accessKey: env.STORAGE_ACCESS_KEY, secretKey: env.STORAGE_SECRET_KEY, region: env.STORAGE_REGION });
+    store = createModelStore(uri, {
+      endpoint: env.STORAGE_ENDPOINT,
+      accessKey: env.STORAGE_ACCESS_KEY,
+      secretKey: env.STORAGE_SECRET_KEY,
+      region: env.STORAGE_REGION,
+    });
   } catch (err) {
     throw new UsageError((err as Error).message);
   }

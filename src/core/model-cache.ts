@@ -53,9 +53,7 @@ const relPath = z
 export const manifestSchema = z.object({
   format: z.literal(MANIFEST_FORMAT),
   created_at: z.string(),
-  files: z
-    .array(z.object({ path: relPath, size: z.number().int().min(0), sha256: z.string().regex(/^[0-9a-f]{64}$/) }))
-    .min(1),
+  files: z.array(z.object({ path: relPath, size: z.number().int().min(0), sha256: z.string().regex(/^[0-9a-f]{64}$/) })).min(1),
 });
 export type Manifest = z.infer<typeof manifestSchema>;
 
@@ -134,18 +132,25 @@ export async function readManifest(store: ModelStore): Promise<{ manifest: Manif
   try {
     json = JSON.parse(raw.toString('utf8'));
   } catch (err) {
-    throw new Error(`${store.describe(MANIFEST_NAME)}: not valid JSON (${(err as Error).message})`);
+    throw new Error(`${store.describe(MANIFEST_NAME)}: not valid JSON (${(err as Error).message})`, { cause: err });
   }
   const parsed = manifestSchema.safeParse(json);
   if (!parsed.success) {
-    throw new Error(`${store.describe(MANIFEST_NAME)}: not a t2i model manifest: ${parsed.error.issues.map((i) => `${i.path.join('.')}: ${i.message}`).join('; ')}`);
+    throw new Error(
+      `${store.describe(MANIFEST_NAME)}: not a t2i model manifest: ${parsed.error.issues.map((i) => `${i.path.join('.')}: ${i.message}`).join('; ')}`,
+    );
   }
   return { manifest: parsed.data, raw };
 }
 
 /** Where a synced export lives: <cache>/<first 16 hex of the manifest's sha256>/<last folder of the prefix>. */
 export function cachePaths(cacheRoot: string, storeUri: string, manifestSha256: string): { base: string; dir: string; lock: string; marker: string } {
-  const name = storeUri.replace(/\/+$/, '').split('/').pop()?.replace(/[^A-Za-z0-9._-]/g, '_') || 'model';
+  const name =
+    storeUri
+      .replace(/\/+$/, '')
+      .split('/')
+      .pop()
+      ?.replace(/[^A-Za-z0-9._-]/g, '_') || 'model';
   const base = path.join(path.resolve(cacheRoot), manifestSha256.slice(0, 16));
   return { base, dir: path.join(base, name === '' || name.includes(':') ? 'model' : name), lock: `${base}.lock`, marker: path.join(base, COMPLETE_MARKER) };
 }
@@ -299,7 +304,8 @@ async function acquireLock(file: string, opts: SyncOptions, completed: () => Pro
         },
       };
     } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw new Error(`model cache: cannot create the lock ${file}: ${(err as Error).message}`);
+      if ((err as NodeJS.ErrnoException).code !== 'EEXIST')
+        throw new Error(`model cache: cannot create the lock ${file}: ${(err as Error).message}`, { cause: err });
     }
     if (await completed()) return 'completed-while-waiting';
     const st = await stat(file).catch(() => undefined);
@@ -308,10 +314,12 @@ async function acquireLock(file: string, opts: SyncOptions, completed: () => Pro
     if (st && (Date.now() - st.mtimeMs > staleMs || ownPast)) {
       // Renamed away first, so two waiters cannot both delete a lock a third one just created.
       const aside = `${file}.stale.${token}`;
-      if (await rename(file, aside).then(
-        () => true,
-        () => false,
-      )) {
+      if (
+        await rename(file, aside).then(
+          () => true,
+          () => false,
+        )
+      ) {
         opts.log('warn', 'took over a stale model cache lock (its holder stopped refreshing it)', { lock: file, holder: holder.slice(0, 200) });
         await rm(aside, { force: true });
       }

@@ -106,7 +106,8 @@ describe('docker-compose.yml', () => {
   });
 
   it('has the services and worker profiles the deployment guide describes', () => {
-    for (const s of ['postgres', 'redis', 'minio', 'minio-init', 'migrate', 'api', 'worker-gpu', 'worker-cpu', 'prometheus', 'grafana']) expect(services[s], `service ${s}`).toBeDefined();
+    for (const s of ['postgres', 'redis', 'minio', 'minio-init', 'migrate', 'api', 'worker-gpu', 'worker-cpu', 'prometheus', 'grafana'])
+      expect(services[s], `service ${s}`).toBeDefined();
     expect(svc('worker-gpu').profiles).toEqual(['gpu']);
     expect(svc('worker-cpu').profiles).toEqual(['cpu']);
     for (const s of Object.keys(services).filter((s) => !WORKERS.includes(s))) expect(svc(s).profiles, `${s} runs in every profile`).toBeUndefined();
@@ -231,7 +232,8 @@ describe('docker-compose.yml', () => {
   });
 
   it('publishes ports on 127.0.0.1 by default, and never Postgres or Redis', () => {
-    for (const [name, s] of Object.entries(services)) for (const p of publishedPorts(s)) expect(p.hostIp, `${name} publishes ${p.published} on`).toBe('127.0.0.1');
+    for (const [name, s] of Object.entries(services))
+      for (const p of publishedPorts(s)) expect(p.hostIp, `${name} publishes ${p.published} on`).toBe('127.0.0.1');
     expect(svc('postgres').ports).toBeUndefined();
     expect(svc('redis').ports).toBeUndefined();
     const pub = new URL(ENV_EXAMPLE.STORAGE_PUBLIC_ENDPOINT!);
@@ -294,7 +296,10 @@ describe('observability configs', () => {
   it('deploy/prometheus/prometheus.yml scrapes the compose services on the ports of the code', () => {
     const p = 'deploy/prometheus/prometheus.yml';
     const cfg = parseAs(
-      z.looseObject({ rule_files: z.array(z.string()).optional(), scrape_configs: z.array(z.looseObject({ job_name: z.string(), metrics_path: z.string().optional() })) }),
+      z.looseObject({
+        rule_files: z.array(z.string()).optional(),
+        scrape_configs: z.array(z.looseObject({ job_name: z.string(), metrics_path: z.string().optional() })),
+      }),
       yamlDocs(p)[0],
       p,
     );
@@ -314,7 +319,11 @@ describe('observability configs', () => {
   });
 
   it('points Grafana at the compose Prometheus and loads dashboards from a folder compose mounts', () => {
-    const ds = parseAs(z.object({ datasources: z.array(z.looseObject({ url: z.string() })) }), yamlDocs('deploy/grafana/provisioning/datasources/prometheus.yml')[0], 'datasources');
+    const ds = parseAs(
+      z.object({ datasources: z.array(z.looseObject({ url: z.string() })) }),
+      yamlDocs('deploy/grafana/provisioning/datasources/prometheus.yml')[0],
+      'datasources',
+    );
     expect(ds.datasources.some((d) => new URL(d.url).hostname === 'prometheus' && new URL(d.url).port === '9090')).toBe(true);
     expect(publishedPorts(svc('prometheus')).map((p) => p.target)).toContain(9090);
     const dash = parseAs(
@@ -326,7 +335,10 @@ describe('observability configs', () => {
       const m = mounts(svc('grafana')).find((x) => isInside(p.options.path, x.target));
       expect(m, `provider ${p.name}: ${p.options.path} is not mounted`).toBeDefined();
       const hostDir = path.join(rel(m!.source), path.posix.relative(m!.target, p.options.path));
-      expect(readdirSync(hostDir).some((f) => f.endsWith('.json')), `${hostDir} holds a dashboard`).toBe(true);
+      expect(
+        readdirSync(hostDir).some((f) => f.endsWith('.json')),
+        `${hostDir} holds a dashboard`,
+      ).toBe(true);
     }
   });
 
@@ -361,7 +373,8 @@ describe('comments in the shipping files', () => {
       .filter((l) => /^\s*#/.test(l) || / # /.test(l))
       .join('\n');
     const readme = read('README.md');
-    for (const m of comments.matchAll(/README "([^"]+)"/g)) expect(readme, `${f}: README section "${m[1]}"`).toMatch(new RegExp(`^#+ ${m[1]!.replace(/[()]/g, '\\$&')}$`, 'm'));
+    for (const m of comments.matchAll(/README "([^"]+)"/g))
+      expect(readme, `${f}: README section "${m[1]}"`).toMatch(new RegExp(`^#+ ${m[1]!.replace(/[()]/g, '\\$&')}$`, 'm'));
     // A path ends on a letter, digit, _ or -: a full stop after it ends the sentence.
     for (const m of comments.matchAll(/\b((?:dist\/)?(?:src|tests|scripts|docs|deploy)(?:\/[\w.-]*[\w-])+)/g)) {
       const p = m[1]!.replace(/^dist\//, '').replace(/\.js$/, '.ts');

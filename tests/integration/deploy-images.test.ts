@@ -10,19 +10,7 @@ import { createRequire } from 'node:module';
 import { promisify } from 'node:util';
 import { describe, expect, it } from 'vitest';
 import { z } from 'zod';
-import {
-  API_PORT,
-  cmdOf,
-  copyArgs,
-  dockerfileOf,
-  dockerignored,
-  expand,
-  ops,
-  read,
-  rel,
-  WORKER_PORT,
-  type Stage,
-} from '../support/deploy-files.js';
+import { API_PORT, cmdOf, copyArgs, dockerfileOf, dockerignored, expand, ops, read, rel, WORKER_PORT, type Stage } from '../support/deploy-files.js';
 
 const run = promisify(execFile);
 
@@ -73,10 +61,15 @@ function checkBuildStage(p: string) {
   const runs = runsAfterCopies(build!);
   const ci = runs.find((r) => /^npm ci$/.test(r.run));
   expect(ci, `${p}: npm ci with dev dependencies`).toBeDefined();
-  for (const f of ['.npmrc', 'package-lock.json', 'scripts/prisma-generate.mjs', 'prisma.config.ts', 'prisma']) expect(ci!.copied, `${p}: ${f} before npm ci`).toContain(f);
+  for (const f of ['.npmrc', 'package-lock.json', 'scripts/prisma-generate.mjs', 'prisma.config.ts', 'prisma'])
+    expect(ci!.copied, `${p}: ${f} before npm ci`).toContain(f);
   const b = runs.find((r) => r.run === 'npm run build');
   expect(b, `${p}: npm run build`).toBeDefined();
-  for (const f of ['tsconfig.json', 'tsconfig.build.json', 'src']) expect(b!.copied.map((s) => s.replace(/^\.\//, '')), `${p}: ${f} before the build`).toContain(f);
+  for (const f of ['tsconfig.json', 'tsconfig.build.json', 'src'])
+    expect(
+      b!.copied.map((s) => s.replace(/^\.\//, '')),
+      `${p}: ${f} before the build`,
+    ).toContain(f);
   expect(read('.npmrc')).toMatch(/^onnxruntime-node-install=skip$/m);
 }
 
@@ -131,9 +124,9 @@ describe('Dockerfile.worker', () => {
     expect(df.args.CUDA_IMAGE).toMatch(/^nvidia\/cuda:13\.\d+\.\d+-cudnn-runtime-ubuntu24\.04$/);
     expect(df.args.NODE_IMAGE).toBe('node:22-bookworm-slim');
     expect(runtime.from).toBe('runtime-${VARIANT}');
-    const byName = Object.fromEntries(df.stages.filter((s) => s.name).map((s) => [s.name, s.from]));
-    expect(byName['runtime-cuda']).toBe('${CUDA_IMAGE}');
-    expect(byName['runtime-cpu']).toBe('${NODE_IMAGE}');
+    const byName = new Map(df.stages.map((s) => [s.name ?? '', s.from]));
+    expect(byName.get('runtime-cuda')).toBe('${CUDA_IMAGE}');
+    expect(byName.get('runtime-cpu')).toBe('${NODE_IMAGE}');
     const cuda = df.stages.find((s) => s.name === 'runtime-cuda')!;
     expect(ops(cuda, 'COPY')).toContain('--from=deps /usr/local/bin/node /usr/local/bin/node');
     // Ubuntu 24.04 images ship a user with uid 1000: it must go before ours takes that uid.
@@ -213,6 +206,7 @@ describe('Dockerfile.worker', () => {
 describe('.dockerignore', () => {
   it('keeps secrets, local state and dependencies out of the build context', () => {
     for (const f of ['.env', '.env.local', 'node_modules', 'dist', '.git', 'src/generated', 'models', '.t2i']) expect(dockerignored(f), f).toBe(true);
-    for (const f of ['src', 'bin', 'prisma', 'package.json', 'package-lock.json', '.npmrc', 'scripts/prisma-generate.mjs']) expect(dockerignored(f), f).toBe(false);
+    for (const f of ['src', 'bin', 'prisma', 'package.json', 'package-lock.json', '.npmrc', 'scripts/prisma-generate.mjs'])
+      expect(dockerignored(f), f).toBe(false);
   });
 });

@@ -59,7 +59,7 @@ function model(doc: unknown, file: string): K8sObject {
   try {
     m.validate();
   } catch (err) {
-    throw new Error(`${file}: ${kind} does not match the API schema: ${(err as Error).message}`);
+    throw new Error(`${file}: ${kind} does not match the API schema: ${(err as Error).message}`, { cause: err });
   }
   return doc as K8sObject;
 }
@@ -112,7 +112,9 @@ describe('deploy/kubernetes', () => {
     const bad = structuredClone(deployment('t2i-worker')) as unknown as { spec: { template: { spec: Record<string, unknown> } } };
     bad.spec.template.spec.terminationGracePeriodSeconds = '120';
     expect(() => model(bad, 'worker-deployment.yaml')).toThrow(/terminationGracePeriodSeconds must be integer/);
-    const so = structuredClone(named<IScaledObject>('ScaledObject', 't2i-worker')) as unknown as { spec: { triggers: { metadata: Record<string, unknown> }[] } };
+    const so = structuredClone(named<IScaledObject>('ScaledObject', 't2i-worker')) as unknown as {
+      spec: { triggers: { metadata: Record<string, unknown> }[] };
+    };
     so.spec.triggers[0]!.metadata.threshold = 2;
     expect(() => model(so, 'worker-scaledobject.yaml')).toThrow(/threshold must be string/);
   });
@@ -122,7 +124,8 @@ describe('deploy/kubernetes', () => {
       expect(d.metadata?.name).toMatch(/^[a-z0-9]([-a-z0-9]*[a-z0-9])?$/);
       if (d.kind !== 'Namespace') expect(d.metadata?.namespace ?? 't2i', `${d.kind}/${d.metadata?.name}`).toBe('t2i');
     }
-    for (const cm of objects.filter((o): o is IConfigMap => o.kind === 'ConfigMap')) for (const k of Object.keys(cm.data ?? {})) expect(Object.keys(SHAPE), `ConfigMap ${k} is a t2i variable`).toContain(k);
+    for (const cm of objects.filter((o): o is IConfigMap => o.kind === 'ConfigMap'))
+      for (const k of Object.keys(cm.data ?? {})) expect(Object.keys(SHAPE), `ConfigMap ${k} is a t2i variable`).toContain(k);
   });
 
   it('matches each workload selector to its pod labels, the Service to the API pods, and images to kustomization images', () => {
@@ -177,7 +180,11 @@ describe('deploy/kubernetes', () => {
     expect(c.readinessProbe?.httpGet?.path).toBe('/readyz');
     expect(c.livenessProbe?.httpGet?.path).toBe('/healthz');
     expect(portNumber(c, c.readinessProbe?.httpGet?.port)).toBe(API_PORT);
-    expect(api.spec!.template.metadata?.annotations).toEqual({ 'prometheus.io/scrape': 'true', 'prometheus.io/port': String(API_PORT), 'prometheus.io/path': '/metrics' });
+    expect(api.spec!.template.metadata?.annotations).toEqual({
+      'prometheus.io/scrape': 'true',
+      'prometheus.io/port': String(API_PORT),
+      'prometheus.io/path': '/metrics',
+    });
   });
 
   it('runs workers on one GPU each, the model synced from MODEL_URI into a writable cache volume, scraped on 9191', () => {
@@ -200,7 +207,11 @@ describe('deploy/kubernetes', () => {
     }
     // Sync and load happen before /healthz answers: the startup probe must allow minutes.
     expect((c.startupProbe?.periodSeconds ?? 10) * (c.startupProbe?.failureThreshold ?? 3)).toBeGreaterThanOrEqual(600);
-    expect(w.spec!.template.metadata?.annotations).toEqual({ 'prometheus.io/scrape': 'true', 'prometheus.io/port': String(WORKER_PORT), 'prometheus.io/path': '/metrics' });
+    expect(w.spec!.template.metadata?.annotations).toEqual({
+      'prometheus.io/scrape': 'true',
+      'prometheus.io/port': String(WORKER_PORT),
+      'prometheus.io/path': '/metrics',
+    });
   });
 
   it('lets the worker finish its shutdown within terminationGracePeriodSeconds, and uses most of it', () => {

@@ -24,7 +24,8 @@ const exportDir = path.join(work, 'export');
 const BLOB_BYTES = 48 * 1024 * 1024;
 
 const env = { STORAGE_ENDPOINT: s3.endpoint, STORAGE_ACCESS_KEY: s3.accessKey, STORAGE_SECRET_KEY: s3.secretKey, STORAGE_REGION: s3.region };
-const storeAt = (prefix: string): ModelStore => createModelStore(`s3://${bucket}/${prefix}`, { endpoint: s3.endpoint, accessKey: s3.accessKey, secretKey: s3.secretKey, region: s3.region });
+const storeAt = (prefix: string): ModelStore =>
+  createModelStore(`s3://${bucket}/${prefix}`, { endpoint: s3.endpoint, accessKey: s3.accessKey, secretKey: s3.secretKey, region: s3.region });
 const logs: { level: string; msg: string; fields: Record<string, unknown> }[] = [];
 const log: Log = (level, msg, fields = {}) => void logs.push({ level, msg, fields });
 const freshCache = () => mkdtempSync(path.join(work, 'cache-'));
@@ -54,7 +55,9 @@ describe('t2i models push', () => {
 
   it('refuses a folder that is not a model export', async () => {
     const empty = mkdtempSync(path.join(work, 'empty-'));
-    const r = await run(process.execPath, [BIN, 'models', 'push', empty, `s3://${bucket}/nothing/`], { env: { ...process.env, ...env } }).catch((e: { code: number; stderr: string }) => e);
+    const r = await run(process.execPath, [BIN, 'models', 'push', empty, `s3://${bucket}/nothing/`], { env: { ...process.env, ...env } }).catch(
+      (e: { code: number; stderr: string }) => e,
+    );
     expect('code' in r ? r.code : 0).toBe(1);
     expect((r as { stderr: string }).stderr).toContain(`${empty}: no model_index.json here`);
   });
@@ -118,7 +121,10 @@ describe('syncing an export into the cache', () => {
 
   it('takes over from a SIGKILLed process once its lock goes stale, and resumes its partial file', async () => {
     const cache = freshCache();
-    const child = spawn(process.execPath, [BIN, 'models', 'pull', `s3://${bucket}/sd/`, '--cache', cache], { env: { ...process.env, ...env }, stdio: 'ignore' });
+    const child = spawn(process.execPath, [BIN, 'models', 'pull', `s3://${bucket}/sd/`, '--cache', cache], {
+      env: { ...process.env, ...env },
+      stdio: 'ignore',
+    });
     const exited = new Promise((r) => child.once('exit', r));
     // Stop it the moment its partial file has data, then kill it: no clean-up runs.
     let part: string | undefined;
@@ -135,7 +141,10 @@ describe('syncing an export into the cache', () => {
     expect(part, 'the child started downloading weights.pb').toBeDefined();
     const partBytes = statSync(part!).size;
     expect(partBytes).toBeLessThan(BLOB_BYTES);
-    expect(readdirSync(cache).some((d) => d.endsWith('.lock')), 'the killed process left its lock').toBe(true);
+    expect(
+      readdirSync(cache).some((d) => d.endsWith('.lock')),
+      'the killed process left its lock',
+    ).toBe(true);
 
     const started = Date.now();
     const r = await syncModel(storeAt('sd/'), cache, { log, staleMs: 1_500, pollMs: 100 });

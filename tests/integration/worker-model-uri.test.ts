@@ -39,7 +39,12 @@ function capture() {
 }
 
 beforeAll(async () => {
-  const s3 = { STORAGE_ENDPOINT: services.s3.endpoint, STORAGE_ACCESS_KEY: services.s3.accessKey, STORAGE_SECRET_KEY: services.s3.secretKey, STORAGE_REGION: services.s3.region };
+  const s3 = {
+    STORAGE_ENDPOINT: services.s3.endpoint,
+    STORAGE_ACCESS_KEY: services.s3.accessKey,
+    STORAGE_SECRET_KEY: services.s3.secretKey,
+    STORAGE_REGION: services.s3.region,
+  };
   await run(process.execPath, [path.resolve('bin/t2i.js'), 'models', 'push', services.oracleModelDir, modelUri], { env: { ...process.env, ...s3 } });
   config = await isolatedConfig({ MODEL_DIR: '', MODEL_URI: modelUri, MODEL_CACHE_DIR: cacheDir });
   api = await startApi(config, { logger: createLogger({ name: 'api', level: 'silent' }) });
@@ -51,7 +56,11 @@ afterAll(async () => {
 });
 
 async function generate(prompt: string): Promise<Buffer> {
-  const res = await fetch(`${api!.url}/generated-images`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ prompt, num_steps: 4, seed: 7, width: 64, height: 64 }) });
+  const res = await fetch(`${api!.url}/generated-images`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({ prompt, num_steps: 4, seed: 7, width: 64, height: 64 }),
+  });
   expect(res.status).toBe(201);
   const { id } = (await res.json()) as { id: string };
   const deadline = Date.now() + 60_000;

@@ -60,13 +60,17 @@ const scalar = z.union([z.string(), z.number(), z.boolean(), z.null()]);
 const healthcheck = z.looseObject({ test: stringList.optional() });
 export const composeService = z.looseObject({
   image: z.string().optional(),
-  build: z.union([z.string(), z.looseObject({ context: z.string(), dockerfile: z.string().optional(), args: z.record(z.string(), z.string()).optional() })]).optional(),
+  build: z
+    .union([z.string(), z.looseObject({ context: z.string(), dockerfile: z.string().optional(), args: z.record(z.string(), z.string()).optional() })])
+    .optional(),
   command: stringList.optional(),
   entrypoint: stringList.optional(),
   environment: z.union([z.record(z.string(), scalar), z.array(z.string())]).optional(),
   env_file: z.union([z.string(), z.array(z.union([z.string(), z.looseObject({ path: z.string() })]))]).optional(),
   depends_on: z.union([z.array(z.string()), z.record(z.string(), z.looseObject({ condition: z.string() }))]).optional(),
-  ports: z.array(z.union([z.string(), z.number(), z.looseObject({ target: z.number(), published: scalar.optional(), host_ip: z.string().optional() })])).optional(),
+  ports: z
+    .array(z.union([z.string(), z.number(), z.looseObject({ target: z.number(), published: scalar.optional(), host_ip: z.string().optional() })]))
+    .optional(),
   volumes: z.array(z.union([z.string(), z.looseObject({ source: z.string().optional(), target: z.string(), read_only: z.boolean().optional() })])).optional(),
   healthcheck: healthcheck.optional(),
   stop_grace_period: z.string().optional(),
@@ -231,10 +235,10 @@ export function dockerignored(file: string): boolean {
       `^${p
         .replace(/^\//, '')
         .replace(/[.+^${}()|[\]\\]/g, '\\$&')
-        .replace(/\*\*/g, '\u0000')
+        .replace(/\*\*/g, '\uE000')
         .replace(/\*/g, '[^/]*')
         .replace(/\?/g, '[^/]')
-        .replace(/\u0000/g, '.*')}(/.*)?$`,
+        .replace(/\uE000/g, '.*')}(/.*)?$`,
     );
   let ignored = false;
   for (const p of patterns) {
