@@ -64,7 +64,7 @@ export async function runDoctor(env: NodeJS.ProcessEnv, role: 'worker' | 'api'):
 
   if (role === 'worker') {
     checks.push(...providerChecks(config?.EXECUTION_PROVIDER ?? 'auto'));
-    if (config && config.ENGINE !== 'synthetic') checks.push(await modelCheck(config));
+    if (config) checks.push(await modelCheck(config));
   }
   if (config) checks.push(...(await serviceChecks(config)));
   const secrets = config ? secretsOf(config) : [];

@@ -45,7 +45,7 @@ describe('the code these files are checked against', () => {
     expect(WORKER_PORT).toBe(9191);
     expect(read('src/api/app.ts')).toContain("app.get('/healthz'");
     expect(read('src/api/app.ts')).toContain("app.get('/readyz'");
-    expect(read('src/worker/main.ts')).toContain("req.url === '/healthz'");
+    expect(read('src/worker/health.ts')).toContain("app.get('/healthz'");
     const cli = read('src/cli/main.ts');
     for (const c of ['api', 'worker', 'migrate']) expect(cli, `t2i ${c}`).toMatch(new RegExp(`\\b${c}: ${c}Command\\b`));
     for (const c of ['doctor', 'check-libs', 'models']) expect(cli, `t2i ${c}`).toContain(`${c.includes('-') ? `'${c}'` : c}: async`);

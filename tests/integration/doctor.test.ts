@@ -63,7 +63,6 @@ beforeAll(async () => {
     MODEL_DIR: services.oracleModelDir,
     MODEL_URI: '',
     EXECUTION_PROVIDER: 'cpu',
-    ENGINE: 'onnx',
     METRICS_TOKEN: `token-${randomUUID()}`,
   };
 });
