@@ -89,7 +89,6 @@ export const composeFile = z.looseObject({
   services: z.record(z.string(), composeService),
   volumes: z.record(z.string(), z.unknown()).optional(),
 });
-export type ComposeFile = z.infer<typeof composeFile>;
 
 /**
  * Compose's interpolation of ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?err}, ${VAR?err} and
