@@ -143,13 +143,7 @@ async function serviceChecks(config: Config): Promise<Check[]> {
     } catch (err) {
       const code = (err as { code?: unknown }).code;
       if (code === 'NoSuchBucket') return { name, status: 'warn', detail: `${target} reachable; ${(err as Error).message}` };
-      // Prisma wraps driver errors in several lines of call-site text: keep the lines that say what happened.
-      const message = (err as Error).message
-        .split('\n')
-        .map((l) => l.trim())
-        .filter((l) => l && !l.startsWith('Invalid `prisma'))
-        .join(' ');
-      return { name, status: 'fail', detail: `${target}: ${message}` };
+      return { name, status: 'fail', detail: `${target}: ${describeError(err)}` };
     }
   };
   return Promise.all([
@@ -167,6 +161,24 @@ async function serviceChecks(config: Config): Promise<Check[]> {
     }),
     run('s3', `${config.STORAGE_ENDPOINT} bucket ${config.STORAGE_BUCKET}`, () => createStorage(storageOptions(config)).ping()),
   ]);
+}
+
+/**
+ * An error and its causes, for an operator: adapters turn driver errors into public messages
+ * ("The database is unavailable") and keep the driver's reason as the cause, which is what a
+ * doctor must show. Prisma's call-site lines are dropped; secrets are masked by the caller.
+ */
+function describeError(err: unknown): string {
+  const parts: string[] = [];
+  for (let e: unknown = err, depth = 0; e instanceof Error && depth < 4; e = e.cause, depth++) {
+    const text = e.message
+      .split('\n')
+      .map((l) => l.trim())
+      .filter((l) => l && !l.startsWith('Invalid `prisma'))
+      .join(' ');
+    if (text && !parts.some((p) => p.includes(text))) parts.push(text);
+  }
+  return parts.join(': ') || String(err);
 }
 
 function storeOptions(config: Config) {
