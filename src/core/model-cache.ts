@@ -145,14 +145,15 @@ export async function readManifest(store: ModelStore): Promise<{ manifest: Manif
 
 /** Where a synced export lives: <cache>/<first 16 hex of the manifest's sha256>/<last folder of the prefix>. */
 export function cachePaths(cacheRoot: string, storeUri: string, manifestSha256: string): { base: string; dir: string; lock: string; marker: string } {
-  const name =
-    storeUri
-      .replace(/\/+$/, '')
-      .split('/')
-      .pop()
-      ?.replace(/[^A-Za-z0-9._-]/g, '_') || 'model';
+  // The last folder of the prefix (the bucket's name for an export at the bucket's root): it
+  // becomes the model's name in logs and metrics.
+  const segments = storeUri
+    .replace(/^s3:\/\//, '')
+    .split('/')
+    .filter(Boolean);
+  const name = (segments.at(-1) ?? 'model').replace(/[^A-Za-z0-9._-]/g, '_');
   const base = path.join(path.resolve(cacheRoot), manifestSha256.slice(0, 16));
-  return { base, dir: path.join(base, name === '' || name.includes(':') ? 'model' : name), lock: `${base}.lock`, marker: path.join(base, COMPLETE_MARKER) };
+  return { base, dir: path.join(base, name), lock: `${base}.lock`, marker: path.join(base, COMPLETE_MARKER) };
 }
 
 /** Syncs the export behind `store` into `cacheRoot` and returns the folder to load. */
