@@ -33,7 +33,14 @@ async function checkLibs(args: string[], env: NodeJS.ProcessEnv = {}): Promise<{
 
 /** DT_NEEDED entries as binutils' readelf prints them (installed by scripts/install-system-deps.sh). */
 function readelfNeeded(file: string): string[] {
-  const out = execFileSync('readelf', ['-d', file], { encoding: 'utf8' });
+  let out: string;
+  try {
+    out = execFileSync('readelf', ['-d', file], { encoding: 'utf8' });
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT')
+      throw new Error('readelf is not installed: run scripts/install-system-deps.sh (binutils)', { cause: err });
+    throw err;
+  }
   return [...out.matchAll(/\(NEEDED\)\s+Shared library: \[([^\]]+)\]/g)].map((m) => m[1]!);
 }
 
