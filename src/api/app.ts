@@ -41,7 +41,8 @@ export function imageJson(r: ImageRecord) {
     height: r.height,
     scheduler: r.scheduler,
     file_name: r.fileName,
-    error: r.error,
+    // Why the job failed (or why its last attempt did): a stable code and a public message.
+    error: r.errorCode ? { code: r.errorCode, message: r.error ?? '' } : null,
     attempts: r.attempts,
     cancel_requested_at: r.cancelRequestedAt?.toISOString() ?? null,
     created_at: r.createdAt.toISOString(),

@@ -24,7 +24,7 @@ export interface HealthAppDeps {
 export function buildHealthApp(deps: HealthAppDeps): FastifyInstance {
   // The worker's logger, widened to Fastify's type (the rule only sees the argument).
   // eslint-disable-next-line @typescript-eslint/no-unnecessary-type-assertion
-  const app = Fastify({ loggerInstance: deps.logger as FastifyBaseLogger, disableRequestLogging: true, return503OnClosing: true });
+  const app = Fastify({ loggerInstance: deps.logger as FastifyBaseLogger, return503OnClosing: true });
   app.setNotFoundHandler((request, reply) => sendProblem(reply, 404, 'Not Found', `No route ${request.method} ${request.url.split('?')[0]}.`));
   app.setErrorHandler((err, request, reply) => {
     request.log.error({ err }, 'health server request failed');
@@ -34,9 +34,9 @@ export function buildHealthApp(deps: HealthAppDeps): FastifyInstance {
 
   // Alive while the process serves: an engine being restarted is not a reason to kill the
   // process (that is /readyz's business); one that cannot be restarted ends the process itself.
-  app.get('/healthz', async () => ({ status: 'ok', engine: deps.engineProblem() ?? 'up' }));
+  app.get('/healthz', { logLevel: 'warn' }, async () => ({ status: 'ok', engine: deps.engineProblem() ?? 'up' }));
 
-  app.get('/readyz', async (request, reply) => {
+  app.get('/readyz', { logLevel: 'warn' }, async (request, reply) => {
     const { ok, checks, errors } = await readiness({
       engine: async () => {
         const problem = deps.engineProblem();
