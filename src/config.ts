@@ -89,6 +89,16 @@ export const envSchema = z.object({
   /** Largest accepted request body. */
   BODY_LIMIT_BYTES: int(1_024, 10_485_760).default(65_536),
 
+  // --- Live events (SSE and WebSocket)
+  /** A job's event log in Redis (status, progress, previews) expires this long after its last event; the job row stays the record. */
+  EVENTS_RETENTION_SECONDS: int(60, SEVEN_DAYS_S).default(3_600),
+  /** Interval of heartbeats on event streams (SSE comment lines, WebSocket pings), so proxies keep quiet streams open. */
+  EVENTS_HEARTBEAT_MS: int(100, 300_000).default(15_000),
+  /** Shortest interval between two live previews of a job (500 = at most 2 per second); 0 turns previews off. */
+  PREVIEW_INTERVAL_MS: int(0, 60_000)
+    .refine((v) => v === 0 || v >= 500, 'must be 0 (off) or at least 500 (previews are sent at most twice a second)')
+    .default(500),
+
   // --- Worker
   /** A Stable Diffusion ONNX export (diffusers/optimum layout). */
   MODEL_DIR: z.string().min(1).optional(),

@@ -5,6 +5,7 @@ import type { ErrorReporter } from '../core/reporting.js';
 import type { ImageRecord, ImagesService } from '../core/images.js';
 import { createImageBody, fieldErrors, listQuery } from '../core/params.js';
 import { readiness } from '../core/lifecycle.js';
+import { eventRoutes, type EventRoutesOptions } from './events.js';
 import { registerApiMetrics, type ApiMetrics } from './metrics.js';
 import { sendProblem } from './problem.js';
 
@@ -25,6 +26,8 @@ export interface AppDeps {
   metricsToken?: string | undefined;
   /** Where 5xx errors are reported (Sentry); client errors never are. */
   reporter?: ErrorReporter;
+  /** Live job events over SSE and WebSocket (src/api/events.ts); the routes are absent without it. */
+  events?: EventRoutesOptions;
 }
 
 export function imageJson(r: ImageRecord) {
@@ -158,6 +161,8 @@ export function buildApp(deps: AppDeps): FastifyInstance {
   });
 
   app.post<{ Params: { id: string } }>('/generated-images/:id/cancel', async (request) => imageJson(await deps.images.cancel(request.params.id)));
+
+  if (deps.events) void app.register(eventRoutes, deps.events);
 
   app.get('/healthz', async () => ({ status: 'ok' }));
 

@@ -1,4 +1,6 @@
 import { createImagesRepo } from '../adapters/images-repo.js';
+import { createJobEventStore, eventSink } from '../adapters/job-events.js';
+import { followJob } from '../core/job-event-stream.js';
 import { checkRedis, createProducer } from '../adapters/queue.js';
 import { withTimeout } from '../core/lifecycle.js';
 import { createErrorReporter } from '../adapters/sentry.js';
@@ -8,7 +10,7 @@ import { createPrismaClient } from '../adapters/db/client.js';
 import { ImagesService } from '../core/images.js';
 import { createProcessLogger, type Logger } from '../core/logger.js';
 import type { ErrorReporter } from '../core/reporting.js';
-import { queueSettings, storageOptions } from '../core/wiring.js';
+import { eventStoreOptions, queueSettings, storageOptions } from '../core/wiring.js';
 import { buildApp } from './app.js';
 import { createApiMetrics } from './metrics.js';
 
@@ -37,7 +39,17 @@ export async function startApi(config: Config = loadConfig(process.env, 'api'), 
   const storage = createStorage(storageOptions(config));
   await Promise.all([storage.ensureBucket(), producer.ready()]);
   const repo = createImagesRepo(db);
-  const images = new ImagesService({ repo, queue: producer, storage, maxQueueDepth: config.MAX_QUEUE_DEPTH, log: logger });
+  const eventStore = createJobEventStore(config.REDIS_URL, eventStoreOptions(config));
+  const events = eventSink(eventStore, logger);
+  const images = new ImagesService({
+    repo,
+    queue: producer,
+    storage,
+    maxQueueDepth: config.MAX_QUEUE_DEPTH,
+    maxPixelSteps: config.MAX_PIXEL_STEPS,
+    log: logger,
+    events,
+  });
   const app = buildApp({
     images,
     logger,
@@ -46,12 +58,32 @@ export async function startApi(config: Config = loadConfig(process.env, 'api'), 
     metricsToken: config.METRICS_TOKEN,
     reporter,
     checks: { postgres: () => repo.ping(), redis: async () => void (await producer.counts()), storage: () => storage.ping() },
+    events: {
+      heartbeatMs: config.EVENTS_HEARTBEAT_MS,
+      follow: (id, lastEventId) =>
+        followJob(
+          {
+            log: eventStore.log,
+            getJob: (jobId) => images.get(jobId),
+            result: (record) => images.result(record),
+            position: (jobId) => producer.position(jobId),
+            logger,
+          },
+          id,
+          lastEventId,
+        ),
+    },
   });
   app.addHook('onClose', async () => {
     // A reporter the caller gave stays the caller's to close.
     // Bounded, so a Redis or Postgres that went away cannot hold the process open.
     await Promise.allSettled([
       withTimeout(producer.close(), 5_000, 'closing the queue connection'),
+      withTimeout(
+        events.flush().then(() => eventStore.close()),
+        5_000,
+        'closing the event connections',
+      ),
       withTimeout(db.$disconnect(), 5_000, 'disconnecting from Postgres'),
       overrides.reporter ? undefined : reporter.close(),
     ]);

@@ -2,6 +2,7 @@ import { randomUUID } from 'node:crypto';
 import { randomSeed } from '../engine/random.js';
 import { ConflictError, ImageNotAvailableError, NotFoundError, ServiceUnavailableError, ValidationError } from './errors.js';
 import type { Failure, FailureCode } from './failures.js';
+import type { JobEventSink } from './job-events.js';
 import { pixelSteps, type CreateImageBody } from './params.js';
 
 /**
@@ -118,6 +119,8 @@ export interface ImagesServiceDeps {
   /** Largest width x height x num_steps of one request (MAX_PIXEL_STEPS); no limit when absent. */
   maxPixelSteps?: number;
   log?: { warn: (obj: object, msg: string) => void };
+  /** Where job events go for live streams (src/core/job-events.ts); nowhere when absent. */
+  events?: JobEventSink;
 }
 
 /** How long a measured queue depth is trusted: one Redis round trip per second, not per POST. */
@@ -177,6 +180,8 @@ export class ImagesService {
       height: body.height,
       scheduler: body.scheduler,
     });
+    // Logged before it is enqueued, so a worker's `running` can never come before it.
+    await this.deps.events?.publish(record.id, { type: 'status', status: 'queued', attempt: 0 });
     try {
       await this.deps.queue.enqueue(record.id);
     } catch (err) {
@@ -197,6 +202,7 @@ export class ImagesService {
     }
     const after = (await this.deps.repo.requestCancel(id)) ?? before;
     if (after.status === 'canceled') await this.deps.queue.remove(id).catch(() => false);
+    if (after.status === 'canceled' && before.status !== 'canceled') void this.deps.events?.publish(id, { type: 'canceled' });
     return after;
   }
 
@@ -211,6 +217,12 @@ export class ImagesService {
     const items = await this.deps.repo.list({ limit, ...(before ? { before } : {}) });
     const last = items.at(-1);
     return { items, nextCursor: items.length === limit && last ? encodeCursor(last) : null };
+  }
+
+  /** What a finished job's `done` event carries: its image URL. */
+  async result(record: ImageRecord): Promise<{ url: string; expires_at: string }> {
+    const { url, expiresAt } = await this.url(record.id);
+    return { url, expires_at: expiresAt.toISOString() };
   }
 
   async url(id: string): Promise<{ url: string; expiresAt: Date }> {

@@ -15,12 +15,20 @@ import type { GenerateParams, Generation, Progress } from '../engine/pipeline.js
 export interface SupervisedEngine {
   readonly info: EngineInfo;
   readonly alive: boolean;
-  generate(params: GenerateParams, run: { onProgress?: (p: Progress) => void; signal?: AbortSignal; log?: EngineLog }): Promise<Generation>;
+  generate(params: GenerateParams, run: EngineRun): Promise<Generation>;
   onDown(listener: (err: DownError) => void): void;
   close(): Promise<void>;
 }
 
 export type EngineLog = (level: 'debug' | 'info' | 'warn', msg: string) => void;
+
+/** How a worker runs one generation: progress (with a latent preview every `previewEvery` steps), cancellation, its log lines. */
+export interface EngineRun {
+  onProgress?: (p: Progress) => void;
+  previewEvery?: number;
+  signal?: AbortSignal;
+  log?: EngineLog;
+}
 
 export interface DownError extends Error {
   reason: string;
@@ -82,7 +90,7 @@ export class EngineSupervisor {
     engine.onDown((err) => this.onEngineDown(engine, err));
   }
 
-  async generate(params: GenerateParams, run: { onProgress?: (p: Progress) => void; signal?: AbortSignal; log?: EngineLog }): Promise<Generation> {
+  async generate(params: GenerateParams, run: EngineRun): Promise<Generation> {
     const engine = this.engine;
     if (!engine || !engine.alive || this.restarting) throw new EngineUnavailableError('the engine is restarting');
     const generation = await engine.generate(params, run);

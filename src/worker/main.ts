@@ -2,6 +2,8 @@ import { hostname } from 'node:os';
 import path from 'node:path';
 import { createPrismaClient } from '../adapters/db/client.js';
 import { createImagesRepo } from '../adapters/images-repo.js';
+import { createJobEventStore, eventSink } from '../adapters/job-events.js';
+import { encodePreviewWebp } from '../engine/png.js';
 import { checkRedis, createConsumer, createProducer, UnrecoverableError } from '../adapters/queue.js';
 import { createErrorReporter } from '../adapters/sentry.js';
 import { createStorage, objectKeyFor } from '../adapters/storage.js';
@@ -10,7 +12,7 @@ import { withTimeout } from '../core/lifecycle.js';
 import { createProcessLogger, type Logger } from '../core/logger.js';
 import { failureFromQueueReason } from '../core/failures.js';
 import { packageVersion, type ErrorReporter } from '../core/reporting.js';
-import { queueSettings, storageOptions } from '../core/wiring.js';
+import { eventStoreOptions, queueSettings, storageOptions } from '../core/wiring.js';
 import { SCHEDULER_NAMES } from '../engine/schedulers/types.js';
 import type { TestPipelineOptions } from '../engine/testing/test-pipeline.js';
 import { Engine, type EngineOptions } from '../engine/thread/engine-host.js';
@@ -120,10 +122,14 @@ export async function startWorker(config: Config = loadConfig(process.env, 'work
   const storage = createStorage(storageOptions(config));
   await Promise.all([storage.ensureBucket(), queue.ready()]);
   const repo = createImagesRepo(db);
+  const eventStore = createJobEventStore(config.REDIS_URL, eventStoreOptions(config));
+  const events = eventSink(eventStore, logger);
   const process_ = createProcessor({
     repo,
     storage,
     engine,
+    events,
+    ...(config.PREVIEW_INTERVAL_MS > 0 ? { previews: { intervalMs: config.PREVIEW_INTERVAL_MS, encode: encodePreviewWebp } } : {}),
     objectKeyFor,
     workerId,
     modelName,
@@ -157,13 +163,18 @@ export async function startWorker(config: Config = loadConfig(process.env, 'work
   // a row that says running: record the reason now rather than at the next reconcile.
   consumer.worker.on('failed', (job, err) => {
     if (!job?.finishedOn) return;
-    void repo.failAny(job.data.imageId, failureFromQueueReason(err.message)).catch((e: unknown) => logger.warn({ err: e }, 'could not mark a failed job'));
+    const f = failureFromQueueReason(err.message);
+    void repo.failAny(job.data.imageId, f).then(
+      (changed) => changed && void events.publish(job.data.imageId, { type: 'failed', error: f }),
+      (e: unknown) => logger.warn({ err: e }, 'could not mark a failed job'),
+    );
   });
   void consumer.worker.run();
 
   const reconciler = createReconciler({
     repo,
     queue,
+    events,
     log: logger.child({ component: 'reconciler' }),
     queuedGraceMs: config.RECONCILE_QUEUED_AFTER_MS,
     // A running job writes progress (updated_at) at least every few seconds; one silent for
@@ -205,6 +216,11 @@ export async function startWorker(config: Config = loadConfig(process.env, 'work
             withTimeout(engine.close(), SHUTDOWN_TIMEOUTS_MS.cleanup, 'closing the engine'),
             withTimeout(db.$disconnect(), SHUTDOWN_TIMEOUTS_MS.cleanup, 'disconnecting from Postgres'),
             withTimeout(queue.close(), SHUTDOWN_TIMEOUTS_MS.cleanup, 'closing the queue connection'),
+            withTimeout(
+              events.flush().then(() => eventStore.close()),
+              SHUTDOWN_TIMEOUTS_MS.cleanup,
+              'publishing the last job events',
+            ),
             withTimeout(health.close(), SHUTDOWN_TIMEOUTS_MS.cleanup, 'closing the health server'),
             // A reporter the caller gave stays the caller's to close.
             overrides.reporter ? reporter.flush() : reporter.close(),

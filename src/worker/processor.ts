@@ -2,7 +2,9 @@ import type { ImagesRepo } from '../core/images.js';
 import { failure, type Failure } from '../core/failures.js';
 import { scrubSecrets } from '../core/logger.js';
 import type { ReportContext } from '../core/reporting.js';
+import type { JobEventSink, StoredEvent } from '../core/job-events.js';
 import type { GenerateParams, Generation, Progress } from '../engine/pipeline.js';
+import type { Preview } from '../engine/preview.js';
 import type { SchedulerName } from '../engine/schedulers/types.js';
 
 /**
@@ -31,8 +33,18 @@ export interface ProcessorDeps {
     list(prefix: string): Promise<string[]>;
   };
   engine: {
-    generate(params: GenerateParams, run: { onProgress?: (p: Progress) => void; signal?: AbortSignal; log?: EngineLog }): Promise<Generation>;
+    generate(
+      params: GenerateParams,
+      run: { onProgress?: (p: Progress) => void; previewEvery?: number; signal?: AbortSignal; log?: EngineLog },
+    ): Promise<Generation>;
   };
+  /** Where the job's events go for live streams (status, progress, previews, outcome); nowhere when absent. */
+  events?: JobEventSink;
+  /**
+   * Live previews from the engine's latent preview, at most one per `intervalMs`, encoded small
+   * (src/engine/png.ts encodePreviewWebp). None when absent.
+   */
+  previews?: { intervalMs: number; encode(rgb: Uint8Array, width: number, height: number): Promise<{ data: Buffer; width: number; height: number }> };
   /** Where attempt `attempt` of a job stores its image. */
   objectKeyFor(imageId: string, attempt: number): string;
   workerId: string;
@@ -167,11 +179,16 @@ export function createProcessor(deps: ProcessorDeps) {
 
 function createAttempt(deps: ProcessorDeps) {
   const maxEngineFailures = deps.maxEngineFailures ?? 2;
+  const publish = (imageId: string, e: StoredEvent | Promise<StoredEvent | null>) => void deps.events?.publish(imageId, e);
 
   /** Records a failed attempt and returns the error that tells the queue what to do. */
   const failed = async (job: JobInput, attempt: number, f: Failure, cause: unknown, neverRetry = false): Promise<AttemptFailedError> => {
     const final = neverRetry || job.attempt >= job.maxAttempts;
-    await deps.repo.fail(job.imageId, attempt, f, final).catch((err: unknown) => job.log.error({ err }, 'could not record the failure'));
+    const recorded = await deps.repo.fail(job.imageId, attempt, f, final).catch((err: unknown) => {
+      job.log.error({ err }, 'could not record the failure');
+      return false;
+    });
+    if (recorded) publish(job.imageId, final ? { type: 'failed', error: f } : { type: 'status', status: 'queued', attempt, error: f });
     return new AttemptFailedError(f, final, { cause });
   };
 
@@ -181,6 +198,7 @@ function createAttempt(deps: ProcessorDeps) {
     if (!claimed) {
       // Canceled while its previous attempt's worker was gone: end it as canceled now.
       if (await deps.repo.finishCanceled(imageId)) {
+        publish(imageId, { type: 'canceled' });
         log.info({ outcome: 'canceled' }, 'job was canceled before it could run');
         return 'canceled';
       }
@@ -189,6 +207,7 @@ function createAttempt(deps: ProcessorDeps) {
       return 'skipped';
     }
     const { record, attempt } = claimed;
+    publish(imageId, { type: 'status', status: 'running', attempt });
     seen.scheduler = record.scheduler;
     // Prompts are user data: an error text that quotes one must not carry it to the error tracker.
     seen.secrets.push(record.prompt, ...(record.negativePrompt ? [record.negativePrompt] : []));
@@ -214,11 +233,14 @@ function createAttempt(deps: ProcessorDeps) {
     let lastWrite = Number.NEGATIVE_INFINITY;
     let writing: Promise<unknown> = Promise.resolve();
     let lastElapsedMs: number | undefined;
+    let firstStepAt: number | undefined;
+    let lastPreview = Number.NEGATIVE_INFINITY;
     const onProgress = (p: Progress) => {
       // Step time from the engine; without it, the gap since the previous step (the first one would include encoding).
       const stepMs = p.stepMs ?? (lastElapsedMs === undefined ? undefined : p.elapsedMs - lastElapsedMs);
       lastElapsedMs = p.elapsedMs;
       if (stepMs !== undefined) deps.metrics?.step(stepMs / 1000);
+      if (deps.events) streamProgress(p);
       const now = performance.now();
       if (p.step >= p.totalSteps || now - lastWrite < deps.progressIntervalMs) return;
       lastWrite = now;
@@ -231,6 +253,29 @@ function createAttempt(deps: ProcessorDeps) {
           },
           (err: unknown) => log.warn({ err }, 'progress write failed'),
         ),
+      );
+    };
+
+    /** Every step to the job's live stream; a preview too when one is due. */
+    const streamProgress = (p: Progress) => {
+      const now = performance.now();
+      // The mean step time since the first step: prompt encoding (before step 1) is not a step.
+      firstStepAt ??= now - (p.stepMs ?? 0);
+      const perStep = p.step > 0 ? (now - firstStepAt) / p.step : 0;
+      publish(imageId, {
+        type: 'progress',
+        attempt,
+        step: p.step,
+        total: p.totalSteps,
+        percent: Math.floor((p.step / p.totalSteps) * 100),
+        eta_ms: Math.round(perStep * (p.totalSteps - p.step)),
+      });
+      const previews = deps.previews;
+      if (!previews || !p.preview || p.step >= p.totalSteps || now - lastPreview < previews.intervalMs) return;
+      lastPreview = now;
+      publish(
+        imageId,
+        previewEvent(p.preview, p, attempt, (rgb, w, h) => previews.encode(rgb, w, h), log),
       );
     };
 
@@ -250,6 +295,9 @@ function createAttempt(deps: ProcessorDeps) {
           },
           {
             onProgress,
+            // The engine's latent preview costs a 4x3 matrix over the latents (no model run): ask for
+            // it at every step and keep what the interval allows.
+            ...(deps.previews && deps.events ? { previewEvery: 1 } : {}),
             // The engine thread's lines about this generation, with this job's id, attempt and worker on them.
             log: (level, msg) => logEngineLine(log, level, msg),
             signal: stop.signal,
@@ -288,6 +336,7 @@ function createAttempt(deps: ProcessorDeps) {
         log.warn({ dbAttempt: attempt, durationMs, outcome: 'superseded' }, 'job was taken over by another attempt; result discarded');
         return 'superseded';
       }
+      publish(imageId, { type: 'succeeded' });
       // Earlier attempts of this job may have stored objects before they were taken over.
       if (attempt > 1) await removeOtherAttempts(imageId, key, log);
       log.info({ dbAttempt: attempt, durationMs, seed: generation.seed, outcome: 'succeeded' }, 'job succeeded');
@@ -311,7 +360,7 @@ function createAttempt(deps: ProcessorDeps) {
   async function stopped(job: JobInput, attempt: number, reason: StopReason): Promise<JobOutcome> {
     switch (reason) {
       case 'canceled':
-        await deps.repo.finishCanceled(job.imageId, attempt);
+        if (await deps.repo.finishCanceled(job.imageId, attempt)) publish(job.imageId, { type: 'canceled' });
         job.log.info({ dbAttempt: attempt, outcome: 'canceled' }, 'job canceled between steps');
         return 'canceled';
       case 'superseded':
@@ -324,7 +373,7 @@ function createAttempt(deps: ProcessorDeps) {
         throw await failed(job, attempt, failure('timed_out', limit), new Error(`attempt aborted after ${ms} ms`));
       }
       case 'shutdown':
-        await deps.repo.release(job.imageId, attempt, 'shutdown');
+        if ((await deps.repo.release(job.imageId, attempt, 'shutdown')) === 'released') publish(job.imageId, { type: 'status', status: 'queued', attempt });
         throw new JobReleasedError('worker shutting down: job handed back to the queue');
     }
   }
@@ -334,10 +383,38 @@ function createAttempt(deps: ProcessorDeps) {
     const result = await deps.repo.release(job.imageId, attempt, 'engine', maxEngineFailures);
     if (result === 'failed') {
       const f = failure('engine_crashed');
+      publish(job.imageId, { type: 'failed', error: f });
       throw new AttemptFailedError(f, true, { cause: err });
     }
     if (result === 'not_owned') return 'superseded';
+    publish(job.imageId, { type: 'status', status: 'queued', attempt });
     throw new JobReleasedError(`the engine went down (${(err as Error).message}): job handed back to the queue`);
+  }
+}
+
+/** A preview event, encoded off the engine thread; null (skipped) if encoding fails. */
+async function previewEvent(
+  preview: Preview,
+  p: Progress,
+  attempt: number,
+  encode: NonNullable<ProcessorDeps['previews']>['encode'],
+  log: JobLog,
+): Promise<StoredEvent | null> {
+  try {
+    const img = await encode(preview.rgb, preview.width, preview.height);
+    return {
+      type: 'preview',
+      attempt,
+      step: p.step,
+      total: p.totalSteps,
+      content_type: 'image/webp',
+      width: img.width,
+      height: img.height,
+      data: img.data.toString('base64'),
+    };
+  } catch (err) {
+    log.warn({ err }, 'could not encode a preview');
+    return null;
   }
 }
 

@@ -1,12 +1,14 @@
 import { randomFillSync } from 'node:crypto';
 import sharp from 'sharp';
+import type { Preview } from '../preview.js';
 import { resolveParams, throwIfAborted, type GenerateOptions, type GenerateParams, type Generation } from '../pipeline.js';
 
 /**
  * A test double for the diffusion pipeline, run in the engine thread exactly where the real one
  * runs (thread/engine-thread.ts), for load, soak and failure tests of everything around the
  * engine: same parameter validation, progress after every "step", cancellation between steps, a
- * real PNG (a flat colour derived from the seed, with one random pixel). Each step waits `stepMs` on a timer, so a job
+ * real PNG (a flat colour derived from the seed, with one random pixel), latent previews when asked
+ * (the same flat colour, brightening step by step). Each step waits `stepMs` on a timer, so a job
  * lasts a chosen time without using the CPU. It draws nothing of the prompt.
  *
  * It is selected only by `t2i worker --test-engine` (and the demo and benchmarks), never by
@@ -43,7 +45,14 @@ export class TestPipeline {
       throwIfAborted(options.signal);
       if (step === 1) this.misbehave(fault, p.prompt);
       if (this.options.stepMs > 0) await new Promise((r) => setTimeout(r, this.options.stepMs));
-      options.onProgress?.({ step, totalSteps: p.numSteps, elapsedMs: performance.now() - started });
+      const every = options.previewEvery ?? 0;
+      const wantPreview = every > 0 && (step % every === 0 || step === p.numSteps);
+      options.onProgress?.({
+        step,
+        totalSteps: p.numSteps,
+        elapsedMs: performance.now() - started,
+        ...(wantPreview ? { preview: flatPreview(p.width / 8, p.height / 8, p.seed, step / p.numSteps) } : {}),
+      });
     }
     throwIfAborted(options.signal);
     // A small flat image keeps uploads cheap; its colour makes different seeds distinguishable,
@@ -87,4 +96,12 @@ export class TestPipeline {
         throw new Error(`the test engine failed as asked while generating "${prompt}"`);
     }
   }
+}
+
+/** A latent-sized preview of the double's flat colour, faded in by `done` (0..1). */
+function flatPreview(width: number, height: number, seed: number, done: number): Preview {
+  const rgb = new Uint8Array(width * height * 3);
+  const colour = [seed & 0xff, (seed >>> 8) & 0xff, (seed >>> 16) & 0xff].map((c) => Math.round(c * done));
+  for (let i = 0; i < rgb.length; i += 3) rgb.set(colour, i);
+  return { width, height, rgb };
 }
