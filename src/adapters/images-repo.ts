@@ -38,6 +38,8 @@ function toRecord(row: GeneratedImage): ImageRecord {
     finishedAt: row.finishedAt,
     cancelRequestedAt: row.cancelRequestedAt,
     generationMs: row.generationMs,
+    numImages: row.numImages,
+    webhookUrl: row.webhookUrl,
   };
 }
 
@@ -60,9 +62,47 @@ export function createImagesRepo(db: Db): ImagesRepo {
           width: data.width,
           height: data.height,
           scheduler: data.scheduler,
+          numImages: data.numImages ?? 1,
+          webhookUrl: data.webhookUrl ?? null,
         },
       });
       return toRecord(row);
+    },
+
+    async createOnce(data, key) {
+      const outcome = await db.$transaction(async (tx) => {
+        // Blocks while another transaction holds the same key, then either takes an expired
+        // key over or returns nothing (the key is live).
+        const claimed = await tx.$queryRaw<Array<{ key: string }>>`
+          INSERT INTO idempotency_keys (key, fingerprint, image_id) VALUES (${key.key}, ${key.fingerprint}, ${data.id}::uuid)
+          ON CONFLICT (key) DO UPDATE SET fingerprint = EXCLUDED.fingerprint, image_id = EXCLUDED.image_id, created_at = now()
+           WHERE idempotency_keys.created_at < now() - make_interval(secs => ${key.ttlMs / 1000})
+          RETURNING key`;
+        if (claimed.length === 0) return null;
+        return tx.generatedImage.create({
+          data: {
+            id: data.id,
+            prompt: data.prompt,
+            negativePrompt: data.negativePrompt,
+            numSteps: data.numSteps,
+            guidanceScale: data.guidanceScale,
+            seed: BigInt(data.seed),
+            width: data.width,
+            height: data.height,
+            scheduler: data.scheduler,
+            numImages: data.numImages ?? 1,
+            webhookUrl: data.webhookUrl ?? null,
+          },
+        });
+      });
+      if (outcome) return { created: toRecord(outcome) };
+      const row = await db.idempotencyKey.findUnique({ where: { key: key.key } });
+      if (!row) throw new Error('idempotency key vanished between its conflict and its read');
+      return { existing: { fingerprint: row.fingerprint, imageId: row.imageId } };
+    },
+
+    async sweepIdempotencyKeys(before) {
+      return (await db.idempotencyKey.deleteMany({ where: { createdAt: { lt: before } } })).count;
     },
 
     async get(id) {

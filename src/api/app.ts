@@ -2,10 +2,12 @@ import Fastify, { type FastifyBaseLogger, type FastifyError, type FastifyInstanc
 import type { Logger } from 'pino';
 import { DependencyUnavailableError, ProblemError, ValidationError } from '../core/errors.js';
 import type { ErrorReporter } from '../core/reporting.js';
-import type { ImageRecord, ImagesService } from '../core/images.js';
+import type { ImagesService } from '../core/images.js';
+import { imageJson } from '../core/image-json.js';
 import { createImageBody, fieldErrors, listQuery } from '../core/params.js';
 import { readiness } from '../core/lifecycle.js';
 import { eventRoutes, type EventRoutesOptions } from './events.js';
+import { idempotencyKeyOf } from './idempotency.js';
 import { registerApiMetrics, type ApiMetrics } from './metrics.js';
 import { sendProblem } from './problem.js';
 
@@ -28,30 +30,6 @@ export interface AppDeps {
   reporter?: ErrorReporter;
   /** Live job events over SSE and WebSocket (src/api/events.ts); the routes are absent without it. */
   events?: EventRoutesOptions;
-}
-
-export function imageJson(r: ImageRecord) {
-  return {
-    id: r.id,
-    status: r.status,
-    progress: r.progress,
-    prompt: r.prompt,
-    negative_prompt: r.negativePrompt,
-    num_steps: r.numSteps,
-    guidance_scale: r.guidanceScale,
-    seed: r.seed,
-    width: r.width,
-    height: r.height,
-    scheduler: r.scheduler,
-    file_name: r.fileName,
-    // Why the job failed (or why its last attempt did): a stable code and a public message.
-    error: r.errorCode ? { code: r.errorCode, message: r.error ?? '' } : null,
-    attempts: r.attempts,
-    cancel_requested_at: r.cancelRequestedAt?.toISOString() ?? null,
-    created_at: r.createdAt.toISOString(),
-    started_at: r.startedAt?.toISOString() ?? null,
-    finished_at: r.finishedAt?.toISOString() ?? null,
-  };
 }
 
 export function buildApp(deps: AppDeps): FastifyInstance {
@@ -142,7 +120,8 @@ export function buildApp(deps: AppDeps): FastifyInstance {
     // reportInput: zod 4 leaves `input` off issues otherwise, and fieldErrors would call every wrongly typed field "required".
     const parsed = createImageBody.safeParse(body, { reportInput: true });
     if (!parsed.success) throw new ValidationError(fieldErrors(parsed.error));
-    const record = await deps.images.create(parsed.data);
+    const { record, replayed } = await deps.images.submit(parsed.data, { idempotencyKey: idempotencyKeyOf(request), route: 'generated-images' });
+    if (replayed) reply.header('idempotent-replayed', 'true');
     return reply.status(201).header('location', `/generated-images/${record.id}`).send(imageJson(record));
   });
 

@@ -1,6 +1,6 @@
-import { randomUUID } from 'node:crypto';
+import { createHash, randomUUID } from 'node:crypto';
 import { randomSeed } from '../engine/random.js';
-import { ConflictError, ImageNotAvailableError, NotFoundError, ServiceUnavailableError, ValidationError } from './errors.js';
+import { ConflictError, IdempotencyConflictError, ImageNotAvailableError, NotFoundError, ServiceUnavailableError, ValidationError } from './errors.js';
 import type { Failure, FailureCode } from './failures.js';
 import type { JobEventSink } from './job-events.js';
 import { pixelSteps, type CreateImageBody } from './params.js';
@@ -38,9 +38,14 @@ export interface ImageRecord {
   finishedAt: Date | null;
   cancelRequestedAt: Date | null;
   generationMs: number | null;
+  /** Images the job makes (1..4); image k has seed + k (mod 2^32). */
+  numImages: number;
+  /** Where the job's outcome is POSTed; null for none. */
+  webhookUrl: string | null;
 }
 
-export type NewImage = Pick<ImageRecord, 'id' | 'prompt' | 'negativePrompt' | 'numSteps' | 'guidanceScale' | 'seed' | 'width' | 'height' | 'scheduler'>;
+export type NewImage = Pick<ImageRecord, 'id' | 'prompt' | 'negativePrompt' | 'numSteps' | 'guidanceScale' | 'seed' | 'width' | 'height' | 'scheduler'> &
+  Partial<Pick<ImageRecord, 'numImages' | 'webhookUrl'>>;
 
 /**
  * How an attempt ended (job_attempts.outcome): `retried` failed and goes back to the queue,
@@ -52,6 +57,17 @@ export type AttemptOutcome = 'succeeded' | 'failed' | 'retried' | 'released' | '
 
 export interface ImagesRepo {
   create(data: NewImage): Promise<ImageRecord>;
+  /**
+   * Creates the job unless `key` was used within `ttlMs`: the key's row and the job's are written
+   * in one transaction, and a concurrent request with the same key waits for it, then sees the
+   * key. Returns the new job, or what the key was used for. An expired key is taken over.
+   */
+  createOnce(
+    data: NewImage,
+    key: { key: string; fingerprint: string; ttlMs: number },
+  ): Promise<{ created: ImageRecord } | { existing: { fingerprint: string; imageId: string } }>;
+  /** Deletes idempotency keys created before `before`; returns how many. */
+  sweepIdempotencyKeys(before: Date): Promise<number>;
   get(id: string): Promise<ImageRecord | null>;
   /** Newest first, strictly older than `before` when given. */
   list(q: { limit: number; before?: { createdAt: Date; id: string } }): Promise<ImageRecord[]>;
@@ -121,6 +137,23 @@ export interface ImagesServiceDeps {
   log?: { warn: (obj: object, msg: string) => void };
   /** Where job events go for live streams (src/core/job-events.ts); nowhere when absent. */
   events?: JobEventSink;
+  /**
+   * Checks a webhook URL as a send will (scheme, host, every address it resolves to); throws a
+   * WebhookUrlError (src/core/ssrf.ts). Absent: this server sends no webhooks, and jobs asking
+   * for one are refused.
+   */
+  checkWebhookUrl?: (url: string) => Promise<void>;
+}
+
+/** How long an Idempotency-Key holds. */
+export const IDEMPOTENCY_TTL_MS = 24 * 3600 * 1000;
+
+/** What a submission asks for beyond the generation parameters. */
+export interface SubmitOptions {
+  /** The client's Idempotency-Key, validated. */
+  idempotencyKey?: string | undefined;
+  /** Which route the body came to: the same key on another route is another request. */
+  route: string;
 }
 
 /** How long a measured queue depth is trusted: one Redis round trip per second, not per POST. */
@@ -157,6 +190,15 @@ export class ImagesService {
    * job behind them, so nothing is lost and the client has no reason to submit twice.
    */
   async create(body: CreateImageBody): Promise<ImageRecord> {
+    return (await this.submit(body, { route: 'generated-images' })).record;
+  }
+
+  /**
+   * Validates what the schema cannot (compute budget, webhook URL), applies back-pressure, and
+   * creates the job, once per Idempotency-Key: the same key and body within 24 hours give back
+   * the job the first request created (`replayed`), another body gets 422.
+   */
+  async submit(body: CreateImageBody, opts: SubmitOptions): Promise<{ record: ImageRecord; replayed: boolean }> {
     const cost = pixelSteps(body);
     const max = this.deps.maxPixelSteps;
     if (max !== undefined && cost > max) {
@@ -168,8 +210,9 @@ export class ImagesService {
         },
       ]);
     }
+    if (body.webhook_url !== null) await this.checkWebhook(body.webhook_url);
     await this.checkBackPressure();
-    const record = await this.deps.repo.create({
+    const data: NewImage = {
       id: randomUUID(),
       prompt: body.prompt,
       negativePrompt: body.negative_prompt,
@@ -179,7 +222,43 @@ export class ImagesService {
       width: body.width,
       height: body.height,
       scheduler: body.scheduler,
-    });
+      numImages: body.num_images,
+      webhookUrl: body.webhook_url,
+    };
+    let record: ImageRecord;
+    if (opts.idempotencyKey === undefined) {
+      record = await this.deps.repo.create(data);
+    } else {
+      const fingerprint = requestFingerprint(opts.route, body);
+      const outcome = await this.deps.repo.createOnce(data, { key: opts.idempotencyKey, fingerprint, ttlMs: IDEMPOTENCY_TTL_MS });
+      if ('existing' in outcome) {
+        if (outcome.existing.fingerprint !== fingerprint) throw new IdempotencyConflictError();
+        return { record: await this.get(outcome.existing.imageId), replayed: true };
+      }
+      record = outcome.created;
+    }
+    await this.enqueueNew(record);
+    return { record, replayed: false };
+  }
+
+  private async checkWebhook(url: string): Promise<void> {
+    const check = this.deps.checkWebhookUrl;
+    if (!check) throw new ValidationError([{ field: 'webhook_url', rule: 'not_enabled', message: 'is not available: this server sends no webhooks' }]);
+    try {
+      await check(url);
+    } catch (err) {
+      const e = err as { name?: string; rule?: string; message?: string };
+      if (e.name !== 'WebhookUrlError') throw err;
+      throw new ValidationError([{ field: 'webhook_url', rule: e.rule ?? 'url', message: e.message ?? 'is not allowed' }]);
+    }
+  }
+
+  /**
+   * After the row is committed. If enqueueing fails, the row stays queued and the caller still
+   * gets its job: the workers' reconciler enqueues rows that have no job behind them, so nothing
+   * is lost and the client has no reason to submit twice.
+   */
+  private async enqueueNew(record: ImageRecord): Promise<void> {
     // Logged before it is enqueued, so a worker's `running` can never come before it.
     await this.deps.events?.publish(record.id, { type: 'status', status: 'queued', attempt: 0 });
     try {
@@ -187,7 +266,6 @@ export class ImagesService {
     } catch (err) {
       this.deps.log?.warn({ err, imageId: record.id }, 'enqueue failed after the row was committed; the reconciler will enqueue it');
     }
-    return record;
   }
 
   /**
@@ -253,4 +331,20 @@ export function decodeCursor(cursor: string): { createdAt: Date; id: string } {
     throw new ValidationError([{ field: 'cursor', rule: 'format', message: 'is not a cursor this API returned' }]);
   }
   return { createdAt, id };
+}
+
+/** What "the same request" means for an Idempotency-Key: the route and the validated body, keys sorted. */
+export function requestFingerprint(route: string, body: unknown): string {
+  return createHash('sha256').update(route).update('\n').update(canonicalJson(body)).digest('hex');
+}
+
+function canonicalJson(v: unknown): string {
+  if (Array.isArray(v)) return `[${v.map(canonicalJson).join(',')}]`;
+  if (v !== null && typeof v === 'object') {
+    const entries = Object.entries(v as Record<string, unknown>)
+      .filter(([, x]) => x !== undefined)
+      .sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0));
+    return `{${entries.map(([k, x]) => `${JSON.stringify(k)}:${canonicalJson(x)}`).join(',')}}`;
+  }
+  return JSON.stringify(v);
 }

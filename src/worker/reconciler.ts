@@ -2,6 +2,7 @@ import type { ImageRecord, ImagesRepo } from '../core/images.js';
 import type { ProducerQueue } from '../adapters/queue.js';
 import { failureFromQueueReason } from '../core/failures.js';
 import type { JobEventSink } from '../core/job-events.js';
+import { IDEMPOTENCY_TTL_MS } from '../core/images.js';
 
 /**
  * Makes Postgres and the queue agree again after anything that split them: Redis down while a
@@ -18,6 +19,7 @@ import type { JobEventSink } from '../core/job-events.js';
  *   anything else (waiting, active, delayed) is in flight and left alone.
  *
  * Every worker may run one; all repairs are idempotent or conditional, so several can overlap.
+ * Each pass also deletes Idempotency-Keys past their 24 hours (they no longer hold anyway).
  */
 
 export interface ReconcilerDeps {
@@ -77,6 +79,7 @@ export function createReconciler(deps: ReconcilerDeps) {
       summary.checked++;
       await repair(row, summary);
     }
+    await deps.repo.sweepIdempotencyKeys(new Date(now.getTime() - IDEMPOTENCY_TTL_MS));
     return summary;
   }
 

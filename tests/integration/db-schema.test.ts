@@ -514,7 +514,12 @@ describe('applyMigrations', () => {
       const { rows } = await c.query<{ conname: string }>(
         `SELECT conname FROM pg_constraint WHERE conrelid = 'generated_images'::regclass AND contype = 'c' ORDER BY conname`,
       );
-      expect(rows.map((r) => r.conname)).toEqual(['generated_images_num_steps_check', 'generated_images_progress_check', 'generated_images_seed_check']);
+      expect(rows.map((r) => r.conname)).toEqual([
+        'generated_images_num_images_check',
+        'generated_images_num_steps_check',
+        'generated_images_progress_check',
+        'generated_images_seed_check',
+      ]);
       const insert = (over: Record<string, unknown>) => {
         const row = { prompt: 'p', num_steps: 1, guidance_scale: 7.5, seed: 0, width: 64, height: 64, scheduler: 'euler', ...over };
         const keys = Object.keys(row);
@@ -526,6 +531,36 @@ describe('applyMigrations', () => {
       await expect(insert({ num_steps: 0 })).rejects.toThrow(/generated_images_num_steps_check/);
       await expect(insert({ seed: '4294967296' })).rejects.toThrow(/generated_images_seed_check/);
       await expect(insert({ seed: -1 })).rejects.toThrow(/generated_images_seed_check/);
+      await insert({ num_images: 4 });
+      await expect(insert({ num_images: 0 })).rejects.toThrow(/generated_images_num_images_check/);
+      await expect(insert({ num_images: 5 })).rejects.toThrow(/generated_images_num_images_check/);
+    });
+  });
+
+  it('has the webhook trigger the schema comment promises: a job with a webhook that ends queues exactly one delivery', async () => {
+    const url = await freshDb();
+    await applyMigrations(url);
+    await withClient(url, async (c) => {
+      const { rows } = await c.query<{ tgname: string }>(`SELECT tgname FROM pg_trigger WHERE tgrelid = 'generated_images'::regclass AND NOT tgisinternal`);
+      expect(rows.map((r) => r.tgname)).toEqual(['generated_images_webhook']);
+      const insert = async (webhook: string | null) =>
+        (
+          await c.query<{ id: string }>(
+            `INSERT INTO generated_images (prompt, num_steps, guidance_scale, seed, width, height, scheduler, webhook_url)
+             VALUES ('p', 1, 7.5, 0, 64, 64, 'euler', $1) RETURNING id`,
+            [webhook],
+          )
+        ).rows[0]!.id;
+      const hooked = await insert('https://example.com/hook');
+      const plain = await insert(null);
+      for (const id of [hooked, plain]) {
+        await c.query(`UPDATE generated_images SET status = 'running' WHERE id = $1`, [id]);
+        await c.query(`UPDATE generated_images SET status = 'succeeded' WHERE id = $1`, [id]);
+        // Setting the same status again is not a new outcome.
+        await c.query(`UPDATE generated_images SET status = 'succeeded' WHERE id = $1`, [id]);
+      }
+      const deliveries = await c.query(`SELECT image_id, event_type, url, status FROM webhook_deliveries`);
+      expect(deliveries.rows).toEqual([{ image_id: hooked, event_type: 'image.succeeded', url: 'https://example.com/hook', status: 'pending' }]);
     });
   });
 
