@@ -103,7 +103,7 @@ export function createWebhookClient(opts: WebhookClientOptions): WebhookClient {
             headers: { ...headers, 'content-length': Buffer.byteLength(body), 'user-agent': opts.userAgent, host: url.host },
             // ... but the socket goes to the address that was checked, never to a fresh lookup.
             lookup: (_host, options, callback) => {
-              const cb = callback as (err: Error | null, address: string | LookupAddress[], family?: number) => void;
+              const cb = callback;
               if (options.all) cb(null, [{ address: chosen.address, family: chosen.family }]);
               else cb(null, chosen.address, chosen.family);
             },
