@@ -1,7 +1,8 @@
 import { promises as dns, type LookupAddress } from 'node:dns';
 import * as http from 'node:http';
 import * as https from 'node:https';
-import { hostOf, resolveWebhookHost, type HostAllowlist, type ResolvedAddress, WebhookUrlError, checkWebhookUrl } from '../core/ssrf.js';
+import type { Config } from '../config.js';
+import { checkWebhookUrl, HostAllowlist, hostOf, resolveWebhookHost, WebhookUrlError, type ResolvedAddress } from '../core/ssrf.js';
 
 /**
  * The HTTP client webhooks are sent with, built not to be turned against us (core/ssrf.ts says
@@ -136,4 +137,21 @@ export function createWebhookClient(opts: WebhookClientOptions): WebhookClient {
       });
     },
   };
+}
+
+/** Most of a receiver's answer read before the attempt is given up. */
+const MAX_RESPONSE_BYTES = 64 * 1024;
+
+/** The client as the configuration describes it (WEBHOOK_*). */
+export function webhookClientFromConfig(
+  c: Pick<Config, 'WEBHOOK_ALLOWED_HOSTS' | 'WEBHOOK_DNS_SERVERS' | 'WEBHOOK_TIMEOUT_MS'>,
+  userAgent: string,
+): WebhookClient {
+  return createWebhookClient({
+    allow: new HostAllowlist(c.WEBHOOK_ALLOWED_HOSTS),
+    lookup: c.WEBHOOK_DNS_SERVERS ? dnsServersLookup(c.WEBHOOK_DNS_SERVERS) : systemLookup,
+    timeoutMs: c.WEBHOOK_TIMEOUT_MS,
+    maxResponseBytes: MAX_RESPONSE_BYTES,
+    userAgent,
+  });
 }

@@ -8,6 +8,7 @@ import { createImageBody, fieldErrors, listQuery } from '../core/params.js';
 import { readiness } from '../core/lifecycle.js';
 import { eventRoutes, type EventRoutesOptions } from './events.js';
 import { idempotencyKeyOf } from './idempotency.js';
+import { webhookRoutes, type WebhookRoutesOptions } from './webhooks.js';
 import { registerApiMetrics, type ApiMetrics } from './metrics.js';
 import { sendProblem } from './problem.js';
 
@@ -30,6 +31,8 @@ export interface AppDeps {
   reporter?: ErrorReporter;
   /** Live job events over SSE and WebSocket (src/api/events.ts); the routes are absent without it. */
   events?: EventRoutesOptions;
+  /** Webhook delivery records (src/api/webhooks.ts); the route is absent without them. */
+  webhooks?: Omit<WebhookRoutesOptions, 'images'>;
 }
 
 export function buildApp(deps: AppDeps): FastifyInstance {
@@ -142,6 +145,7 @@ export function buildApp(deps: AppDeps): FastifyInstance {
   app.post<{ Params: { id: string } }>('/generated-images/:id/cancel', async (request) => imageJson(await deps.images.cancel(request.params.id)));
 
   if (deps.events) void app.register(eventRoutes, deps.events);
+  if (deps.webhooks) void app.register(webhookRoutes, { images: deps.images, ...deps.webhooks });
 
   app.get('/healthz', async () => ({ status: 'ok' }));
 

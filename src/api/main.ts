@@ -1,6 +1,8 @@
 import { createImagesRepo } from '../adapters/images-repo.js';
 import { createJobEventStore, eventSink } from '../adapters/job-events.js';
 import { followJob } from '../core/job-event-stream.js';
+import { webhookClientFromConfig } from '../adapters/webhook-http.js';
+import { createWebhookRepo } from '../adapters/webhooks-repo.js';
 import { checkRedis, createProducer } from '../adapters/queue.js';
 import { withTimeout } from '../core/lifecycle.js';
 import { createErrorReporter } from '../adapters/sentry.js';
@@ -41,6 +43,7 @@ export async function startApi(config: Config = loadConfig(process.env, 'api'), 
   const repo = createImagesRepo(db);
   const eventStore = createJobEventStore(config.REDIS_URL, eventStoreOptions(config));
   const events = eventSink(eventStore, logger);
+  const webhookClient = config.WEBHOOK_SECRET ? webhookClientFromConfig(config, 't2i') : undefined;
   const images = new ImagesService({
     repo,
     queue: producer,
@@ -49,6 +52,8 @@ export async function startApi(config: Config = loadConfig(process.env, 'api'), 
     maxPixelSteps: config.MAX_PIXEL_STEPS,
     log: logger,
     events,
+    // The same check a send makes, so a refused URL is a 400 now rather than a failed delivery later.
+    ...(webhookClient ? { checkWebhookUrl: (url: string) => webhookClient.check(url) } : {}),
   });
   const app = buildApp({
     images,
@@ -58,6 +63,7 @@ export async function startApi(config: Config = loadConfig(process.env, 'api'), 
     metricsToken: config.METRICS_TOKEN,
     reporter,
     checks: { postgres: () => repo.ping(), redis: async () => void (await producer.counts()), storage: () => storage.ping() },
+    webhooks: { deliveries: createWebhookRepo(db) },
     events: {
       heartbeatMs: config.EVENTS_HEARTBEAT_MS,
       follow: (id, lastEventId) =>

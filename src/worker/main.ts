@@ -3,6 +3,11 @@ import path from 'node:path';
 import { createPrismaClient } from '../adapters/db/client.js';
 import { createImagesRepo } from '../adapters/images-repo.js';
 import { createJobEventStore, eventSink } from '../adapters/job-events.js';
+import { webhookClientFromConfig } from '../adapters/webhook-http.js';
+import { createSigner } from '../adapters/webhook-signing.js';
+import { createWebhookRepo } from '../adapters/webhooks-repo.js';
+import { imageJson } from '../core/image-json.js';
+import { createWebhookDispatcher } from '../core/webhooks.js';
 import { encodePreviewWebp } from '../engine/png.js';
 import { checkRedis, createConsumer, createProducer, UnrecoverableError } from '../adapters/queue.js';
 import { createErrorReporter } from '../adapters/sentry.js';
@@ -183,6 +188,31 @@ export async function startWorker(config: Config = loadConfig(process.env, 'work
   });
   reconciler.start(config.RECONCILE_INTERVAL_MS);
 
+  // Webhooks: sent only by workers that have the signing secret (API and workers share it).
+  const dispatcher = config.WEBHOOK_SECRET
+    ? createWebhookDispatcher({
+        repo: createWebhookRepo(db),
+        sender: webhookClientFromConfig(config, `t2i-webhooks/${packageVersion()}`),
+        sign: createSigner(config.WEBHOOK_SECRET),
+        buildData: async (imageId) => {
+          const record = await repo.get(imageId);
+          if (!record) return { id: imageId };
+          const data: Record<string, unknown> = imageJson(record);
+          if (record.status === 'succeeded' && record.fileName) {
+            const { url, expiresAt } = await storage.presignGet(record.fileName);
+            Object.assign(data, { url, expires_at: expiresAt.toISOString() });
+          }
+          return data;
+        },
+        maxAttempts: config.WEBHOOK_MAX_ATTEMPTS,
+        backoffMs: config.WEBHOOK_BACKOFF_MS,
+        maxBackoffMs: 6 * 3600 * 1000,
+        concurrency: 8,
+        log: logger.child({ component: 'webhooks' }),
+      })
+    : undefined;
+  dispatcher?.start(config.WEBHOOK_POLL_MS);
+
   const health = buildHealthApp({
     registry: metrics.registry,
     metricsToken: config.METRICS_TOKEN,
@@ -208,7 +238,11 @@ export async function startWorker(config: Config = loadConfig(process.env, 'work
         // Every step runs even if one before it failed or timed out (Redis or Postgres unreachable);
         // the consumer stops before the clients it uses are closed.
         const results = [
-          ...(await Promise.allSettled([withTimeout(reconciler.stop(), SHUTDOWN_TIMEOUTS_MS.cleanup, 'stopping the reconciler')])),
+          ...(await Promise.allSettled([
+            withTimeout(reconciler.stop(), SHUTDOWN_TIMEOUTS_MS.cleanup, 'stopping the reconciler'),
+            // Sends in flight are bounded by WEBHOOK_TIMEOUT_MS; one cut short is sent again after its lease.
+            withTimeout(dispatcher?.stop() ?? Promise.resolve(), config.WEBHOOK_TIMEOUT_MS + SHUTDOWN_TIMEOUTS_MS.cleanup, 'stopping webhook deliveries'),
+          ])),
           ...(await Promise.allSettled([
             withTimeout(consumer.close(config.SHUTDOWN_GRACE_MS), config.SHUTDOWN_GRACE_MS + SHUTDOWN_TIMEOUTS_MS.release, 'closing the queue consumer'),
           ])),

@@ -1,0 +1,39 @@
+import type { FastifyPluginAsync } from 'fastify';
+import type { ImagesService } from '../core/images.js';
+import type { WebhookRepo } from '../core/webhooks.js';
+
+/**
+ * GET /generated-images/{id}/webhook-deliveries: what became of a job's webhook, attempt by
+ * attempt (when, how long, the receiver's status code or why there was none), and when the next
+ * attempt is due. A job the caller cannot see answers 404 like any other route.
+ */
+
+export interface WebhookRoutesOptions {
+  images: Pick<ImagesService, 'get'>;
+  deliveries: Pick<WebhookRepo, 'forImage'>;
+}
+
+export const webhookRoutes: FastifyPluginAsync<WebhookRoutesOptions> = async (app, opts) => {
+  app.get<{ Params: { id: string } }>('/generated-images/:id/webhook-deliveries', async (request) => {
+    const job = await opts.images.get(request.params.id);
+    const items = await opts.deliveries.forImage(job.id);
+    return {
+      items: items.map((d) => ({
+        id: d.id,
+        event_type: d.eventType,
+        url: d.url,
+        status: d.status,
+        attempts: d.attempts.map((a) => ({
+          attempt: a.attempt,
+          started_at: a.startedAt.toISOString(),
+          duration_ms: a.durationMs,
+          status_code: a.statusCode,
+          error: a.error,
+        })),
+        next_attempt_at: d.nextAttemptAt?.toISOString() ?? null,
+        created_at: d.createdAt.toISOString(),
+        finished_at: d.finishedAt?.toISOString() ?? null,
+      })),
+    };
+  });
+};
