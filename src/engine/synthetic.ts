@@ -1,5 +1,5 @@
 import sharp from 'sharp';
-import { resolveParams, throwIfAborted, type GenerateParams, type Generation, type Progress } from './pipeline.js';
+import { resolveParams, SD_DEFAULTS, throwIfAborted, type GenerateParams, type Generation, type Progress } from './pipeline.js';
 
 /**
  * A zero-cost stand-in for the diffusion engine, for load tests, soak tests and failure tests
@@ -21,7 +21,7 @@ export class SyntheticEngine {
 
   async generate(params: GenerateParams, run: { onProgress?: (p: Progress) => void; signal?: AbortSignal } = {}): Promise<Generation> {
     const started = performance.now();
-    const p = resolveParams(params, 'pndm');
+    const p = resolveParams(params, { ...SD_DEFAULTS, scheduler: 'pndm' });
     for (let step = 1; step <= p.numSteps; step++) {
       throwIfAborted(run.signal);
       if (this.options.stepMs > 0) await new Promise((r) => setTimeout(r, this.options.stepMs));

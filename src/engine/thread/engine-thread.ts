@@ -68,7 +68,7 @@ try {
   model = await loadModel(init.modelDir, {
     provider: init.provider,
     ...(init.threads ? { threads: init.threads } : {}),
-    log: (msg) => post({ type: 'log', level: 'info', msg }),
+    log: (msg) => post({ type: 'log', level: msg.startsWith('warning: ') ? 'warn' : 'info', msg }),
   });
   pipeline = new StableDiffusionPipeline(model);
   post({
@@ -77,6 +77,8 @@ try {
       modelDir: model.dir,
       provider: model.provider,
       defaultScheduler: model.defaultScheduler,
+      variant: model.variant.name,
+      defaults: model.defaults,
       loadMs: model.loadMs,
       sizeBytes: model.sizeBytes,
     },
