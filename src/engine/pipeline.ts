@@ -54,7 +54,7 @@ export class StableDiffusionPipeline {
 
     // 2. Prompt embeddings, unconditional batch first; the conditioning fixed for the whole run.
     const prompt = await encodePrompt(model, p, doGuidance, warnings);
-    const timestepCond = variant.guidanceEmbedding ? guidanceEmbedding(p.guidanceScale, Number(model.unet.input('timestep_cond').shape[1])) : undefined;
+    const timestepCond = variant.guidanceEmbeddingDim ? guidanceEmbedding(p.guidanceScale, variant.guidanceEmbeddingDim) : undefined;
     const denoiser = new Denoiser(
       model,
       {

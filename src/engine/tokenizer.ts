@@ -13,7 +13,7 @@
  * quotes straightened, no spaces forced around CJK characters), and approximate ftfy with the
  * few fixes that matter for prompts (no ligature or full-width repair).
  */
-import { mkdir, readFile, writeFile } from 'node:fs/promises';
+import { readFile } from 'node:fs/promises';
 import path from 'node:path';
 
 export const CLIP_BOS = '<|startoftext|>';
@@ -133,7 +133,8 @@ function cleanText(text: string): string {
       .replace(/[\u2018\u2019\u201a\u201b]/g, "'") // ftfy's uncurl_quotes: "it’s" must split like "it's"
       .replace(/[\u201c\u201d\u201e\u201f]/g, '"')
       // Control and zero-width characters vanish (ftfy's remove_control_chars); \t \n \v \f \r
-      // and NEL stay, as whitespace.
+      // and NEL stay, as whitespace. Matching control characters is this pattern's purpose.
+      // eslint-disable-next-line no-control-regex
       .replace(/[\x00-\x08\x0e-\x1f\x7f-\x84\x86-\x9f\u200b-\u200d\u2060\ufeff]/g, '')
       .replace(/[\s\x85]+/g, ' ') // Python's \s also covers NEL (U+0085); JS's does not
       .trim()
@@ -161,9 +162,13 @@ function cleanUpTokenizationSpaces(text: string): string {
 
 // ---------------------------------------------------------------------------------------------
 
+function isMap(vocab: Vocab): vocab is ReadonlyMap<string, number> {
+  return vocab instanceof Map;
+}
+
 function vocabToMap(vocab: Vocab, source: string): Map<string, number> {
   const map = new Map<string, number>();
-  const entries = vocab instanceof Map ? vocab.entries() : Object.entries(vocab as Record<string, number>);
+  const entries: Iterable<[string, number]> = isMap(vocab) ? vocab.entries() : Object.entries(vocab);
   for (const [token, id] of entries) {
     if (!Number.isInteger(id) || id < 0) {
       throw new Error(
@@ -526,8 +531,8 @@ async function readText(file: string, required: boolean): Promise<string | undef
   } catch (err) {
     const code = (err as NodeJS.ErrnoException).code;
     if (code === 'ENOENT' && !required) return undefined;
-    if (code === 'ENOENT') throw new Error(`${file}: file not found (expected a CLIP tokenizer folder)`);
-    throw new Error(`${file}: cannot read (${(err as Error).message})`);
+    if (code === 'ENOENT') throw new Error(`${file}: file not found (expected a CLIP tokenizer folder)`, { cause: err });
+    throw new Error(`${file}: cannot read (${(err as Error).message})`, { cause: err });
   }
 }
 
@@ -537,7 +542,7 @@ async function readJson(file: string, required: boolean): Promise<unknown> {
   try {
     return JSON.parse(text) as unknown;
   } catch (err) {
-    throw new Error(`${file}: invalid JSON (${(err as Error).message})`);
+    throw new Error(`${file}: invalid JSON (${(err as Error).message})`, { cause: err });
   }
 }
 
@@ -560,40 +565,4 @@ export function clipVocabFromBpeMerges(
   // A repeated token keeps its last id, as Python's dict(zip(vocab, range(len(vocab)))) does.
   tokens.forEach((token, id) => vocab.set(token, id));
   return { vocab, merges: merges.map(([a, b]) => `${a} ${b}`) };
-}
-
-/**
- * Writes vocab.json, merges.txt, tokenizer_config.json and special_tokens_map.json in the
- * layout transformers' `CLIPTokenizer.from_pretrained(dir)` loads. The data is validated by
- * building a tokenizer first, so a written folder always loads back.
- */
-export async function writeTokenizerDirectory(dir: string, data: TokenizerData): Promise<void> {
-  const tokenizer = ClipTokenizer.fromData(data);
-  const vocab = vocabToMap(data.vocab, 'vocab');
-  const byId = [...vocab].sort((x, y) => x[1] - y[1]);
-  const added = (content: string) => ({ content, lstrip: false, normalized: true, rstrip: false, single_word: false });
-
-  await mkdir(dir, { recursive: true });
-  await writeFile(path.join(dir, 'vocab.json'), JSON.stringify(Object.fromEntries(byId), null, 2) + '\n', 'utf8');
-  await writeFile(path.join(dir, 'merges.txt'), ['#version: 0.2', ...data.merges.map((m) => parseMergePair(m, 'merges').join(' '))].join('\n') + '\n', 'utf8');
-  const config = {
-    tokenizer_class: 'CLIPTokenizer',
-    model_max_length: tokenizer.modelMaxLength,
-    do_lower_case: true,
-    errors: 'replace',
-    add_prefix_space: false,
-    clean_up_tokenization_spaces: true,
-    bos_token: tokenizer.bosToken,
-    eos_token: tokenizer.eosToken,
-    pad_token: tokenizer.padToken,
-    unk_token: tokenizer.unkToken,
-  };
-  await writeFile(path.join(dir, 'tokenizer_config.json'), JSON.stringify(config, null, 2) + '\n', 'utf8');
-  const specials = {
-    bos_token: added(tokenizer.bosToken),
-    eos_token: added(tokenizer.eosToken),
-    pad_token: added(tokenizer.padToken),
-    unk_token: added(tokenizer.unkToken),
-  };
-  await writeFile(path.join(dir, 'special_tokens_map.json'), JSON.stringify(specials, null, 2) + '\n', 'utf8');
 }

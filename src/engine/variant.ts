@@ -24,6 +24,8 @@ export interface ModelVariant {
   inpainting: boolean;
   /** The UNet takes timestep_cond, the embedding of guidance_scale - 1 (LCM-distilled UNets). */
   guidanceEmbedding: boolean;
+  /** Its width (unet/config.json time_cond_proj_dim). */
+  guidanceEmbeddingDim?: number;
   lcm: boolean;
   turbo: boolean;
   prediction: 'epsilon' | 'v_prediction' | 'sample';
@@ -95,6 +97,17 @@ export function detectVariant(f: ModelFacts): ModelVariant {
   }
 
   const guidanceEmbedding = f.unetInputs.has('timestep_cond');
+  let guidanceEmbeddingDim: number | undefined;
+  if (guidanceEmbedding) {
+    const declared = f.unetInputs.get('timestep_cond')!.shape[1];
+    const configured = f.unetConfig.time_cond_proj_dim;
+    guidanceEmbeddingDim = typeof declared === 'number' && declared > 0 ? declared : typeof configured === 'number' ? configured : undefined;
+    if (!guidanceEmbeddingDim || guidanceEmbeddingDim < 4) {
+      reject(
+        `${f.unetFile} takes timestep_cond of width ${guidanceEmbeddingDim ?? 'unknown'} (neither the model nor unet/config.json time_cond_proj_dim says a usable one)`,
+      );
+    }
+  }
   const lcm = guidanceEmbedding || f.schedulerConfig._class_name === 'LCMScheduler';
   if (guidanceEmbedding) evidence.push('LCM: the UNet takes timestep_cond (a guidance embedding), so guidance is its input, not a second batch');
   else if (lcm) evidence.push('LCM: scheduler_config.json names LCMScheduler');
@@ -108,6 +121,7 @@ export function detectVariant(f: ModelFacts): ModelVariant {
     name: variantName(family, f.hiddenSize, prediction, inpainting, lcm, turbo),
     inpainting,
     guidanceEmbedding,
+    ...(guidanceEmbeddingDim ? { guidanceEmbeddingDim } : {}),
     lcm,
     turbo,
     prediction,
