@@ -2,9 +2,11 @@
 # Runs every test with real services, from a fresh clone on Debian 12 with Node 20 (as root):
 # installs the system packages the tests start (Redis, OpenStack Swift, Prometheus; PostgreSQL
 # 15), installs the npm dependencies, then runs vitest. The tests start and stop their own
-# throwaway servers on 127.0.0.1.
+# throwaway servers on 127.0.0.1. Before the tests, the checks: typecheck (src and tests),
+# type-aware lint and formatting, import cycles, dead code and unused dependencies.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-system-deps.sh
 npm ci --no-audit --no-fund
+npm run check
 npm test

@@ -22,7 +22,9 @@ const HELP = `t2i: text-to-image on Stable Diffusion ONNX models
   t2i demo [--prompt TEXT] [--port 8000] [--metrics-port 9191] [--exit]
                         the whole system on local throwaway services, until Ctrl-C
   t2i api               the HTTP API (configured by the environment, see .env.example)
-  t2i worker            a worker: loads MODEL_DIR once, then runs jobs one at a time
+  t2i worker [--test-engine [--test-step-ms N]]
+                        a worker: loads MODEL_DIR once, then runs jobs one at a time
+                        (--test-engine: the test double instead of a model, for tests only)
   t2i migrate           applies prisma/migrations to DATABASE_URL
 
 The model is --model, else $MODEL_DIR, else the oracle test model (written to .t2i/models on first use).
@@ -84,7 +86,8 @@ async function bench(argv: string[]): Promise<void> {
   });
 }
 
-const commands: Record<string, (argv: string[]) => Promise<void>> = {
+/** A command resolves when done; a number is its exit code (api and worker report how they stopped). */
+const commands: Record<string, (argv: string[]) => Promise<void | number>> = {
   generate: generateCommand,
   tokenize: tokenizeCommand,
   'make-test-models': makeTestModelsCommand,
@@ -107,8 +110,7 @@ export async function main(argv: string[]): Promise<number> {
     return 1;
   }
   try {
-    await command(rest);
-    return 0;
+    return (await command(rest)) ?? 0;
   } catch (err) {
     const e = err as Error & { code?: string };
     // Usage and argument-parsing mistakes get one line; anything else its stack, for bug reports.

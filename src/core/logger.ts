@@ -108,11 +108,11 @@ export function createLogger(opts: LoggerOptions): Logger {
       hooks: {
         // Prompts are user data: above debug they are replaced, whoever logs them.
         logMethod(args, method, level) {
-          const first = args[0] as unknown;
+          const first = args[0];
           if (level > DEBUG && typeof first === 'object' && first !== null && PROMPT_KEYS.some((k) => k in first)) {
             const copy: Record<string, unknown> = { ...(first as Record<string, unknown>) };
             for (const k of PROMPT_KEYS) if (k in copy) copy[k] = '[debug level only]';
-            args[0] = copy as never;
+            args[0] = copy;
           }
           method.apply(this, args);
         },

@@ -8,7 +8,13 @@ import type { Preview } from './preview.js';
  * optional, so callers written before them keep working.
  */
 
-/** The project's own defaults; a model's configs may choose others (ModelDefaults). */
+/**
+ * Defaults and limits of a generation, defined once: the engine checks them (resolveParams) and
+ * the API validates requests against the same numbers (src/core/params.ts). The textbook's
+ * defaults: 50 steps, guidance 9.0, 512x512; a model's configs may choose others
+ * (ModelDefaults). The compute a request may ask for is bounded separately by the service
+ * (MAX_PIXEL_STEPS: width x height x steps).
+ */
 export const GENERATION_DEFAULTS = {
   numSteps: 50,
   guidanceScale: 9.0,
@@ -17,10 +23,12 @@ export const GENERATION_DEFAULTS = {
 } as const;
 
 export const GENERATION_LIMITS = {
-  maxSteps: 500,
+  maxSteps: 150,
   minSide: 64,
   maxSide: 2048,
-  maxGuidance: 50,
+  maxGuidance: 30,
+  /** In Unicode code points; CLIP keeps 75 tokens of it, the rest is reported as truncated. */
+  maxPromptChars: 2000,
 } as const;
 
 export interface GenerateParams {

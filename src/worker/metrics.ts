@@ -7,7 +7,6 @@ import type { JobMetrics, MetricOutcome } from './processor.js';
  */
 
 export const QUEUE_STATES = ['waiting', 'active', 'delayed', 'failed'] as const;
-export type QueueState = (typeof QUEUE_STATES)[number];
 
 /** Seconds; a job is a few seconds on a GPU and minutes on a CPU. */
 export const JOB_DURATION_BUCKETS = [0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300, 600, 1200];
@@ -24,6 +23,10 @@ export interface WorkerMetrics {
   job: JobMetrics;
   /** t2i_worker_info and the model load time, once the model is loaded. */
   setModel(info: { model: string; schedulers: readonly string[]; provider: string; version: string; loadSeconds: number }): void;
+  /** The engine went down (thread died, ran out of heap, or hung): counted, and t2i_engine_up drops to 0. */
+  engineDown(reason: string): void;
+  /** A restarted engine is up again. */
+  engineUp(): void;
   /** Reads queue depth from BullMQ on each scrape, giving up after timeoutMs (the series are then absent). */
   watchQueue(counts: () => Promise<Partial<Record<string, number>>>, timeoutMs: number): void;
 }
@@ -68,6 +71,16 @@ export function createWorkerMetrics(): WorkerMetrics {
     registers,
   });
 
+  const engineRestarts = new Counter({
+    name: 't2i_engine_restarts_total',
+    help: 'Times the engine went down and was restarted, by reason: crashed (its thread died), out_of_memory, stalled (a generation made no progress for ENGINE_STALL_MS).',
+    labelNames: ['reason'],
+    registers,
+  });
+  const engineUpGauge = new Gauge({ name: 't2i_engine_up', help: '1 while the engine can take jobs, 0 while it is being restarted.', registers });
+  engineUpGauge.set(1);
+  for (const reason of ['crashed', 'out_of_memory', 'stalled']) engineRestarts.inc({ reason }, 0);
+
   // Series exist at 0 from the start, so rates and ratios are defined before the first event.
   for (const outcome of OUTCOMES) {
     duration.zero({ outcome });
@@ -91,6 +104,13 @@ export function createWorkerMetrics(): WorkerMetrics {
         else finished.inc({ outcome });
       },
     },
+    engineDown(reason) {
+      engineRestarts.inc({ reason });
+      engineUpGauge.set(0);
+    },
+    engineUp() {
+      engineUpGauge.set(1);
+    },
     setModel(m) {
       info.reset();
       info.set({ model: m.model, schedulers: [...m.schedulers].join(','), provider: m.provider, version: m.version }, 1);
@@ -98,7 +118,11 @@ export function createWorkerMetrics(): WorkerMetrics {
     },
     watchQueue(counts, timeoutMs) {
       // A registry collects its metrics concurrently: a miss is counted by the next scrape.
-      let queueErrors: Counter | undefined;
+      const queueErrors = new Counter({
+        name: 't2i_queue_counts_errors_total',
+        help: 'Scrapes on which queue depth could not be read from Redis in time.',
+        registers,
+      });
       new Gauge({
         name: 't2i_queue_jobs',
         help: 'Jobs in the queue by state (waiting, active, delayed, failed), read from Redis on each scrape; every worker reports the same queue, so aggregate with max.',
@@ -118,16 +142,11 @@ export function createWorkerMetrics(): WorkerMetrics {
           } catch {
             // Absent rather than stale: a scrape must not report counts it could not read.
             this.reset();
-            queueErrors?.inc();
+            queueErrors.inc();
           } finally {
             clearTimeout(timer);
           }
         },
-      });
-      queueErrors = new Counter({
-        name: 't2i_queue_counts_errors_total',
-        help: 'Scrapes on which queue depth could not be read from Redis in time.',
-        registers,
       });
     },
   };

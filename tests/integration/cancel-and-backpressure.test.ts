@@ -17,14 +17,14 @@ let base: string;
 let config: Config;
 
 beforeAll(async () => {
-  config = await isolatedConfig({ ENGINE: 'synthetic', SYNTHETIC_STEP_MS: '40', PROGRESS_INTERVAL_MS: '50', MAX_QUEUE_DEPTH: '3' });
+  config = await isolatedConfig({ PROGRESS_INTERVAL_MS: '50', MAX_QUEUE_DEPTH: '3' });
   api = await startApi(config, { logger: silent });
   base = api.url;
 });
 
 /** The worker starts only when a test needs it: until then queued jobs stay queued. */
 async function ensureWorker(): Promise<RunningWorker> {
-  worker ??= await startWorker(config, { logger: silent });
+  worker ??= await startWorker(config, { logger: silent, testEngine: { stepMs: 40 } });
   return worker;
 }
 
@@ -117,6 +117,6 @@ describe('health', () => {
     expect(await a.json()).toEqual({ status: 'ready', checks: { postgres: 'ok', redis: 'ok', storage: 'ok' } });
     const w = await fetch(`${(await ensureWorker()).metricsUrl}/readyz`);
     expect(w.status).toBe(200);
-    expect(await w.json()).toEqual({ status: 'ready', checks: { model: 'ok', postgres: 'ok', redis: 'ok', storage: 'ok' } });
+    expect(await w.json()).toEqual({ status: 'ready', checks: { engine: 'ok', postgres: 'ok', redis: 'ok', storage: 'ok' } });
   });
 });

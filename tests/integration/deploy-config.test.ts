@@ -74,7 +74,7 @@ describe('the code these files are checked against', () => {
     expect(WORKER_PORT).toBe(9191);
     expect(srcText('src/api/app.ts')).toContain("app.get('/healthz'");
     expect(srcText('src/api/app.ts')).toContain("app.get('/readyz'");
-    expect(srcText('src/worker/main.ts')).toContain("req.url === '/healthz'");
+    expect(srcText('src/worker/health.ts')).toContain("app.get('/healthz'");
     const cli = srcText('src/cli/main.ts');
     for (const c of ['api', 'worker', 'migrate']) expect(cli, `t2i ${c}`).toMatch(new RegExp(`\\b${c}: ${c}Command\\b`));
     // bin/t2i.js runs the compiled CLI at dist/src/cli/main.js: tsc must emit there.

@@ -1,4 +1,5 @@
 import fc from 'fast-check';
+import { hostileBodies } from '../support/fuzz.js';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { pino } from 'pino';
 import { startApi as startApiInProcess } from '../../src/api/main.js';
@@ -60,20 +61,8 @@ async function startApi(): Promise<string> {
 
 const valid = { prompt: 'a red circle', negative_prompt: null, num_steps: 10, guidance_scale: 7.5, seed: 1, width: 512, height: 512, scheduler: 'euler' };
 
-/** Bodies: arbitrary JSON, objects with hostile keys, and a valid body with one field mutated. */
-const bodies = fc.oneof(
-  fc.jsonValue().map((v) => JSON.stringify(v)),
-  fc
-    .dictionary(fc.oneof(fc.constantFrom('__proto__', 'constructor', 'prompt', 'num_steps', 'seed', ''), fc.string()), fc.jsonValue())
-    .map((v) => JSON.stringify(v)),
-  fc
-    .record({
-      key: fc.constantFrom(...Object.keys(valid), 'extra'),
-      value: fc.oneof(fc.jsonValue(), fc.double(), fc.bigInt().map(String), fc.string({ maxLength: 3000 })),
-    })
-    .map(({ key, value }) => JSON.stringify({ ...valid, [key]: value })),
-  fc.string({ maxLength: 200 }), // not JSON at all
-);
+/** Bodies over a wide alphabet (tests/support/fuzz.ts): control characters, lone surrogates, huge numbers, deep nesting. */
+const bodies = hostileBodies(valid);
 
 describe('bad input and long runs, with real processes', () => {
   it(`fuzz: ${FUZZ_RUNS} generated bodies, zero 5xx, every rejection in problem+json`, async () => {

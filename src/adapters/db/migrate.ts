@@ -142,7 +142,9 @@ export async function applyMigrations(databaseUrl: string, opts: ApplyOptions = 
   try {
     await client.connect();
   } catch (err) {
-    throw new Error(`applyMigrations: cannot connect to ${redact(databaseUrl)}: ${errMessage(err)}. Is the database running and DATABASE_URL right?`);
+    throw new Error(`applyMigrations: cannot connect to ${redact(databaseUrl)}: ${errMessage(err)}. Is the database running and DATABASE_URL right?`, {
+      cause: err,
+    });
   }
   try {
     await acquireLock(client);
