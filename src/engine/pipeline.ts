@@ -12,7 +12,6 @@ import { addTimeIds, Denoiser, guidanceEmbedding } from './unet.js';
 import { decodeLatents, encodeImage } from './vae.js';
 
 export * from './params.js';
-export { roundHalfEven } from './vae.js';
 
 /**
  * Stable Diffusion 1.x/2.x and SDXL, text-to-image, image-to-image and inpainting, in the

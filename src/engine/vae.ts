@@ -70,7 +70,7 @@ export async function encodeImage(model: LoadedModel, image: Float32Array, heigh
 }
 
 /** numpy's round(): halves go to the even neighbour. */
-export function roundHalfEven(x: number): number {
+function roundHalfEven(x: number): number {
   const r = Math.round(x);
   return Math.abs(x % 1) === 0.5 && r % 2 !== 0 ? r - 1 : r;
 }

@@ -1,4 +1,4 @@
-import { GraphBuilder, type ElemType, type SerializedModel } from './onnx-builder.js';
+import { GraphBuilder, type SerializedModel } from './onnx-builder.js';
 import { BACKGROUND, BASE_RADIUS, DEFAULT_COLOUR, F, ORACLE_HIDDEN_SIZE, POSITION_STEP, wordFeatures } from './oracle-spec.js';
 import { channels, noiseLevel, pixelSize, predictionFromX0, type Prediction, type TimestepInput } from './unet-pieces.js';
 
@@ -230,4 +230,4 @@ export function oracleVaeEncoder(scalingFactor = VAE_SCALING_FACTOR): Serialized
   return g.serialize();
 }
 
-export type { ElemType, TimestepInput };
+export type { TimestepInput };
