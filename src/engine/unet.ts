@@ -19,9 +19,11 @@ export interface UnetConditioning {
 
 export class Denoiser {
   private readonly outName: string;
-  /** Exports with a fixed batch of 1 need two UNet runs per step for guidance. */
-  private readonly batched: boolean;
-  private readonly withGuidance: boolean;
+  /** Every input but sample and timestep, made once per generation: [cond], and [uncond] or [uncond, cond]. */
+  private readonly cond: ConditioningFeeds;
+  private readonly uncond: ConditioningFeeds | undefined;
+  /** Exports with a fixed batch of 1 need two UNet runs per step for guidance; others take both at once. */
+  private readonly both: ConditioningFeeds | undefined;
 
   constructor(
     private readonly model: LoadedModel,
@@ -31,9 +33,12 @@ export class Denoiser {
   ) {
     const unet = model.unet;
     this.outName = unet.outputs.has('out_sample') ? 'out_sample' : [...unet.outputs.keys()][0]!;
-    this.withGuidance = c.prompt.uncond !== undefined;
+    const { prompt } = c;
     const batchCarrying = ['sample', 'encoder_hidden_states', 'text_embeds', 'time_ids', 'timestep_cond'].filter((n) => unet.inputs.has(n));
-    this.batched = this.withGuidance && batchCarrying.every((n) => unet.input(n).shape[0] !== 1);
+    const batched = batchCarrying.every((n) => unet.input(n).shape[0] !== 1);
+    this.cond = this.feeds([prompt.cond], [prompt.pooled]);
+    if (prompt.uncond && batched) this.both = this.feeds([prompt.uncond, prompt.cond], [prompt.uncondPooled, prompt.pooled]);
+    else if (prompt.uncond) this.uncond = this.feeds([prompt.uncond], [prompt.uncondPooled]);
   }
 
   /**
@@ -42,27 +47,21 @@ export class Denoiser {
    */
   async predict(input: Float32Array, t: number, extra?: Float32Array): Promise<Float32Array> {
     const sample = extra ? concat(input, extra) : input;
-    const { prompt, guidanceScale } = this.c;
     const n = input.length;
-    if (!this.withGuidance) return this.run(sample, t, [prompt.cond], [prompt.pooled]);
-    const uncond = prompt.uncond!;
-    if (this.batched) {
-      const out = await this.run(concat(sample, sample), t, [uncond, prompt.cond], [prompt.uncondPooled, prompt.pooled]);
-      return guide(out.subarray(0, n), out.subarray(n, 2 * n), guidanceScale);
+    const scale = this.c.guidanceScale;
+    if (this.both) {
+      const out = await this.run(concat(sample, sample), t, this.both);
+      return guide(out.subarray(0, n), out.subarray(n, 2 * n), scale);
     }
-    const u = await this.run(sample, t, [uncond], [prompt.uncondPooled]);
-    const c = await this.run(sample, t, [prompt.cond], [prompt.pooled]);
-    return guide(u, c, guidanceScale);
+    if (this.uncond) return guide(await this.run(sample, t, this.uncond), await this.run(sample, t, this.cond), scale);
+    return this.run(sample, t, this.cond);
   }
 
-  private async run(sample: Float32Array, t: number, hidden: Float32Array[], pooled: Array<Float32Array | undefined>): Promise<Float32Array> {
+  private feeds(hidden: Float32Array[], pooled: Array<Float32Array | undefined>): ConditioningFeeds {
     const unet = this.model.unet;
     const batch = hidden.length;
     const { seq, hidden: width } = this.c.prompt;
-    const channels = sample.length / batch / (this.h * this.w);
     const feeds: Record<string, ort.Tensor> = {
-      sample: floatTensor(unet.input('sample'), sample, [batch, channels, this.h, this.w]),
-      timestep: timestepTensor(unet.input('timestep'), t),
       encoder_hidden_states: floatTensor(unet.input('encoder_hidden_states'), concat(...hidden), [batch, seq, width]),
     };
     if (unet.inputs.has('text_embeds')) {
@@ -74,8 +73,24 @@ export class Denoiser {
       const cond = this.c.timestepCond!;
       feeds.timestep_cond = floatTensor(unet.input('timestep_cond'), repeat(cond, batch), [batch, cond.length]);
     }
+    return { batch, feeds };
+  }
+
+  private async run(sample: Float32Array, t: number, fixed: ConditioningFeeds): Promise<Float32Array> {
+    const unet = this.model.unet;
+    const channels = sample.length / fixed.batch / (this.h * this.w);
+    const feeds = {
+      ...fixed.feeds,
+      sample: floatTensor(unet.input('sample'), sample, [fixed.batch, channels, this.h, this.w]),
+      timestep: timestepTensor(unet.input('timestep'), t),
+    };
     return (await unet.run(feeds, [this.outName]))[this.outName]!;
   }
+}
+
+interface ConditioningFeeds {
+  batch: number;
+  feeds: Record<string, ort.Tensor>;
 }
 
 /** SDXL's add_time_ids for a height x width image generated whole: (h, w) + (0, 0) + (h, w). */
