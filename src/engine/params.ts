@@ -150,6 +150,9 @@ export function resolveParams(p: GenerateParams, defaults: ModelDefaults, imageS
   if (p.negativePrompt != null && typeof p.negativePrompt !== 'string') invalid('`negative_prompt` has to be a string or null');
   const width = p.width ?? imageSize?.width ?? defaults.width;
   const height = p.height ?? imageSize?.height ?? defaults.height;
+  if (imageSize && p.width == null && p.height == null && (width % 8 !== 0 || height % 8 !== 0)) {
+    invalid(`\`image\` is ${width}x${height} pixels; its sides have to be divisible by 8`);
+  }
   if (!Number.isInteger(width) || !Number.isInteger(height) || width % 8 !== 0 || height % 8 !== 0) {
     invalid(`\`height\` and \`width\` have to be divisible by 8 but are ${height} and ${width}`);
   }

@@ -191,6 +191,11 @@ describe('input checks name the parameter', () => {
       async () => ({ prompt: 'x', image: await image(), mask: await png(blockPicture(64, 64), 64, 64) }),
       /`mask` is 64x64 pixels but `image` is 128x128; they have to match/,
     ],
+    [
+      'sides that are not multiples of 8',
+      async () => ({ prompt: 'x', image: await png(blockPicture(100, 64), 100, 64) }),
+      /`image` is 100x64 pixels; its sides have to be divisible by 8/,
+    ],
     ['a mask without an image', async () => ({ prompt: 'x', mask: await image() }), /`mask` needs an `image` to inpaint/],
     ['strength without an image', () => Promise.resolve({ prompt: 'x', strength: 0.5 }), /`strength` applies to image-to-image: give an `image` too/],
     ['strength above 1', async () => ({ prompt: 'x', image: await image(), strength: 1.5 }), /`strength` has to be a number from 0 to 1 but is 1\.5/],
