@@ -27,8 +27,13 @@ export async function decodeLatents(model: LoadedModel, latents: Float32Array, h
   const W = w * 8;
   if (img.length !== 3 * H * W) throw new Error(`${vae.file}: decoded ${img.length} values; expected 3 x ${H} x ${W}`);
   checkFinite(model, img);
-  const rgb = new Uint8Array(H * W * 3);
-  const plane = H * W;
+  return toBytes(img, H * W);
+}
+
+/** CHW float [-1, 1] -> HWC bytes, in float32 as numpy: clip(x / 2 + 0.5, 0, 1), (x * 255).round(). */
+export function toBytes(img: Float32Array, plane: number): Uint8Array {
+  const f = Math.fround;
+  const rgb = new Uint8Array(plane * 3);
   for (let c = 0; c < 3; c++) {
     for (let i = 0; i < plane; i++) {
       const v = Math.min(1, Math.max(0, f(img[c * plane + i]! / 2 + 0.5)));
