@@ -121,6 +121,15 @@ export const envSchema = z.object({
   /** A queued row unchanged this long is checked against the queue by the reconciler. */
   RECONCILE_QUEUED_AFTER_MS: int(1_000, 86_400_000).default(60_000),
 
+  // --- Model from the object store
+  /** s3://bucket/prefix/ of an export uploaded with `t2i models push`; the worker syncs it into MODEL_CACHE_DIR at boot, verified, and loads it instead of MODEL_DIR. Same endpoint and credentials as STORAGE_*. */
+  MODEL_URI: z
+    .string()
+    .regex(/^s3:\/\/[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](\/.*)?$/, 'must be s3://bucket/prefix/')
+    .optional(),
+  /** Folder of synced exports, one subfolder per manifest; a second worker on the host, or a restart, reuses it. */
+  MODEL_CACHE_DIR: z.string().min(1).default('.t2i/model-cache'),
+
   // --- Logs
   /** pino log level. */
   LOG_LEVEL: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
@@ -178,7 +187,9 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env, role: Role = 'a
         return `${i.path.join('.')}: ${i.code === 'invalid_type' && cleaned[name] === undefined ? 'required' : i.message}`;
       });
   // Checked even when other variables are invalid, so the worker's list is complete too.
-  if (role === 'worker' && cleaned.MODEL_DIR === undefined) issues.push('MODEL_DIR: required by the worker');
+  if (role === 'worker' && cleaned.MODEL_DIR === undefined && cleaned.MODEL_URI === undefined) {
+    issues.push('MODEL_DIR: required by the worker (or MODEL_URI, a model export in S3)');
+  }
   if (issues.length > 0) throw new ConfigError(issues);
   return result.data!;
 }

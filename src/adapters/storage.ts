@@ -110,7 +110,8 @@ function transportFor(useSSL: boolean): Pick<typeof http, 'request'> {
   return { request: request as typeof http.request };
 }
 
-function makeClient(endpoint: string, opts: StorageOptions): { client: Minio.Client; url: string } {
+/** An S3 client with this module's transport (idle timeouts, per-call abort): also used by the model store (model-store.ts). */
+export function makeClient(endpoint: string, opts: Pick<StorageOptions, 'accessKey' | 'secretKey' | 'region'>): { client: Minio.Client; url: string } {
   const { host, port, useSSL, url } = parseEndpoint(endpoint);
   const client = new Minio.Client({
     endPoint: host,

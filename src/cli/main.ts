@@ -26,6 +26,13 @@ const HELP = `t2i: text-to-image on Stable Diffusion ONNX models
                         a worker: loads MODEL_DIR once, then runs jobs one at a time
                         (--test-engine: the test double instead of a model, for tests only)
   t2i migrate           applies prisma/migrations to DATABASE_URL
+  t2i doctor [--json]   checks this host or image: Node and onnxruntime, execution providers
+                        and their libraries, the model, Postgres, Redis and S3; exits 1 on a problem
+  t2i check-libs [DIR|FILE ...] [--require NAME] [--driver-at-runtime]
+                        the shared libraries native files need and where they are found
+                        (default: onnxruntime-node's binding folder); exits 1 if one is missing
+  t2i models push DIR s3://bucket/prefix/    uploads a model export with a checksum manifest
+  t2i models pull s3://bucket/prefix/ [--cache DIR]   syncs it into the model cache, verified
 
 The model is --model, else $MODEL_DIR, else the oracle test model (written to .t2i/models on first use).
 Steps, guidance, size and scheduler default to what the model is made for (SDXL 1024x1024 at
@@ -96,6 +103,9 @@ const commands: Record<string, (argv: string[]) => Promise<void | number>> = {
   worker: workerCommand,
   migrate: migrateCommand,
   demo: demoCommand,
+  doctor: async (argv) => (await import('./doctor.js')).doctorCommand(argv),
+  'check-libs': async (argv) => (await import('./check-libs.js')).checkLibsCommand(argv),
+  models: async (argv) => (await import('./models.js')).modelsCommand(argv),
 };
 
 export async function main(argv: string[]): Promise<number> {

@@ -20,6 +20,7 @@ import { createWorkerMetrics } from './metrics.js';
 import { createProcessor } from './processor.js';
 import { createReconciler } from './reconciler.js';
 import { SHUTDOWN_TIMEOUTS_MS } from './shutdown.js';
+import { resolveModelDir } from './model-source.js';
 
 /**
  * Boots a worker process: loads the model once (before taking any job, as the textbook's
@@ -70,7 +71,7 @@ export async function startWorker(config: Config = loadConfig(process.env, 'work
   const engineOptions: EngineOptions = overrides.testEngine
     ? { test: overrides.testEngine, stallMs: config.ENGINE_STALL_MS, log: engineLog }
     : {
-        modelDir: path.resolve(config.MODEL_DIR ?? '.'),
+        modelDir: await resolveModelDir(config, logger),
         provider: config.EXECUTION_PROVIDER,
         ...(config.ORT_THREADS ? { threads: config.ORT_THREADS } : {}),
         stallMs: config.ENGINE_STALL_MS,

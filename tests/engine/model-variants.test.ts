@@ -3,6 +3,7 @@ import os from 'node:os';
 import path from 'node:path';
 import sharp from 'sharp';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { inspectModel } from '../../src/engine/model-inspect.js';
 import { loadModel } from '../../src/engine/model.js';
 import { availableProviders } from '../../src/engine/onnx/runtime.js';
 import { GraphBuilder } from '../../src/engine/testmodels/onnx-builder.js';
@@ -283,6 +284,25 @@ describe('directories this engine cannot run say why', () => {
     await expect(loadModel(d, { provider: 'cpu' })).rejects.toThrow(
       /unet[/\\]model\.onnx takes inputs this engine does not feed: down_block_additional_residuals/,
     );
+  });
+});
+
+describe("t2i doctor's quick look names the variant loading finds", () => {
+  it.each(['sdxl-turbo', 'inpaint', 'lcm'] as const)('%s', async (variant) => {
+    const d = path.join(dir, `inspect-${variant}`);
+    await writeOracleModel(d, { variant });
+    const model = await loadModel(d, { provider: 'cpu' });
+    await model.release();
+    const report = await inspectModel(d);
+    expect(report.problems).toEqual([]);
+    expect(report.variant!.startsWith(`${model.variant.name} (`)).toBe(true);
+  });
+
+  it('and the reason a directory is rejected', async () => {
+    const d = path.join(dir, 'inspect-no-encoder-2');
+    await writeOracleModel(d, { variant: 'sdxl' });
+    await rm(path.join(d, 'text_encoder_2'), { recursive: true });
+    expect((await inspectModel(d)).problems.join('\n')).toMatch(/takes text_embeds and time_ids \(SDXL\) but text_encoder_2\/model\.onnx is missing/);
   });
 });
 

@@ -1,3 +1,4 @@
+import { randomFillSync } from 'node:crypto';
 import sharp from 'sharp';
 import { resolveParams, SD_DEFAULTS, throwIfAborted, type GenerateOptions, type GenerateParams, type Generation } from '../pipeline.js';
 
@@ -5,7 +6,7 @@ import { resolveParams, SD_DEFAULTS, throwIfAborted, type GenerateOptions, type 
  * A test double for the diffusion pipeline, run in the engine thread exactly where the real one
  * runs (thread/engine-thread.ts), for load, soak and failure tests of everything around the
  * engine: same parameter validation, progress after every "step", cancellation between steps, a
- * real PNG (a flat colour derived from the seed). Each step waits `stepMs` on a timer, so a job
+ * real PNG (a flat colour derived from the seed, with one random pixel). Each step waits `stepMs` on a timer, so a job
  * lasts a chosen time without using the CPU. It draws nothing of the prompt.
  *
  * It is selected only by `t2i worker --test-engine` (and the demo and benchmarks), never by
@@ -45,11 +46,14 @@ export class TestPipeline {
       options.onProgress?.({ step, totalSteps: p.numSteps, elapsedMs: performance.now() - started });
     }
     throwIfAborted(options.signal);
-    // A small flat image keeps uploads cheap; its colour makes different seeds distinguishable.
+    // A small flat image keeps uploads cheap; its colour makes different seeds distinguishable,
+    // and a random first pixel makes every generation's bytes its own, so a test can tell which
+    // attempt's object a URL serves.
     const side = 64;
-    const png = await sharp({
-      create: { width: side, height: side, channels: 3, background: { r: p.seed & 0xff, g: (p.seed >>> 8) & 0xff, b: (p.seed >>> 16) & 0xff } },
-    })
+    const rgb = Buffer.alloc(side * side * 3);
+    for (let i = 0; i < rgb.length; i += 3) rgb.set([p.seed & 0xff, (p.seed >>> 8) & 0xff, (p.seed >>> 16) & 0xff], i);
+    randomFillSync(rgb, 0, 3);
+    const png = await sharp(rgb, { raw: { width: side, height: side, channels: 3 } })
       .png()
       .toBuffer();
     const totalMs = performance.now() - started;
