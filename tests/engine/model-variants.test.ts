@@ -122,6 +122,16 @@ describe('random-weight models are scaled like real ones, for every variant', ()
     });
   }
 
+  it('an fp16 SDXL export (float16 text_embeds and time_ids too) gives the fp32 picture within half precision', async () => {
+    const fp32 = await generateWith({ variant: 'sdxl' }, 'sdxl-fp32');
+    const fp16 = await generateWith({ variant: 'sdxl', fp16: true }, 'sdxl-fp16');
+    expect(['text_embeds', 'time_ids'].map((n) => fp16.model.unet.input(n).type)).toEqual(['float16', 'float16']);
+    const [a, b] = [await raw(fp32.generation.png), await raw(fp16.generation.png)];
+    let diff = 0;
+    for (let i = 0; i < a.length; i++) diff += Math.abs(a[i]! - b[i]!);
+    expect(diff / a.length).toBeLessThan(2);
+  });
+
   it('noise predictions and latents are of order 1 (guidance 9, Euler)', async () => {
     const modelDir = path.join(dir, 'scale');
     await writeRandomModel(modelDir);
