@@ -44,6 +44,8 @@ export interface LoadedModel {
   vaeDecoder: OnnxModel;
   /** Opened on first use: only image inputs need it, and it costs memory. */
   vaeEncoder(): Promise<OnnxModel>;
+  /** The export has vae_encoder/model.onnx, so it can take image inputs. */
+  hasVaeEncoder: boolean;
   schedulerConfig: SchedulerConfig;
   /** The scheduler the export ships with, when it is one we implement. */
   defaultScheduler: SchedulerName | undefined;
@@ -195,6 +197,7 @@ export async function loadModel(dir: string, options: LoadOptions = {}): Promise
       unet,
       vaeDecoder,
       vaeEncoder: encoder,
+      hasVaeEncoder: components.has('vae_encoder'),
       schedulerConfig,
       defaultScheduler: defaults.scheduler,
       vaeScalingFactor,

@@ -163,6 +163,7 @@ export class StableDiffusionPipeline {
     if (variant.inpainting && params.strength != null)
       invalid('`strength` does not apply to a 9-channel inpainting model, which always starts from noise; leave it out');
     if (!params.image) return {};
+    if (!this.model.hasVaeEncoder) invalid('`image`: this model has no vae_encoder/model.onnx, which image-to-image and inpainting need');
     const image = await decodeImage(params.image, 'image');
     return { image, ...(params.mask ? { mask: await decodeImage(params.mask, 'mask') } : {}) };
   }

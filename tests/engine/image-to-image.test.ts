@@ -214,6 +214,21 @@ describe('input checks name the parameter', () => {
     });
   }
 
+  it('an image for a model exported without its VAE encoder', async () => {
+    const d = path.join(dir, 'no-encoder');
+    await writeOracleModel(d);
+    await rm(path.join(d, 'vae_encoder'), { recursive: true });
+    const model = await loadModel(d, { provider: 'cpu' });
+    try {
+      await expect(new StableDiffusionPipeline(model).generate({ prompt: 'x', image: await image() })).rejects.toMatchObject({
+        name: 'InvalidParamsError',
+        message: expect.stringMatching(/`image`: this model has no vae_encoder\/model\.onnx/) as unknown,
+      });
+    } finally {
+      await model.release();
+    }
+  });
+
   it('a mask with an SDXL model', async () => {
     await expect(new StableDiffusionPipeline(sdxl).generate({ prompt: 'x', image: await image(), mask: await image() })).rejects.toThrow(
       /`mask`: inpainting is not supported for SDXL/,
