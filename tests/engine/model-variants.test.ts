@@ -340,24 +340,18 @@ describe('engine thread', () => {
     await writeRandomModel(modelDir, { hiddenSize: 128, unetChannels: 96, unetBlocks: 2 });
     const engine = await Engine.start({ modelDir, provider: 'cpu' });
     try {
-      // The host's timer ticks and the engine's step lengths, over the same generation.
+      // The host's 5 ms timer over the denoising steps. A UNet run on the host's thread holds its
+      // loop for each whole step: the overdue timer then fires once between two steps, whatever
+      // their length. Off the host's thread it keeps firing during the steps (a GC pause or a
+      // busy machine costs some ticks, not most).
       const ticks: number[] = [];
       const timer = setInterval(() => ticks.push(performance.now()), 5);
-      const steps: Array<{ at: number; ms: number }> = [];
-      const g = await engine.generate(
-        { ...RUN, numSteps: 8, width: 256, height: 256 },
-        { onProgress: (p) => steps.push({ at: performance.now(), ms: p.stepMs! }) },
-      );
+      const steps: number[] = [];
+      const g = await engine.generate({ ...RUN, numSteps: 8, width: 384, height: 384 }, { onProgress: () => steps.push(performance.now()) });
       clearInterval(timer);
       expect(g.png.subarray(1, 4).toString()).toBe('PNG');
-      // While a UNet runs on the host's thread, its loop is held for the whole step: the longest
-      // gap between two ticks would be as long as the longest step. Off the host's thread it is
-      // a few timer periods. A pause of the whole process stretches both alike.
-      const during = ticks.filter((t) => t >= steps[0]!.at && t <= steps.at(-1)!.at);
-      expect(during.length).toBeGreaterThan(2);
-      const longestGap = Math.max(...during.slice(1).map((t, i) => t - during[i]!));
-      const longestStep = Math.max(...steps.map((s) => s.ms));
-      expect(longestGap).toBeLessThan(longestStep / 2);
+      const during = ticks.filter((t) => t > steps[0]! && t < steps.at(-1)!).length;
+      expect(during).toBeGreaterThan(2 * (steps.length - 1));
     } finally {
       await engine.close();
     }
