@@ -100,6 +100,10 @@ export const envSchema = z.object({
     .refine((v) => v === 0 || v >= 500, 'must be 0 (off) or at least 500 (previews are sent at most twice a second)')
     .default(500),
 
+  // --- OpenAI-compatible API
+  /** How long POST /v1/images/generations waits for its images before answering 504 (the job goes on; its id is in the answer). */
+  OPENAI_WAIT_MS: int(1_000, 3_600_000).default(300_000),
+
   // --- Webhooks
   /**
    * Secret webhooks are signed with (Standard Webhooks: "whsec_" and base64 of at least 24 random

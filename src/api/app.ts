@@ -7,7 +7,9 @@ import { imageJson } from '../core/image-json.js';
 import { createImageBody, fieldErrors, listQuery } from '../core/params.js';
 import { readiness } from '../core/lifecycle.js';
 import { eventRoutes, type EventRoutesOptions } from './events.js';
+import { discoveryRoutes, type DiscoveryOptions } from './discovery.js';
 import { idempotencyKeyOf } from './idempotency.js';
+import { openAiRoutes, type OpenAiRoutesOptions } from './openai.js';
 import { webhookRoutes, type WebhookRoutesOptions } from './webhooks.js';
 import { registerApiMetrics, type ApiMetrics } from './metrics.js';
 import { sendProblem } from './problem.js';
@@ -33,6 +35,10 @@ export interface AppDeps {
   events?: EventRoutesOptions;
   /** Webhook delivery records (src/api/webhooks.ts); the route is absent without them. */
   webhooks?: Omit<WebhookRoutesOptions, 'images'>;
+  /** The OpenAI-compatible routes (src/api/openai.ts); absent without them. */
+  openai?: Omit<OpenAiRoutesOptions, 'images'>;
+  /** GET /models and /schedulers (src/api/discovery.ts); absent without them. */
+  discovery?: DiscoveryOptions;
 }
 
 export function buildApp(deps: AppDeps): FastifyInstance {
@@ -138,14 +144,22 @@ export function buildApp(deps: AppDeps): FastifyInstance {
   app.get<{ Params: { id: string } }>('/generated-images/:id', async (request) => imageJson(await deps.images.get(request.params.id)));
 
   app.get<{ Params: { id: string } }>('/generated-images/:id/url', async (request) => {
-    const { url, expiresAt } = await deps.images.url(request.params.id);
-    return { url, expires_at: expiresAt.toISOString() };
+    const images = await deps.images.urls(request.params.id);
+    const { url, expiresAt } = images[0]!;
+    // `url` is image 0 (the textbook's answer, unchanged for one image); a job of several lists them all in `images`.
+    return {
+      url,
+      expires_at: expiresAt.toISOString(),
+      ...(images.length > 1 ? { images: images.map((i) => ({ index: i.index, seed: i.seed, url: i.url })) } : {}),
+    };
   });
 
   app.post<{ Params: { id: string } }>('/generated-images/:id/cancel', async (request) => imageJson(await deps.images.cancel(request.params.id)));
 
   if (deps.events) void app.register(eventRoutes, deps.events);
   if (deps.webhooks) void app.register(webhookRoutes, { images: deps.images, ...deps.webhooks });
+  if (deps.openai) void app.register(openAiRoutes, { images: deps.images, ...deps.openai });
+  if (deps.discovery) void app.register(discoveryRoutes, deps.discovery);
 
   app.get('/healthz', async () => ({ status: 'ok' }));
 

@@ -3,6 +3,8 @@ import { createJobEventStore, eventSink } from '../adapters/job-events.js';
 import { followJob } from '../core/job-event-stream.js';
 import { webhookClientFromConfig } from '../adapters/webhook-http.js';
 import { createWebhookRepo } from '../adapters/webhooks-repo.js';
+import { createFleetRegistry } from '../adapters/fleet.js';
+import { servedModels } from '../core/fleet.js';
 import { checkRedis, createProducer } from '../adapters/queue.js';
 import { withTimeout } from '../core/lifecycle.js';
 import { createErrorReporter } from '../adapters/sentry.js';
@@ -55,6 +57,20 @@ export async function startApi(config: Config = loadConfig(process.env, 'api'), 
     // The same check a send makes, so a refused URL is a 400 now rather than a failed delivery later.
     ...(webhookClient ? { checkWebhookUrl: (url: string) => webhookClient.check(url) } : {}),
   });
+  const follow = (id: string, lastEventId: string | null) =>
+    followJob(
+      {
+        log: eventStore.log,
+        getJob: (jobId) => images.get(jobId),
+        result: (record) => images.result(record),
+        position: (jobId) => producer.position(jobId),
+        logger,
+      },
+      id,
+      lastEventId,
+    );
+  const fleet = createFleetRegistry(config.REDIS_URL, config.QUEUE_NAME);
+  const models = async () => servedModels(await withTimeout(fleet.members(), 2_000, 'reading the fleet'));
   const app = buildApp({
     images,
     logger,
@@ -64,27 +80,16 @@ export async function startApi(config: Config = loadConfig(process.env, 'api'), 
     reporter,
     checks: { postgres: () => repo.ping(), redis: async () => void (await producer.counts()), storage: () => storage.ping() },
     webhooks: { deliveries: createWebhookRepo(db) },
-    events: {
-      heartbeatMs: config.EVENTS_HEARTBEAT_MS,
-      follow: (id, lastEventId) =>
-        followJob(
-          {
-            log: eventStore.log,
-            getJob: (jobId) => images.get(jobId),
-            result: (record) => images.result(record),
-            position: (jobId) => producer.position(jobId),
-            logger,
-          },
-          id,
-          lastEventId,
-        ),
-    },
+    events: { heartbeatMs: config.EVENTS_HEARTBEAT_MS, follow },
+    openai: { follow: (id) => follow(id, null), readImage: (key) => storage.read(key), models, waitMs: config.OPENAI_WAIT_MS },
+    discovery: { models, maxPixelSteps: config.MAX_PIXEL_STEPS },
   });
   app.addHook('onClose', async () => {
     // A reporter the caller gave stays the caller's to close.
     // Bounded, so a Redis or Postgres that went away cannot hold the process open.
     await Promise.allSettled([
       withTimeout(producer.close(), 5_000, 'closing the queue connection'),
+      Promise.resolve(fleet.close()),
       withTimeout(
         events.flush().then(() => eventStore.close()),
         5_000,

@@ -1,5 +1,6 @@
 import { createHash, randomUUID } from 'node:crypto';
 import { randomSeed } from '../engine/random.js';
+import { imageSeed } from '../engine/params.js';
 import { ConflictError, IdempotencyConflictError, ImageNotAvailableError, NotFoundError, ServiceUnavailableError, ValidationError } from './errors.js';
 import type { Failure, FailureCode } from './failures.js';
 import type { JobEventSink } from './job-events.js';
@@ -297,10 +298,22 @@ export class ImagesService {
     return { items, nextCursor: items.length === limit && last ? encodeCursor(last) : null };
   }
 
-  /** What a finished job's `done` event carries: its image URL. */
-  async result(record: ImageRecord): Promise<{ url: string; expires_at: string }> {
-    const { url, expiresAt } = await this.url(record.id);
-    return { url, expires_at: expiresAt.toISOString() };
+  /** What a finished job's `done` event (and its webhook) carries: its image URL, and every image's when it made several. */
+  async result(record: ImageRecord): Promise<{ url: string; expires_at: string; images: Array<{ index: number; seed: number; url: string }> }> {
+    const images = await this.urls(record.id);
+    return { url: images[0]!.url, expires_at: images[0]!.expiresAt.toISOString(), images: images.map(({ index, seed, url }) => ({ index, seed, url })) };
+  }
+
+  /** Presigned URLs of every image of a succeeded job, image 0 first (errors as url()). */
+  async urls(id: string): Promise<Array<{ index: number; seed: number; url: string; expiresAt: Date }>> {
+    const first = await this.url(id);
+    const record = await this.get(id);
+    const out = [{ index: 0, seed: record.seed, ...first }];
+    for (let k = 1; k < record.numImages; k++) {
+      const signed = await this.deps.storage.presignGet(siblingImageKey(record.fileName!, k));
+      out.push({ index: k, seed: imageSeed(record.seed, k), ...signed });
+    }
+    return out;
   }
 
   async url(id: string): Promise<{ url: string; expiresAt: Date }> {
@@ -331,6 +344,14 @@ export function decodeCursor(cursor: string): { createdAt: Date; id: string } {
     throw new ValidationError([{ field: 'cursor', rule: 'format', message: 'is not a cursor this API returned' }]);
   }
   return { createdAt, id };
+}
+
+/**
+ * Where image k of a job of several is stored, from the key of image 0 (file_name): beside it,
+ * `images/<id>/<attempt>-<k>.png` (src/adapters/storage.ts objectKeyFor makes the same names).
+ */
+export function siblingImageKey(fileName: string, index: number): string {
+  return index === 0 ? fileName : fileName.replace(/\.png$/, `-${index}.png`);
 }
 
 /** What "the same request" means for an Idempotency-Key: the route and the validated body, keys sorted. */

@@ -1,5 +1,7 @@
 import { z } from 'zod';
-import { GENERATION_DEFAULTS, GENERATION_LIMITS } from '../engine/pipeline.js';
+import { GENERATION_DEFAULTS, GENERATION_LIMITS, MAX_IMAGES } from '../engine/pipeline.js';
+
+export { MAX_IMAGES };
 import { MAX_SEED } from '../engine/random.js';
 import { SCHEDULER_NAMES } from '../engine/schedulers/types.js';
 import type { FieldError } from './errors.js';
@@ -48,9 +50,6 @@ const side = z
   .min(LIMITS.minSide)
   .max(LIMITS.maxSide)
   .refine((v) => v % 8 === 0, { message: 'must be a multiple of 8', params: { rule: 'multiple_of' } });
-
-/** Most images one request may ask for. */
-export const MAX_IMAGES = 4;
 
 export const createImageBody = z.strictObject({
   prompt: promptText().refine((s) => s.trim().length > 0, { message: 'must not be empty', params: { rule: 'non_empty' } }),

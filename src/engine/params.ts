@@ -58,6 +58,20 @@ export interface GenerateParams {
    * optimum. The 9-channel inpainting UNet always starts from noise and takes no strength.
    */
   strength?: number | null;
+  /**
+   * Images from one generation, 1..MAX_IMAGES (default 1), text-to-image only: image k starts
+   * from seed + k (mod 2^32), so each is the image a request with that seed alone would give
+   * (up to the float rounding of a batched UNet run).
+   */
+  numImages?: number;
+}
+
+/** Most images one generation makes. */
+export const MAX_IMAGES = 4;
+
+/** The seed of image k of a generation seeded `seed`. */
+export function imageSeed(seed: number, k: number): number {
+  return (seed + k) % 2 ** 32;
 }
 
 /** Defaults a model directory implies (see variant.ts), used for the parameters a request leaves out. */
@@ -115,6 +129,8 @@ export interface Generation {
   /** Human-readable warnings (prompt truncation). */
   warnings: string[];
   latents?: Float32Array;
+  /** Images 1.. of a generation of several (numImages), with their seeds; image 0 is `png` and `seed`. */
+  more?: Array<{ png: Buffer; seed: number }>;
 }
 
 /** Thrown for parameters that can never work; the message says which and why. */
@@ -139,6 +155,7 @@ export interface ResolvedParams {
   scheduler: SchedulerName;
   /** null unless an input image is given. */
   strength: number | null;
+  numImages: number;
 }
 
 /**
@@ -181,6 +198,10 @@ export function resolveParams(p: GenerateParams, defaults: ModelDefaults, imageS
   if (strength !== null && !(Number.isFinite(strength) && strength >= 0 && strength <= 1)) {
     invalid(`\`strength\` has to be a number from 0 to 1 but is ${strength}`);
   }
+  const numImages = p.numImages ?? 1;
+  if (!Number.isInteger(numImages) || numImages < 1 || numImages > MAX_IMAGES)
+    invalid(`\`num_images\` has to be an integer from 1 to ${MAX_IMAGES} but is ${numImages}`);
+  if (numImages > 1 && (p.image || p.mask)) invalid('`num_images` above 1 is for text-to-image only; leave out `image` and `mask`, or ask for one image');
   return {
     prompt: p.prompt,
     negativePrompt: p.negativePrompt ?? '',
@@ -192,5 +213,6 @@ export function resolveParams(p: GenerateParams, defaults: ModelDefaults, imageS
     height,
     scheduler,
     strength,
+    numImages,
   };
 }

@@ -2,13 +2,13 @@ import path from 'node:path';
 import { imageToImagePlan, keepMasked } from './image-to-image.js';
 import { checkSize, decodeImage, inpaintingInputs, keepMask, luma, toModelInput, type RgbImage } from './input-images.js';
 import type { LoadedModel } from './model.js';
-import { invalid, resolveParams, type GenerateOptions, type GenerateParams, type Generation, type ResolvedParams } from './params.js';
+import { imageSeed, invalid, resolveParams, type GenerateOptions, type GenerateParams, type Generation, type ResolvedParams } from './params.js';
 import { encodePng } from './png.js';
 import { latentPreview } from './preview.js';
 import { encodePrompt } from './prompt.js';
 import { NumpyRandomState } from './random.js';
 import { createScheduler } from './schedulers/index.js';
-import { addTimeIds, Denoiser, guidanceEmbedding } from './unet.js';
+import { addTimeIds, concat, Denoiser, guidanceEmbedding, type UnetConditioning } from './unet.js';
 import { decodeLatents, encodeImage } from './vae.js';
 
 export * from './params.js';
@@ -54,17 +54,14 @@ export class StableDiffusionPipeline {
     // 2. Prompt embeddings, unconditional batch first; the conditioning fixed for the whole run.
     const prompt = await encodePrompt(model, p, doGuidance, warnings);
     const timestepCond = variant.guidanceEmbeddingDim ? guidanceEmbedding(p.guidanceScale, variant.guidanceEmbeddingDim) : undefined;
-    const denoiser = new Denoiser(
-      model,
-      {
-        prompt,
-        guidanceScale: p.guidanceScale,
-        ...(variant.family === 'sdxl' ? { timeIds: addTimeIds(p.height, p.width) } : {}),
-        ...(timestepCond ? { timestepCond } : {}),
-      },
-      h,
-      w,
-    );
+    const conditioning: UnetConditioning = {
+      prompt,
+      guidanceScale: p.guidanceScale,
+      ...(variant.family === 'sdxl' ? { timeIds: addTimeIds(p.height, p.width) } : {}),
+      ...(timestepCond ? { timestepCond } : {}),
+    };
+    if (p.numImages > 1) return this.generateSeveral(p, conditioning, options, { started, runBefore, warnings });
+    const denoiser = new Denoiser(model, conditioning, h, w);
 
     // 3. Timesteps: all of them, or the last `strength` part for an input picture.
     const scheduler = createScheduler(p.scheduler, model.schedulerConfig);
@@ -151,6 +148,84 @@ export class StableDiffusionPipeline {
       },
       warnings,
       ...(options.returnLatents ? { latents } : {}),
+    };
+  }
+
+  /**
+   * Text-to-image, several images of one prompt: image k starts from numpy's normals for seed
+   * + k and has its own scheduler state (and noise stream, for the schedulers that add noise), so
+   * it is the image a request for that seed alone would give; the UNet runs them as one batch
+   * when the export takes one, else one after the other. Previews show image 0.
+   */
+  private async generateSeveral(
+    p: ResolvedParams,
+    conditioning: UnetConditioning,
+    options: GenerateOptions,
+    t0: { started: number; runBefore: number; warnings: string[] },
+  ): Promise<Generation> {
+    const { model } = this;
+    const k = p.numImages;
+    const h = p.height / 8;
+    const w = p.width / 8;
+    const n = 4 * h * w;
+    const batched = Denoiser.batchable(model);
+    const denoiser = new Denoiser(model, conditioning, h, w, batched ? k : 1);
+    const images = Array.from({ length: k }, (_, j) => {
+      const scheduler = createScheduler(p.scheduler, model.schedulerConfig);
+      scheduler.setTimesteps(p.numSteps);
+      const rng = new NumpyRandomState(imageSeed(p.seed, j));
+      const latents = rng.randn(n);
+      for (let i = 0; i < n; i++) latents[i]! *= scheduler.initNoiseSigma;
+      return { scheduler, rng, latents };
+    });
+    const encodeMs = performance.now() - t0.started;
+    throwIfAborted(options.signal);
+
+    const denoiseStart = performance.now();
+    const timesteps = images[0]!.scheduler.timesteps;
+    for (let i = 0; i < timesteps.length; i++) {
+      throwIfAborted(options.signal);
+      const stepStart = performance.now();
+      const t = timesteps[i]!;
+      const inputs = images.map((im) => im.scheduler.scaleModelInput(im.latents, t));
+      const eps = batched
+        ? await denoiser.predict(concat(...inputs), t).then((out) => inputs.map((_, j) => out.subarray(j * n, (j + 1) * n)))
+        : await inputs.reduce<Promise<Float32Array[]>>(async (acc, x) => [...(await acc), await denoiser.predict(x, t)], Promise.resolve([]));
+      images.forEach((im, j) => (im.latents = im.scheduler.step(eps[j]!, t, im.latents, im.rng)));
+      if (options.onProgress) {
+        const every = options.previewEvery ?? 0;
+        const wantPreview = every > 0 && ((i + 1) % every === 0 || i + 1 === timesteps.length);
+        options.onProgress({
+          step: i + 1,
+          totalSteps: timesteps.length,
+          elapsedMs: performance.now() - t0.started,
+          stepMs: performance.now() - stepStart,
+          ...(wantPreview ? { preview: latentPreview(images[0]!.latents, h, w) } : {}),
+        });
+      }
+    }
+    const denoiseMs = performance.now() - denoiseStart;
+    throwIfAborted(options.signal);
+
+    const decodeStart = performance.now();
+    const pngs: Array<{ png: Buffer; seed: number }> = [];
+    for (const [j, im] of images.entries()) {
+      const seed = imageSeed(p.seed, j);
+      const rgb = await decodeLatents(model, im.latents, h, w, model.variant.family === 'sdxl' || model.variant.guidanceEmbedding ? 'divide' : 'reciprocal');
+      pngs.push({ png: await encodePng(rgb, p.width, p.height, pngText({ ...p, seed }, 'txt2img', path.basename(model.dir))), seed });
+    }
+    const decodeMs = performance.now() - decodeStart;
+    return {
+      png: pngs[0]!.png,
+      seed: p.seed,
+      more: pngs.slice(1),
+      width: p.width,
+      height: p.height,
+      numSteps: p.numSteps,
+      guidanceScale: p.guidanceScale,
+      scheduler: p.scheduler,
+      timings: { encodeMs, denoiseMs, decodeMs, totalMs: performance.now() - t0.started, sessionRunMs: model.sessionRunMs() - t0.runBefore },
+      warnings: t0.warnings,
     };
   }
 

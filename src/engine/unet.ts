@@ -25,20 +25,35 @@ export class Denoiser {
   /** Exports with a fixed batch of 1 need two UNet runs per step for guidance; others take both at once. */
   private readonly both: ConditioningFeeds | undefined;
 
+  /**
+   * `images` latents go through each run together (several images of one prompt): the export
+   * must take a batch (see batchable). The batch is [uncond x images, cond x images], so the
+   * latents passed to predict are the images' one after the other.
+   */
   constructor(
     private readonly model: LoadedModel,
     private readonly c: UnetConditioning,
     private readonly h: number,
     private readonly w: number,
+    images = 1,
   ) {
     const unet = model.unet;
     this.outName = unet.outputs.has('out_sample') ? 'out_sample' : [...unet.outputs.keys()][0]!;
     const { prompt } = c;
+    const batched = Denoiser.batchable(model);
+    if (images > 1 && !batched) throw new Error(`this UNet export has a fixed batch of 1: it cannot run ${images} images at once`);
+    const times = <T>(x: T) => Array.from({ length: images }, () => x);
+    this.cond = this.feeds(times(prompt.cond), times(prompt.pooled));
+    if (prompt.uncond && batched) {
+      this.both = this.feeds([...times(prompt.uncond), ...times(prompt.cond)], [...times(prompt.uncondPooled), ...times(prompt.pooled)]);
+    } else if (prompt.uncond) this.uncond = this.feeds([prompt.uncond], [prompt.uncondPooled]);
+  }
+
+  /** Whether the export takes a batch (every batch-carrying input's first dimension is not fixed at 1). */
+  static batchable(model: LoadedModel): boolean {
+    const unet = model.unet;
     const batchCarrying = ['sample', 'encoder_hidden_states', 'text_embeds', 'time_ids', 'timestep_cond'].filter((n) => unet.inputs.has(n));
-    const batched = batchCarrying.every((n) => unet.input(n).shape[0] !== 1);
-    this.cond = this.feeds([prompt.cond], [prompt.pooled]);
-    if (prompt.uncond && batched) this.both = this.feeds([prompt.uncond, prompt.cond], [prompt.uncondPooled, prompt.pooled]);
-    else if (prompt.uncond) this.uncond = this.feeds([prompt.uncond], [prompt.uncondPooled]);
+    return batchCarrying.every((n) => unet.input(n).shape[0] !== 1);
   }
 
   /**

@@ -6,7 +6,11 @@ import { createJobEventStore, eventSink } from '../adapters/job-events.js';
 import { webhookClientFromConfig } from '../adapters/webhook-http.js';
 import { createSigner } from '../adapters/webhook-signing.js';
 import { createWebhookRepo } from '../adapters/webhooks-repo.js';
+import { createFleetRegistry } from '../adapters/fleet.js';
+import type { FleetMember } from '../core/fleet.js';
+import { imageSeed, SD_DEFAULTS } from '../engine/params.js';
 import { imageJson } from '../core/image-json.js';
+import { siblingImageKey } from '../core/images.js';
 import { createWebhookDispatcher } from '../core/webhooks.js';
 import { encodePreviewWebp } from '../engine/png.js';
 import { checkRedis, createConsumer, createProducer, UnrecoverableError } from '../adapters/queue.js';
@@ -58,6 +62,9 @@ export interface WorkerOverrides {
    */
   testEngine?: TestPipelineOptions;
 }
+
+/** A worker's announcement of its model lives this long unless renewed (every third of it). */
+const FLEET_TTL_MS = 30_000;
 
 /** Longest a scrape waits for queue depth from Redis; Prometheus' own scrape timeout is 10 s by default. */
 const QUEUE_COUNTS_TIMEOUT_MS = 1_000;
@@ -199,8 +206,12 @@ export async function startWorker(config: Config = loadConfig(process.env, 'work
           if (!record) return { id: imageId };
           const data: Record<string, unknown> = imageJson(record);
           if (record.status === 'succeeded' && record.fileName) {
-            const { url, expiresAt } = await storage.presignGet(record.fileName);
-            Object.assign(data, { url, expires_at: expiresAt.toISOString() });
+            const images = [];
+            for (let k = 0; k < record.numImages; k++) {
+              const { url, expiresAt } = await storage.presignGet(siblingImageKey(record.fileName, k));
+              images.push({ index: k, seed: imageSeed(record.seed, k), url, expires_at: expiresAt.toISOString() });
+            }
+            Object.assign(data, { url: images[0]!.url, expires_at: images[0]!.expires_at, images });
           }
           return data;
         },
@@ -212,6 +223,29 @@ export async function startWorker(config: Config = loadConfig(process.env, 'work
       })
     : undefined;
   dispatcher?.start(config.WEBHOOK_POLL_MS);
+
+  // What this worker serves, for GET /models and /schedulers on the API: renewed well within its time to live.
+  const fleet = createFleetRegistry(config.REDIS_URL, config.QUEUE_NAME);
+  const defaults = engine.info.defaults ?? SD_DEFAULTS;
+  const member: FleetMember = {
+    workerId,
+    model: modelName,
+    variant: engine.info.variant ?? null,
+    provider: engine.info.provider,
+    defaults: {
+      num_steps: defaults.numSteps,
+      guidance_scale: defaults.guidanceScale,
+      width: defaults.width,
+      height: defaults.height,
+      scheduler: engine.info.defaultScheduler ?? defaults.scheduler ?? 'pndm',
+    },
+    schedulers: SCHEDULER_NAMES,
+    since: new Date().toISOString(),
+  };
+  const announce = () => fleet.announce(member, FLEET_TTL_MS).catch((err: unknown) => logger.warn({ err }, 'could not announce this worker to the fleet'));
+  await announce();
+  const announcer = setInterval(() => void announce(), FLEET_TTL_MS / 3);
+  announcer.unref();
 
   const health = buildHealthApp({
     registry: metrics.registry,
@@ -239,6 +273,10 @@ export async function startWorker(config: Config = loadConfig(process.env, 'work
         // the consumer stops before the clients it uses are closed.
         const results = [
           ...(await Promise.allSettled([
+            (async () => {
+              clearInterval(announcer);
+              await withTimeout(fleet.withdraw(workerId), SHUTDOWN_TIMEOUTS_MS.cleanup, 'leaving the fleet').finally(() => fleet.close());
+            })(),
             withTimeout(reconciler.stop(), SHUTDOWN_TIMEOUTS_MS.cleanup, 'stopping the reconciler'),
             // Sends in flight are bounded by WEBHOOK_TIMEOUT_MS; one cut short is sent again after its lease.
             withTimeout(dispatcher?.stop() ?? Promise.resolve(), config.WEBHOOK_TIMEOUT_MS + SHUTDOWN_TIMEOUTS_MS.cleanup, 'stopping webhook deliveries'),

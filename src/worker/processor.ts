@@ -45,8 +45,8 @@ export interface ProcessorDeps {
    * (src/engine/png.ts encodePreviewWebp). None when absent.
    */
   previews?: { intervalMs: number; encode(rgb: Uint8Array, width: number, height: number): Promise<{ data: Buffer; width: number; height: number }> };
-  /** Where attempt `attempt` of a job stores its image. */
-  objectKeyFor(imageId: string, attempt: number): string;
+  /** Where attempt `attempt` of a job stores its image `index` (0 unless the job makes several). */
+  objectKeyFor(imageId: string, attempt: number, index?: number): string;
   workerId: string;
   modelName: string;
   /** Shortest interval between progress writes. */
@@ -292,6 +292,7 @@ function createAttempt(deps: ProcessorDeps) {
             width: record.width,
             height: record.height,
             scheduler: record.scheduler as SchedulerName,
+            ...(record.numImages > 1 ? { numImages: record.numImages } : {}),
           },
           {
             onProgress,
@@ -319,10 +320,14 @@ function createAttempt(deps: ProcessorDeps) {
       // A cancel, takeover or deadline seen at the last progress write still wins over storing the result.
       if (stop.signal.aborted && stopReason() !== 'shutdown') return await stopped(job, attempt, stopReason());
 
-      const key = deps.objectKeyFor(imageId, attempt);
+      // Image 0 is the one file_name names; the others of a job of several lie beside it.
+      const pngs = [generation.png, ...(generation.more ?? []).map((m) => m.png)];
+      const keys = pngs.map((_, k) => deps.objectKeyFor(imageId, attempt, k));
+      const key = keys[0]!;
       try {
-        await deps.storage.putPng(key, generation.png, { signal: stop.signal });
+        for (const [k, png] of pngs.entries()) await deps.storage.putPng(keys[k]!, png, { signal: stop.signal });
       } catch (err) {
+        await removeAll(keys, log);
         if (stop.signal.aborted && stopReason() !== 'shutdown') return await stopped(job, attempt, stopReason());
         throw await failed(job, attempt, failure('storage_unavailable'), err);
       }
@@ -332,13 +337,13 @@ function createAttempt(deps: ProcessorDeps) {
       if (!ok) {
         // Another attempt owns the row now (this worker stalled past its lock): its result stands,
         // and this attempt's object must not outlive it.
-        await deps.storage.remove(key).catch((err: unknown) => log.warn({ err }, 'could not remove the superseded object'));
+        await removeAll(keys, log);
         log.warn({ dbAttempt: attempt, durationMs, outcome: 'superseded' }, 'job was taken over by another attempt; result discarded');
         return 'superseded';
       }
       publish(imageId, { type: 'succeeded' });
       // Earlier attempts of this job may have stored objects before they were taken over.
-      if (attempt > 1) await removeOtherAttempts(imageId, key, log);
+      if (attempt > 1) await removeOtherAttempts(imageId, keys, log);
       log.info({ dbAttempt: attempt, durationMs, seed: generation.seed, outcome: 'succeeded' }, 'job succeeded');
       return 'succeeded';
     } finally {
@@ -347,13 +352,18 @@ function createAttempt(deps: ProcessorDeps) {
     }
   };
 
-  async function removeOtherAttempts(imageId: string, keep: string, log: JobLog): Promise<void> {
-    const prefix = keep.slice(0, keep.lastIndexOf('/') + 1);
+  async function removeOtherAttempts(imageId: string, keep: string[], log: JobLog): Promise<void> {
+    const prefix = keep[0]!.slice(0, keep[0]!.lastIndexOf('/') + 1);
     try {
-      for (const key of await deps.storage.list(prefix)) if (key !== keep) await deps.storage.remove(key);
+      for (const key of await deps.storage.list(prefix)) if (!keep.includes(key)) await deps.storage.remove(key);
     } catch (err) {
       log.warn({ err }, 'could not remove the objects of earlier attempts');
     }
+  }
+
+  /** An attempt's objects that must not outlive it (a failed upload of several, a superseded attempt). */
+  async function removeAll(keys: string[], log: JobLog): Promise<void> {
+    for (const key of keys) await deps.storage.remove(key).catch((err: unknown) => log.warn({ err }, 'could not remove an object of this attempt'));
   }
 
   /** Ends an attempt that was stopped between steps (or during its upload), as its reason says. */

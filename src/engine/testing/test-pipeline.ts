@@ -1,7 +1,7 @@
 import { randomFillSync } from 'node:crypto';
 import sharp from 'sharp';
 import type { Preview } from '../preview.js';
-import { resolveParams, SD_DEFAULTS, throwIfAborted, type GenerateOptions, type GenerateParams, type Generation } from '../pipeline.js';
+import { imageSeed, resolveParams, SD_DEFAULTS, throwIfAborted, type GenerateOptions, type GenerateParams, type Generation } from '../pipeline.js';
 
 /**
  * A test double for the diffusion pipeline, run in the engine thread exactly where the real one
@@ -57,18 +57,16 @@ export class TestPipeline {
     throwIfAborted(options.signal);
     // A small flat image keeps uploads cheap; its colour makes different seeds distinguishable,
     // and a random first pixel makes every generation's bytes its own, so a test can tell which
-    // attempt's object a URL serves.
+    // attempt's object a URL serves. Image k of several has seed + k, as the real pipeline.
     const side = 64;
-    const rgb = Buffer.alloc(side * side * 3);
-    for (let i = 0; i < rgb.length; i += 3) rgb.set([p.seed & 0xff, (p.seed >>> 8) & 0xff, (p.seed >>> 16) & 0xff], i);
-    randomFillSync(rgb, 0, 3);
-    const png = await sharp(rgb, { raw: { width: side, height: side, channels: 3 } })
-      .png()
-      .toBuffer();
+    const images = await Promise.all(
+      Array.from({ length: p.numImages }, async (_, k) => ({ seed: imageSeed(p.seed, k), png: await flatPng(imageSeed(p.seed, k), side) })),
+    );
     const totalMs = performance.now() - started;
     return {
-      png,
+      png: images[0]!.png,
       seed: p.seed,
+      ...(images.length > 1 ? { more: images.slice(1) } : {}),
       width: side,
       height: side,
       numSteps: p.numSteps,
@@ -96,6 +94,15 @@ export class TestPipeline {
         throw new Error(`the test engine failed as asked while generating "${prompt}"`);
     }
   }
+}
+
+async function flatPng(seed: number, side: number): Promise<Buffer> {
+  const rgb = Buffer.alloc(side * side * 3);
+  for (let i = 0; i < rgb.length; i += 3) rgb.set([seed & 0xff, (seed >>> 8) & 0xff, (seed >>> 16) & 0xff], i);
+  randomFillSync(rgb, 0, 3);
+  return sharp(rgb, { raw: { width: side, height: side, channels: 3 } })
+    .png()
+    .toBuffer();
 }
 
 /** A latent-sized preview of the double's flat colour, faded in by `done` (0..1). */

@@ -241,8 +241,13 @@ export class Engine {
       case 'done': {
         const p = this.pending.get(msg.id);
         this.pending.delete(msg.id);
-        const png = msg.generation.png as unknown as Uint8Array;
-        p?.resolve({ ...msg.generation, png: Buffer.from(png.buffer, png.byteOffset, png.byteLength) });
+        // Buffers arrive as plain Uint8Arrays (structured clone): Buffers again, without a copy.
+        const buf = (b: Buffer) => {
+          const u = b as unknown as Uint8Array;
+          return Buffer.from(u.buffer, u.byteOffset, u.byteLength);
+        };
+        const g = msg.generation;
+        p?.resolve({ ...g, png: buf(g.png), ...(g.more ? { more: g.more.map((m) => ({ seed: m.seed, png: buf(m.png) })) } : {}) });
         break;
       }
       case 'failed': {

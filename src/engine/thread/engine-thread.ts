@@ -42,7 +42,15 @@ async function generate(msg: Extract<ToThread, { type: 'generate' }>): Promise<v
     // Small Buffers share Node's allocation pool: copy into an ArrayBuffer of our own, which
     // can be transferred instead of cloned without detaching the pool.
     const png = new Uint8Array(generation.png);
-    post({ type: 'done', id: msg.id, generation: { ...generation, png: png as Buffer } }, [png.buffer]);
+    const more = (generation.more ?? []).map((m) => ({ seed: m.seed, png: new Uint8Array(m.png) }));
+    post(
+      {
+        type: 'done',
+        id: msg.id,
+        generation: { ...generation, png: png as Buffer, ...(generation.more ? { more: more as Array<{ seed: number; png: Buffer }> } : {}) },
+      },
+      [png.buffer, ...more.map((m) => m.png.buffer)],
+    );
   } catch (err) {
     post({ type: 'failed', id: msg.id, error: serializeError(err) });
   } finally {
