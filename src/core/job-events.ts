@@ -60,11 +60,11 @@ export interface LoggedEvent {
 /** Writes to a job's event log. Publishing is best effort: it never fails the caller's work. */
 export interface JobEventSink {
   /**
-   * Stamps the event with the time of this call and appends it after every event published
-   * before it. A promise (a preview being encoded) keeps its place in the order; null skips it.
-   * The returned promise settles once the event is written or given up on; it never rejects.
+   * Stamps the event with the time of this call (or `at`, when the event happened earlier) and
+   * appends it after every event published before it. The returned promise settles once the
+   * event is written or given up on; it never rejects.
    */
-  publish(imageId: string, event: StoredEvent | Promise<StoredEvent | null>): Promise<void>;
+  publish(imageId: string, event: StoredEvent, at?: number): Promise<void>;
 }
 
 /** The log as readers see it. */
@@ -105,17 +105,8 @@ export function orderedSink(
   return {
     /** Resolves once every event published so far is written or given up on (before closing the store). */
     flush: async () => void (await chain),
-    publish(imageId, event) {
-      const at = eventTime();
-      // A rejected promise must not go unhandled while it waits for its turn.
-      const pending = Promise.resolve(event);
-      pending.catch(() => undefined);
-      const written = chain
-        .then(async () => {
-          const e = await pending;
-          if (e) await write(imageId, { ...e, at });
-        })
-        .catch(onError);
+    publish(imageId, event, at = eventTime()) {
+      const written = chain.then(async () => void (await write(imageId, { ...event, at }))).catch(onError);
       chain = written;
       return written;
     },

@@ -135,6 +135,8 @@ export async function startWorker(config: Config = loadConfig(process.env, 'work
   await Promise.all([storage.ensureBucket(), queue.ready()]);
   const repo = createImagesRepo(db);
   const eventStore = createJobEventStore(config.REDIS_URL, eventStoreOptions(config));
+  // The first WebP encode initialises libvips' codec (tens of ms): pay it now, not on a job's first preview.
+  if (config.PREVIEW_INTERVAL_MS > 0) await encodePreviewWebp(new Uint8Array(8 * 8 * 3), 8, 8);
   const events = eventSink(eventStore, logger);
   const process_ = createProcessor({
     repo,

@@ -2,7 +2,7 @@ import type { ImagesRepo } from '../core/images.js';
 import { failure, type Failure } from '../core/failures.js';
 import { scrubSecrets } from '../core/logger.js';
 import type { ReportContext } from '../core/reporting.js';
-import type { JobEventSink, StoredEvent } from '../core/job-events.js';
+import { eventTime, type JobEventSink, type StoredEvent } from '../core/job-events.js';
 import type { GenerateParams, Generation, Progress } from '../engine/pipeline.js';
 import type { Preview } from '../engine/preview.js';
 import type { SchedulerName } from '../engine/schedulers/types.js';
@@ -179,7 +179,7 @@ export function createProcessor(deps: ProcessorDeps) {
 
 function createAttempt(deps: ProcessorDeps) {
   const maxEngineFailures = deps.maxEngineFailures ?? 2;
-  const publish = (imageId: string, e: StoredEvent | Promise<StoredEvent | null>) => void deps.events?.publish(imageId, e);
+  const publish = (imageId: string, e: StoredEvent, at?: number) => void deps.events?.publish(imageId, e, at);
 
   /** Records a failed attempt and returns the error that tells the queue what to do. */
   const failed = async (job: JobInput, attempt: number, f: Failure, cause: unknown, neverRetry = false): Promise<AttemptFailedError> => {
@@ -273,10 +273,10 @@ function createAttempt(deps: ProcessorDeps) {
       const previews = deps.previews;
       if (!previews || !p.preview || p.step >= p.totalSteps || now - lastPreview < previews.intervalMs) return;
       lastPreview = now;
-      publish(
-        imageId,
-        previewEvent(p.preview, p, attempt, (rgb, w, h) => previews.encode(rgb, w, h), log),
-      );
+      // Encoded off the ordered path: progress events do not wait behind the WebP encoder. The
+      // preview keeps the time of its step, and may arrive after the next step's progress.
+      const at = eventTime();
+      void previewEvent(p.preview, p, attempt, (rgb, w, h) => previews.encode(rgb, w, h), log).then((e) => e && publish(imageId, e, at));
     };
 
     try {

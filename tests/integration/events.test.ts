@@ -9,7 +9,8 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Config } from '../../src/config.js';
 import { freePort } from '../../src/dev/services.js';
 import { configEnv, spawnService, testEngineArgs, type ServiceProcess } from '../support/processes.js';
-import { openSse, type SseEvent } from '../support/sse.js';
+import { quantile } from '../../src/bench/service-bench.js';
+import { openSse, type SseEvent } from '../../src/bench/sse-client.js';
 import { isolatedConfig } from '../support/system.js';
 
 const STEP_MS = 40;
@@ -138,6 +139,13 @@ describe('events from a test-engine worker through a second API instance', () =>
     for (let i = 1; i < previews.length; i++) expect((previews[i]!.data.at as number) - (previews[i - 1]!.data.at as number)).toBeGreaterThanOrEqual(500);
     // A 2 s generation at one preview per 500 ms: more than one.
     expect(previews.length).toBeGreaterThanOrEqual(2);
+
+    // Live progress reaches the client through the other instance promptly (the bench, npm run
+    // bench:stream, measures it; this bounds it loosely enough for a loaded test machine).
+    const connectedAt = part2[0]!.receivedAt;
+    const latencies = part2.filter((e) => e.event === 'progress' && (e.data.at as number) > connectedAt).map((e) => e.receivedAt - (e.data.at as number));
+    expect(latencies.length).toBeGreaterThan(10);
+    expect(quantile(latencies, 0.5)).toBeLessThan(50);
   });
 
   it('SSE: queue position while waiting, then the run', async () => {

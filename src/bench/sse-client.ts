@@ -1,5 +1,5 @@
 /**
- * A small Server-Sent Events client for tests and benchmarks, on Node's fetch: what a browser's
+ * A small Server-Sent Events client for the stream benchmark and tests, on Node's fetch: what a browser's
  * EventSource does (id, event and data fields; comment lines), plus the time each event arrived.
  */
 
