@@ -94,7 +94,8 @@ function invalid(message: string, param: string | null, code: string | null = nu
 function fromValidation(err: ValidationError): OpenAiError {
   const first = err.errors[0];
   const param = first ? (PARAM_NAMES[first.field] ?? first.field) : null;
-  const message = err.errors.map((e) => `${PARAM_NAMES[e.field] ?? e.field}: ${e.message}`).join('; ');
+  // Width and height both become `size`: one sentence each, once.
+  const message = [...new Set(err.errors.map((e) => `${PARAM_NAMES[e.field] ?? e.field}: ${e.message}`))].join('; ');
   return invalid(message, param === '(body)' ? null : param, first?.rule === 'unknown_field' ? 'unknown_parameter' : null);
 }
 
