@@ -13,11 +13,10 @@
  * does the body.
  */
 
-export type WebhookEventType = 'image.succeeded' | 'image.failed' | 'image.canceled';
-
 export interface DueDelivery {
   id: string;
   imageId: string;
+  /** image.succeeded, image.failed or image.canceled. */
   eventType: string;
   url: string;
   /** Attempts made so far. */
