@@ -9,7 +9,9 @@ import { readScript } from './process.js';
 export function startWatchdog(pidFile: string, removeDir: string): ChildProcess {
   // The script's text is passed with -c, not its path: sh reads a script file as it runs, so an
   // edit of the source tree during a long test run could change what a live watchdog executes.
-  const child = spawn('/bin/sh', ['-c', readScript('watchdog.sh'), 'services-watchdog', String(process.pid), pidFile, removeDir], {
+  // Its comment lines are left out, so that `ps` shows a readable command line.
+  const script = readScript('watchdog.sh').replace(/^\s*#.*\n/gm, '');
+  const child = spawn('/bin/sh', ['-c', script, 'services-watchdog', String(process.pid), pidFile, removeDir], {
     detached: true,
     stdio: 'ignore',
   });
