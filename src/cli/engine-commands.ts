@@ -4,8 +4,8 @@ import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { PROVIDERS, type ProviderChoice } from '../engine/onnx/runtime.js';
 import type { Progress } from '../engine/pipeline.js';
+import type { TimestepInput } from '../engine/testmodels/oracle.js';
 import { SCHEDULER_NAMES, isSchedulerName, type SchedulerName } from '../engine/schedulers/index.js';
-import { writeOracleModel, writeRandomModel } from '../engine/testmodels/make.js';
 import { Engine } from '../engine/thread/engine-host.js';
 import { ClipTokenizer } from '../engine/tokenizer.js';
 
@@ -19,16 +19,41 @@ export class UsageError extends Error {
 export const DEFAULT_MODELS_DIR = path.resolve('.t2i', 'models');
 
 /**
- * The model to use: --model, else MODEL_DIR, else the oracle test model, which is written on
- * first use so that a fresh checkout can make pictures at once.
+ * The test-model writers, loaded on first use. They build ONNX files with `onnx-proto`, a
+ * development dependency: a production install (the Docker images run `npm ci --omit=dev`)
+ * starts `t2i api`, `t2i worker` and `t2i migrate` without it, and only the commands that write
+ * a test model need it.
  */
-export async function resolveModelDir(flag: string | undefined, log: (msg: string) => void): Promise<string> {
+export async function loadTestModels(): Promise<typeof import('../engine/testmodels/make.js')> {
+  try {
+    return await import('../engine/testmodels/make.js');
+  } catch (err) {
+    const e = err as { code?: unknown; message?: unknown };
+    if (e.code === 'ERR_MODULE_NOT_FOUND' && String(e.message).includes('onnx-proto')) {
+      throw new UsageError(
+        'test models are built with the onnx-proto package, a development dependency this install lacks: install the dev dependencies (`npm ci`), or give --model (or MODEL_DIR) a Stable Diffusion ONNX export',
+      );
+    }
+    throw err;
+  }
+}
+
+/**
+ * The model to use: --model, else MODEL_DIR, else the oracle test model, which is written on
+ * first use so that a fresh checkout can make pictures at once. The fallback is said every
+ * time (`doing`: "drawing with", "tokenizing with"): the oracle draws coloured shapes from a
+ * few words, and someone who forgot MODEL_DIR must not mistake its pictures for a real model's.
+ */
+export async function resolveModelDir(flag: string | undefined, log: (msg: string) => void, doing: string): Promise<string> {
   const chosen = flag ?? process.env.MODEL_DIR;
   if (chosen) return path.resolve(chosen);
   const oracle = path.join(DEFAULT_MODELS_DIR, 'oracle');
+  log(
+    `no --model or MODEL_DIR given: ${doing} the oracle test model (${oracle}), which draws simple shapes from a few words; point --model or MODEL_DIR at a Stable Diffusion ONNX export for real pictures`,
+  );
   if (!existsSync(path.join(oracle, 'model_index.json'))) {
-    log(`no --model or MODEL_DIR given: writing the oracle test model to ${oracle}`);
-    await writeOracleModel(oracle);
+    log(`writing the oracle test model to ${oracle}`);
+    await (await loadTestModels()).writeOracleModel(oracle);
   }
   return oracle;
 }
@@ -93,7 +118,7 @@ export async function generateCommand(argv: string[]): Promise<void> {
     );
   const err = process.stderr;
   const log = (msg: string) => err.write(`${msg}\n`);
-  const modelDir = await resolveModelDir(values.model, log);
+  const modelDir = await resolveModelDir(values.model, log, 'drawing with');
   const threads = int('threads', values.threads);
   const providerChoice = provider(values.provider);
   const params = {
@@ -134,7 +159,7 @@ export async function generateCommand(argv: string[]): Promise<void> {
 
 export async function tokenizeCommand(argv: string[]): Promise<void> {
   const { values, positionals } = parseArgs({ args: argv, allowPositionals: true, options: { model: { type: 'string' } } });
-  const modelDir = await resolveModelDir(values.model, (m) => process.stderr.write(`${m}\n`));
+  const modelDir = await resolveModelDir(values.model, (m) => process.stderr.write(`${m}\n`), 'tokenizing with');
   const tokenizer = await ClipTokenizer.fromDirectory(path.join(modelDir, 'tokenizer'));
   const enc = tokenizer.encode(positionals.join(' '));
   const ids = Array.from(enc.ids.subarray(0, enc.attentionLength));
@@ -172,9 +197,10 @@ export async function makeTestModelsCommand(argv: string[]): Promise<void> {
   if (rank !== undefined && rank !== 0 && rank !== 1) throw new UsageError('--timestep-rank must be 0 or 1');
   const ids = values.ids;
   if (ids && ids !== 'int32' && ids !== 'int64') throw new UsageError('--ids must be int32 or int64');
-  const timestep =
-    timestepType || rank !== undefined ? { type: (timestepType ?? 'int64') as 'int64' | 'float32' | 'float16', rank: (rank ?? 1) as 0 | 1 } : undefined;
+  const timestep: TimestepInput | undefined =
+    timestepType || rank !== undefined ? { type: (timestepType ?? 'int64') as TimestepInput['type'], rank: rank ?? 1 } : undefined;
 
+  const { writeOracleModel, writeRandomModel } = await loadTestModels();
   if (kind === 'all' || kind === 'oracle') {
     const out = path.resolve(dir, 'oracle');
     await writeOracleModel(out, { ...(timestep ? { timestep } : {}), ...(ids ? { idsType: ids as 'int32' | 'int64' } : {}) });

@@ -22,7 +22,8 @@ const HELP = `t2i: text-to-image on Stable Diffusion ONNX models
                         the whole system on local throwaway services, until Ctrl-C
   t2i api               the HTTP API (configured by the environment, see .env.example)
   t2i worker            a worker: loads MODEL_DIR once, then runs jobs one at a time
-  t2i migrate           applies prisma/migrations to DATABASE_URL
+  t2i migrate [--dir FOLDER]
+                        applies prisma/migrations (or FOLDER) to DATABASE_URL
 
 The model is --model, else $MODEL_DIR, else the oracle test model (written to .t2i/models on first use).
 `;
