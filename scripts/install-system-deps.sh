@@ -2,7 +2,7 @@
 # Installs the system programs that the t2i tests, CI and demo run as real
 # throwaway services (see src/dev/services.ts): PostgreSQL 15, Redis,
 # OpenStack Swift with its S3 API (the local S3 that checks SigV4 signatures),
-# and Prometheus.
+# Prometheus, and binutils (readelf, for the shared-library check's test).
 #
 # Idempotent and fast when everything is present: apt-get runs (update first)
 # only when something is missing. It never starts system services: the
@@ -44,9 +44,11 @@ want swift-object  command -v swift-object-server
 want swift-container command -v swift-container-server
 want swift-account command -v swift-account-server
 want prometheus    command -v prometheus
+# readelf: tests/integration/native-libs.test.ts checks t2i check-libs against it (ldd is in libc-bin).
+want binutils      command -v readelf
 
 if [ ${#missing[@]} -eq 0 ]; then
-  log "all present: postgresql-15 redis-server swift(-proxy/-object/-container/-account) prometheus"
+  log "all present: postgresql-15 redis-server swift(-proxy/-object/-container/-account) prometheus binutils"
   exit 0
 fi
 

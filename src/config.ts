@@ -50,6 +50,13 @@ export const envSchema = z.object({
   JOB_MAX_STALLS: int(1, 20).default(3),
   /** Waiting jobs past which POST /generated-images answers 503 with Retry-After; 0 = no limit. */
   MAX_QUEUE_DEPTH: int(0, 10_000_000).default(10_000),
+  /**
+   * Largest compute one request may ask for, in pixel-steps (width x height x num_steps); larger
+   * requests get 400. Default 52,428,800 = 1024x1024 at 50 steps (512x512 at 50 steps is 13,107,200).
+   */
+  MAX_PIXEL_STEPS: int(64 * 64, 2048 * 2048 * 150).default(1024 * 1024 * 50),
+  /** Longest one attempt may run (generation and upload); past it the attempt fails as timed_out and is retried. */
+  JOB_TIMEOUT_MS: int(1_000, 86_400_000).default(600_000),
   /** Completed BullMQ jobs kept in Redis (the job row in Postgres is the record). */
   JOB_KEEP_COMPLETED: int(0, 1_000_000).default(1_000),
   /** Failed BullMQ jobs kept in Redis, for inspection. */
@@ -97,16 +104,31 @@ export const envSchema = z.object({
   PROGRESS_INTERVAL_MS: int(0, 60_000).default(500),
   /** Name of this worker in job rows and logs; hostname:pid when unset. */
   WORKER_ID: z.string().min(1).max(200).optional(),
-  /** onnx runs MODEL_DIR; synthetic is a zero-cost stand-in for load and failure tests (no model, flat images). */
-  ENGINE: z.enum(['onnx', 'synthetic']).default('onnx'),
-  /** With ENGINE=synthetic: how long each denoising step waits. */
-  SYNTHETIC_STEP_MS: int(0, 60_000).default(0),
+  /**
+   * A generation that makes no progress for this long is hung: the worker stops taking jobs,
+   * hands the job back and restarts its engine. Must exceed the slowest of (prompt encoding plus
+   * one step), one step, and decoding on this hardware.
+   */
+  ENGINE_STALL_MS: int(1_000, 3_600_000).default(180_000),
+  /** Consecutive engine restarts (thread died or hung) before the worker exits with code 1 for its supervisor to replace it. */
+  ENGINE_MAX_RESTARTS: int(0, 100).default(3),
+  /** Wait before the first engine restart; doubled for each consecutive one. */
+  ENGINE_RESTART_BACKOFF_MS: int(0, 600_000).default(1_000),
   /** On SIGTERM, how long a worker lets its current job finish before handing it back to the queue. */
   SHUTDOWN_GRACE_MS: int(0, 3_600_000).default(30_000),
   /** How often each worker reconciles job rows with the queue (re-enqueues lost jobs, fails dead ones). */
   RECONCILE_INTERVAL_MS: int(1_000, 3_600_000).default(30_000),
   /** A queued row unchanged this long is checked against the queue by the reconciler. */
   RECONCILE_QUEUED_AFTER_MS: int(1_000, 86_400_000).default(60_000),
+
+  // --- Model from the object store
+  /** s3://bucket/prefix/ of an export uploaded with `t2i models push`; the worker syncs it into MODEL_CACHE_DIR at boot, verified, and loads it instead of MODEL_DIR. Same endpoint and credentials as STORAGE_*. */
+  MODEL_URI: z
+    .string()
+    .regex(/^s3:\/\/[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](\/.*)?$/, 'must be s3://bucket/prefix/')
+    .optional(),
+  /** Folder of synced exports, one subfolder per manifest; a second worker on the host, or a restart, reuses it. */
+  MODEL_CACHE_DIR: z.string().min(1).default('.t2i/model-cache'),
 
   // --- Logs
   /** pino log level. */
@@ -165,7 +187,9 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env, role: Role = 'a
         return `${i.path.join('.')}: ${i.code === 'invalid_type' && cleaned[name] === undefined ? 'required' : i.message}`;
       });
   // Checked even when other variables are invalid, so the worker's list is complete too.
-  if (role === 'worker' && cleaned.ENGINE !== 'synthetic' && cleaned.MODEL_DIR === undefined) issues.push('MODEL_DIR: required by the worker');
+  if (role === 'worker' && cleaned.MODEL_DIR === undefined && cleaned.MODEL_URI === undefined) {
+    issues.push('MODEL_DIR: required by the worker (or MODEL_URI, a model export in S3)');
+  }
   if (issues.length > 0) throw new ConfigError(issues);
   return result.data!;
 }

@@ -1,11 +1,16 @@
 import type { Db, GeneratedImage } from './db/client.js';
-import type { ImageRecord, ImagesRepo, NewImage } from '../core/images.js';
+import { translateDbError } from './db/errors.js';
+import { translateErrors } from './translate.js';
+import type { AttemptOutcome, ImageRecord, ImagesRepo, NewImage } from '../core/images.js';
+import { failure, isFailureCode, type Failure } from '../core/failures.js';
 
 /**
- * The generated_images table through Prisma. Updates a worker makes while it owns an attempt
- * are fenced on `attempts`: startAttempt increments it and returns the new value, and every
- * later write matches on it, so a worker whose job was taken over (it stalled, its lock
- * expired, another worker started attempt n+1) changes nothing.
+ * The generated_images and job_attempts tables through Prisma. Updates a worker makes while it
+ * owns an attempt are fenced on `attempts`: startAttempt increments it (and opens the attempt's
+ * job_attempts row) and every later write matches on it, so a worker whose job was taken over
+ * (it stalled, its lock expired, another worker started attempt n+1) changes nothing. Each
+ * terminal write closes the attempt's row in the same statement, so the attempt log and the job
+ * never disagree.
  */
 
 function toRecord(row: GeneratedImage): ImageRecord {
@@ -22,6 +27,7 @@ function toRecord(row: GeneratedImage): ImageRecord {
     scheduler: row.scheduler,
     progress: row.progress,
     fileName: row.fileName,
+    errorCode: isFailureCode(row.errorCode) ? row.errorCode : row.errorCode === null ? null : 'internal',
     error: row.error,
     attempts: row.attempts,
     workerId: row.workerId,
@@ -36,7 +42,12 @@ function toRecord(row: GeneratedImage): ImageRecord {
 }
 
 export function createImagesRepo(db: Db): ImagesRepo {
-  return {
+  /** Closes an attempt's row with its outcome, unless it was closed already. */
+  const closeAttempt = (id: string, attempt: number, outcome: AttemptOutcome, errorCode: string | null = null) => db.$executeRaw`
+        UPDATE job_attempts SET outcome = ${outcome}, error_code = ${errorCode}, finished_at = now()
+         WHERE image_id = ${id}::uuid AND attempt = ${attempt} AND outcome IS NULL`;
+
+  const repo: ImagesRepo = {
     async create(data: NewImage) {
       const row = await db.generatedImage.create({
         data: {
@@ -69,13 +80,18 @@ export function createImagesRepo(db: Db): ImagesRepo {
     },
 
     async startAttempt(id, workerId) {
-      // One statement, so two workers can never both believe they own the same attempt.
+      // One statement, so two workers can never both believe they own the same attempt, and the
+      // attempt's row exists from the moment it does.
       const started = await db.$queryRaw<Array<{ attempts: number }>>`
-        UPDATE generated_images
-           SET status = 'running', attempts = attempts + 1, progress = 0, worker_id = ${workerId},
-               started_at = now(), updated_at = now(), error = NULL
-         WHERE id = ${id}::uuid AND status IN ('queued', 'running') AND cancel_requested_at IS NULL
-     RETURNING attempts`;
+        WITH claimed AS (
+          UPDATE generated_images
+             SET status = 'running', attempts = attempts + 1, progress = 0, worker_id = ${workerId},
+                 started_at = now(), updated_at = now(), error = NULL, error_code = NULL
+           WHERE id = ${id}::uuid AND status IN ('queued', 'running') AND cancel_requested_at IS NULL
+       RETURNING id, attempts),
+        opened AS (
+          INSERT INTO job_attempts (image_id, attempt, worker_id) SELECT id, attempts, ${workerId} FROM claimed)
+        SELECT attempts FROM claimed`;
       const attempt = started[0]?.attempts;
       if (attempt === undefined) return null;
       const row = await db.generatedImage.findUnique({ where: { id } });
@@ -92,36 +108,51 @@ export function createImagesRepo(db: Db): ImagesRepo {
     },
 
     async succeed(id, attempt, result) {
+      // The row and the attempt in one statement: the attempt is `succeeded` exactly when the
+      // row took its object, else `superseded`.
+      const rows = await db.$queryRaw<Array<{ outcome: string }>>`
+        WITH won AS (
+          UPDATE generated_images
+             SET status = 'succeeded', progress = 100, file_name = ${result.fileName},
+                 generation_ms = ${Math.round(result.generationMs)}, model = ${result.model},
+                 finished_at = now(), updated_at = now(), error = NULL, error_code = NULL
+           WHERE id = ${id}::uuid AND attempts = ${attempt} AND status = 'running'
+       RETURNING id)
+        UPDATE job_attempts
+           SET outcome = CASE WHEN EXISTS (SELECT 1 FROM won) THEN 'succeeded' ELSE 'superseded' END, finished_at = now()
+         WHERE image_id = ${id}::uuid AND attempt = ${attempt} AND outcome IS NULL
+     RETURNING outcome`;
+      if (rows[0]) return rows[0].outcome === 'succeeded';
+      // The attempt row was closed already (should not happen); the job row decides.
+      const row = await db.generatedImage.findUnique({ where: { id }, select: { status: true, attempts: true, fileName: true } });
+      return row?.status === 'succeeded' && row.attempts === attempt && row.fileName === result.fileName;
+    },
+
+    async fail(id, attempt, f: Failure, final) {
+      // A failure that will be retried puts the row back in the queue, with the reason kept.
       const r = await db.generatedImage.updateMany({
         where: { id, attempts: attempt, status: 'running' },
-        data: {
-          status: 'succeeded',
-          progress: 100,
-          fileName: result.fileName,
-          generationMs: Math.round(result.generationMs),
-          model: result.model,
-          finishedAt: new Date(),
-          error: null,
-        },
+        data: final
+          ? { status: 'failed', errorCode: f.code, error: f.message, finishedAt: new Date() }
+          : { status: 'queued', errorCode: f.code, error: f.message, progress: 0 },
       });
+      await closeAttempt(id, attempt, r.count === 1 ? (final ? 'failed' : 'retried') : 'superseded', f.code);
       return r.count === 1;
     },
 
-    async fail(id, attempt, error, final) {
-      const r = await db.generatedImage.updateMany({
-        where: { id, attempts: attempt, status: 'running' },
-        // A failure that will be retried puts the row back in the queue, with the reason kept.
-        data: final ? { status: 'failed', error, finishedAt: new Date() } : { status: 'queued', error, progress: 0 },
-      });
-      return r.count === 1;
+    async failAny(id, f) {
+      const rows = await db.$queryRaw<Array<{ attempts: number }>>`
+        UPDATE generated_images SET status = 'failed', error_code = ${f.code}, error = ${f.message}, finished_at = now(), updated_at = now()
+         WHERE id = ${id}::uuid AND status IN ('queued', 'running')
+     RETURNING attempts`;
+      const attempt = rows[0]?.attempts;
+      if (attempt === undefined) return false;
+      await closeAttempt(id, attempt, 'lost', f.code);
+      return true;
     },
 
-    async failAny(id, error) {
-      const r = await db.generatedImage.updateMany({
-        where: { id, status: { in: ['queued', 'running'] } },
-        data: { status: 'failed', error, finishedAt: new Date() },
-      });
-      return r.count === 1;
+    async markSuperseded(id, attempt) {
+      await closeAttempt(id, attempt, 'superseded');
     },
 
     async requestCancel(id) {
@@ -143,15 +174,38 @@ export function createImagesRepo(db: Db): ImagesRepo {
         where: { id, status: { in: ['queued', 'running'] }, cancelRequestedAt: { not: null }, ...(attempt === undefined ? {} : { attempts: attempt }) },
         data: { status: 'canceled', finishedAt: new Date() },
       });
+      if (r.count === 1 && attempt !== undefined) await closeAttempt(id, attempt, 'canceled');
       return r.count === 1;
     },
 
-    async release(id, attempt, reason) {
-      const r = await db.generatedImage.updateMany({
-        where: { id, attempts: attempt, status: 'running' },
-        data: { status: 'queued', progress: 0, error: reason },
+    async release(id, attempt, cause, maxEngineFailures = Number.POSITIVE_INFINITY) {
+      return db.$transaction(async (tx) => {
+        const owned = await tx.generatedImage.findFirst({ where: { id, attempts: attempt, status: 'running' }, select: { id: true } });
+        if (!owned) return 'not_owned' as const;
+        const outcome: AttemptOutcome = cause === 'engine' ? 'engine_failed' : 'released';
+        await tx.jobAttempt.updateMany({ where: { imageId: id, attempt, outcome: null }, data: { outcome, finishedAt: new Date() } });
+        const engineFailures = cause === 'engine' ? await tx.jobAttempt.count({ where: { imageId: id, outcome: 'engine_failed' } }) : 0;
+        if (engineFailures >= maxEngineFailures) {
+          const f = failure('engine_crashed');
+          await tx.generatedImage.update({ where: { id }, data: { status: 'failed', errorCode: f.code, error: f.message, finishedAt: new Date() } });
+          await tx.jobAttempt.updateMany({ where: { imageId: id, attempt }, data: { errorCode: 'engine_crashed' } });
+          return 'failed' as const;
+        }
+        await tx.generatedImage.update({ where: { id }, data: { status: 'queued', progress: 0 } });
+        return 'released' as const;
       });
-      return r.count === 1;
+    },
+
+    async attempts(id) {
+      const rows = await db.jobAttempt.findMany({ where: { imageId: id }, orderBy: { attempt: 'asc' } });
+      return rows.map((r) => ({
+        attempt: r.attempt,
+        workerId: r.workerId,
+        outcome: r.outcome as AttemptOutcome | null,
+        errorCode: isFailureCode(r.errorCode) ? r.errorCode : null,
+        startedAt: r.startedAt,
+        finishedAt: r.finishedAt,
+      }));
     },
 
     async findStale({ queuedBefore, runningBefore, limit }) {
@@ -172,4 +226,5 @@ export function createImagesRepo(db: Db): ImagesRepo {
       await db.$queryRaw`SELECT 1`;
     },
   };
+  return translateErrors(repo, translateDbError);
 }

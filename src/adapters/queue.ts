@@ -1,6 +1,8 @@
 import { DelayedError, Queue, UnrecoverableError, Worker, type Job } from 'bullmq';
 import { Redis } from 'ioredis';
+import { DependencyUnavailableError } from '../core/errors.js';
 import { GENERATE_JOB, type GeneratePayload, type QueueSettings } from '../core/jobs.js';
+import { asError, translateErrors } from './translate.js';
 
 /**
  * BullMQ on Redis: the only module that imports bullmq and ioredis. Jobs are the catalog's
@@ -67,6 +69,28 @@ function redactUrl(url: string): string {
   }
 }
 
+/** ioredis errors that mean Redis cannot be reached right now (fail-fast connections, closed sockets). */
+function isRedisUnavailable(err: unknown): boolean {
+  for (
+    let e = err as { name?: string; code?: string; message?: string; cause?: unknown } | undefined, depth = 0;
+    e && depth < 5;
+    e = e.cause as typeof e, depth++
+  ) {
+    const text = `${e.name ?? ''} ${e.message ?? ''} ${e.code ?? ''}`;
+    if (
+      /MaxRetriesPerRequestError|Stream isn't writeable|enableOfflineQueue|Connection is closed|ECONNREFUSED|ECONNRESET|ETIMEDOUT|EPIPE|EHOSTUNREACH/i.test(
+        text,
+      )
+    )
+      return true;
+  }
+  return false;
+}
+
+function translateRedisError(err: unknown): Error {
+  return isRedisUnavailable(err) ? new DependencyUnavailableError('job queue', { cause: err }) : asError(err);
+}
+
 export interface ProducerQueue {
   /** Resolves once connected (commands fail fast while disconnected, so wait at start-up). */
   ready(timeoutMs?: number): Promise<void>;
@@ -93,47 +117,50 @@ export function createProducer(redisUrl: string, s: QueueSettings): ProducerQueu
   });
   // Connection errors surface as rejected calls; without a listener they would crash the process.
   queue.on('error', () => undefined);
-  return {
-    async ready(timeoutMs = 10_000) {
-      if (connection.status === 'ready') return;
-      await new Promise<void>((resolve, reject) => {
-        const timer = setTimeout(() => reject(new Error(`Redis not ready after ${timeoutMs} ms`)), timeoutMs);
-        connection.once('ready', () => {
-          clearTimeout(timer);
-          resolve();
+  return translateErrors<ProducerQueue>(
+    {
+      async ready(timeoutMs = 10_000) {
+        if (connection.status === 'ready') return;
+        await new Promise<void>((resolve, reject) => {
+          const timer = setTimeout(() => reject(new Error(`Redis not ready after ${timeoutMs} ms`)), timeoutMs);
+          connection.once('ready', () => {
+            clearTimeout(timer);
+            resolve();
+          });
         });
-      });
+      },
+      async enqueue(imageId) {
+        await queue.add(GENERATE_JOB.name, { imageId }, { jobId: imageId });
+      },
+      async jobState(imageId) {
+        const job = await queue.getJob(imageId);
+        if (!job) return null;
+        const state = await job.getState();
+        return { state, ...(job.failedReason ? { failedReason: job.failedReason } : {}) };
+      },
+      async remove(imageId) {
+        try {
+          return (await queue.remove(imageId)) === 1;
+        } catch {
+          // BullMQ refuses to remove a job a worker holds the lock of.
+          return false;
+        }
+      },
+      async depth() {
+        const c = await queue.getJobCounts('waiting', 'delayed', 'prioritized');
+        return (c.waiting ?? 0) + (c.delayed ?? 0) + (c.prioritized ?? 0);
+      },
+      async counts() {
+        const c = await queue.getJobCounts('waiting', 'active', 'delayed', 'failed', 'completed', 'prioritized');
+        return c as Record<'waiting' | 'active' | 'delayed' | 'failed' | 'completed' | 'prioritized', number>;
+      },
+      async close() {
+        await queue.close();
+        connection.disconnect();
+      },
     },
-    async enqueue(imageId) {
-      await queue.add(GENERATE_JOB.name, { imageId }, { jobId: imageId });
-    },
-    async jobState(imageId) {
-      const job = await queue.getJob(imageId);
-      if (!job) return null;
-      const state = await job.getState();
-      return { state, ...(job.failedReason ? { failedReason: job.failedReason } : {}) };
-    },
-    async remove(imageId) {
-      try {
-        return (await queue.remove(imageId)) === 1;
-      } catch {
-        // BullMQ refuses to remove a job a worker holds the lock of.
-        return false;
-      }
-    },
-    async depth() {
-      const c = await queue.getJobCounts('waiting', 'delayed', 'prioritized');
-      return (c.waiting ?? 0) + (c.delayed ?? 0) + (c.prioritized ?? 0);
-    },
-    async counts() {
-      const c = await queue.getJobCounts('waiting', 'active', 'delayed', 'failed', 'completed', 'prioritized');
-      return c as Record<'waiting' | 'active' | 'delayed' | 'failed' | 'completed' | 'prioritized', number>;
-    },
-    async close() {
-      await queue.close();
-      connection.disconnect();
-    },
-  };
+    translateRedisError,
+  );
 }
 
 export interface JobContext {
@@ -152,6 +179,9 @@ export type JobHandler = (job: JobContext) => Promise<void>;
 
 export interface QueueConsumer {
   worker: Worker<GeneratePayload>;
+  /** Stops fetching jobs at once (the active one goes on); resume() starts again. */
+  pause(): Promise<void>;
+  resume(): Promise<void>;
   /**
    * Stops taking jobs and waits for the active one; once `graceMs` has passed, tells the active
    * job to stop (its signal aborts) and waits for it to hand the job back.
@@ -215,6 +245,13 @@ export function createConsumer(redisUrl: string, s: QueueSettings, handler: JobH
   worker.on('error', (err) => onError?.(err));
   return {
     worker,
+    async pause() {
+      // true: do not wait for the active job; it ends on its own (handed back if the engine is gone).
+      await worker.pause(true);
+    },
+    async resume() {
+      await worker.resume();
+    },
     async close(graceMs = Number.POSITIVE_INFINITY) {
       const timer = Number.isFinite(graceMs) ? setTimeout(() => active.forEach((c) => c.abort()), graceMs) : undefined;
       try {

@@ -11,6 +11,7 @@
  *   public client never talks to the network and the public host need not be reachable from here.
  */
 import { AsyncLocalStorage } from 'node:async_hooks';
+import { createHash } from 'node:crypto';
 import * as http from 'node:http';
 import * as https from 'node:https';
 import * as Minio from 'minio';
@@ -33,8 +34,15 @@ export interface ImageStorage {
   readonly bucket: string;
   /** Creates the bucket if missing (private: no public policy) and checks we can use it. Safe to call from many processes at once. */
   ensureBucket(): Promise<void>;
-  /** Uploads with Content-Type image/png; overwrites the same key (a re-run job writes the same object). */
-  putPng(key: string, png: Buffer): Promise<{ etag: string; size: number }>;
+  /**
+   * Uploads with Content-Type image/png. The request carries the body's digest (minio signs its
+   * SHA-256 over http and sends Content-MD5 over https), so the server refuses a body that
+   * arrived damaged; the returned ETag is checked against the body's MD5 as well, so no second
+   * request is needed to know the object is whole. `signal` aborts the upload (a deadline, a shutdown).
+   */
+  putPng(key: string, png: Buffer, opts?: { signal?: AbortSignal }): Promise<{ etag: string; size: number }>;
+  /** Keys under a prefix (at most 1,000: enough for one job's attempts). */
+  list(prefix: string): Promise<string[]>;
   /** null when the object does not exist; other errors throw. */
   stat(key: string): Promise<{ size: number; etag: string; contentType: string | undefined } | null>;
   /** A presigned GET URL for the PUBLIC endpoint when one is configured (users outside the services' network), else the internal one. ttlSeconds defaults to presignTtlSeconds and is capped at 7 days. No network call. */
@@ -54,13 +62,18 @@ export const PING_TIMEOUT_MS = 2_000;
  */
 const IDLE_TIMEOUT_MS = 30_000;
 
-/** Where the worker stores an image and the API finds it: one object per image row. */
-export function objectKeyFor(imageId: string): string {
+/**
+ * Where attempt `attempt` of a job stores its image. Each attempt has its own object, so a stale
+ * attempt that wakes up late can never overwrite the image of the attempt that won; the job row
+ * names the winner's key.
+ */
+export function objectKeyFor(imageId: string, attempt: number): string {
   // The id becomes part of a path: refuse anything that could name another object.
   if (!/^[A-Za-z0-9_-]{1,200}$/.test(imageId)) {
     throw new Error(`objectKeyFor: image id "${imageId.slice(0, 80)}" must be 1-200 letters, digits, _ or -`);
   }
-  return `images/${imageId}.png`;
+  if (!Number.isInteger(attempt) || attempt < 1) throw new Error(`objectKeyFor: attempt must be a positive integer, got ${attempt}`);
+  return `images/${imageId}/${attempt}.png`;
 }
 
 /** A failed storage operation: what was attempted, on which object, and a hint at the fix. Never carries credentials. */
@@ -97,7 +110,8 @@ function transportFor(useSSL: boolean): Pick<typeof http, 'request'> {
   return { request: request as typeof http.request };
 }
 
-function makeClient(endpoint: string, opts: StorageOptions): { client: Minio.Client; url: string } {
+/** An S3 client with this module's transport (idle timeouts, per-call abort): also used by the model store (model-store.ts). */
+export function makeClient(endpoint: string, opts: Pick<StorageOptions, 'accessKey' | 'secretKey' | 'region'>): { client: Minio.Client; url: string } {
   const { host, port, useSSL, url } = parseEndpoint(endpoint);
   const client = new Minio.Client({
     endPoint: host,
@@ -194,12 +208,38 @@ export function createStorage(opts: StorageOptions): ImageStorage {
       }
     },
 
-    async putPng(key, png) {
+    async putPng(key, png, { signal } = {}) {
+      let etag: string;
       try {
-        const { etag } = await s3.putObject(bucket, key, png, png.length, { 'Content-Type': 'image/png' });
-        return { etag, size: png.length };
+        const put = () => s3.putObject(bucket, key, png, png.length, { 'Content-Type': 'image/png' });
+        ({ etag } = signal ? await requestSignal.run(signal, put) : await put());
       } catch (err) {
-        throw fail('putPng', key, err);
+        throw fail('putPng', key, signal?.aborted ? Object.assign(new Error('aborted'), { code: 'ABORTED' }) : err);
+      }
+      // A single-part upload's ETag is the MD5 of the body; anything else means the object is not what was sent.
+      const expected = createHash('md5').update(png).digest('hex');
+      if (etag.replace(/"/g, '').toLowerCase() !== expected) {
+        throw new StorageError(
+          `storage: putPng "${bucket}/${key}": the server's ETag ${etag} is not the MD5 of the body (${expected})`,
+          'putPng',
+          bucket,
+          key,
+          'BadDigest',
+        );
+      }
+      return { etag, size: png.length };
+    },
+
+    async list(prefix) {
+      try {
+        const keys: string[] = [];
+        for await (const item of s3.listObjectsV2(bucket, prefix, true) as AsyncIterable<{ name?: string }>) {
+          if (item.name) keys.push(item.name);
+          if (keys.length >= 1_000) break;
+        }
+        return keys;
+      } catch (err) {
+        throw fail('list', prefix, err);
       }
     },
 

@@ -1,11 +1,12 @@
 import Fastify, { type FastifyBaseLogger, type FastifyError, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
 import type { Logger } from 'pino';
-import { ProblemError, ValidationError } from '../core/errors.js';
+import { DependencyUnavailableError, ProblemError, ValidationError } from '../core/errors.js';
 import type { ErrorReporter } from '../core/reporting.js';
 import type { ImageRecord, ImagesService } from '../core/images.js';
 import { createImageBody, fieldErrors, listQuery } from '../core/params.js';
 import { readiness } from '../core/lifecycle.js';
 import { registerApiMetrics, type ApiMetrics } from './metrics.js';
+import { sendProblem } from './problem.js';
 
 /**
  * The HTTP API as a Fastify instance that tests build and inject into; src/api/main.ts boots
@@ -40,50 +41,14 @@ export function imageJson(r: ImageRecord) {
     height: r.height,
     scheduler: r.scheduler,
     file_name: r.fileName,
-    error: r.error,
+    // Why the job failed (or why its last attempt did): a stable code and a public message.
+    error: r.errorCode ? { code: r.errorCode, message: r.error ?? '' } : null,
     attempts: r.attempts,
     cancel_requested_at: r.cancelRequestedAt?.toISOString() ?? null,
     created_at: r.createdAt.toISOString(),
     started_at: r.startedAt?.toISOString() ?? null,
     finished_at: r.finishedAt?.toISOString() ?? null,
   };
-}
-
-const PROBLEM = 'application/problem+json';
-
-/**
- * Which backing service an error says is unreachable, if any: connection refused or reset,
- * timeouts, Prisma's "can't reach database" codes, ioredis giving up while disconnected.
- */
-export function unavailableDependency(err: unknown): 'database' | 'job queue' | undefined {
-  for (
-    let e = err as { name?: string; code?: string; message?: string; cause?: unknown } | undefined, depth = 0;
-    e && depth < 5;
-    e = e.cause as typeof e, depth++
-  ) {
-    const code = String(e.code ?? '');
-    const text = `${e.name ?? ''} ${e.message ?? ''}`;
-    if (
-      /^P(1001|1002|1008|1017|2024)$/.test(code) ||
-      /^57P0[1-3]$/.test(code) ||
-      /DatabaseNotReachable|Can't reach database|Connection terminated|connection timeout|timeout exceeded when trying to connect|Query read timeout|terminating connection due to administrator command|the database system is (starting up|shutting down|in recovery mode)|Server has closed the connection|Connection ended unexpectedly|ConnectionClosed/i.test(
-        text,
-      )
-    ) {
-      return 'database';
-    }
-    if (/MaxRetriesPerRequestError|Stream isn't writeable|enableOfflineQueue|Connection is closed/i.test(text)) return 'job queue';
-    if (/ECONNREFUSED|ECONNRESET|ETIMEDOUT|EPIPE/.test(code + text)) return /6379|redis/i.test(text) ? 'job queue' : 'database';
-  }
-  return undefined;
-}
-
-function sendProblem(reply: FastifyReply, status: number, title: string, detail: string, extra: Record<string, unknown> = {}) {
-  const type = status === 500 ? 'about:blank' : `https://t2i.dev/problems/${title.toLowerCase().replace(/[^a-z0-9]+/g, '-')}`;
-  return reply
-    .status(status)
-    .type(PROBLEM)
-    .send({ type, title, status, detail, ...extra });
 }
 
 export function buildApp(deps: AppDeps): FastifyInstance {
@@ -133,8 +98,14 @@ export function buildApp(deps: AppDeps): FastifyInstance {
   app.setNotFoundHandler((request, reply) => sendProblem(reply, 404, 'Not Found', `No route ${request.method} ${request.url.split('?')[0]}.`));
 
   app.setErrorHandler((err: FastifyError | ProblemError | Error, request: FastifyRequest, reply: FastifyReply) => {
+    if (err instanceof DependencyUnavailableError) {
+      // Postgres or Redis unreachable: a quick 503 the client can retry, not a 500 or a hang.
+      // The cause (hosts, ports, driver codes) stays in the log.
+      request.log.warn({ err: err.cause ?? err }, `${err.dependency} unavailable`);
+    } else if (err instanceof ProblemError && err.status >= 500) {
+      reportServerError(request, err, err.status);
+    }
     if (err instanceof ProblemError) {
-      if (err.status >= 500) reportServerError(request, err, err.status);
       for (const [k, v] of Object.entries(err.headers)) reply.header(k, v);
       return sendProblem(reply, err.status, err.title, err.message, err.extra);
     }
@@ -154,13 +125,6 @@ export function buildApp(deps: AppDeps): FastifyInstance {
     }
     if (typeof fe.statusCode === 'number' && fe.statusCode >= 400 && fe.statusCode < 500) {
       return sendProblem(reply, fe.statusCode, 'Bad Request', err.message);
-    }
-    const down = unavailableDependency(err);
-    if (down) {
-      // Postgres or Redis unreachable: a quick 503 the client can retry, not a 500 or a hang.
-      request.log.warn({ err }, `${down} unavailable`);
-      reply.header('retry-after', '5');
-      return sendProblem(reply, 503, 'Service Unavailable', `The ${down} is unavailable. Please try again later.`);
     }
     request.log.error({ err }, 'request failed');
     reportServerError(request, err, 500);
@@ -197,12 +161,13 @@ export function buildApp(deps: AppDeps): FastifyInstance {
 
   app.get('/healthz', async () => ({ status: 'ok' }));
 
-  app.get('/readyz', async (_request, reply) => {
-    const { ok, checks } = await readiness(deps.checks ?? {});
-    const down = Object.entries(checks)
-      .filter(([, v]) => v !== 'ok')
-      .map(([k]) => k);
-    if (!ok) return sendProblem(reply, 503, 'Service Unavailable', `Not ready: ${down.join(', ')} unreachable.`, { checks });
+  app.get('/readyz', async (request, reply) => {
+    const { ok, checks, errors } = await readiness(deps.checks ?? {});
+    if (!ok) {
+      // Which dependency is down is public; why (hosts, ports, driver messages) is logged only.
+      request.log.warn({ errors }, 'not ready');
+      return sendProblem(reply, 503, 'Service Unavailable', `Not ready: ${Object.keys(errors).join(', ')} unreachable.`, { checks });
+    }
     return { status: 'ready', checks };
   });
 

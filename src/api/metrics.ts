@@ -1,6 +1,7 @@
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { collectDefaultMetrics, Counter, Histogram, Registry } from 'prom-client';
 import { hasBearer } from '../core/bearer.js';
+import { sendProblem } from './problem.js';
 
 /**
  * The API's Prometheus metrics, on its own port at GET /metrics. Each API process keeps its own
@@ -101,16 +102,17 @@ export function registerApiMetrics(app: FastifyInstance, metrics: ApiMetrics, op
     metrics.responseSize.observe(labels, Number.isFinite(sent) ? sent : 0);
   });
 
+  registerMetricsRoute(app, metrics.registry, opts.token);
+}
+
+/** GET /metrics for a registry, behind a bearer token when one is given (API and worker alike). */
+export function registerMetricsRoute(app: FastifyInstance, registry: Registry, token: string | undefined): void {
   // Scraped every few seconds: its request lines would drown the others, so only warnings are logged.
   app.get('/metrics', { logLevel: 'warn' }, async (request, reply) => {
-    if (opts.token && !hasBearer(request.headers.authorization, opts.token)) {
-      return reply.status(401).header('www-authenticate', 'Bearer realm="metrics"').type('application/problem+json').send({
-        type: 'https://t2i.dev/problems/unauthorized',
-        title: 'Unauthorized',
-        status: 401,
-        detail: 'GET /metrics needs the bearer token of METRICS_TOKEN.',
-      });
+    if (token && !hasBearer(request.headers.authorization, token)) {
+      reply.header('www-authenticate', 'Bearer realm="metrics"');
+      return sendProblem(reply, 401, 'Unauthorized', 'GET /metrics needs the metrics bearer token.');
     }
-    return reply.type(metrics.registry.contentType).send(await metrics.registry.metrics());
+    return reply.type(registry.contentType).send(await registry.metrics());
   });
 }

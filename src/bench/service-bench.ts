@@ -183,7 +183,7 @@ interface JobTimes {
   overhead: number[];
   /** started_at - created_at: commit, enqueue, pickup, claim */
   pickup: number[];
-  /** finished_at - started_at - generation_ms: row read, storage put + stat, succeed */
+  /** finished_at - started_at - generation_ms: row read, storage put, succeed */
   work: number[];
   spanMs: number;
 }
@@ -338,24 +338,17 @@ export async function runServiceBench(options: ServiceBenchOptions = {}): Promis
     await realStorage.ensureBucket();
     // The real storage, timed: the processor calls putPng then stat once per job.
     const putMs: number[] = [];
-    const statMs: number[] = [];
     const storage = {
-      async putPng(key: string, buf: Buffer) {
+      async putPng(key: string, buf: Buffer, opts?: { signal?: AbortSignal }) {
         const t = performance.now();
         try {
-          return await realStorage.putPng(key, buf);
+          return await realStorage.putPng(key, buf, opts);
         } finally {
           putMs.push(performance.now() - t);
         }
       },
-      async stat(key: string) {
-        const t = performance.now();
-        try {
-          return await realStorage.stat(key);
-        } finally {
-          statMs.push(performance.now() - t);
-        }
-      },
+      remove: (key: string) => realStorage.remove(key),
+      list: (prefix: string) => realStorage.list(prefix),
     };
     // The real worker logs at the same level; its lines go nowhere here, as the API's do.
     const logger = pino({ level: logLevel }, pino.destination({ dest: '/dev/null', sync: true }));
@@ -414,7 +407,6 @@ export async function runServiceBench(options: ServiceBenchOptions = {}): Promis
     for (let i = 0; i < 10; i++) await whenDone(await post());
     await reset();
     putMs.length = 0;
-    statMs.length = 0;
 
     // One at a time.
     const seqIds: string[] = [];
@@ -430,13 +422,11 @@ export async function runServiceBench(options: ServiceBenchOptions = {}): Promis
     const seqWall = performance.now() - tSeq;
     const seq = await rowTimes(db, seqIds);
     const seqPut = putMs.splice(0);
-    const seqStat = statMs.splice(0);
     out(`   a) ${jobs} jobs one at a time (next POST after the previous job is stored): ${(jobs / (seqWall / 1000)).toFixed(1)} jobs/s`);
     printTimes('enqueue->stored (finished-created-gen_ms)', seq.overhead);
     printTimes('  of which created->started (queue, claim)', seq.pickup);
     printTimes('  of which started->finished - gen_ms', seq.work);
-    printTimes('    of which storage putObject (worker side)', seqPut);
-    printTimes('    of which storage statObject (worker side)', seqStat);
+    printTimes('    of which storage putObject, checked by its digest and ETag (worker side)', seqPut);
     printTimes('client: POST sent -> job stored', clientMs);
 
     await reset();
@@ -449,13 +439,11 @@ export async function runServiceBench(options: ServiceBenchOptions = {}): Promis
     const burstWall = performance.now() - tBurst;
     const burst = await rowTimes(db, burstIds);
     const burstPut = putMs.splice(0);
-    const burstStat = statMs.splice(0);
     out(`   b) burst: ${jobs} POSTs at once (all accepted after ${ms(tAccepted)}), 1 worker`);
     printTimes('enqueue->stored (finished-created-gen_ms)', burst.overhead);
     printTimes('  of which created->started (queue wait)', burst.pickup);
     printTimes('  of which started->finished - gen_ms', burst.work);
-    printTimes('    of which storage putObject (worker side)', burstPut);
-    printTimes('    of which storage statObject (worker side)', burstStat);
+    printTimes('    of which storage putObject, checked by its digest and ETag (worker side)', burstPut);
     out(
       `   throughput: ${(jobs / (burst.spanMs / 1000)).toFixed(1)} jobs/s (first created_at -> last finished_at ${ms(burst.spanMs)}); client wall ${ms(burstWall)} = ${(jobs / (burstWall / 1000)).toFixed(1)} jobs/s`,
     );

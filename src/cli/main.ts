@@ -21,9 +21,18 @@ const HELP = `t2i: text-to-image on Stable Diffusion ONNX models
   t2i demo [--prompt TEXT] [--port 8000] [--metrics-port 9191] [--exit]
                         the whole system on local throwaway services, until Ctrl-C
   t2i api               the HTTP API (configured by the environment, see .env.example)
-  t2i worker            a worker: loads MODEL_DIR once, then runs jobs one at a time
+  t2i worker [--test-engine [--test-step-ms N]]
+                        a worker: loads MODEL_DIR once, then runs jobs one at a time
+                        (--test-engine: the test double instead of a model, for tests only)
   t2i migrate [--dir FOLDER]
                         applies prisma/migrations (or FOLDER) to DATABASE_URL
+  t2i doctor [--json]   checks this host or image: Node and onnxruntime, execution providers
+                        and their libraries, the model, Postgres, Redis and S3; exits 1 on a problem
+  t2i check-libs [DIR|FILE ...] [--require NAME] [--driver-at-runtime]
+                        the shared libraries native files need and where they are found
+                        (default: onnxruntime-node's binding folder); exits 1 if one is missing
+  t2i models push DIR s3://bucket/prefix/    uploads a model export with a checksum manifest
+  t2i models pull s3://bucket/prefix/ [--cache DIR]   syncs it into the model cache, verified
 
 The model is --model, else $MODEL_DIR, else the oracle test model (written to .t2i/models on first use).
 `;
@@ -81,7 +90,8 @@ async function bench(argv: string[]): Promise<void> {
   });
 }
 
-const commands: Record<string, (argv: string[]) => Promise<void>> = {
+/** A command resolves when done; a number is its exit code (api and worker report how they stopped). */
+const commands: Record<string, (argv: string[]) => Promise<void | number>> = {
   generate: generateCommand,
   tokenize: tokenizeCommand,
   'make-test-models': makeTestModelsCommand,
@@ -90,6 +100,9 @@ const commands: Record<string, (argv: string[]) => Promise<void>> = {
   worker: workerCommand,
   migrate: migrateCommand,
   demo: demoCommand,
+  doctor: async (argv) => (await import('./doctor.js')).doctorCommand(argv),
+  'check-libs': async (argv) => (await import('./check-libs.js')).checkLibsCommand(argv),
+  models: async (argv) => (await import('./models.js')).modelsCommand(argv),
 };
 
 export async function main(argv: string[]): Promise<number> {
@@ -104,8 +117,7 @@ export async function main(argv: string[]): Promise<number> {
     return 1;
   }
   try {
-    await command(rest);
-    return 0;
+    return (await command(rest)) ?? 0;
   } catch (err) {
     const e = err as Error & { code?: string };
     // Usage and argument-parsing mistakes get one line; anything else its stack, for bug reports.

@@ -18,37 +18,85 @@ function configOrExit(role: 'api' | 'worker' | 'any') {
   }
 }
 
-/** Runs until SIGINT/SIGTERM, then closes; a second signal exits at once. */
-function untilSignal(close: () => Promise<void>): Promise<void> {
+/**
+ * Exit codes of `t2i api` and `t2i worker` (README "Exit codes"):
+ *   0    drained: stopped by SIGINT/SIGTERM, every job finished or handed back, every cleanup step done
+ *   1    error: start-up failed, the worker's engine could not be kept running, or a cleanup step
+ *        failed or timed out
+ *   130  forced: a second SIGINT/SIGTERM while shutting down
+ */
+const EXIT = { drained: 0, error: 1, forced: 130 } as const;
+
+/**
+ * Runs until SIGINT/SIGTERM (or `fatal` settles), then closes; a second signal exits at once.
+ * Resolves with the exit code.
+ */
+function untilSignal(close: () => Promise<boolean | void>, fatal?: Promise<Error>, onFatal?: (err: Error) => void): Promise<number> {
   return new Promise((resolve) => {
     let closing = false;
+    const shutdown = (failed: boolean) => {
+      closing = true;
+      close().then(
+        (clean) => resolve(failed || clean === false ? EXIT.error : EXIT.drained),
+        () => resolve(EXIT.error),
+      );
+    };
     const onSignal = (signal: NodeJS.Signals) => {
       if (closing) {
         process.stderr.write(`${signal} again: exiting now\n`);
-        process.exit(130);
+        process.exit(EXIT.forced);
       }
-      closing = true;
-      void close().finally(resolve);
+      shutdown(false);
     };
     process.on('SIGINT', onSignal);
     process.on('SIGTERM', onSignal);
+    void fatal?.then((err) => {
+      if (closing) return;
+      onFatal?.(err);
+      shutdown(true);
+    });
   });
 }
 
-export async function apiCommand(): Promise<void> {
+/**
+ * Sets the exit code, and exits even if a cleanup step that timed out left a socket or timer
+ * behind (its promise was abandoned, not its handle).
+ */
+function exitWith(code: number): number {
+  setTimeout(() => process.exit(code), 2_000).unref();
+  return code;
+}
+
+export async function apiCommand(): Promise<number> {
   const { startApi } = await import('../api/main.js');
   const api = await startApi(configOrExit('api'));
   const { exitOnUncaught } = await import('../core/reporting.js');
   exitOnUncaught(api.reporter, api.logger);
-  await untilSignal(() => api.close());
+  return exitWith(await untilSignal(() => api.close()));
 }
 
-export async function workerCommand(): Promise<void> {
+/**
+ * `t2i worker [--test-engine [--test-step-ms N]]`. The test engine (src/engine/testing/) is for
+ * tests, the demo and benchmarks: a flag, never a configuration variable, so a production
+ * deployment cannot select it by accident.
+ */
+export async function workerCommand(argv: string[]): Promise<number> {
+  const { values } = parseArgs({ args: argv, options: { 'test-engine': { type: 'boolean' }, 'test-step-ms': { type: 'string' } } });
+  const stepMs = Number(values['test-step-ms'] ?? 0);
+  if (!Number.isInteger(stepMs) || stepMs < 0) throw new UsageError(`--test-step-ms must be a whole number of milliseconds, got "${values['test-step-ms']}"`);
+  if (values['test-step-ms'] !== undefined && !values['test-engine']) throw new UsageError('--test-step-ms needs --test-engine');
+  const testEngine = values['test-engine'] ? { stepMs } : undefined;
   const { startWorker } = await import('../worker/main.js');
-  const worker = await startWorker(configOrExit('worker'));
+  // The test engine needs no MODEL_DIR.
+  const worker = await startWorker(configOrExit(testEngine ? 'any' : 'worker'), testEngine ? { testEngine } : {});
   const { exitOnUncaught } = await import('../core/reporting.js');
   exitOnUncaught(worker.reporter, worker.logger);
-  await untilSignal(() => worker.close());
+  const code = await untilSignal(
+    () => worker.close(),
+    worker.fatal,
+    (err) => worker.logger.fatal({ err }, 'the worker cannot go on; exiting for its supervisor to start a new one'),
+  );
+  return exitWith(code);
 }
 
 /**

@@ -45,8 +45,8 @@ export class NotFoundError extends ProblemError {
 /** The textbook's 400 for an image that is not ready, and its siblings for failed or canceled jobs. */
 export class ImageNotAvailableError extends ProblemError {
   override name = 'ImageNotAvailableError';
-  constructor(detail: string, status: string) {
-    super(400, 'Image not available', detail, { job_status: status });
+  constructor(detail: string, status: string, errorCode?: string) {
+    super(400, 'Image not available', detail, { job_status: status, ...(errorCode ? { error_code: errorCode } : {}) });
   }
 }
 
@@ -61,5 +61,23 @@ export class ServiceUnavailableError extends ProblemError {
   override name = 'ServiceUnavailableError';
   constructor(detail: string, retryAfterSeconds = 5) {
     super(503, 'Service Unavailable', detail, {}, { 'retry-after': String(retryAfterSeconds) });
+  }
+}
+
+export type Dependency = 'database' | 'job queue' | 'storage';
+
+/**
+ * A backing service is unreachable; retrying later may work. Adapters turn their technology's
+ * connection errors (Prisma codes, SQLSTATEs, ioredis and socket errors) into this, so nothing
+ * above them needs to know those; the API answers 503 with Retry-After.
+ */
+export class DependencyUnavailableError extends ServiceUnavailableError {
+  override name = 'DependencyUnavailableError';
+  constructor(
+    readonly dependency: Dependency,
+    options: { cause?: unknown } = {},
+  ) {
+    super(`The ${dependency} is unavailable. Please try again later.`);
+    if (options.cause !== undefined) this.cause = options.cause;
   }
 }

@@ -1,7 +1,8 @@
 import { randomUUID } from 'node:crypto';
 import { randomSeed } from '../engine/random.js';
 import { ConflictError, ImageNotAvailableError, NotFoundError, ServiceUnavailableError, ValidationError } from './errors.js';
-import type { CreateImageBody } from './params.js';
+import type { Failure, FailureCode } from './failures.js';
+import { pixelSteps, type CreateImageBody } from './params.js';
 
 /**
  * The generated-images service: what the API does, free of HTTP, Prisma, BullMQ and S3, which
@@ -23,6 +24,9 @@ export interface ImageRecord {
   scheduler: string;
   progress: number;
   fileName: string | null;
+  /** Why the job failed, or why its last attempt did; null otherwise. */
+  errorCode: FailureCode | null;
+  /** The public message for errorCode. */
   error: string | null;
   attempts: number;
   workerId: string | null;
@@ -37,6 +41,14 @@ export interface ImageRecord {
 
 export type NewImage = Pick<ImageRecord, 'id' | 'prompt' | 'negativePrompt' | 'numSteps' | 'guidanceScale' | 'seed' | 'width' | 'height' | 'scheduler'>;
 
+/**
+ * How an attempt ended (job_attempts.outcome): `retried` failed and goes back to the queue,
+ * `released` was handed back unfinished (shutdown, or an engine that went down:
+ * `engine_failed`), `superseded` lost the job to a newer attempt, `lost` was given up on by the
+ * queue (its worker stopped responding).
+ */
+export type AttemptOutcome = 'succeeded' | 'failed' | 'retried' | 'released' | 'engine_failed' | 'superseded' | 'canceled' | 'lost';
+
 export interface ImagesRepo {
   create(data: NewImage): Promise<ImageRecord>;
   get(id: string): Promise<ImageRecord | null>;
@@ -49,11 +61,17 @@ export interface ImagesRepo {
    * someone asked to cancel (a running job learns of both at its next progress write).
    */
   setProgress(id: string, attempt: number, progress: number): Promise<{ owned: boolean; cancelRequested: boolean }>;
+  /**
+   * The fenced success: the row takes this attempt's object only if the attempt still owns it.
+   * False when a newer attempt owns the job (this attempt is recorded as superseded).
+   */
   succeed(id: string, attempt: number, result: { fileName: string; generationMs: number; model: string }): Promise<boolean>;
   /** `final` marks the job failed; otherwise it goes back to queued for the next attempt. */
-  fail(id: string, attempt: number, error: string, final: boolean): Promise<boolean>;
+  fail(id: string, attempt: number, failure: Failure, final: boolean): Promise<boolean>;
   /** Fails a queued or running job whatever its attempt (the queue gave up on it). */
-  failAny(id: string, error: string): Promise<boolean>;
+  failAny(id: string, failure: Failure): Promise<boolean>;
+  /** Records that an attempt stopped because a newer one owns the job. */
+  markSuperseded(id: string, attempt: number): Promise<void>;
   /**
    * Asks for cancellation: a queued job becomes canceled at once; a running one is flagged and
    * its worker stops between steps. Null when the id is unknown; terminal jobs are unchanged.
@@ -61,8 +79,19 @@ export interface ImagesRepo {
   requestCancel(id: string): Promise<ImageRecord | null>;
   /** Ends a job whose cancellation was requested and that no attempt is finishing. */
   finishCanceled(id: string, attempt?: number): Promise<boolean>;
-  /** Hands a running attempt back to the queue (graceful shutdown). */
-  release(id: string, attempt: number, reason: string): Promise<boolean>;
+  /**
+   * Hands a running attempt back to the queue without counting it as failed: the worker is
+   * shutting down (`shutdown`), or its engine went down (`engine`). An engine failure is counted;
+   * the job fails as engine_crashed instead once it has taken the engine down `maxEngineFailures`
+   * times. Says what happened to the row: released, failed, or not owned by this attempt.
+   */
+  release(id: string, attempt: number, cause: 'shutdown' | 'engine', maxEngineFailures?: number): Promise<'released' | 'failed' | 'not_owned'>;
+  /** The attempts of a job, oldest first. */
+  attempts(
+    id: string,
+  ): Promise<
+    Array<{ attempt: number; workerId: string; outcome: AttemptOutcome | null; errorCode: FailureCode | null; startedAt: Date; finishedAt: Date | null }>
+  >;
   /** Queued or running jobs not updated since the given times: candidates for the reconciler. */
   findStale(q: { queuedBefore: Date; runningBefore: Date; limit: number }): Promise<ImageRecord[]>;
   ping(): Promise<void>;
@@ -86,6 +115,8 @@ export interface ImagesServiceDeps {
   storage: ImageUrls;
   /** Past this many waiting jobs, submissions get 503 with Retry-After. 0 = no limit. */
   maxQueueDepth?: number;
+  /** Largest width x height x num_steps of one request (MAX_PIXEL_STEPS); no limit when absent. */
+  maxPixelSteps?: number;
   log?: { warn: (obj: object, msg: string) => void };
 }
 
@@ -123,6 +154,17 @@ export class ImagesService {
    * job behind them, so nothing is lost and the client has no reason to submit twice.
    */
   async create(body: CreateImageBody): Promise<ImageRecord> {
+    const cost = pixelSteps(body);
+    const max = this.deps.maxPixelSteps;
+    if (max !== undefined && cost > max) {
+      throw new ValidationError([
+        {
+          field: '(body)',
+          rule: 'max_pixel_steps',
+          message: `width × height × num_steps is ${cost.toLocaleString('en-US')}; this server allows at most ${max.toLocaleString('en-US')} pixel-steps per request (512 × 512 × 50 is 13,107,200)`,
+        },
+      ]);
+    }
     await this.checkBackPressure();
     const record = await this.deps.repo.create({
       id: randomUUID(),
@@ -178,7 +220,7 @@ export class ImagesService {
         if (!record.fileName) throw new Error(`image ${id} succeeded without a stored object`);
         return this.deps.storage.presignGet(record.fileName);
       case 'failed':
-        throw new ImageNotAvailableError(`The image could not be generated: ${record.error ?? 'unknown error'}`, record.status);
+        throw new ImageNotAvailableError(`The image could not be generated: ${record.error ?? 'unknown error'}`, record.status, record.errorCode ?? 'internal');
       case 'canceled':
         throw new ImageNotAvailableError('The job was canceled; there is no image.', record.status);
       default:

@@ -1,4 +1,5 @@
 import { z } from 'zod';
+import { GENERATION_DEFAULTS, GENERATION_LIMITS } from '../engine/pipeline.js';
 import { MAX_SEED } from '../engine/random.js';
 import { SCHEDULER_NAMES } from '../engine/schedulers/types.js';
 import type { FieldError } from './errors.js';
@@ -6,15 +7,39 @@ import type { FieldError } from './errors.js';
 /**
  * What a client may ask for, in the textbook's snake_case. Strict: unknown fields are
  * rejected, and numbers must be JSON numbers (no "50" strings coerced behind the client's back).
+ * Limits and defaults are the engine's (GENERATION_LIMITS, GENERATION_DEFAULTS), defined once.
  */
 
-export const LIMITS = {
-  promptMaxChars: 2000,
-  maxSteps: 50,
-  minSide: 64,
-  maxSide: 1024,
-  maxGuidance: 30,
-} as const;
+const LIMITS = GENERATION_LIMITS;
+
+/**
+ * What a prompt may contain: any Unicode text up to maxPromptChars code points, except
+ *  - lone surrogates (U+D800–U+DFFF without their pair): not Unicode text, and UTF-8 (Postgres,
+ *    the tokenizer) cannot carry them, so they would be silently replaced;
+ *  - control characters other than tab, line feed and carriage return (U+0000–U+001F, U+007F–U+009F):
+ *    Postgres text cannot hold U+0000, and the others are never part of a description.
+ */
+// eslint-disable-next-line no-control-regex -- matching control characters is the point of this pattern
+const CONTROL = /[\u0000-\u0008\u000B\u000C\u000E-\u001F\u007F-\u009F]/;
+/** With the u flag a surrogate pair is one code point, so \p{Cs} matches only unpaired halves. */
+const LONE_SURROGATE = /\p{Cs}/u;
+
+function promptText() {
+  return z
+    .string()
+    .refine((s) => !LONE_SURROGATE.test(s), { message: 'must be valid Unicode text (it contains an unpaired surrogate)', params: { rule: 'unicode' } })
+    .refine((s) => !CONTROL.test(s), {
+      message: 'must not contain control characters other than tab, line feed and carriage return',
+      params: { rule: 'no_control_characters' },
+    })
+    .refine((s) => codePoints(s) <= LIMITS.maxPromptChars, { message: `must be at most ${LIMITS.maxPromptChars} characters`, params: { rule: 'max' } });
+}
+
+function codePoints(s: string): number {
+  let n = 0;
+  for (const _ of s) n++;
+  return n;
+}
 
 const side = z
   .number()
@@ -24,20 +49,25 @@ const side = z
   .refine((v) => v % 8 === 0, { message: 'must be a multiple of 8', params: { rule: 'multiple_of' } });
 
 export const createImageBody = z.strictObject({
-  prompt: z
-    .string()
-    .max(LIMITS.promptMaxChars)
-    .refine((s) => s.trim().length > 0, { message: 'must not be empty', params: { rule: 'non_empty' } }),
-  negative_prompt: z.string().max(LIMITS.promptMaxChars).nullable().default(null),
-  num_steps: z.number().int().min(1).max(LIMITS.maxSteps).default(50),
-  guidance_scale: z.number().min(0).max(LIMITS.maxGuidance).default(9),
+  prompt: promptText().refine((s) => s.trim().length > 0, { message: 'must not be empty', params: { rule: 'non_empty' } }),
+  negative_prompt: promptText().nullable().default(null),
+  num_steps: z.number().int().min(1).max(LIMITS.maxSteps).default(GENERATION_DEFAULTS.numSteps),
+  guidance_scale: z.number().min(0).max(LIMITS.maxGuidance).default(GENERATION_DEFAULTS.guidanceScale),
   seed: z.number().int().min(0).max(MAX_SEED).nullable().default(null),
-  width: side.default(512),
-  height: side.default(512),
+  width: side.default(GENERATION_DEFAULTS.width),
+  height: side.default(GENERATION_DEFAULTS.height),
   scheduler: z.enum(SCHEDULER_NAMES).default('pndm'),
 });
 
 export type CreateImageBody = z.infer<typeof createImageBody>;
+
+/**
+ * The compute a request asks for, in pixel-steps (width x height x steps): a 512x512 image at 50
+ * steps is 13,107,200. MAX_PIXEL_STEPS bounds it per request.
+ */
+export function pixelSteps(body: Pick<CreateImageBody, 'width' | 'height' | 'num_steps'>): number {
+  return body.width * body.height * body.num_steps;
+}
 
 export const listQuery = z.strictObject({
   limit: z.string().regex(/^\d+$/, 'must be a whole number').transform(Number).pipe(z.number().int().min(1).max(100)).default(20),

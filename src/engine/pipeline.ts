@@ -14,6 +14,12 @@ import { createScheduler, isSchedulerName, SCHEDULER_NAMES, type SchedulerName }
  *   -> loop (scale input, UNet, guidance, step, progress) -> decode -> PNG
  */
 
+/**
+ * Defaults and limits of a generation, defined once: the engine checks them (resolveParams) and
+ * the API validates requests against the same numbers (src/core/params.ts). The textbook's
+ * defaults: 50 steps, guidance 9.0, 512x512. The compute a request may ask for is bounded
+ * separately by the service (MAX_PIXEL_STEPS: width x height x steps).
+ */
 export const GENERATION_DEFAULTS = {
   numSteps: 50,
   guidanceScale: 9.0,
@@ -22,10 +28,12 @@ export const GENERATION_DEFAULTS = {
 } as const;
 
 export const GENERATION_LIMITS = {
-  maxSteps: 500,
+  maxSteps: 150,
   minSide: 64,
   maxSide: 2048,
-  maxGuidance: 50,
+  maxGuidance: 30,
+  /** In Unicode code points; CLIP keeps 75 tokens of it, the rest is reported as truncated. */
+  maxPromptChars: 2000,
 } as const;
 
 export interface GenerateParams {

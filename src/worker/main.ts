@@ -1,29 +1,32 @@
 import { hostname } from 'node:os';
 import path from 'node:path';
-import { createServer, type Server } from 'node:http';
+import { createPrismaClient } from '../adapters/db/client.js';
 import { createImagesRepo } from '../adapters/images-repo.js';
-import { createConsumer, createProducer, UnrecoverableError } from '../adapters/queue.js';
+import { checkRedis, createConsumer, createProducer, UnrecoverableError } from '../adapters/queue.js';
 import { createErrorReporter } from '../adapters/sentry.js';
 import { createStorage, objectKeyFor } from '../adapters/storage.js';
 import { loadConfig, type Config } from '../config.js';
-import { createPrismaClient } from '../adapters/db/client.js';
-import { hasBearer } from '../core/bearer.js';
+import { withTimeout } from '../core/lifecycle.js';
 import { createProcessLogger, type Logger } from '../core/logger.js';
+import { failureFromQueueReason } from '../core/failures.js';
 import { packageVersion, type ErrorReporter } from '../core/reporting.js';
 import { queueSettings, storageOptions } from '../core/wiring.js';
 import { SCHEDULER_NAMES } from '../engine/schedulers/types.js';
-import { SyntheticEngine } from '../engine/synthetic.js';
-import { Engine } from '../engine/thread/engine-host.js';
-import { checkRedis } from '../adapters/queue.js';
-import { readiness, withTimeout } from '../core/lifecycle.js';
-import { createReconciler } from './reconciler.js';
+import type { TestPipelineOptions } from '../engine/testing/test-pipeline.js';
+import { Engine, type EngineOptions } from '../engine/thread/engine-host.js';
+import { EngineSupervisor } from './engine.js';
+import { buildHealthApp } from './health.js';
 import { createWorkerMetrics } from './metrics.js';
 import { createProcessor } from './processor.js';
+import { createReconciler } from './reconciler.js';
 import { SHUTDOWN_TIMEOUTS_MS } from './shutdown.js';
+import { resolveModelDir } from './model-source.js';
 
 /**
  * Boots a worker process: loads the model once (before taking any job, as the textbook's
- * Dramatiq middleware did), then consumes one job at a time.
+ * Dramatiq middleware did), then consumes one job at a time. If the engine goes down it stops
+ * taking jobs, hands the current one back, and restarts the engine; if that keeps failing,
+ * `fatal` settles and the process should exit (src/cli/service-commands.ts does, with code 1).
  */
 
 export interface RunningWorker {
@@ -31,13 +34,22 @@ export interface RunningWorker {
   metricsUrl: string;
   logger: Logger;
   reporter: ErrorReporter;
-  close(): Promise<void>;
+  /** Resolves with the reason if the worker cannot go on (its engine could not be kept running). */
+  fatal: Promise<Error>;
+  /** Stops taking jobs, finishes or hands back the active one, and runs every cleanup step; false if a step failed or timed out. */
+  close(): Promise<boolean>;
 }
 
-/** What a caller may give instead of what the configuration would make (tests capture logs). */
+/** What a caller may give instead of what the configuration would make. */
 export interface WorkerOverrides {
+  /** Tests capture logs and reports. */
   logger?: Logger;
   reporter?: ErrorReporter;
+  /**
+   * Runs the test double (src/engine/testing/test-pipeline.ts) instead of MODEL_DIR's model:
+   * chosen by `t2i worker --test-engine` or by tests, never by configuration.
+   */
+  testEngine?: TestPipelineOptions;
 }
 
 /** Longest a scrape waits for queue depth from Redis; Prometheus' own scrape timeout is 10 s by default. */
@@ -50,18 +62,45 @@ export async function startWorker(config: Config = loadConfig(process.env, 'work
   const metrics = createWorkerMetrics();
   // Refuse to run on a Redis that may evict queue keys, before loading anything heavy.
   await checkRedis(config.REDIS_URL);
-  const engine =
-    config.ENGINE === 'synthetic'
-      ? new SyntheticEngine({ stepMs: config.SYNTHETIC_STEP_MS })
-      : await Engine.start({
-          modelDir: path.resolve(config.MODEL_DIR!),
-          provider: config.EXECUTION_PROVIDER,
-          ...(config.ORT_THREADS ? { threads: config.ORT_THREADS } : {}),
-          log: (level, msg) => logger[level]({ component: 'engine' }, msg),
-        });
-  const modelName = path.basename(engine.info.modelDir);
+
+  let onFatal: (err: Error) => void = () => undefined;
+  const fatal = new Promise<Error>((resolve) => (onFatal = resolve));
+  // Set once the consumer exists; the engine cannot go down before it does (no job runs earlier).
+  const intake: { consumer?: { pause(): Promise<void>; resume(): Promise<void> } } = {};
+  const engineLog = (level: 'debug' | 'info' | 'warn', msg: string) => logger[level]({ component: 'engine' }, msg);
+  const engineOptions: EngineOptions = overrides.testEngine
+    ? { test: overrides.testEngine, stallMs: config.ENGINE_STALL_MS, log: engineLog }
+    : {
+        modelDir: await resolveModelDir(config, logger),
+        provider: config.EXECUTION_PROVIDER,
+        ...(config.ORT_THREADS ? { threads: config.ORT_THREADS } : {}),
+        stallMs: config.ENGINE_STALL_MS,
+        log: engineLog,
+      };
+  const engine = await EngineSupervisor.start({
+    start: () => Engine.start(engineOptions),
+    maxRestarts: config.ENGINE_MAX_RESTARTS,
+    backoffMs: config.ENGINE_RESTART_BACKOFF_MS,
+    log: logger.child({ component: 'engine' }),
+    onDown(err) {
+      // Stop fetching at once: every job taken now would fail or wait for a model that is not there.
+      metrics.engineDown(err.reason);
+      void intake.consumer?.pause().catch((e: unknown) => logger.warn({ err: e }, 'could not pause the consumer'));
+      logger.error({ reason: err.reason, err: { message: err.message } }, 'engine down; not taking jobs');
+      reporter.capture(err, { level: 'error', tags: { workerId, reason: err.reason } });
+    },
+    onUp(info, restarts) {
+      metrics.engineUp();
+      logger.info({ restarts, loadMs: Math.round(info.loadMs) }, 'engine restarted; taking jobs again');
+      void intake.consumer?.resume();
+    },
+    onGiveUp(err) {
+      onFatal(err);
+    },
+  });
+  const modelName = overrides.testEngine ? 'test-engine' : path.basename(engine.info.modelDir);
   logger.info(
-    { modelDir: engine.info.modelDir, engine: config.ENGINE, provider: engine.info.provider, loadMs: Math.round(engine.info.loadMs) },
+    { modelDir: engine.info.modelDir, provider: engine.info.provider, loadMs: Math.round(engine.info.loadMs), testEngine: overrides.testEngine !== undefined },
     'model loaded',
   );
   metrics.setModel({
@@ -89,6 +128,7 @@ export async function startWorker(config: Config = loadConfig(process.env, 'work
     workerId,
     modelName,
     progressIntervalMs: config.PROGRESS_INTERVAL_MS,
+    jobTimeoutMs: config.JOB_TIMEOUT_MS,
     log: logger,
     unrecoverable: (m) => new UnrecoverableError(m),
     metrics: metrics.job,
@@ -96,7 +136,7 @@ export async function startWorker(config: Config = loadConfig(process.env, 'work
   });
   const consumer = createConsumer(
     config.REDIS_URL,
-    queueSettings(config),
+    settings,
     async (job) => {
       // Bound once: every line about this job, the engine thread's included, carries its id, attempt and worker id.
       const log = logger.child({ jobId: job.id, attempt: job.attempt });
@@ -112,11 +152,12 @@ export async function startWorker(config: Config = loadConfig(process.env, 'work
     },
     (err) => logger.error({ err }, 'queue error'),
   );
+  intake.consumer = consumer;
   // A job the queue gave up on without our handler deciding (it stalled too often) still has
   // a row that says running: record the reason now rather than at the next reconcile.
   consumer.worker.on('failed', (job, err) => {
-    if (!job || !job.finishedOn) return;
-    void repo.failAny(job.data.imageId, err.message).catch((e: unknown) => logger.warn({ err: e }, 'could not mark a failed job'));
+    if (!job?.finishedOn) return;
+    void repo.failAny(job.data.imageId, failureFromQueueReason(err.message)).catch((e: unknown) => logger.warn({ err: e }, 'could not mark a failed job'));
   });
   void consumer.worker.run();
 
@@ -131,66 +172,48 @@ export async function startWorker(config: Config = loadConfig(process.env, 'work
   });
   reconciler.start(config.RECONCILE_INTERVAL_MS);
 
-  const server: Server = createServer((req, res) => {
-    if (req.url === '/metrics' && req.method === 'GET') {
-      if (config.METRICS_TOKEN && !hasBearer(req.headers.authorization, config.METRICS_TOKEN)) {
-        res.writeHead(401, { 'www-authenticate': 'Bearer realm="metrics"' }).end();
-        return;
-      }
-      metrics.registry.metrics().then(
-        (text) => res.writeHead(200, { 'content-type': metrics.registry.contentType }).end(text),
-        (err: unknown) => {
-          logger.error({ err }, 'metrics collection failed');
-          res.writeHead(500).end();
-        },
-      );
-      return;
-    }
-    if (req.url === '/healthz') {
-      res.writeHead(engine.alive ? 200 : 503, { 'content-type': 'application/json' }).end(JSON.stringify({ status: engine.alive ? 'ok' : 'engine down' }));
-      return;
-    }
-    if (req.url === '/readyz') {
-      void readiness({
-        model: async () => {
-          if (!engine.alive) throw new Error('engine down');
-        },
-        postgres: () => repo.ping(),
-        redis: async () => void (await queue.counts()),
-        storage: () => storage.ping(),
-      }).then(({ ok, checks }) =>
-        res.writeHead(ok ? 200 : 503, { 'content-type': 'application/json' }).end(JSON.stringify({ status: ok ? 'ready' : 'not ready', checks })),
-      );
-      return;
-    }
-    res.writeHead(404).end();
+  const health = buildHealthApp({
+    registry: metrics.registry,
+    metricsToken: config.METRICS_TOKEN,
+    logger,
+    engineProblem: () => (engine.ready ? null : 'restarting'),
+    checks: { postgres: () => repo.ping(), redis: async () => void (await queue.counts()), storage: () => storage.ping() },
   });
-  await new Promise<void>((resolve) => server.listen(config.WORKER_METRICS_PORT, config.WORKER_METRICS_HOST, resolve));
-  const addr = server.address();
-  const metricsUrl = `http://${config.WORKER_METRICS_HOST}:${typeof addr === 'object' && addr ? addr.port : config.WORKER_METRICS_PORT}`;
+  const address = await health.listen({ host: config.WORKER_METRICS_HOST, port: config.WORKER_METRICS_PORT });
+  const metricsUrl = address.replace('0.0.0.0', '127.0.0.1');
   logger.info({ metricsUrl }, 'worker ready');
 
+  let closing: Promise<boolean> | undefined;
   return {
     workerId,
     metricsUrl,
     logger,
     reporter,
-    async close() {
-      // Stop taking jobs; let the current one finish within the grace period, then hand it back.
-      logger.info({ graceMs: config.SHUTDOWN_GRACE_MS }, 'shutting down');
-      await reconciler.stop();
-      await withTimeout(consumer.close(config.SHUTDOWN_GRACE_MS), config.SHUTDOWN_GRACE_MS + SHUTDOWN_TIMEOUTS_MS.release, 'closing the queue consumer');
-      // Every cleanup runs even if one fails or hangs (Redis or Postgres unreachable).
-      const results = await Promise.allSettled([
-        withTimeout(engine.close(), SHUTDOWN_TIMEOUTS_MS.cleanup, 'closing the engine'),
-        withTimeout(db.$disconnect(), 5_000, 'disconnecting from Postgres'),
-        withTimeout(queue.close(), 5_000, 'closing the queue connection'),
-        new Promise((r) => server.close(r)),
-        // A reporter the caller gave stays the caller's to close.
-        overrides.reporter ? reporter.flush() : reporter.close(),
-      ]);
-      for (const r of results) if (r.status === 'rejected') logger.warn({ err: r.reason }, 'shutdown step failed');
-      logger.info({}, 'worker stopped');
-    },
+    fatal,
+    close: () =>
+      (closing ??= (async () => {
+        // Stop taking jobs; let the current one finish within the grace period, then hand it back.
+        logger.info({ graceMs: config.SHUTDOWN_GRACE_MS }, 'shutting down');
+        // Every step runs even if one before it failed or timed out (Redis or Postgres unreachable);
+        // the consumer stops before the clients it uses are closed.
+        const results = [
+          ...(await Promise.allSettled([withTimeout(reconciler.stop(), SHUTDOWN_TIMEOUTS_MS.cleanup, 'stopping the reconciler')])),
+          ...(await Promise.allSettled([
+            withTimeout(consumer.close(config.SHUTDOWN_GRACE_MS), config.SHUTDOWN_GRACE_MS + SHUTDOWN_TIMEOUTS_MS.release, 'closing the queue consumer'),
+          ])),
+          ...(await Promise.allSettled([
+            withTimeout(engine.close(), SHUTDOWN_TIMEOUTS_MS.cleanup, 'closing the engine'),
+            withTimeout(db.$disconnect(), SHUTDOWN_TIMEOUTS_MS.cleanup, 'disconnecting from Postgres'),
+            withTimeout(queue.close(), SHUTDOWN_TIMEOUTS_MS.cleanup, 'closing the queue connection'),
+            withTimeout(health.close(), SHUTDOWN_TIMEOUTS_MS.cleanup, 'closing the health server'),
+            // A reporter the caller gave stays the caller's to close.
+            overrides.reporter ? reporter.flush() : reporter.close(),
+          ])),
+        ];
+        const failed = results.filter((r): r is PromiseRejectedResult => r.status === 'rejected');
+        for (const r of failed) logger.warn({ err: r.reason as unknown }, 'shutdown step failed');
+        logger.info({ clean: failed.length === 0 }, 'worker stopped');
+        return failed.length === 0;
+      })()),
   };
 }

@@ -23,6 +23,10 @@ export interface WorkerMetrics {
   job: JobMetrics;
   /** t2i_worker_info and the model load time, once the model is loaded. */
   setModel(info: { model: string; schedulers: readonly string[]; provider: string; version: string; loadSeconds: number }): void;
+  /** The engine went down (thread died, ran out of heap, or hung): counted, and t2i_engine_up drops to 0. */
+  engineDown(reason: string): void;
+  /** A restarted engine is up again. */
+  engineUp(): void;
   /** Reads queue depth from BullMQ on each scrape, giving up after timeoutMs (the series are then absent). */
   watchQueue(counts: () => Promise<Partial<Record<string, number>>>, timeoutMs: number): void;
 }
@@ -67,6 +71,16 @@ export function createWorkerMetrics(): WorkerMetrics {
     registers,
   });
 
+  const engineRestarts = new Counter({
+    name: 't2i_engine_restarts_total',
+    help: 'Times the engine went down and was restarted, by reason: crashed (its thread died), out_of_memory, stalled (a generation made no progress for ENGINE_STALL_MS).',
+    labelNames: ['reason'],
+    registers,
+  });
+  const engineUpGauge = new Gauge({ name: 't2i_engine_up', help: '1 while the engine can take jobs, 0 while it is being restarted.', registers });
+  engineUpGauge.set(1);
+  for (const reason of ['crashed', 'out_of_memory', 'stalled']) engineRestarts.inc({ reason }, 0);
+
   // Series exist at 0 from the start, so rates and ratios are defined before the first event.
   for (const outcome of OUTCOMES) {
     duration.zero({ outcome });
@@ -89,6 +103,13 @@ export function createWorkerMetrics(): WorkerMetrics {
         if (outcome === 'retried') retries.inc();
         else finished.inc({ outcome });
       },
+    },
+    engineDown(reason) {
+      engineRestarts.inc({ reason });
+      engineUpGauge.set(0);
+    },
+    engineUp() {
+      engineUpGauge.set(1);
     },
     setModel(m) {
       info.reset();

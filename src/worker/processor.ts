@@ -1,28 +1,48 @@
 import type { ImagesRepo } from '../core/images.js';
+import { failure, type Failure } from '../core/failures.js';
 import { scrubSecrets } from '../core/logger.js';
 import type { ReportContext } from '../core/reporting.js';
 import type { GenerateParams, Generation, Progress } from '../engine/pipeline.js';
 import type { SchedulerName } from '../engine/schedulers/types.js';
 
 /**
- * What a worker does with one job: claim the attempt, run the engine, store the PNG, record
- * the outcome. Collaborators are passed in, so tests can give other ones.
+ * What a worker does with one job: claim the attempt, run the engine, store the PNG under the
+ * attempt's own key, record the outcome. Collaborators are passed in, so tests can give other
+ * ones.
+ *
+ * Every way an attempt can end, and what the job becomes:
+ *   succeeded           the fenced update took this attempt's object (a newer attempt owning the
+ *                       job makes it `superseded`, and this attempt removes its object)
+ *   canceled            a user canceled it (seen at a progress write)
+ *   superseded          another attempt owns the job (seen at a progress write)
+ *   released            the worker is shutting down, or its engine went down: back to the queue,
+ *                       not counted as a failed attempt; an engine that goes down twice on the
+ *                       same job fails it as engine_crashed
+ *   failed / retried    with a failure code (src/core/failures.ts); invalid_for_model and
+ *                       out_of_memory are never retried, the others until attempts run out
  */
 
 export interface ProcessorDeps {
   repo: ImagesRepo;
   storage: {
-    putPng(key: string, png: Buffer): Promise<unknown>;
-    stat(key: string): Promise<{ size: number } | null>;
+    /** Uploads and checks the upload (its digest and ETag); rejects on any failure. */
+    putPng(key: string, png: Buffer, opts?: { signal?: AbortSignal }): Promise<unknown>;
+    remove(key: string): Promise<void>;
+    list(prefix: string): Promise<string[]>;
   };
   engine: {
     generate(params: GenerateParams, run: { onProgress?: (p: Progress) => void; signal?: AbortSignal; log?: EngineLog }): Promise<Generation>;
   };
-  objectKeyFor(imageId: string): string;
+  /** Where attempt `attempt` of a job stores its image. */
+  objectKeyFor(imageId: string, attempt: number): string;
   workerId: string;
   modelName: string;
   /** Shortest interval between progress writes. */
   progressIntervalMs: number;
+  /** An attempt running longer than this is aborted and recorded as timed_out. 0 = no limit. */
+  jobTimeoutMs?: number;
+  /** A job that takes the engine down this many times fails as engine_crashed. */
+  maxEngineFailures?: number;
   log: JobLog;
   /** Marks an error as one retrying cannot fix (BullMQ's UnrecoverableError). */
   unrecoverable(message: string): Error;
@@ -34,7 +54,7 @@ export interface ProcessorDeps {
 
 /**
  * How an attempt ended, as metrics count it: `retried` is a failed attempt that the queue will
- * retry; `released` one handed back unfinished at shutdown.
+ * retry; `released` one handed back unfinished (shutdown or engine down).
  */
 export type MetricOutcome = 'succeeded' | 'failed' | 'retried' | 'skipped' | 'superseded' | 'canceled' | 'released';
 
@@ -46,7 +66,7 @@ export interface JobMetrics {
 }
 
 /** A line from the engine thread about this job's generation. */
-export type EngineLog = (level: 'debug' | 'info' | 'warn', msg: string) => void;
+type EngineLog = (level: 'debug' | 'info' | 'warn', msg: string) => void;
 
 export interface JobLog {
   info(obj: object, msg: string): void;
@@ -71,15 +91,27 @@ export interface JobInput {
 export type JobOutcome = 'succeeded' | 'skipped' | 'superseded' | 'canceled';
 
 /**
- * Thrown when an attempt was handed back unfinished (worker shutdown): the queue should run the
- * job again without counting a failed attempt.
+ * Thrown when an attempt was handed back unfinished (worker shutdown, engine down): the queue
+ * should run the job again without counting a failed attempt.
  */
 export class JobReleasedError extends Error {
   // The queue adapter recognises the name (RELEASED_ERROR_NAME); the processor imports no queue code.
   override name = 'JobReleasedError';
 }
 
-type StopReason = 'canceled' | 'superseded' | 'shutdown';
+/** An attempt that failed with a failure code; `final` when retrying cannot help. */
+export class AttemptFailedError extends Error {
+  override name = 'AttemptFailedError';
+  constructor(
+    readonly failure: Failure,
+    readonly final: boolean,
+    options: { cause?: unknown } = {},
+  ) {
+    super(`${failure.code}: ${failure.message}`, options);
+  }
+}
+
+type StopReason = 'canceled' | 'superseded' | 'shutdown' | 'timed_out';
 
 /** What the attempt learned about its job, for the report if it fails. */
 interface Seen {
@@ -104,11 +136,14 @@ export function createProcessor(deps: ProcessorDeps) {
         job.log.info({ outcome: 'released' }, err.message);
         throw err;
       }
-      const final = job.attempt >= job.maxAttempts || (err as Error | undefined)?.name === 'UnrecoverableError';
+      const final =
+        job.attempt >= job.maxAttempts || (err as Error | undefined)?.name === 'UnrecoverableError' || (err instanceof AttemptFailedError && err.final);
       const durationMs = Math.round(performance.now() - started);
       deps.metrics?.finished(final ? 'failed' : 'retried', durationMs / 1000);
-      job.log.error({ err: withoutTexts(err, seen.secrets), outcome: final ? 'failed' : 'retrying', final, durationMs }, 'job attempt failed');
-      deps.reporter?.capture(err, {
+      const cause = err instanceof AttemptFailedError ? err.cause : err;
+      const code = err instanceof AttemptFailedError ? err.failure.code : undefined;
+      job.log.error({ err: withoutTexts(cause ?? err, seen.secrets), code, outcome: final ? 'failed' : 'retrying', final, durationMs }, 'job attempt failed');
+      deps.reporter?.capture(cause ?? err, {
         level: final ? 'error' : 'warning',
         tags: {
           jobId: job.jobId ?? job.imageId,
@@ -116,18 +151,30 @@ export function createProcessor(deps: ProcessorDeps) {
           attempt: job.attempt,
           maxAttempts: job.maxAttempts,
           final,
+          code,
           model: deps.modelName,
           scheduler: seen.scheduler,
           workerId: deps.workerId,
         },
         redact: seen.secrets,
       });
+      // The queue sees only the public text: BullMQ keeps it as the job's failedReason in Redis.
+      if (err instanceof AttemptFailedError) throw final ? deps.unrecoverable(err.message) : new Error(err.message);
       throw err;
     }
   };
 }
 
 function createAttempt(deps: ProcessorDeps) {
+  const maxEngineFailures = deps.maxEngineFailures ?? 2;
+
+  /** Records a failed attempt and returns the error that tells the queue what to do. */
+  const failed = async (job: JobInput, attempt: number, f: Failure, cause: unknown, neverRetry = false): Promise<AttemptFailedError> => {
+    const final = neverRetry || job.attempt >= job.maxAttempts;
+    await deps.repo.fail(job.imageId, attempt, f, final).catch((err: unknown) => job.log.error({ err }, 'could not record the failure'));
+    return new AttemptFailedError(f, final, { cause });
+  };
+
   return async function attemptJob(job: JobInput, seen: Seen): Promise<JobOutcome> {
     const { imageId, log } = job;
     const claimed = await deps.repo.startAttempt(imageId, deps.workerId);
@@ -149,12 +196,9 @@ function createAttempt(deps: ProcessorDeps) {
     log.info({ dbAttempt: attempt, steps: record.numSteps, scheduler: record.scheduler, size: `${record.width}x${record.height}` }, 'generation started');
     log.debug({ prompt: record.prompt, negativePrompt: record.negativePrompt }, 'prompt');
 
-    // Progress goes to Postgres at most every progressIntervalMs (the textbook wrote every step),
-    // one write at a time; the final 100 is written with the result.
-    let lastWrite = Number.NEGATIVE_INFINITY;
-    let writing: Promise<unknown> = Promise.resolve();
-    // Stops the generation between steps: canceled by a user, taken over by another attempt, or
-    // handed back because this worker is shutting down.
+    // Stops the attempt: canceled by a user, taken over by another attempt, handed back because
+    // this worker is shutting down, or past its deadline. The generation stops between steps;
+    // an upload in flight is aborted.
     const stop = new AbortController();
     const stopFor = (reason: StopReason) => {
       if (!stop.signal.aborted) stop.abort(reason);
@@ -162,6 +206,13 @@ function createAttempt(deps: ProcessorDeps) {
     const onShutdown = () => stopFor('shutdown');
     if (job.signal?.aborted) onShutdown();
     job.signal?.addEventListener('abort', onShutdown, { once: true });
+    const deadline = deps.jobTimeoutMs ? setTimeout(() => stopFor('timed_out'), deps.jobTimeoutMs) : undefined;
+    const stopReason = () => stop.signal.reason as StopReason;
+
+    // Progress goes to Postgres at most every progressIntervalMs (the textbook wrote every step),
+    // one write at a time; the final 100 is written with the result.
+    let lastWrite = Number.NEGATIVE_INFINITY;
+    let writing: Promise<unknown> = Promise.resolve();
     let lastElapsedMs: number | undefined;
     const onProgress = (p: Progress) => {
       // Step time from the engine; without it, the gap since the previous step (the first one would include encoding).
@@ -183,93 +234,111 @@ function createAttempt(deps: ProcessorDeps) {
       );
     };
 
-    let generation: Generation;
     try {
-      generation = await deps.engine.generate(
-        {
-          prompt: record.prompt,
-          negativePrompt: record.negativePrompt,
-          numSteps: record.numSteps,
-          guidanceScale: record.guidanceScale,
-          seed: record.seed,
-          width: record.width,
-          height: record.height,
-          scheduler: record.scheduler as SchedulerName,
-        },
-        {
-          onProgress,
-          // The engine thread's lines about this generation, with this job's id, attempt and worker on them.
-          log: (level, msg) => logEngineLine(log, level, msg),
-          signal: stop.signal,
-        },
-      );
-    } catch (err) {
+      let generation: Generation;
+      try {
+        generation = await deps.engine.generate(
+          {
+            prompt: record.prompt,
+            negativePrompt: record.negativePrompt,
+            numSteps: record.numSteps,
+            guidanceScale: record.guidanceScale,
+            seed: record.seed,
+            width: record.width,
+            height: record.height,
+            scheduler: record.scheduler as SchedulerName,
+          },
+          {
+            onProgress,
+            // The engine thread's lines about this generation, with this job's id, attempt and worker on them.
+            log: (level, msg) => logEngineLine(log, level, msg),
+            signal: stop.signal,
+          },
+        );
+      } catch (err) {
+        await writing;
+        const e = err as Error & { reason?: string };
+        if (e.name === 'AbortError' && stop.signal.aborted) return await stopped(job, attempt, stopReason());
+        if (e.name === 'InvalidParamsError') throw await failed(job, attempt, failure('invalid_for_model', e.message), err, true);
+        if (e.name === 'OutOfMemoryError' || (e.name === 'EngineDownError' && e.reason === 'out_of_memory')) {
+          // The same request would exhaust the same worker again: not retried.
+          throw await failed(job, attempt, failure('out_of_memory'), err, true);
+        }
+        if (e.name === 'EngineDownError') return await engineDown(job, attempt, err);
+        throw await failed(job, attempt, failure('generation_failed'), err);
+      }
       await writing;
+      // A cancel, takeover or deadline seen at the last progress write still wins over storing the result.
+      if (stop.signal.aborted && stopReason() !== 'shutdown') return await stopped(job, attempt, stopReason());
+
+      const key = deps.objectKeyFor(imageId, attempt);
+      try {
+        await deps.storage.putPng(key, generation.png, { signal: stop.signal });
+      } catch (err) {
+        if (stop.signal.aborted && stopReason() !== 'shutdown') return await stopped(job, attempt, stopReason());
+        throw await failed(job, attempt, failure('storage_unavailable'), err);
+      }
+
+      const ok = await deps.repo.succeed(imageId, attempt, { fileName: key, generationMs: generation.timings.totalMs, model: deps.modelName });
+      const durationMs = Math.round(performance.now() - started);
+      if (!ok) {
+        // Another attempt owns the row now (this worker stalled past its lock): its result stands,
+        // and this attempt's object must not outlive it.
+        await deps.storage.remove(key).catch((err: unknown) => log.warn({ err }, 'could not remove the superseded object'));
+        log.warn({ dbAttempt: attempt, durationMs, outcome: 'superseded' }, 'job was taken over by another attempt; result discarded');
+        return 'superseded';
+      }
+      // Earlier attempts of this job may have stored objects before they were taken over.
+      if (attempt > 1) await removeOtherAttempts(imageId, key, log);
+      log.info({ dbAttempt: attempt, durationMs, seed: generation.seed, outcome: 'succeeded' }, 'job succeeded');
+      return 'succeeded';
+    } finally {
+      clearTimeout(deadline);
       job.signal?.removeEventListener('abort', onShutdown);
-      const e = err as Error;
-      if (e.name === 'AbortError' && stop.signal.aborted) return stopped(deps, job, attempt, stop.signal.reason as StopReason);
-      if (e.name === 'InvalidParamsError') {
-        // The parameters can never work on this model: fail now, do not retry.
-        await deps.repo.fail(imageId, attempt, e.message, true);
-        log.warn({ err: e, outcome: 'failed' }, 'generation rejected its parameters');
-        throw deps.unrecoverable(e.message);
-      }
-      await recordFailure(deps, job, attempt, `generation failed: ${e.message}`);
-      throw err;
     }
-    await writing;
-    job.signal?.removeEventListener('abort', onShutdown);
-    // A cancel or takeover seen at the last progress write still wins over storing the result.
-    if (stop.signal.aborted && stop.signal.reason !== 'shutdown') return stopped(deps, job, attempt, stop.signal.reason as StopReason);
-
-    const key = deps.objectKeyFor(imageId);
-    try {
-      await deps.storage.putPng(key, generation.png);
-      // A row must never say succeeded without its object: check it is there and whole.
-      const stored = await deps.storage.stat(key);
-      if (!stored || stored.size !== generation.png.length) {
-        throw new Error(`stored object ${key} is ${stored ? `${stored.size} bytes, expected ${generation.png.length}` : 'missing'}`);
-      }
-    } catch (err) {
-      await recordFailure(deps, job, attempt, `storing the image failed: ${(err as Error).message}`);
-      throw err;
-    }
-
-    const ok = await deps.repo.succeed(imageId, attempt, {
-      fileName: key,
-      generationMs: generation.timings.totalMs,
-      model: deps.modelName,
-    });
-    const durationMs = Math.round(performance.now() - started);
-    if (!ok) {
-      // Another attempt owns the row now (this worker stalled past its lock): its result stands.
-      log.warn({ dbAttempt: attempt, durationMs, outcome: 'superseded' }, 'job was taken over by another attempt; result discarded');
-      return 'superseded';
-    }
-    log.info({ dbAttempt: attempt, durationMs, seed: generation.seed, outcome: 'succeeded' }, 'job succeeded');
-    return 'succeeded';
   };
-}
 
-/** Ends an attempt that was stopped between steps, as its reason says. */
-async function stopped(deps: ProcessorDeps, job: JobInput, attempt: number, reason: StopReason): Promise<JobOutcome> {
-  if (reason === 'canceled') {
-    await deps.repo.finishCanceled(job.imageId, attempt);
-    job.log.info({ dbAttempt: attempt, outcome: 'canceled' }, 'job canceled between steps');
-    return 'canceled';
+  async function removeOtherAttempts(imageId: string, keep: string, log: JobLog): Promise<void> {
+    const prefix = keep.slice(0, keep.lastIndexOf('/') + 1);
+    try {
+      for (const key of await deps.storage.list(prefix)) if (key !== keep) await deps.storage.remove(key);
+    } catch (err) {
+      log.warn({ err }, 'could not remove the objects of earlier attempts');
+    }
   }
-  if (reason === 'superseded') {
-    job.log.warn({ dbAttempt: attempt, outcome: 'superseded' }, 'job was taken over by another attempt; stopped');
-    return 'superseded';
-  }
-  await deps.repo.release(job.imageId, attempt, 'the worker shut down during the job; it will run again');
-  throw new JobReleasedError('worker shutting down: job handed back to the queue');
-}
 
-async function recordFailure(deps: ProcessorDeps, job: JobInput, attempt: number, message: string): Promise<void> {
-  const final = job.attempt >= job.maxAttempts;
-  await deps.repo.fail(job.imageId, attempt, message, final).catch((err: unknown) => job.log.error({ err }, 'could not record the failure'));
-  job.log.warn({ dbAttempt: attempt, final, outcome: final ? 'failed' : 'retrying' }, message);
+  /** Ends an attempt that was stopped between steps (or during its upload), as its reason says. */
+  async function stopped(job: JobInput, attempt: number, reason: StopReason): Promise<JobOutcome> {
+    switch (reason) {
+      case 'canceled':
+        await deps.repo.finishCanceled(job.imageId, attempt);
+        job.log.info({ dbAttempt: attempt, outcome: 'canceled' }, 'job canceled between steps');
+        return 'canceled';
+      case 'superseded':
+        await deps.repo.markSuperseded(job.imageId, attempt);
+        job.log.warn({ dbAttempt: attempt, outcome: 'superseded' }, 'job was taken over by another attempt; stopped');
+        return 'superseded';
+      case 'timed_out': {
+        const ms = deps.jobTimeoutMs ?? 0;
+        const limit = ms >= 1000 ? `${Math.round(ms / 1000)} s` : `${ms} ms`;
+        throw await failed(job, attempt, failure('timed_out', limit), new Error(`attempt aborted after ${ms} ms`));
+      }
+      case 'shutdown':
+        await deps.repo.release(job.imageId, attempt, 'shutdown');
+        throw new JobReleasedError('worker shutting down: job handed back to the queue');
+    }
+  }
+
+  /** The engine went down under this attempt: hand the job back, unless it keeps doing that. */
+  async function engineDown(job: JobInput, attempt: number, err: unknown): Promise<JobOutcome> {
+    const result = await deps.repo.release(job.imageId, attempt, 'engine', maxEngineFailures);
+    if (result === 'failed') {
+      const f = failure('engine_crashed');
+      throw new AttemptFailedError(f, true, { cause: err });
+    }
+    if (result === 'not_owned') return 'superseded';
+    throw new JobReleasedError(`the engine went down (${(err as Error).message}): job handed back to the queue`);
+  }
 }
 
 /**

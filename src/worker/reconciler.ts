@@ -1,5 +1,6 @@
 import type { ImageRecord, ImagesRepo } from '../core/images.js';
 import type { ProducerQueue } from '../adapters/queue.js';
+import { failureFromQueueReason } from '../core/failures.js';
 
 /**
  * Makes Postgres and the queue agree again after anything that split them: Redis down while a
@@ -45,7 +46,7 @@ export function createReconciler(deps: ReconcilerDeps) {
       return;
     }
     if (job.state === 'failed') {
-      if (await deps.repo.failAny(row.id, job.failedReason ?? 'the queue gave up on the job')) {
+      if (await deps.repo.failAny(row.id, failureFromQueueReason(job.failedReason))) {
         summary.failed++;
         deps.log.warn({ imageId: row.id, reason: job.failedReason }, 'reconciler: queue failed the job; row marked failed');
       }

@@ -210,7 +210,7 @@ describe('pipeline contract', () => {
   it('rejects impossible parameters with messages that name them', async () => {
     const bad: Array<[Partial<GenerateParams>, RegExp]> = [
       [{ width: 500 }, /`height` and `width` have to be divisible by 8 but are 512 and 500/],
-      [{ numSteps: 0 }, /`num_steps` has to be an integer from 1 to 500 but is 0/],
+      [{ numSteps: 0 }, /`num_steps` has to be an integer from 1 to 150 but is 0/],
       [{ guidanceScale: Number.NaN }, /`guidance_scale` has to be a number/],
       [{ seed: -1 }, /`seed` has to be an integer from 0 to 4294967295 but is -1/],
       [{ seed: 2 ** 32 }, /`seed` has to be an integer from 0 to 4294967295/],

@@ -19,7 +19,8 @@ import { buildApp } from '../../src/api/app.js';
 import type { Config } from '../../src/config.js';
 import { createPrismaClient, type Db } from '../../src/adapters/db/client.js';
 import { ImagesService } from '../../src/core/images.js';
-import { LIMITS } from '../../src/core/params.js';
+import { GENERATION_LIMITS } from '../../src/engine/pipeline.js';
+import { failure } from '../../src/core/failures.js';
 import { queueSettings, storageOptions } from '../../src/core/wiring.js';
 import { isolatedConfig } from '../support/system.js';
 
@@ -189,7 +190,7 @@ describe('POST /generated-images', () => {
   });
 
   it('accepts the extremes of every range', async () => {
-    await createImage({ prompt: 'x'.repeat(LIMITS.promptMaxChars), seed: 0, num_steps: 1, width: 64, height: 1024 });
+    await createImage({ prompt: 'x'.repeat(GENERATION_LIMITS.maxPromptChars), seed: 0, num_steps: 1, width: 64, height: 1024 });
     const top = await createImage({ prompt: 'a dot', seed: 2 ** 32 - 1, num_steps: 50, guidance_scale: 0, scheduler: 'lcm' });
     expect(top.seed).toBe(2 ** 32 - 1);
     expect(Number((await db.generatedImage.findUniqueOrThrow({ where: { id: top.id } })).seed)).toBe(2 ** 32 - 1);
@@ -200,10 +201,10 @@ describe('POST /generated-images', () => {
       ['missing prompt', { num_steps: 10 }, 'prompt', 'required'],
       ['empty prompt', { prompt: '' }, 'prompt', 'non_empty'],
       ['whitespace prompt', { prompt: ' \t\n ' }, 'prompt', 'non_empty'],
-      ['prompt too long', { prompt: 'a'.repeat(LIMITS.promptMaxChars + 1) }, 'prompt', 'max'],
+      ['prompt too long', { prompt: 'a'.repeat(GENERATION_LIMITS.maxPromptChars + 1) }, 'prompt', 'max'],
       ['prompt not a string', { prompt: 42 }, 'prompt', 'type'],
       ['num_steps 0', { prompt: 'a', num_steps: 0 }, 'num_steps', 'min'],
-      ['num_steps 51', { prompt: 'a', num_steps: 51 }, 'num_steps', 'max'],
+      ['num_steps 151', { prompt: 'a', num_steps: 151 }, 'num_steps', 'max'],
       ['num_steps 2.5', { prompt: 'a', num_steps: 2.5 }, 'num_steps', 'type'],
       ['num_steps "50" (no coercion)', { prompt: 'a', num_steps: '50' }, 'num_steps', 'type'],
       ['unknown field', { prompt: 'a', steps: 10 }, 'steps', 'unknown_field'],
@@ -304,14 +305,15 @@ describe('GET /generated-images/{id}/url', () => {
     expect(body.detail).toBe('Image is not available yet. Please try again later.');
   });
 
-  it('a failed job → 400 whose detail names the error', async () => {
+  it('a failed job → 400 whose detail gives the public reason, with its error_code', async () => {
     const { id } = await createImage();
-    await db.generatedImage.update({ where: { id }, data: { status: 'failed', error: 'the GPU caught fire', finishedAt: new Date() } });
+    const f = failure('out_of_memory');
+    await db.generatedImage.update({ where: { id }, data: { status: 'failed', errorCode: f.code, error: f.message, finishedAt: new Date() } });
     const body = expectProblem(await api().get(`/generated-images/${id}/url`), 400);
-    expect(body.detail).toContain('the GPU caught fire');
-    expect(body.detail).not.toBe('Image is not available yet. Please try again later.');
+    expect(body.detail).toBe(`The image could not be generated: ${f.message}`);
+    expect(body).toMatchObject({ job_status: 'failed', error_code: 'out_of_memory' });
     const job = await api().get(`/generated-images/${id}`);
-    expect(job.body).toMatchObject({ status: 'failed', error: 'the GPU caught fire' });
+    expect(job.body).toMatchObject({ status: 'failed', error: { code: 'out_of_memory', message: f.message } });
   });
 
   it('a canceled job → 400 saying it was canceled', async () => {
@@ -324,7 +326,7 @@ describe('GET /generated-images/{id}/url', () => {
   it('a succeeded job → 200 {url, expires_at}; the URL downloads the PNG; it expires in about 7 days', async () => {
     const { id } = await createImage();
     const png = await tinyPng();
-    const key = objectKeyFor(id);
+    const key = objectKeyFor(id, 1);
     await storage.putPng(key, png);
     await db.generatedImage.update({ where: { id }, data: { status: 'succeeded', progress: 100, fileName: key, finishedAt: new Date() } });
 

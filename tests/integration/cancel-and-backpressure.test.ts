@@ -14,7 +14,7 @@ import { isolatedConfig } from '../support/system.js';
  */
 
 const silent = pino({ level: 'silent' });
-const SETTINGS = { ENGINE: 'synthetic', SYNTHETIC_STEP_MS: '40', PROGRESS_INTERVAL_MS: '50', MAX_QUEUE_DEPTH: '3' };
+const SETTINGS = { PROGRESS_INTERVAL_MS: '50', MAX_QUEUE_DEPTH: '3' };
 /** How long the API trusts a measured queue depth (DEPTH_CACHE_MS in src/core/images.ts), in ms. */
 const DEPTH_CACHE_MS = 1_000;
 
@@ -27,7 +27,7 @@ beforeAll(async () => {
   [queuedOnly, withWorker, worker] = await Promise.all([
     startApi(configA, { logger: silent }),
     startApi(configB, { logger: silent }),
-    startWorker(configB, { logger: silent }),
+    startWorker(configB, { logger: silent, testEngine: { stepMs: 40 } }),
   ]);
 });
 
@@ -148,6 +148,6 @@ describe('health', () => {
     expect(await a.json()).toEqual({ status: 'ready', checks: { postgres: 'ok', redis: 'ok', storage: 'ok' } });
     const w = await fetch(`${worker!.metricsUrl}/readyz`);
     expect(w.status).toBe(200);
-    expect(await w.json()).toEqual({ status: 'ready', checks: { model: 'ok', postgres: 'ok', redis: 'ok', storage: 'ok' } });
+    expect(await w.json()).toEqual({ status: 'ready', checks: { engine: 'ok', postgres: 'ok', redis: 'ok', storage: 'ok' } });
   });
 });

@@ -81,7 +81,13 @@ describe('reconciler', () => {
     await expect.poll(async () => (await producer.jobState(id))?.state, { timeout: 10_000 }).toBe('failed');
     await worker.close();
     await reconciler().runOnce();
-    expect(await repo.get(id)).toMatchObject({ status: 'failed', error: 'job stalled more than allowable limit' });
+    // The queue's own reason is no public message: the job says its workers were lost.
+    expect(await repo.get(id)).toMatchObject({
+      status: 'failed',
+      errorCode: 'worker_lost',
+      error: 'The workers running the job stopped responding too many times.',
+    });
+    expect(await repo.attempts(id)).toMatchObject([{ outcome: 'lost', errorCode: 'worker_lost' }]);
   });
 
   it('leaves fresh rows and rows with live jobs alone', async () => {

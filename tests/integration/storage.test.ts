@@ -60,10 +60,12 @@ describe('S3 storage adapter (against Swift)', () => {
     await svc?.stop();
   });
 
-  it('objectKeyFor puts images under images/ and refuses ids that could name another object', () => {
-    expect(objectKeyFor('0f8e6c1a-1b2c-4d5e-8f90-123456789abc')).toBe('images/0f8e6c1a-1b2c-4d5e-8f90-123456789abc.png');
-    expect(() => objectKeyFor('../x')).toThrow(/letters, digits/);
-    expect(() => objectKeyFor('')).toThrow();
+  it('objectKeyFor gives each attempt its own object under images/<id>/ and refuses ids that could name another object', () => {
+    expect(objectKeyFor('0f8e6c1a-1b2c-4d5e-8f90-123456789abc', 1)).toBe('images/0f8e6c1a-1b2c-4d5e-8f90-123456789abc/1.png');
+    expect(objectKeyFor('0f8e6c1a-1b2c-4d5e-8f90-123456789abc', 2)).toBe('images/0f8e6c1a-1b2c-4d5e-8f90-123456789abc/2.png');
+    expect(() => objectKeyFor('../x', 1)).toThrow(/letters, digits/);
+    expect(() => objectKeyFor('', 1)).toThrow();
+    expect(() => objectKeyFor('0f8e6c1a-1b2c-4d5e-8f90-123456789abc', 0)).toThrow(/attempt/);
   });
 
   it('ensureBucket creates a missing bucket; a second call and two concurrent calls succeed', async () => {
@@ -82,7 +84,7 @@ describe('S3 storage adapter (against Swift)', () => {
   });
 
   it('putPng then stat shows the size and content type image/png', async () => {
-    const key = objectKeyFor(randomUUID());
+    const key = objectKeyFor(randomUUID(), 1);
     const png = fakePng(1000);
     const put = await storage.putPng(key, png);
     expect(put.size).toBe(png.length);
@@ -91,8 +93,25 @@ describe('S3 storage adapter (against Swift)', () => {
     expect(st).toEqual({ size: png.length, etag: put.etag, contentType: 'image/png' });
   });
 
+  it('putPng stops when its signal aborts (a deadline), without storing the object', async () => {
+    const key = objectKeyFor(randomUUID(), 1);
+    const err = await storage.putPng(key, fakePng(2_000_000), { signal: AbortSignal.abort() }).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(StorageError);
+    expect((err as StorageError).code).toBe('ABORTED');
+    expect(await storage.stat(key)).toBeNull();
+  });
+
+  it('list gives the keys under a prefix: every attempt of one job, nothing of another', async () => {
+    const id = randomUUID();
+    await storage.putPng(objectKeyFor(id, 1), fakePng(10));
+    await storage.putPng(objectKeyFor(id, 3), fakePng(11));
+    await storage.putPng(objectKeyFor(randomUUID(), 1), fakePng(12));
+    expect((await storage.list(`images/${id}/`)).sort()).toEqual([objectKeyFor(id, 1), objectKeyFor(id, 3)]);
+    expect(await storage.list(`images/${randomUUID()}/`)).toEqual([]);
+  });
+
   it('putPng twice to the same key overwrites the object', async () => {
-    const key = objectKeyFor(randomUUID());
+    const key = objectKeyFor(randomUUID(), 1);
     await storage.putPng(key, fakePng(500));
     const second = fakePng(123);
     await storage.putPng(key, second);
@@ -103,7 +122,7 @@ describe('S3 storage adapter (against Swift)', () => {
 
   it('stat of a missing key is null; remove deletes and tolerates a missing key', async () => {
     expect(await storage.stat('images/missing.png')).toBeNull();
-    const key = objectKeyFor(randomUUID());
+    const key = objectKeyFor(randomUUID(), 1);
     await storage.putPng(key, fakePng(10));
     await storage.remove(key);
     expect(await storage.stat(key)).toBeNull();
@@ -111,8 +130,8 @@ describe('S3 storage adapter (against Swift)', () => {
   });
 
   describe('presigned URLs', () => {
-    const key = objectKeyFor(randomUUID());
-    const otherKey = objectKeyFor(randomUUID());
+    const key = objectKeyFor(randomUUID(), 1);
+    const otherKey = objectKeyFor(randomUUID(), 1);
     const png = fakePng(4096);
 
     beforeAll(async () => {

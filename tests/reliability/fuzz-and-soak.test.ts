@@ -1,4 +1,5 @@
 import fc from 'fast-check';
+import { hostileBodies } from '../support/fuzz.js';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { pino } from 'pino';
 import { startApi as startApiInProcess } from '../../src/api/main.js';
@@ -6,7 +7,7 @@ import { startWorker } from '../../src/worker/main.js';
 import { loadConfig, type Config } from '../../src/config.js';
 import { createPrismaClient, type Db } from '../../src/adapters/db/client.js';
 import { freePort, servicesEnv, type LocalServices } from '../../src/dev/services.js';
-import { configEnv, saveReport, spawnService, startOwnSystem, type ServiceProcess } from '../support/processes.js';
+import { configEnv, saveReport, spawnService, startOwnSystem, testEngineArgs, type ServiceProcess } from '../support/processes.js';
 
 /**
  * Property-based fuzzing of POST /generated-images over HTTP, and a soak: a steady stream of
@@ -29,7 +30,7 @@ const procs: ServiceProcess[] = [];
 const report: Record<string, unknown> = {};
 
 beforeAll(async () => {
-  ({ services, config: base } = await startOwnSystem('t2i-soak', { SYNTHETIC_STEP_MS: '0', MAX_QUEUE_DEPTH: '0', LOG_LEVEL: 'warn' }));
+  ({ services, config: base } = await startOwnSystem('t2i-soak', { MAX_QUEUE_DEPTH: '0', LOG_LEVEL: 'warn' }));
   db = createPrismaClient(base.DATABASE_URL);
 }, 120_000);
 
@@ -60,20 +61,8 @@ async function startApi(): Promise<string> {
 
 const valid = { prompt: 'a red circle', negative_prompt: null, num_steps: 10, guidance_scale: 7.5, seed: 1, width: 512, height: 512, scheduler: 'euler' };
 
-/** Bodies: arbitrary JSON, objects with hostile keys, and a valid body with one field mutated. */
-const bodies = fc.oneof(
-  fc.jsonValue().map((v) => JSON.stringify(v)),
-  fc
-    .dictionary(fc.oneof(fc.constantFrom('__proto__', 'constructor', 'prompt', 'num_steps', 'seed', ''), fc.string()), fc.jsonValue())
-    .map((v) => JSON.stringify(v)),
-  fc
-    .record({
-      key: fc.constantFrom(...Object.keys(valid), 'extra'),
-      value: fc.oneof(fc.jsonValue(), fc.double(), fc.bigInt().map(String), fc.string({ maxLength: 3000 })),
-    })
-    .map(({ key, value }) => JSON.stringify({ ...valid, [key]: value })),
-  fc.string({ maxLength: 200 }), // not JSON at all
-);
+/** Bodies over a wide alphabet (tests/support/fuzz.ts): control characters, lone surrogates, huge numbers, deep nesting. */
+const bodies = hostileBodies(valid);
 
 describe('bad input and long runs, with real processes', () => {
   it(`fuzz: ${FUZZ_RUNS} generated bodies, zero 5xx, every rejection in problem+json`, async () => {
@@ -95,7 +84,7 @@ describe('bad input and long runs, with real processes', () => {
         } else {
           expect(r.headers.get('content-type')).toContain('application/problem+json');
           expect(json.status).toBe(r.status);
-          for (const field of ['title', 'detail', 'type']) expect(typeof json[field], field).toBe('string');
+          for (const k of ['title', 'detail', 'type']) expect(typeof json[k], k).toBe('string');
         }
       }),
       { numRuns: FUZZ_RUNS },
@@ -108,7 +97,7 @@ describe('bad input and long runs, with real processes', () => {
     const api = procs[0]!;
     const workers = await Promise.all(
       ['soak-a', 'soak-b'].map(async (id) => {
-        const w = spawnService(id, 'worker', configEnv(base, { WORKER_ID: id, LOG_LEVEL: 'info', NODE_OPTIONS: SOAK_NODE_OPTIONS }));
+        const w = spawnService(id, 'worker', configEnv(base, { WORKER_ID: id, LOG_LEVEL: 'info', NODE_OPTIONS: SOAK_NODE_OPTIONS }), testEngineArgs(0));
         procs.push(w);
         await w.waitForLine((l) => l.msg === 'worker ready');
         return w;
@@ -182,17 +171,6 @@ describe('bad input and long runs, with real processes', () => {
       lastMb: round(warm.at(-1)!.rss[k]! / 2 ** 20),
       slopeMbPerMin: round(slopes[k]!),
     }));
-    report.soak = {
-      warmupRequests: WARMUP_REQUESTS,
-      seconds: SOAK_SECONDS,
-      ratePerSecond: SOAK_RATE_PER_S,
-      submitted: n,
-      accepted: accepted.length,
-      failures: failures.length,
-      jobs: Object.fromEntries(byStatus.map((g) => [g.status, g._count])),
-      errorLogLines: errorLines.length,
-      memory: rssMb,
-    };
     expect(failures.slice(0, 5)).toEqual([]);
     expect(errorLines.slice(0, 5)).toEqual([]);
     expect(open).toBe(0);
@@ -204,6 +182,18 @@ describe('bad input and long runs, with real processes', () => {
     // Shorter runs (SOAK_SECONDS below 120, for a quick local try) have too few samples per
     // window for a slope to mean anything: they report it without judging it.
     if (SOAK_SECONDS >= 120) for (const m of rssMb) expect(m.slopeMbPerMin, `RSS slope of ${m.process}`).toBeLessThan(3);
+    report.soak = {
+      warmupRequests: WARMUP_REQUESTS,
+      seconds: SOAK_SECONDS,
+      ratePerSecond: SOAK_RATE_PER_S,
+      submitted: n,
+      accepted: accepted.length,
+      failures: failures.length,
+      jobs: Object.fromEntries(byStatus.map((g) => [g.status, g._count])),
+      errorLogLines: errorLines.length,
+      memory: rssMb,
+      rssSlopeBoundMbPerMin: 3,
+    };
   });
 
   it('heap after full collections stays flat across thousands of jobs (API and worker in this process)', async () => {
@@ -212,18 +202,17 @@ describe('bad input and long runs, with real processes', () => {
     const config = loadConfig(
       {
         ...servicesEnv(services, 't2i-heap'),
-        ENGINE: 'synthetic',
         MAX_QUEUE_DEPTH: '0',
         HOST: '127.0.0.1',
         PORT: '0',
         WORKER_METRICS_PORT: '0',
         QUEUE_NAME: 'heap',
       },
-      'worker',
+      'any',
     );
     const silent = pino({ level: 'silent' });
     const api = await startApiInProcess(config, { logger: silent });
-    const worker = await startWorker(config, { logger: silent });
+    const worker = await startWorker(config, { logger: silent, testEngine: { stepMs: 0 } });
     try {
       const heapMb: number[] = [];
       for (let round = 0; round < HEAP_ROUNDS; round++) {
@@ -251,8 +240,13 @@ describe('bad input and long runs, with real processes', () => {
       }
       // The first round warms caches; after it the live heap must not grow with the work done.
       const warm = heapMb.slice(1);
-      report.heapAfterGc = { jobsPerRound: HEAP_JOBS_PER_ROUND, heapUsedMb: heapMb, growthAfterFirstRoundMb: round2(Math.max(...warm) - Math.min(...warm)) };
       expect(Math.max(...warm) - Math.min(...warm)).toBeLessThan(3);
+      report.heapAfterGc = {
+        jobsPerRound: HEAP_JOBS_PER_ROUND,
+        heapUsedMb: heapMb,
+        growthAfterFirstRoundMb: round2(Math.max(...warm) - Math.min(...warm)),
+        boundMb: 3,
+      };
     } finally {
       await worker.close();
       await api.close();

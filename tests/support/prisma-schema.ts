@@ -20,6 +20,8 @@ interface ExpectedTable {
   columns: ExpectedColumn[];
   pk: { name: string; columns: string[] };
   indexes: string[];
+  /** Foreign keys as one line each, in the form describeDatabase prints them. */
+  foreignKeys: string[];
 }
 interface ExpectedSchema {
   enums: Map<string, string[]>;
@@ -191,8 +193,15 @@ export function parseSchema(text: string): ExpectedSchema {
   }
 
   const tables: ExpectedTable[] = [];
+  const modelTables = new Map<string, string>();
   for (const [, kind, modelName, body] of blocks) {
     if (kind !== 'model') continue;
+    const mapped = /^\s*@@map\((".*?")\)/m.exec(body!);
+    modelTables.set(modelName!, mapped ? unquote(mapped[1]!) : modelName!);
+  }
+  for (const [, kind, modelName, body] of blocks) {
+    if (kind !== 'model') continue;
+    const relations: Array<{ fields: string[]; model: string; references: string[]; onDelete: string }> = [];
     const fields: Array<{ name: string; column: string; type: string; optional: boolean; attrs: Attr[]; enumDb: string | undefined }> = [];
     const blockAttrs: Attr[] = [];
     for (const line of body!
@@ -204,8 +213,30 @@ export function parseSchema(text: string): ExpectedSchema {
         continue;
       }
       const m = /^(\w+)\s+(\w+)(\?|\[\])?\s*(.*)$/.exec(line) ?? unsupported(`the model line "${line}"`);
-      if (m[3] === '[]') unsupported(`the list field ${m[1]}`);
       const attrs = parseAttrs(m[4]!);
+      if (modelTables.has(m[2]!)) {
+        // A relation: the back side (a list, or no @relation) has no column; the owning side
+        // names its foreign key, which Prisma creates as {table}_{columns}_fkey.
+        const rel = attrs.find((a) => a.name === '@relation');
+        if (m[3] === '[]' || !rel) continue;
+        const named: Record<string, string | undefined> = Object.fromEntries(
+          splitTop(rel.args!).map((part): [string, string | undefined] => {
+            const [key = '', value] = part.split(':').map((x) => x.trim());
+            return [key, value];
+          }),
+        );
+        const list = (v: string | undefined) =>
+          (v ?? unsupported(`@relation(${rel.args}) without fields and references`))
+            .replace(/^\[|\]$/g, '')
+            .split(',')
+            .map((x) => x.trim());
+        const actions: Record<string, string | undefined> = { Cascade: 'CASCADE', Restrict: 'RESTRICT', SetNull: 'SET NULL', NoAction: 'NO ACTION' };
+        const onDelete = actions[named.onDelete ?? 'Restrict'];
+        if (!onDelete) unsupported(`onDelete: ${named.onDelete}`);
+        relations.push({ fields: list(named.fields), model: m[2]!, references: list(named.references), onDelete: onDelete! });
+        continue;
+      }
+      if (m[3] === '[]') unsupported(`the list field ${m[1]}`);
       const map = attrs.find((a) => a.name === '@map');
       fields.push({
         name: m[1]!,
@@ -234,12 +265,20 @@ export function parseSchema(text: string): ExpectedSchema {
     });
 
     const idField = fields.filter((f) => f.attrs.some((a) => a.name === '@id'));
-    if (idField.length !== 1) unsupported(`${idField.length} @id fields in ${modelName} (use of @@id?)`);
-    const pkCols = [idField[0]!.column];
+    const compoundId = blockAttrs.find((a) => a.name === '@@id');
+    if (idField.length + (compoundId ? 1 : 0) !== 1) unsupported(`${idField.length} @id fields${compoundId ? ' and an @@id' : ''} in ${modelName}`);
+    const pkCols = compoundId ? splitTop(compoundId.args!.replace(/^\[|\]$/g, '')).map(columnOf) : [idField[0]!.column];
+
+    const foreignKeys = relations.map((r) => {
+      const cols = r.fields.map(columnOf);
+      const target = modelTables.get(r.model)!;
+      // Referenced columns are named by field; every model here maps its id field to "id".
+      return `foreign key ${prismaName(table, cols, 'fkey')} ON ${table} (${cols.join(', ')}) REFERENCES ${target}(${r.references.join(', ')}) ON UPDATE CASCADE ON DELETE ${r.onDelete}`;
+    });
 
     const indexes: string[] = [];
     for (const a of blockAttrs) {
-      if (a.name === '@@map') continue;
+      if (a.name === '@@map' || a.name === '@@id') continue;
       if (a.name !== '@@index' && a.name !== '@@unique') unsupported(`${a.name} in ${modelName}`);
       const [list, ...named] = splitTop(a.args!);
       const cols = splitTop(list!.replace(/^\[|\]$/g, '')).map((item) => {
@@ -259,7 +298,7 @@ export function parseSchema(text: string): ExpectedSchema {
       const colSql = cols.map((c) => `${c.column}${c.desc ? ' DESC' : ''}`).join(', ');
       indexes.push(`CREATE ${unique ? 'UNIQUE ' : ''}INDEX ${name} ON public.${table} USING btree (${colSql})`);
     }
-    tables.push({ name: table, columns, pk: { name: prismaName(table, [], 'pkey'), columns: pkCols }, indexes });
+    tables.push({ name: table, columns, pk: { name: prismaName(table, [], 'pkey'), columns: pkCols }, indexes, foreignKeys });
   }
   return { enums, tables };
 }
@@ -273,6 +312,7 @@ export function describeExpected(s: ExpectedSchema): string[] {
     for (const c of t.columns) lines.push(`column ${t.name}.${c.name} ${c.type}${c.notNull ? ' NOT NULL' : ' NULL'} DEFAULT ${c.default ?? '-'}`);
     lines.push(`primary key ${t.pk.name} ON ${t.name} (${t.pk.columns.join(', ')})`);
     for (const i of t.indexes) lines.push(`index ${i}`);
+    lines.push(...t.foreignKeys);
   }
   return lines.sort();
 }
@@ -314,6 +354,16 @@ export async function describeDatabase(client: pg.Client): Promise<string[]> {
       [`public.${name}`],
     );
     for (const i of idx.rows) lines.push(`index ${i.def}`);
+    const fks = await client.query<{ name: string; def: string }>(
+      `SELECT con.conname AS name, pg_get_constraintdef(con.oid) AS def FROM pg_constraint con
+        WHERE con.conrelid = $1::regclass AND con.contype = 'f'`,
+      [`public.${name}`],
+    );
+    for (const f of fks.rows) {
+      // pg prints e.g. FOREIGN KEY (image_id) REFERENCES generated_images(id) ON UPDATE CASCADE ON DELETE CASCADE
+      const def = f.def.replace(/^FOREIGN KEY \(([^)]*)\) /, '($1) ');
+      lines.push(`foreign key ${f.name} ON ${name} ${def}`);
+    }
   }
   return lines.sort();
 }

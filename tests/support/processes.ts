@@ -128,18 +128,28 @@ export function configEnv(config: Config, overrides: Record<string, string> = {}
   return { ...env, LOG_PRETTY: 'false', ...overrides };
 }
 
-export function spawnService(name: string, role: 'api' | 'worker', env: NodeJS.ProcessEnv): ServiceProcess {
-  return new ServiceProcess(name, spawn(process.execPath, [BIN, role], { env, stdio: ['ignore', 'pipe', 'pipe'] }));
+/** `t2i api` or `t2i worker` as a child process; `args` are the command's flags (e.g. --test-engine). */
+export function spawnService(name: string, role: 'api' | 'worker', env: NodeJS.ProcessEnv, args: string[] = []): ServiceProcess {
+  return new ServiceProcess(name, spawn(process.execPath, [BIN, role, ...args], { env, stdio: ['ignore', 'pipe', 'pipe'] }));
+}
+
+/** The flags that run a worker on the engine's test double, each step taking `stepMs`. */
+export function testEngineArgs(stepMs: number): string[] {
+  return ['--test-engine', '--test-step-ms', String(stepMs)];
 }
 
 /**
  * A TCP proxy in front of a service, which a test can cut (refusing and dropping connections)
- * and restore, to make storage (or anything) unavailable without stopping the real server.
+ * and restore, to make storage (or anything) unavailable without stopping the real server; or
+ * hold (keeping what clients send, on new and open connections alike, and forwarding nothing)
+ * and release, to keep a request in flight for as long as a test needs.
  */
 export class CuttableProxy {
   private server: Server | undefined;
   private readonly sockets = new Set<Socket>();
+  private readonly links = new Set<{ held: Buffer[]; flush: () => void }>();
   private cut = false;
+  private holding = false;
   port = 0;
 
   constructor(private readonly targetPort: number) {}
@@ -152,19 +162,46 @@ export class CuttableProxy {
       }
       const upstream = connect(this.targetPort, '127.0.0.1');
       this.sockets.add(client).add(upstream);
+      const link = {
+        held: [] as Buffer[],
+        flush: () => {
+          for (const c of link.held.splice(0)) upstream.write(c);
+        },
+      };
+      this.links.add(link);
       const drop = () => {
         client.destroy();
         upstream.destroy();
         this.sockets.delete(client);
         this.sockets.delete(upstream);
+        this.links.delete(link);
       };
       client.on('error', drop).on('close', drop);
       upstream.on('error', drop).on('close', drop);
-      client.pipe(upstream).pipe(client);
+      client.on('data', (c: Buffer) => (this.holding ? link.held.push(c) : upstream.write(c)));
+      upstream.pipe(client);
     });
     await new Promise<void>((resolve) => this.server!.listen(0, '127.0.0.1', resolve));
     const addr = this.server.address();
     this.port = typeof addr === 'object' && addr ? addr.port : 0;
+  }
+
+  /** What clients send from now on is kept, not forwarded, until release(). */
+  hold(): void {
+    this.holding = true;
+  }
+
+  /** Bytes kept since hold(). */
+  heldBytes(): number {
+    let n = 0;
+    for (const l of this.links) n += l.held.reduce((a, c) => a + c.length, 0);
+    return n;
+  }
+
+  /** Forwards what was kept and stops holding. */
+  release(): void {
+    this.holding = false;
+    for (const l of this.links) l.flush();
   }
 
   /** Refuses new connections and drops open ones until restore(). */
@@ -186,12 +223,12 @@ export class CuttableProxy {
 
 /**
  * Services of a test file's own (so it may restart Redis and Postgres), migrated, and the
- * Config of processes on the synthetic engine that use them.
+ * Config of processes that use them (workers run the test engine: spawn them with testEngineArgs).
  */
 export async function startOwnSystem(bucket: string, env: Record<string, string>): Promise<{ services: LocalServices; config: Config }> {
   const services = await startServices();
   await applyMigrations(services.postgres.url);
-  const config = loadConfig({ ...servicesEnv(services, bucket), ENGINE: 'synthetic', HOST: '127.0.0.1', WORKER_METRICS_PORT: '0', ...env }, 'worker');
+  const config = loadConfig({ ...servicesEnv(services, bucket), HOST: '127.0.0.1', WORKER_METRICS_PORT: '0', ...env }, 'any');
   return { services, config };
 }
 

@@ -100,11 +100,14 @@ describe('loadConfig', () => {
 
   it('requires MODEL_DIR for the worker role only, listed with the other problems', () => {
     expect(loadConfig({ ...MINIMAL }, 'api').MODEL_DIR).toBeUndefined();
-    expect(configError({ ...MINIMAL }, 'worker').issues).toEqual(['MODEL_DIR: required by the worker']);
-    expect(configError({ ...MINIMAL, MODEL_DIR: '' }, 'worker').issues).toEqual(['MODEL_DIR: required by the worker']);
+    expect(configError({ ...MINIMAL }, 'worker').issues).toEqual(['MODEL_DIR: required by the worker (or MODEL_URI, a model export in S3)']);
+    expect(configError({ ...MINIMAL, MODEL_DIR: '' }, 'worker').issues).toEqual(['MODEL_DIR: required by the worker (or MODEL_URI, a model export in S3)']);
     expect(loadConfig({ ...MINIMAL, MODEL_DIR: '/models/sd' }, 'worker').MODEL_DIR).toBe('/models/sd');
+    // A model in S3 stands in for MODEL_DIR; the URI must name a bucket.
+    expect(loadConfig({ ...MINIMAL, MODEL_URI: 's3://t2i-models/sd15/' }, 'worker').MODEL_URI).toBe('s3://t2i-models/sd15/');
+    expect(configError({ ...MINIMAL, MODEL_URI: 'https://example.com/sd15' }, 'worker').issues).toEqual(['MODEL_URI: must be s3://bucket/prefix/']);
     const both = configError({ ...MINIMAL, PORT: 'abc' }, 'worker');
-    expect(both.issues).toEqual(['PORT: must be a whole number', 'MODEL_DIR: required by the worker']);
+    expect(both.issues).toEqual(['PORT: must be a whole number', 'MODEL_DIR: required by the worker (or MODEL_URI, a model export in S3)']);
   });
 
   it('rejects PRESIGN_TTL_SECONDS above 7 days (S3 refuses longer presigned URLs)', () => {

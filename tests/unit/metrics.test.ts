@@ -25,6 +25,8 @@ function fakeRepo(): ImagesRepo {
     finishCanceled: unused('finishCanceled'),
     release: unused('release'),
     findStale: unused('findStale'),
+    markSuperseded: unused('markSuperseded'),
+    attempts: unused('attempts'),
     ping: async () => undefined,
   };
 }

@@ -26,7 +26,7 @@ export interface IoSpec {
 
 /**
  * Providers this installation can use. CUDA needs onnxruntime-node's CUDA provider library,
- * which its install script downloads (skipped by default here, see README "GPU"); CoreML
+ * which its install script downloads (skipped by default here, see README "Execution providers and CUDA"); CoreML
  * exists only in the macOS build.
  */
 export function availableProviders(): Provider[] {
@@ -38,13 +38,27 @@ export function availableProviders(): Provider[] {
 }
 
 function cudaProviderLibraryPresent(): boolean {
+  const dir = bindingDir();
+  return dir !== undefined && existsSync(path.join(dir, CUDA_PROVIDER_LIBRARY));
+}
+
+/** The CUDA provider library onnxruntime-node's install script puts beside the binding. */
+export const CUDA_PROVIDER_LIBRARY = 'libonnxruntime_providers_cuda.so';
+
+/** The folder of the native binding for this platform (libonnxruntime, the add-on, provider libraries), if the package is installed. */
+export function bindingDir(): string | undefined {
   try {
     const require = createRequire(import.meta.url);
     const pkg = path.dirname(require.resolve('onnxruntime-node/package.json'));
-    return existsSync(path.join(pkg, 'bin', 'napi-v6', 'linux', process.arch, 'libonnxruntime_providers_cuda.so'));
+    return path.join(pkg, 'bin', 'napi-v6', process.platform, process.arch);
   } catch {
-    return false;
+    return undefined;
   }
+}
+
+/** onnxruntime's version and the execution providers its binding was built with (`bundled: false`: a separate library, e.g. CUDA). */
+export function runtimeInfo(): { version: string; backends: { name: string; bundled: boolean }[] } {
+  return { version: ort.env.versions.node ?? ort.env.versions.common, backends: ort.listSupportedBackends() };
 }
 
 /** The order `auto` tries providers in. */

@@ -4,20 +4,36 @@ import { pathToFileURL } from 'node:url';
 import { Worker } from 'node:worker_threads';
 import type { ProviderChoice } from '../onnx/runtime.js';
 import type { GenerateParams, Generation, Progress } from '../pipeline.js';
+import type { TestPipelineOptions } from '../testing/test-pipeline.js';
 import type { EngineInfo, FromThread, SerializedError, ThreadInit, ToThread } from './protocol.js';
 
 /**
  * The engine as the rest of the service sees it: a model loaded once in its own thread,
  * generations run one at a time, progress and cancellation across the thread boundary.
+ *
+ * It also watches the thread. If the thread dies (a native crash, an exhausted heap) or a
+ * generation makes no progress for `stallMs` (a hung kernel), the engine is down: the pending
+ * generation fails with an EngineDownError, the thread is terminated, and `onDown` listeners
+ * hear why. A down engine stays down; whoever owns it starts a new one (src/worker/engine.ts).
  */
 
-export interface EngineOptions {
-  modelDir: string;
-  provider?: ProviderChoice;
-  threads?: number;
+interface CommonOptions {
   /** Lines the engine thread writes (provider choice, prompt truncation), with the generation they belong to. */
   log?: (level: 'debug' | 'info' | 'warn', msg: string, generationId?: number) => void;
+  /**
+   * A generation that sends nothing (no step, no result) for this long is hung: the engine goes
+   * down. It must be longer than the slowest of prompt encoding plus one step, one step, and
+   * decoding. 0 or absent: never.
+   */
+  stallMs?: number;
 }
+
+export type EngineOptions = CommonOptions &
+  (
+    | { modelDir: string; provider?: ProviderChoice; threads?: number }
+    /** The test double (testing/test-pipeline.ts) instead of a model: for tests, the demo and benchmarks only. */
+    | { test: TestPipelineOptions }
+  );
 
 export interface RunOptions {
   onProgress?: (progress: Progress) => void;
@@ -37,8 +53,11 @@ interface Pending {
   reject: (e: Error) => void;
   onProgress?: (p: Progress) => void;
   log?: EngineLog;
+  /** performance.now() of the last message about this generation; null until the thread took it. */
+  lastBeat: number | null;
 }
 
+/** A generation's error from inside the thread (its name and message kept: InvalidParamsError, OutOfMemoryError, ...). */
 export class EngineError extends Error {
   constructor(e: SerializedError) {
     super(e.message);
@@ -46,6 +65,25 @@ export class EngineError extends Error {
     if (e.stack) this.stack = e.stack;
   }
 }
+
+/** Why an engine went down: its thread exited or crashed, ran out of heap, or a generation hung. */
+export type DownReason = 'crashed' | 'out_of_memory' | 'stalled';
+
+/** The engine is down; the generation that was running (if any) did not finish because of it. */
+export class EngineDownError extends Error {
+  override name = 'EngineDownError';
+  constructor(
+    readonly reason: DownReason,
+    message: string,
+    /** A hung thread that did not stop when terminated: only ending the process frees it. */
+    readonly unkillable = false,
+  ) {
+    super(message);
+  }
+}
+
+/** How long a terminated thread may take to stop before it counts as unkillable. */
+const TERMINATE_TIMEOUT_MS = 5_000;
 
 /**
  * Starts engine-thread in a worker. From compiled JavaScript it is loaded directly; from the
@@ -62,12 +100,19 @@ function spawnThread(init: ThreadInit): Worker {
   return new Worker(boot, { eval: true, workerData: init });
 }
 
+function threadInit(options: EngineOptions): ThreadInit {
+  if ('test' in options) return { kind: 'test', stepMs: options.test.stepMs };
+  return { kind: 'onnx', modelDir: options.modelDir, provider: options.provider ?? 'auto', ...(options.threads ? { threads: options.threads } : {}) };
+}
+
 export class Engine {
   private nextId = 1;
   private readonly pending = new Map<number, Pending>();
   private queue: Promise<unknown> = Promise.resolve();
   private closed = false;
-  private deathReason: Error | undefined;
+  private downReason: EngineDownError | undefined;
+  private readonly downListeners: Array<(err: EngineDownError) => void> = [];
+  private readonly watchdog: NodeJS.Timeout | undefined;
 
   private constructor(
     private readonly worker: Worker,
@@ -75,14 +120,20 @@ export class Engine {
     private readonly options: EngineOptions,
   ) {
     worker.on('message', (msg: FromThread) => this.onMessage(msg));
-    worker.on('error', (err) => this.die(err));
-    worker.on('exit', (code) => this.die(new Error(`engine thread exited with code ${code}`)));
+    worker.on('error', (err: Error & { code?: string }) =>
+      this.down(new EngineDownError(err.code === 'ERR_WORKER_OUT_OF_MEMORY' ? 'out_of_memory' : 'crashed', `engine thread failed: ${err.message}`)),
+    );
+    worker.on('exit', (code) => this.down(new EngineDownError('crashed', `engine thread exited with code ${code}`)));
+    const stallMs = options.stallMs ?? 0;
+    if (stallMs > 0) {
+      this.watchdog = setInterval(() => this.checkStall(stallMs), Math.max(10, Math.min(1_000, stallMs / 4)));
+      this.watchdog.unref();
+    }
   }
 
   /** Starts the thread and resolves once the model is loaded (or rejects with why it could not be). */
   static start(options: EngineOptions): Promise<Engine> {
-    const init: ThreadInit = { modelDir: options.modelDir, provider: options.provider ?? 'auto', ...(options.threads ? { threads: options.threads } : {}) };
-    const worker = spawnThread(init);
+    const worker = spawnThread(threadInit(options));
     return new Promise((resolve, reject) => {
       const onBoot = (msg: FromThread) => {
         if (msg.type === 'log') options.log?.(msg.level, msg.msg);
@@ -115,7 +166,13 @@ export class Engine {
   }
 
   get alive(): boolean {
-    return !this.closed && !this.deathReason;
+    return !this.closed && !this.downReason;
+  }
+
+  /** Called once, when the engine goes down (not when it is closed). */
+  onDown(listener: (err: EngineDownError) => void): void {
+    if (this.downReason) listener(this.downReason);
+    else this.downListeners.push(listener);
   }
 
   /** Queues a generation; generations run one at a time in arrival order. */
@@ -126,7 +183,7 @@ export class Engine {
   }
 
   private runOne(params: GenerateParams, run: RunOptions): Promise<Generation> {
-    if (this.deathReason) return Promise.reject(this.deathReason);
+    if (this.downReason) return Promise.reject(this.downReason);
     if (this.closed) return Promise.reject(new Error('engine is closed'));
     const id = this.nextId++;
     run.onStart?.(id);
@@ -151,6 +208,7 @@ export class Engine {
         },
         ...(run.onProgress ? { onProgress: run.onProgress } : {}),
         ...(run.log ? { log: run.log } : {}),
+        lastBeat: null,
       });
       this.send({ type: 'generate', id, params, previewEvery: run.previewEvery ?? 0, returnLatents: run.returnLatents ?? false });
     });
@@ -160,16 +218,25 @@ export class Engine {
     if (this.alive || msg.type === 'close') this.worker.postMessage(msg);
   }
 
+  private beat(id: number): Pending | undefined {
+    const p = this.pending.get(id);
+    if (p) p.lastBeat = performance.now();
+    return p;
+  }
+
   private onMessage(msg: FromThread): void {
     switch (msg.type) {
       case 'log': {
-        const own = msg.id === undefined ? undefined : this.pending.get(msg.id)?.log;
+        const own = msg.id === undefined ? undefined : this.beat(msg.id)?.log;
         if (own) own(msg.level, msg.msg);
         else this.options.log?.(msg.level, msg.msg, msg.id);
         break;
       }
+      case 'started':
+        this.beat(msg.id);
+        break;
       case 'progress':
-        this.pending.get(msg.id)?.onProgress?.(msg.progress);
+        this.beat(msg.id)?.onProgress?.(msg.progress);
         break;
       case 'done': {
         const p = this.pending.get(msg.id);
@@ -189,22 +256,56 @@ export class Engine {
     }
   }
 
-  private die(err: Error): void {
-    if (this.closed) return;
-    this.deathReason ??= err;
-    for (const p of this.pending.values()) p.reject(this.deathReason);
+  private checkStall(stallMs: number): void {
+    const now = performance.now();
+    for (const p of this.pending.values()) {
+      if (p.lastBeat !== null && now - p.lastBeat > stallMs) {
+        this.down(new EngineDownError('stalled', `engine thread made no progress for ${Math.round(now - p.lastBeat)} ms (limit ${stallMs} ms)`));
+        return;
+      }
+    }
+  }
+
+  /** The engine is down: fail what is pending, stop the thread, tell the listeners. */
+  private down(err: EngineDownError): void {
+    if (this.closed || this.downReason) return;
+    this.downReason = err;
+    clearInterval(this.watchdog);
+    for (const p of this.pending.values()) p.reject(err);
     this.pending.clear();
+    if (err.reason !== 'stalled') {
+      for (const l of this.downListeners) l(err);
+      return;
+    }
+    // A hung thread is terminated first, so a new engine does not share the CPU or device with it.
+    // Termination interrupts JavaScript, but not a native call that never returns: then only the
+    // process's end frees the thread, and the listeners are told so.
+    let timer: NodeJS.Timeout | undefined;
+    const timedOut = new Promise<false>((r) => (timer = setTimeout(() => r(false), TERMINATE_TIMEOUT_MS)));
+    void Promise.race([this.worker.terminate().then(() => true), timedOut]).then((stopped) => {
+      clearTimeout(timer);
+      const final = stopped ? err : new EngineDownError(err.reason, `${err.message}; the thread did not stop when terminated`, true);
+      this.downReason = final;
+      for (const l of this.downListeners) l(final);
+    });
   }
 
   /** Cancels what is running, releases the model and stops the thread. */
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    clearInterval(this.watchdog);
     const err = new Error('engine closed');
     err.name = 'AbortError';
     for (const p of this.pending.values()) p.reject(err);
     this.pending.clear();
-    if (this.deathReason) return;
+    if (this.downReason) {
+      // A thread stuck in native code may never stop: do not wait for it longer than for a live one.
+      let timer: NodeJS.Timeout | undefined;
+      await Promise.race([this.worker.terminate().catch(() => undefined), new Promise((r) => (timer = setTimeout(r, TERMINATE_TIMEOUT_MS)))]);
+      clearTimeout(timer);
+      return;
+    }
     await new Promise<void>((resolve) => {
       const timer = setTimeout(() => void this.worker.terminate().then(() => resolve()), 5000);
       this.worker.once('exit', () => {

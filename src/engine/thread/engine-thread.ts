@@ -1,6 +1,8 @@
 import { parentPort, workerData } from 'node:worker_threads';
+import { isAllocationFailure } from '../errors.js';
 import { loadModel, type LoadedModel } from '../model.js';
-import { StableDiffusionPipeline } from '../pipeline.js';
+import { StableDiffusionPipeline, type GenerateOptions, type GenerateParams, type Generation } from '../pipeline.js';
+import { TestPipeline } from '../testing/test-pipeline.js';
 import type { FromThread, SerializedError, ThreadInit, ToThread } from './protocol.js';
 
 /**
@@ -15,17 +17,20 @@ const init = workerData as ThreadInit;
 const post = (msg: FromThread, transfer: ArrayBuffer[] = []) => port.postMessage(msg, transfer);
 
 function serializeError(err: unknown): SerializedError {
-  const e = err instanceof Error ? err : new Error(String(err));
-  return { name: e.name, message: e.message, ...(e.stack ? { stack: e.stack } : {}) };
+  const e = err instanceof Error ? err : new Error(typeof err === 'string' ? err : 'non-Error value thrown');
+  // Allocation failures keep their text but are named for the host, whatever raised them.
+  const name = isAllocationFailure(e) ? 'OutOfMemoryError' : e.name;
+  return { name, message: e.message, ...(e.stack ? { stack: e.stack } : {}) };
 }
 
 const active = new Map<number, AbortController>();
 let model: LoadedModel | undefined;
-let pipeline: StableDiffusionPipeline | undefined;
+let pipeline: { generate(params: GenerateParams, options: GenerateOptions): Promise<Generation> } | undefined;
 
 async function generate(msg: Extract<ToThread, { type: 'generate' }>): Promise<void> {
   const controller = new AbortController();
   active.set(msg.id, controller);
+  post({ type: 'started', id: msg.id });
   try {
     const generation = await pipeline!.generate(msg.params, {
       signal: controller.signal,
@@ -64,23 +69,32 @@ port.on('message', (msg: ToThread) => {
   }
 });
 
-try {
-  model = await loadModel(init.modelDir, {
-    provider: init.provider,
-    ...(init.threads ? { threads: init.threads } : {}),
-    log: (msg) => post({ type: 'log', level: 'info', msg }),
-  });
-  pipeline = new StableDiffusionPipeline(model);
-  post({
-    type: 'ready',
-    info: {
-      modelDir: model.dir,
-      provider: model.provider,
-      defaultScheduler: model.defaultScheduler,
-      loadMs: model.loadMs,
-      sizeBytes: model.sizeBytes,
-    },
-  });
-} catch (err) {
-  post({ type: 'boot-failed', error: serializeError(err) });
+if (init.kind === 'test') {
+  pipeline = new TestPipeline({ stepMs: init.stepMs });
+  post({ type: 'ready', info: { modelDir: 'test-engine', provider: 'none', defaultScheduler: 'pndm', loadMs: 0, sizeBytes: 0 } });
+} else {
+  await loadOnnx(init);
+}
+
+async function loadOnnx(onnx: Extract<ThreadInit, { kind: 'onnx' }>): Promise<void> {
+  try {
+    model = await loadModel(onnx.modelDir, {
+      provider: onnx.provider,
+      ...(onnx.threads ? { threads: onnx.threads } : {}),
+      log: (msg) => post({ type: 'log', level: 'info', msg }),
+    });
+    pipeline = new StableDiffusionPipeline(model);
+    post({
+      type: 'ready',
+      info: {
+        modelDir: model.dir,
+        provider: model.provider,
+        defaultScheduler: model.defaultScheduler,
+        loadMs: model.loadMs,
+        sizeBytes: model.sizeBytes,
+      },
+    });
+  } catch (err) {
+    post({ type: 'boot-failed', error: serializeError(err) });
+  }
 }

@@ -4,11 +4,8 @@ import type { SchedulerName } from '../schedulers/types.js';
 
 /** Messages between the host and the engine thread. Plain data: structured-clone safe. */
 
-export interface ThreadInit {
-  modelDir: string;
-  provider: ProviderChoice;
-  threads?: number;
-}
+/** What the thread loads: an ONNX export, or the test double (testing/test-pipeline.ts). */
+export type ThreadInit = { kind: 'onnx'; modelDir: string; provider: ProviderChoice; threads?: number } | { kind: 'test'; stepMs: number };
 
 export interface EngineInfo {
   modelDir: string;
@@ -32,6 +29,8 @@ export type FromThread =
   | { type: 'boot-failed'; error: SerializedError }
   | { type: 'log'; level: 'debug' | 'info' | 'warn'; msg: string; id?: number }
   | { type: 'progress'; id: number; progress: Progress }
+  /** The generation started (sent before any model runs): the host's stall clock starts here. */
+  | { type: 'started'; id: number }
   | { type: 'done'; id: number; generation: Generation }
   | { type: 'failed'; id: number; error: SerializedError }
   | { type: 'closed' };

@@ -1,0 +1,158 @@
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { saveReport, type ServiceProcess } from '../support/processes.js';
+import { metricValue, pollFor, startSystem, submit, waitTerminal, type System } from '../support/reliability.js';
+
+/**
+ * An engine that dies, hangs or runs out of memory, and an attempt past its deadline, with real
+ * worker processes on the engine's test double (its failure directives: [test:crash] ends the
+ * engine thread, [test:hang] blocks it in a busy loop, [test:oom] fails a real allocation).
+ */
+
+let sys: System;
+const report: Record<string, unknown> = {};
+
+beforeAll(async () => {
+  sys = await startSystem('t2i-engine', { ENGINE_RESTART_BACKOFF_MS: '200', ENGINE_STALL_MS: '1500', JOB_ATTEMPTS: '3' });
+}, 120_000);
+afterEach(async () => {
+  await sys.stopProcesses();
+});
+afterAll(async () => {
+  await sys?.stop();
+  saveReport(report);
+}, 60_000);
+
+function metricsUrlOf(w: ServiceProcess): string {
+  const line = w.lines.find((l) => l.msg === 'worker ready');
+  return String(line?.metricsUrl);
+}
+
+/**
+ * Samples /readyz every 50 ms. stop() waits (up to 10 s) until it answers 200 again and says
+ * whether it was ever 503 meanwhile.
+ */
+function watchReadiness(url: string) {
+  const seen: number[] = [];
+  let on = true;
+  const sample = async () => {
+    const status = await fetch(`${url}/readyz`).then(
+      (r) => r.status,
+      () => 0,
+    );
+    seen.push(status);
+    return status;
+  };
+  const done = (async () => {
+    while (on) {
+      await sample();
+      await new Promise((r) => setTimeout(r, 50));
+    }
+  })();
+  return {
+    async stop() {
+      on = false;
+      await done;
+      const readyAgain = await pollFor(async () => ((await sample()) === 200 ? true : undefined), 10_000, 50).catch(() => false);
+      return { notReady: seen.includes(503), readyAgain };
+    },
+  };
+}
+
+/**
+ * A job that takes the engine down, then a queue of ordinary jobs: the worker stops taking jobs
+ * while its engine is down, so none of them is lost to it; the poison job fails as
+ * engine_crashed after the engine went down twice on it.
+ */
+async function engineGoesDown(directive: '[test:crash]' | '[test:hang]', reason: 'crashed' | 'stalled') {
+  const { url } = await sys.startApiProcess();
+  const w = await sys.startWorkerProcess(`engine-${reason}`, {}, 40);
+  const readiness = watchReadiness(metricsUrlOf(w));
+  const poison = await submit(url, { prompt: `poison ${directive}`, num_steps: 5 });
+  const others: string[] = [];
+  for (let i = 0; i < 6; i++) others.push(await submit(url, { prompt: `ordinary ${i}`, num_steps: 5 }));
+  await waitTerminal(sys.db, [poison, ...others], 60_000);
+  const ready = await readiness.stop();
+  const poisonRow = (await sys.repo.get(poison))!;
+  const poisonAttempts = await sys.repo.attempts(poison);
+  const otherRows = await sys.db.generatedImage.findMany({ where: { id: { in: others } } });
+  const otherAttempts = await sys.db.jobAttempt.findMany({ where: { imageId: { in: others } } });
+  const restarts = await metricValue(metricsUrlOf(w), `t2i_engine_restarts_total{reason="${reason}"}`);
+
+  expect(poisonRow).toMatchObject({ status: 'failed', errorCode: 'engine_crashed' });
+  expect(poisonAttempts.map((a) => a.outcome)).toEqual(['engine_failed', 'engine_failed']);
+  // Intake stopped while the engine was down: no ordinary job was taken by a dead engine.
+  expect(otherRows.map((r) => r.status)).toEqual(others.map(() => 'succeeded'));
+  expect(otherAttempts.map((a) => a.outcome)).toEqual(others.map(() => 'succeeded'));
+  expect(restarts).toBe(2);
+  expect(ready).toEqual({ notReady: true, readyAgain: true });
+  expect(w.running).toBe(true);
+  return {
+    poison: { status: poisonRow.status, code: poisonRow.errorCode, engineFailures: poisonAttempts.length },
+    others: { jobs: others.length, succeeded: otherRows.filter((r) => r.status === 'succeeded').length, attempts: otherAttempts.length },
+    engineRestarts: restarts,
+    readyzWas503: ready.notReady,
+  };
+}
+
+describe('the engine, with real processes', () => {
+  it('1. a dead engine thread stops intake, hands its job back, and is restarted; a job that kills it twice fails as engine_crashed', async () => {
+    report.engineCrash = await engineGoesDown('[test:crash]', 'crashed');
+  });
+
+  it('2. a hung generation (no progress for ENGINE_STALL_MS) is treated the same way', async () => {
+    report.engineHang = await engineGoesDown('[test:hang]', 'stalled');
+  });
+
+  it('3. past ENGINE_MAX_RESTARTS the worker exits with code 1 for its supervisor, handing its job back first', async () => {
+    const { url } = await sys.startApiProcess();
+    const w = await sys.startWorkerProcess('engine-give-up', { ENGINE_MAX_RESTARTS: '0' }, 40);
+    const id = await submit(url, { prompt: 'poison [test:crash]', num_steps: 5 });
+    const t0 = Date.now();
+    const exit = await w.exited;
+    expect(exit.code).toBe(1);
+    expect(w.lines.some((l) => l.msg.startsWith('the worker cannot go on'))).toBe(true);
+    expect(await sys.repo.get(id)).toMatchObject({ status: 'queued' });
+    expect((await sys.repo.attempts(id)).map((a) => a.outcome)).toEqual(['engine_failed']);
+    report.engineGiveUp = { exitCode: exit.code, exitMs: Date.now() - t0, job: (await sys.repo.get(id))?.status };
+  });
+
+  it('4. an allocation failure fails its job with out_of_memory, not retried; the worker stays ready and runs the next job', async () => {
+    const { url } = await sys.startApiProcess();
+    const w = await sys.startWorkerProcess('engine-oom', {}, 10);
+    const oom = await submit(url, { prompt: 'too big [test:oom]', num_steps: 5 });
+    await waitTerminal(sys.db, [oom], 30_000);
+    const job = (await (await fetch(`${url}/generated-images/${oom}`)).json()) as {
+      status: string;
+      attempts: number;
+      error: { code: string; message: string };
+    };
+    expect(job).toMatchObject({ status: 'failed', attempts: 1, error: { code: 'out_of_memory' } });
+    expect(job.error.message).not.toMatch(/ArrayBuffer|allocation failed/);
+    expect((await fetch(`${metricsUrlOf(w)}/readyz`)).status).toBe(200);
+    const next = await submit(url, { prompt: 'small', num_steps: 5 });
+    await waitTerminal(sys.db, [next], 30_000);
+    expect((await sys.repo.get(next))?.status).toBe('succeeded');
+    expect(await metricValue(metricsUrlOf(w), 't2i_engine_restarts_total{reason="out_of_memory"}')).toBe(0);
+    report.outOfMemory = { status: job.status, code: job.error.code, attempts: job.attempts, nextJob: (await sys.repo.get(next))?.status };
+  });
+
+  it('5. every attempt has a deadline: past JOB_TIMEOUT_MS it is aborted, recorded as timed_out, retried, then failed', async () => {
+    // Attempts and backoff are set when the API enqueues; the deadline is the worker's.
+    const { url } = await sys.startApiProcess({ JOB_ATTEMPTS: '2', JOB_BACKOFF_MS: '100' });
+    await sys.startWorkerProcess('engine-deadline', { JOB_TIMEOUT_MS: '1000' }, 40);
+    // 100 steps of 40 ms is 4 s, past the 1 s deadline.
+    const t0 = Date.now();
+    const id = await submit(url, { prompt: 'slow', num_steps: 100 });
+    await waitTerminal(sys.db, [id], 30_000);
+    const elapsed = Date.now() - t0;
+    const job = (await (await fetch(`${url}/generated-images/${id}`)).json()) as { status: string; error: { code: string; message: string } };
+    expect(job).toMatchObject({ status: 'failed', error: { code: 'timed_out', message: 'The job took longer than its time limit of 1 s.' } });
+    const attempts = await sys.repo.attempts(id);
+    expect(attempts.map((a) => [a.outcome, a.errorCode])).toEqual([
+      ['retried', 'timed_out'],
+      ['failed', 'timed_out'],
+    ]);
+    for (const a of attempts) expect(a.finishedAt!.getTime() - a.startedAt.getTime()).toBeLessThan(1_000 + 1_000);
+    report.deadline = { timeoutMs: 1000, attempts: attempts.length, outcome: job.error.code, submitToFailedMs: elapsed };
+  });
+});
