@@ -395,7 +395,7 @@ describe('Prometheus with the dashboard and the alert rules', () => {
         .filter((r) => r.type === 'alerting')
         .map((r) => r.name)
         .sort(),
-    ).toEqual(['T2IApiLatencyHigh', 'T2IJobFailureRatioHigh', 'T2INoWorkerUp', 'T2IQueueBacklogGrowing']);
+    ).toEqual(['T2IApiLatencyHigh', 'T2IEngineRestarting', 'T2IJobFailureRatioHigh', 'T2INoWorkerUp', 'T2IQueueBacklogGrowing']);
 
     const failures: string[] = [];
     for (const rule of groups) {
