@@ -18,13 +18,13 @@ import { chmodSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:f
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { startPostgres, type PostgresInfo } from './services/postgres.js';
-import { killGroup, Registry, terminate, type Restartable } from './services/process.js';
+import { killGroup, Registry, terminate, type CommandWrapper, type Placement, type Restartable } from './services/process.js';
 import { startRedis, type RedisInfo } from './services/redis.js';
 import { startSwift, type S3Info } from './services/swift.js';
 import { startWatchdog } from './services/watchdog.js';
 
 export { createDatabase, type PostgresInfo } from './services/postgres.js';
-export { freePort } from './services/process.js';
+export { freePort, type CommandWrapper } from './services/process.js';
 export type { RedisInfo } from './services/redis.js';
 export type { S3Info } from './services/swift.js';
 
@@ -56,6 +56,10 @@ export interface StartOptions {
   dir?: string;
   log?: (msg: string) => void;
   only?: ServiceName[];
+  /** The address the servers listen on and clients use. Default 127.0.0.1; another one is for a test's own network namespace. */
+  host?: string;
+  /** Runs each server through this, e.g. `ip netns exec NS ...` to put it in that namespace (with `host` its address there). */
+  wrap?: CommandWrapper;
 }
 
 /**
@@ -76,6 +80,7 @@ export function servicesEnv(services: Pick<LocalServices, 'postgres' | 'redis' |
 
 export async function startServices(opts: StartOptions = {}): Promise<LocalServices> {
   const log = opts.log ?? (() => {});
+  const placement: Placement = { host: opts.host ?? '127.0.0.1', ...(opts.wrap ? { wrap: opts.wrap } : {}) };
   const wanted = new Set<ServiceName>(opts.only ?? ['postgres', 'redis', 's3']);
   const owned = opts.dir === undefined;
   const dir = opts.dir ?? mkdtempSync(join(tmpdir(), 't2i-services-'));
@@ -109,17 +114,17 @@ export async function startServices(opts: StartOptions = {}): Promise<LocalServi
   const [pgRes, redisRes, s3Res] = await Promise.allSettled([
     timed(
       'postgres',
-      () => startPostgres(dir, registry),
+      () => startPostgres(dir, registry, placement),
       (v) => v.info.url,
     ),
     timed(
       'redis',
-      () => startRedis(dir, registry),
+      () => startRedis(dir, registry, placement),
       (v) => v.info.url,
     ),
     timed(
       's3',
-      () => startSwift(dir, registry),
+      () => startSwift(dir, registry, placement),
       (v) => v.endpoint,
     ),
   ]);

@@ -3,13 +3,24 @@
  * port with durability turned off (the data is thrown away anyway). Run as the `postgres` user
  * when we are root, because Postgres refuses to run as root.
  */
-import { chownSync, existsSync, mkdirSync, readdirSync, readFileSync } from 'node:fs';
+import { appendFileSync, chownSync, existsSync, mkdirSync, readdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import pg from 'pg';
-import { INSTALL_HINT, restartable, tail, waitReady, type Managed, type Registry, type Restartable } from './process.js';
+import {
+  INSTALL_HINT,
+  isLoopback,
+  restartable,
+  serverCommand,
+  tail,
+  waitReady,
+  type Managed,
+  type Placement,
+  type Registry,
+  type Restartable,
+} from './process.js';
 
 export interface PostgresInfo {
-  /** postgresql://postgres@127.0.0.1:PORT/postgres (trust auth, no password) */
+  /** postgresql://postgres@HOST:PORT/postgres (trust auth, no password; HOST is 127.0.0.1 by default) */
   url: string;
   port: number;
   pid: number;
@@ -18,7 +29,7 @@ export interface PostgresInfo {
 /** Postgres takes 1.5-2 s to start here; a loaded machine may need much longer. */
 const READY_TIMEOUT_MS = 30_000;
 
-const pgUrl = (port: number) => `postgresql://postgres@127.0.0.1:${port}/postgres`;
+const pgUrl = (host: string, port: number) => `postgresql://postgres@${host}:${port}/postgres`;
 
 /** Creates an empty database (for per-test isolation) and returns its URL. */
 export async function createDatabase(pgUrl: string, name: string): Promise<string> {
@@ -54,7 +65,7 @@ function lookupUser(name: string): { uid: number; gid: number } | undefined {
   return undefined;
 }
 
-export async function startPostgres(dir: string, registry: Registry): Promise<Restartable<PostgresInfo>> {
+export async function startPostgres(dir: string, registry: Registry, placement: Placement): Promise<Restartable<PostgresInfo>> {
   const bin = postgresBinDir();
   // Postgres refuses to run as root: run it as the `postgres` user that the Debian package creates.
   let owner: { uid: number; gid: number } | undefined;
@@ -88,18 +99,22 @@ export async function startPostgres(dir: string, registry: Registry): Promise<Re
         : '';
     throw new Error(`postgres: initdb failed (exit ${initdb.child.exitCode}).${hint} Log ${logFile}:\n${tail(logFile)}`);
   }
+  // initdb's trust rules cover loopback only. A cluster on another address (a test's own network
+  // namespace) is reached from the test runner's address: trust every address, as this
+  // throwaway cluster listens on nothing but that private address.
+  if (!isLoopback(placement.host)) appendFileSync(join(data, 'pg_hba.conf'), '\nhost all all 0.0.0.0/0 trust\n');
 
   const launch = async (port: number): Promise<Managed> => {
-    const server = registry.spawn({
-      name: 'postgres',
-      cmd: join(bin, 'postgres'),
-      args: [
+    const command = serverCommand(
+      placement,
+      join(bin, 'postgres'),
+      [
         '-D',
         data,
         '-p',
         String(port),
         '-c',
-        'listen_addresses=127.0.0.1',
+        `listen_addresses=${placement.host}`,
         '-c',
         'unix_socket_directories=', // TCP only: no socket path-length limits or stale sockets
         '-c',
@@ -111,14 +126,10 @@ export async function startPostgres(dir: string, registry: Registry): Promise<Re
         '-c',
         'max_connections=200', // per-test databases with their own pools add up
       ],
-      logFile,
-      stopSignal: 'SIGINT',
-      uid: owner?.uid,
-      gid: owner?.gid,
-      env,
-      cwd: home,
-    });
-    const url = pgUrl(port);
+      owner,
+    );
+    const server = registry.spawn({ name: 'postgres', ...command, logFile, stopSignal: 'SIGINT', env, cwd: home });
+    const url = pgUrl(placement.host, port);
     await waitReady('postgres', [server], READY_TIMEOUT_MS, async () => {
       const client = new pg.Client({ connectionString: url, connectionTimeoutMillis: 2_000 });
       client.on('error', () => {}); // a refused connection is expected while starting
@@ -131,5 +142,5 @@ export async function startPostgres(dir: string, registry: Registry): Promise<Re
     });
     return server;
   };
-  return restartable(registry, launch, (port, pid): PostgresInfo => ({ url: pgUrl(port), port, pid }));
+  return restartable(registry, launch, (port, pid): PostgresInfo => ({ url: pgUrl(placement.host, port), port, pid }));
 }

@@ -102,6 +102,36 @@ export function readScript(name: string): string {
   return readFileSync(scriptPath(name), 'utf8');
 }
 
+/** Turns a server's command into one that runs elsewhere, e.g. `ip netns exec NS cmd args...`. */
+export type CommandWrapper = (cmd: string, args: string[]) => { cmd: string; args: string[] };
+
+/** Where the servers run and listen. */
+export interface Placement {
+  /** The address servers listen on and clients use: 127.0.0.1, or a network namespace's address. */
+  host: string;
+  /** Runs each server through this (not the one-shot helpers, which use no network). */
+  wrap?: CommandWrapper;
+}
+
+export const isLoopback = (host: string) => host === '127.0.0.1' || host === 'localhost' || host === '::1';
+
+/**
+ * The command that starts a server where `placement` says, as `owner` when given. Without a
+ * wrapper the uid and gid go to spawn(); with one, the wrapper (`ip netns exec`) must run as root,
+ * so setpriv drops to the owner inside it. Both exec their command, so the PID spawn() returns
+ * stays the server's, and signals to its process group reach it.
+ */
+export function serverCommand(
+  placement: Placement,
+  cmd: string,
+  args: string[],
+  owner?: { uid: number; gid: number },
+): { cmd: string; args: string[]; uid?: number; gid?: number } {
+  if (!placement.wrap) return { cmd, args, uid: owner?.uid, gid: owner?.gid };
+  const inner = owner ? { cmd: 'setpriv', args: [`--reuid=${owner.uid}`, `--regid=${owner.gid}`, '--clear-groups', '--', cmd, ...args] } : { cmd, args };
+  return placement.wrap(inner.cmd, inner.args);
+}
+
 /** A spawned server or helper, as the registry tracks it. */
 export interface Managed {
   name: string;

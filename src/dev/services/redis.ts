@@ -6,10 +6,20 @@
 import { mkdirSync } from 'node:fs';
 import { connect } from 'node:net';
 import { join } from 'node:path';
-import { requireExecutable, restartable, waitReady, type Managed, type Registry, type Restartable } from './process.js';
+import {
+  isLoopback,
+  requireExecutable,
+  restartable,
+  serverCommand,
+  waitReady,
+  type Managed,
+  type Placement,
+  type Registry,
+  type Restartable,
+} from './process.js';
 
 export interface RedisInfo {
-  /** redis://127.0.0.1:PORT */
+  /** redis://HOST:PORT (HOST is 127.0.0.1 by default) */
   url: string;
   port: number;
   pid: number;
@@ -21,9 +31,9 @@ const READY_TIMEOUT_MS = 10_000;
 const PING_TIMEOUT_MS = 2_000;
 
 /** One raw PING over TCP: resolves on +PONG, rejects on anything else (e.g. -LOADING). */
-function redisPing(port: number): Promise<void> {
+function redisPing(host: string, port: number): Promise<void> {
   return new Promise((resolve, reject) => {
-    const sock = connect({ host: '127.0.0.1', port });
+    const sock = connect({ host, port });
     let buf = '';
     const fail = (err: Error) => {
       sock.destroy();
@@ -42,36 +52,35 @@ function redisPing(port: number): Promise<void> {
   });
 }
 
-export async function startRedis(dir: string, registry: Registry): Promise<Restartable<RedisInfo>> {
+export async function startRedis(dir: string, registry: Registry, placement: Placement): Promise<Restartable<RedisInfo>> {
   const cmd = requireExecutable('redis', 'redis-server', 'redis-server');
   const data = join(dir, 'redis');
   mkdirSync(data, { recursive: true });
   const logFile = join(dir, 'redis.log');
   const launch = async (port: number): Promise<Managed> => {
-    const server = registry.spawn({
-      name: 'redis-server',
-      cmd,
-      args: [
-        '--port',
-        String(port),
-        '--bind',
-        '127.0.0.1',
-        '--dir',
-        data,
-        '--save',
-        '', // no snapshots: throwaway data
-        '--appendonly',
-        'no',
-        // BullMQ requires noeviction: an evicted job key silently loses work.
-        '--maxmemory-policy',
-        'noeviction',
-        '--daemonize',
-        'no', // keep the PID we spawned as the server's
-      ],
-      logFile,
-    });
-    await waitReady('redis', [server], READY_TIMEOUT_MS, () => redisPing(port));
+    const command = serverCommand(placement, cmd, [
+      '--port',
+      String(port),
+      '--bind',
+      placement.host,
+      // Protected mode refuses clients from other addresses when there is no password; off the
+      // loopback the clients are the test's own, in its private network.
+      ...(isLoopback(placement.host) ? [] : ['--protected-mode', 'no']),
+      '--dir',
+      data,
+      '--save',
+      '', // no snapshots: throwaway data
+      '--appendonly',
+      'no',
+      // BullMQ requires noeviction: an evicted job key silently loses work.
+      '--maxmemory-policy',
+      'noeviction',
+      '--daemonize',
+      'no', // keep the PID we spawned as the server's
+    ]);
+    const server = registry.spawn({ name: 'redis-server', ...command, logFile });
+    await waitReady('redis', [server], READY_TIMEOUT_MS, () => redisPing(placement.host, port));
     return server;
   };
-  return restartable(registry, launch, (port, pid): RedisInfo => ({ url: `redis://127.0.0.1:${port}`, port, pid }));
+  return restartable(registry, launch, (port, pid): RedisInfo => ({ url: `redis://${placement.host}:${port}`, port, pid }));
 }

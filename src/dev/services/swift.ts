@@ -9,10 +9,22 @@ import { copyFileSync, mkdirSync, writeFileSync } from 'node:fs';
 import { userInfo } from 'node:os';
 import { join } from 'node:path';
 import * as Minio from 'minio';
-import { freePort, INSTALL_HINT, readScript, requireExecutable, scriptPath, tail, waitReady, withPortRetry, type Registry } from './process.js';
+import {
+  freePort,
+  INSTALL_HINT,
+  readScript,
+  requireExecutable,
+  scriptPath,
+  serverCommand,
+  tail,
+  waitReady,
+  withPortRetry,
+  type Placement,
+  type Registry,
+} from './process.js';
 
 export interface S3Info {
-  /** http://127.0.0.1:PORT, path-style (give the minio client `pathStyle: true`) */
+  /** http://HOST:PORT (HOST is 127.0.0.1 by default), path-style (give the minio client `pathStyle: true`) */
   endpoint: string;
   port: number;
   accessKey: string;
@@ -33,6 +45,8 @@ const SWIFT_SERVERS = ['account', 'container', 'object'] as const;
 type SwiftServer = (typeof SWIFT_SERVERS)[number];
 
 interface SwiftSetup {
+  /** The address every server listens on (and the rings point at). */
+  host: string;
   swiftDir: string;
   devices: string;
   /** The OS user the servers run as (Swift drops privileges to it). */
@@ -48,7 +62,7 @@ interface SwiftSetup {
 /** swift.conf and the four servers' paste configs, by file name. */
 function swiftConfigs(o: SwiftSetup): Record<string, string> {
   const common = (port: number) => `[DEFAULT]
-bind_ip = 127.0.0.1
+bind_ip = ${o.host}
 bind_port = ${port}
 workers = 0
 user = ${o.osUser}
@@ -136,7 +150,7 @@ async function httpOk(url: string): Promise<void> {
   if (res.status !== 200) throw new Error(`GET ${url} answered ${res.status}`);
 }
 
-export async function startSwift(dir: string, registry: Registry): Promise<S3Info> {
+export async function startSwift(dir: string, registry: Registry, placement: Placement): Promise<S3Info> {
   // Swift's scripts start with #!/usr/bin/python3; use that python (not a pyenv/venv one).
   const python = '/usr/bin/python3';
   const bins = {
@@ -167,14 +181,14 @@ export async function startSwift(dir: string, registry: Registry): Promise<S3Inf
   return withPortRetry(registry, async () => {
     const [proxyPort, accountPort, containerPort, objectPort] = await Promise.all([freePort(), freePort(), freePort(), freePort()]);
     const ports: Record<SwiftServer, number> = { account: accountPort, container: containerPort, object: objectPort };
-    const files = swiftConfigs({ swiftDir, devices, osUser: userInfo().username, proxyPort, ports, account, user, secret });
+    const files = swiftConfigs({ host: placement.host, swiftDir, devices, osUser: userInfo().username, proxyPort, ports, account, user, secret });
     for (const [name, text] of Object.entries(files)) writeFileSync(join(swiftDir, name), text);
 
     const ringLog = join(dir, 's3-rings.log');
     const rings = registry.spawn({
       name: 'swift rings',
       cmd: python,
-      args: ['-c', ringScript, swiftDir, ...SWIFT_SERVERS.map((s) => `${s}=${ports[s]}`)],
+      args: ['-c', ringScript, swiftDir, placement.host, ...SWIFT_SERVERS.map((s) => `${s}=${ports[s]}`)],
       logFile: ringLog,
       env,
       oneShot: true,
@@ -188,19 +202,19 @@ export async function startSwift(dir: string, registry: Registry): Promise<S3Inf
     const servers = (['proxy', ...SWIFT_SERVERS] as const).map((s) =>
       registry.spawn({
         name: `swift-${s}-server`,
-        cmd: bins[s],
-        args: [join(swiftDir, `${s}-server.conf`), '--verbose'], // --verbose: log to stderr (= our log file), not syslog
+        // --verbose: log to stderr (= our log file), not syslog
+        ...serverCommand(placement, bins[s], [join(swiftDir, `${s}-server.conf`), '--verbose']),
         logFile: join(dir, `s3-${s}.log`),
         env,
       }),
     );
-    const health = [proxyPort, accountPort, containerPort, objectPort].map((p) => `http://127.0.0.1:${p}/healthcheck`);
+    const health = [proxyPort, accountPort, containerPort, objectPort].map((p) => `http://${placement.host}:${p}/healthcheck`);
     await waitReady('s3', servers, READY_TIMEOUT_MS, async () => {
       await Promise.all(health.map(httpOk));
     });
 
     const info: S3Info = {
-      endpoint: `http://127.0.0.1:${proxyPort}`,
+      endpoint: `http://${placement.host}:${proxyPort}`,
       port: proxyPort,
       accessKey: `${account}:${user}`,
       secretKey: secret,
@@ -209,7 +223,7 @@ export async function startSwift(dir: string, registry: Registry): Promise<S3Inf
     };
     // Healthchecks do not exercise auth: one signed request proves s3api + tempauth + account server.
     const client = new Minio.Client({
-      endPoint: '127.0.0.1',
+      endPoint: placement.host,
       port: info.port,
       useSSL: false,
       accessKey: info.accessKey,
