@@ -62,7 +62,10 @@ afterAll(async () => {
 function spawnIn(host: string, name: string, role: 'api' | 'worker', env: Record<string, string>, args: string[] = []): ServiceProcess {
   const h = net.hosts[host]!;
   const { cmd, args: full } = h.exec(process.execPath, [BIN, role, ...args]);
-  const proc = new ServiceProcess(name, spawn(cmd, full, { env: configEnv(base, { HOST: h.address, WORKER_METRICS_HOST: h.address, ...env }), stdio: ['ignore', 'pipe', 'pipe'] }));
+  const proc = new ServiceProcess(
+    name,
+    spawn(cmd, full, { env: configEnv(base, { HOST: h.address, WORKER_METRICS_HOST: h.address, ...env }), stdio: ['ignore', 'pipe', 'pipe'] }),
+  );
   procs.push(proc);
   return proc;
 }
