@@ -15,6 +15,8 @@ function fakeRepo(): ImagesRepo {
   return {
     get: async () => null,
     create: unused('create'),
+    createOnce: unused('createOnce'),
+    sweepIdempotencyKeys: unused('sweepIdempotencyKeys'),
     list: unused('list'),
     startAttempt: unused('startAttempt'),
     setProgress: unused('setProgress'),
