@@ -10,6 +10,7 @@ import { eventRoutes, type EventRoutesOptions } from './events.js';
 import { discoveryRoutes, type DiscoveryOptions } from './discovery.js';
 import { idempotencyKeyOf } from './idempotency.js';
 import { openAiRoutes, type OpenAiRoutesOptions } from './openai.js';
+import { registerOpenApi } from './openapi.js';
 import { webhookRoutes, type WebhookRoutesOptions } from './webhooks.js';
 import { registerApiMetrics, type ApiMetrics } from './metrics.js';
 import { sendProblem } from './problem.js';
@@ -67,6 +68,8 @@ export function buildApp(deps: AppDeps): FastifyInstance {
   // "must be a JSON object" (400) instead of the 415 a wrong content type deserves.
   app.removeContentTypeParser('text/plain');
 
+  // Before every route: the document is made from the routes' schemas as they are added.
+  registerOpenApi(app);
   if (deps.metrics) registerApiMetrics(app, deps.metrics, { token: deps.metricsToken });
 
   // Tags only: the route pattern, never the URL (ids, query strings), and no body. An error text

@@ -2,6 +2,7 @@ import type { FastifyPluginAsync } from 'fastify';
 import type { ServedModel } from '../core/fleet.js';
 import { GENERATION_DEFAULTS, GENERATION_LIMITS, MAX_IMAGES } from '../engine/pipeline.js';
 import { SCHEDULER_NAMES, type SchedulerName } from '../engine/schedulers/types.js';
+import { modelsSchema, problems, schedulersSchema } from './schemas.js';
 
 /**
  * What the fleet serves, for clients that build their forms from it: GET /models (each model
@@ -46,31 +47,45 @@ export const discoveryRoutes: FastifyPluginAsync<DiscoveryOptions> = async (app,
     num_images: 1,
   };
 
-  app.get('/models', async () => ({
-    models: (await opts.models()).map((m) => ({
-      id: m.id,
-      variant: m.variant,
-      workers: m.workers,
-      providers: m.providers,
-      model_defaults: m.defaults,
-      schedulers: m.schedulers,
-      since: m.since,
-    })),
-    request_defaults: requestDefaults,
-    limits,
-  }));
-
-  app.get('/schedulers', async () => {
-    const models = await opts.models();
-    return {
-      schedulers: SCHEDULER_NAMES.map((name) => ({
-        name,
-        description: DESCRIPTIONS[name],
-        models: models.filter((m) => m.schedulers.includes(name)).map((m) => m.id),
-        default_for: models.filter((m) => m.defaults.scheduler === name).map((m) => m.id),
+  app.get(
+    '/models',
+    { schema: { tags: ['discovery'], summary: 'The models the fleet serves, with defaults and limits', response: { 200: modelsSchema, ...problems(503) } } },
+    async () => ({
+      models: (await opts.models()).map((m) => ({
+        id: m.id,
+        variant: m.variant,
+        workers: m.workers,
+        providers: m.providers,
+        model_defaults: m.defaults,
+        schedulers: m.schedulers,
+        since: m.since,
       })),
-      default: requestDefaults.scheduler,
+      request_defaults: requestDefaults,
       limits,
-    };
-  });
+    }),
+  );
+
+  app.get(
+    '/schedulers',
+    {
+      schema: {
+        tags: ['discovery'],
+        summary: 'The schedulers, the models that take them, and the limits',
+        response: { 200: schedulersSchema, ...problems(503) },
+      },
+    },
+    async () => {
+      const models = await opts.models();
+      return {
+        schedulers: SCHEDULER_NAMES.map((name) => ({
+          name,
+          description: DESCRIPTIONS[name],
+          models: models.filter((m) => m.schedulers.includes(name)).map((m) => m.id),
+          default_for: models.filter((m) => m.defaults.scheduler === name).map((m) => m.id),
+        })),
+        default: requestDefaults.scheduler,
+        limits,
+      };
+    },
+  );
 };

@@ -7,6 +7,7 @@ import type { ClientEvent, JobFollow } from '../core/job-event-stream.js';
 import { EVENT_ID } from '../core/job-events.js';
 import { fieldErrors } from '../core/params.js';
 import { sendProblem } from './problem.js';
+import { jobIdParams, problems } from './schemas.js';
 
 /**
  * Live job events for clients, in two transports over one core (src/core/job-event-stream.ts):
@@ -61,6 +62,28 @@ const clientMessage = z.discriminatedUnion('op', [
   z.strictObject({ op: z.literal('unsubscribe'), id: z.string().max(100) }),
 ]);
 
+const sseSchema = {
+  tags: ['events'],
+  summary: 'Follow a job live (Server-Sent Events)',
+  description:
+    'Events: status {status, attempt, error?}; queue {jobs_ahead} (no id); progress {attempt, step, total, percent, eta_ms}; preview {attempt, step, total, content_type, width, height, data (base64 WebP, ~128 px)}; done {status, url, expires_at, images}; failed {status, error {code, message}}; canceled {status}. Every event has `at` (epoch ms). Resume with Last-Event-ID. Comment lines are heartbeats. The stream ends after done, failed or canceled.',
+  params: jobIdParams,
+  querystring: z.object({ last_event_id: z.string().regex(EVENT_ID).optional().meta({ description: 'Instead of the Last-Event-ID header' }) }),
+  headers: z.looseObject({ 'last-event-id': z.string().regex(EVENT_ID).optional().meta({ description: 'The last id received: events after it follow' }) }),
+  response: {
+    200: { description: 'An event stream', content: { 'text/event-stream': { schema: z.string() } } },
+    ...problems(400, 404, 503),
+  },
+};
+
+const wsSchema = {
+  tags: ['events'],
+  summary: 'Follow several jobs on one WebSocket',
+  description:
+    'Upgrade to a WebSocket. Send {"op":"subscribe","id":JOB,"last_event_id"?:ID} and {"op":"unsubscribe","id":JOB}; receive {"type":"subscribed"|"unsubscribed","job_id"}, {"type":"event","job_id","id","event","data"} (the SSE events), {"type":"end","job_id"}, {"type":"error","job_id"?,"status","title","detail"}. Pings every heartbeat.',
+  response: { ...problems(426) },
+};
+
 export const eventRoutes: FastifyPluginAsync<EventRoutesOptions> = async (app: FastifyInstance, opts) => {
   const open = new Set<JobFollow>();
   // Streams end with the server: Fastify's close waits for open connections otherwise.
@@ -68,44 +91,49 @@ export const eventRoutes: FastifyPluginAsync<EventRoutesOptions> = async (app: F
     for (const f of open) f.close();
   });
 
-  app.get<{ Params: { id: string }; Querystring: { last_event_id?: string } }>('/generated-images/:id/events', async (request, reply) => {
-    const follow = await opts.follow(request.params.id, lastEventIdOf(request));
-    open.add(follow);
-    reply.hijack();
-    const res = reply.raw;
-    res.writeHead(200, {
-      'content-type': 'text/event-stream; charset=utf-8',
-      'cache-control': 'no-cache, no-transform',
-      connection: 'keep-alive',
-      // nginx buffers responses by default; an event stream must pass through at once.
-      'x-accel-buffering': 'no',
-      'x-request-id': request.id,
-    });
-    // How long a browser's EventSource waits before reconnecting (with Last-Event-ID).
-    res.write('retry: 2000\n\n');
-    const heartbeat = setInterval(() => res.write(': keep-alive\n\n'), opts.heartbeatMs);
-    request.raw.once('close', () => follow.close());
-    try {
-      for await (const e of follow) {
-        res.write(sseFrame(e));
-        if (res.writableLength > MAX_BUFFERED_BYTES) break;
+  app.get<{ Params: { id: string }; Querystring: { last_event_id?: string } }>(
+    '/generated-images/:id/events',
+    { schema: sseSchema },
+    async (request, reply) => {
+      const follow = await opts.follow(request.params.id, lastEventIdOf(request));
+      open.add(follow);
+      reply.hijack();
+      const res = reply.raw;
+      res.writeHead(200, {
+        'content-type': 'text/event-stream; charset=utf-8',
+        'cache-control': 'no-cache, no-transform',
+        connection: 'keep-alive',
+        // nginx buffers responses by default; an event stream must pass through at once.
+        'x-accel-buffering': 'no',
+        'x-request-id': request.id,
+      });
+      // How long a browser's EventSource waits before reconnecting (with Last-Event-ID).
+      res.write('retry: 2000\n\n');
+      const heartbeat = setInterval(() => res.write(': keep-alive\n\n'), opts.heartbeatMs);
+      request.raw.once('close', () => follow.close());
+      try {
+        for await (const e of follow) {
+          res.write(sseFrame(e));
+          if (res.writableLength > MAX_BUFFERED_BYTES) break;
+        }
+      } catch (err) {
+        // Headers are gone: the client sees the stream end and reconnects with its Last-Event-ID.
+        request.log.warn({ err }, 'event stream failed');
+      } finally {
+        clearInterval(heartbeat);
+        follow.close();
+        open.delete(follow);
+        res.end();
       }
-    } catch (err) {
-      // Headers are gone: the client sees the stream end and reconnects with its Last-Event-ID.
-      request.log.warn({ err }, 'event stream failed');
-    } finally {
-      clearInterval(heartbeat);
-      follow.close();
-      open.delete(follow);
-      res.end();
-    }
-  });
+    },
+  );
 
   await app.register(websocket, { options: { maxPayload: 16 * 1024 } });
 
   app.route({
     method: 'GET',
     url: '/events',
+    schema: wsSchema,
     // A plain GET on the WebSocket route: say what it is rather than a bare 404.
     handler: (_request, reply) => sendProblem(reply, 426, 'Upgrade Required', 'GET /events is a WebSocket endpoint; connect with a WebSocket client.'),
     wsHandler: (socket, request) => serveSocket(socket, request),

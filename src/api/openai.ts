@@ -6,6 +6,7 @@ import { siblingImageKey, type ImageRecord, type ImagesService } from '../core/i
 import type { JobFollow } from '../core/job-event-stream.js';
 import { createImageBody, fieldErrors, MAX_IMAGES } from '../core/params.js';
 import { idempotencyKeyOf } from './idempotency.js';
+import { idempotencyHeaders, openAiErrors, openAiImagesSchema, openAiModelListSchema, openAiModelSchema } from './schemas.js';
 
 /**
  * The OpenAI Images API, for the client code that already speaks it (the official `openai`
@@ -44,7 +45,7 @@ const OPENAI_IMAGE_MODELS = new Set(['dall-e-2', 'dall-e-3', 'gpt-image-1', 'gpt
 const ignored = z.unknown().optional();
 
 const generationsBody = z.strictObject({
-  prompt: z.unknown(),
+  prompt: z.string().meta({ description: 'What to draw (the rules of POST /generated-images prompt)' }),
   model: z.string().max(200).nullish(),
   n: z.number().int().min(1).max(MAX_IMAGES).nullish(),
   size: z
@@ -62,12 +63,12 @@ const generationsBody = z.strictObject({
   output_compression: ignored,
   partial_images: ignored,
   // Extensions: the native API's parameters.
-  negative_prompt: z.unknown().optional(),
-  num_steps: z.unknown().optional(),
-  guidance_scale: z.unknown().optional(),
-  seed: z.unknown().optional(),
-  scheduler: z.unknown().optional(),
-  webhook_url: z.unknown().optional(),
+  negative_prompt: createImageBody.shape.negative_prompt.optional(),
+  num_steps: createImageBody.shape.num_steps.optional(),
+  guidance_scale: createImageBody.shape.guidance_scale.optional(),
+  seed: createImageBody.shape.seed.optional(),
+  scheduler: createImageBody.shape.scheduler.optional(),
+  webhook_url: createImageBody.shape.webhook_url.optional(),
 });
 
 /** The native parameter a field error is about, as the OpenAI request names it. */
@@ -144,12 +145,22 @@ export const openAiRoutes: FastifyPluginAsync<OpenAiRoutesOptions> = async (app,
     return sendOpenAi(reply, e);
   });
 
-  app.get('/v1/models', async () => {
-    const models = await opts.models();
-    return { object: 'list', data: models.map(modelJson) };
-  });
+  app.get(
+    '/v1/models',
+    { schema: { tags: ['openai'], summary: 'The models the fleet serves (OpenAI shape)', response: { 200: openAiModelListSchema, ...openAiErrors(503) } } },
+    async () => {
+      const models = await opts.models();
+      return { object: 'list', data: models.map(modelJson) };
+    },
+  );
 
-  app.get<{ Params: { model: string } }>('/v1/models/:model', async (request) => {
+  const modelSchema = {
+    tags: ['openai'],
+    summary: 'One model (OpenAI shape)',
+    params: z.object({ model: z.string() }),
+    response: { 200: openAiModelSchema, ...openAiErrors(404, 503) },
+  };
+  app.get<{ Params: { model: string } }>('/v1/models/:model', { schema: modelSchema }, async (request) => {
     const found = (await opts.models()).find((m) => m.id === request.params.model);
     if (!found)
       throw new OpenAiError(
@@ -162,12 +173,17 @@ export const openAiRoutes: FastifyPluginAsync<OpenAiRoutesOptions> = async (app,
     return modelJson(found);
   });
 
-  app.post('/v1/images/generations', async (request, reply) => {
-    const raw = request.body;
-    if (typeof raw !== 'object' || raw === null || Array.isArray(raw)) throw invalid('The request body must be a JSON object.', null);
-    const parsed = generationsBody.safeParse(raw, { reportInput: true });
-    if (!parsed.success) throw fromValidation(new ValidationError(fieldErrors(parsed.error)));
-    const b = parsed.data;
+  const generationsSchema = {
+    tags: ['openai'],
+    summary: 'Create images (OpenAI Images API); waits for them',
+    description:
+      'n 1..4 (seeds seed, seed+1, ...), size "WxH" (multiples of 8, 64..2048) or "auto" (512x512), response_format url or b64_json, model (an id of GET /v1/models or an OpenAI image model name), user (not stored); quality, style, background, moderation, output_format, output_compression, partial_images are ignored. Extensions: negative_prompt, num_steps, guidance_scale, seed, scheduler, webhook_url. The job id is in X-T2I-Job-Id.',
+    headers: idempotencyHeaders,
+    body: generationsBody,
+    response: { 200: openAiImagesSchema, ...openAiErrors(400, 401, 404, 409, 413, 415, 422, 429, 500, 503, 504) },
+  };
+  app.post('/v1/images/generations', { schema: generationsSchema }, async (request, reply) => {
+    const b = request.body as z.infer<typeof generationsBody>;
     if (b.model != null && !OPENAI_IMAGE_MODELS.has(b.model) && !(await opts.models()).some((m) => m.id === b.model)) {
       throw new OpenAiError(
         404,

@@ -1,6 +1,7 @@
 import type { FastifyPluginAsync } from 'fastify';
 import type { ImagesService } from '../core/images.js';
 import type { WebhookRepo } from '../core/webhooks.js';
+import { jobIdParams, problems, webhookDeliveriesSchema } from './schemas.js';
 
 /**
  * GET /generated-images/{id}/webhook-deliveries: what became of a job's webhook, attempt by
@@ -14,7 +15,13 @@ export interface WebhookRoutesOptions {
 }
 
 export const webhookRoutes: FastifyPluginAsync<WebhookRoutesOptions> = async (app, opts) => {
-  app.get<{ Params: { id: string } }>('/generated-images/:id/webhook-deliveries', async (request) => {
+  const schema = {
+    tags: ['webhooks'],
+    summary: "A job's webhook deliveries and their attempts",
+    params: jobIdParams,
+    response: { 200: webhookDeliveriesSchema, ...problems(404, 503) },
+  };
+  app.get<{ Params: { id: string } }>('/generated-images/:id/webhook-deliveries', { schema }, async (request) => {
     const job = await opts.images.get(request.params.id);
     const items = await opts.deliveries.forImage(job.id);
     return {

@@ -22,9 +22,9 @@ export interface SseConnection {
   close(): void;
 }
 
-export async function openSse(url: string, headers: Record<string, string> = {}): Promise<SseConnection> {
+export async function openSse(url: string, headers: Record<string, string> = {}, fetchImpl: typeof fetch = fetch): Promise<SseConnection> {
   const controller = new AbortController();
-  const res = await fetch(url, { headers: { accept: 'text/event-stream', ...headers }, signal: controller.signal });
+  const res = await fetchImpl(url, { headers: { accept: 'text/event-stream', ...headers }, signal: controller.signal });
   let comments = 0;
   if (!res.headers.get('content-type')?.startsWith('text/event-stream')) {
     const text = await res.text();

@@ -11,9 +11,15 @@ import { freePort } from '../../src/dev/services.js';
 import { configEnv, spawnService, testEngineArgs, type ServiceProcess } from '../support/processes.js';
 import { quantile } from '../../src/bench/service-bench.js';
 import { openSse, type SseEvent } from '../../src/bench/sse-client.js';
+import { checkedFetch, responseChecker, type ResponseChecker } from '../support/openapi.js';
 import { isolatedConfig } from '../support/system.js';
 
 const STEP_MS = 40;
+
+/** Every answer is checked against the API's OpenAPI document. */
+let checker: ResponseChecker | undefined;
+const cfetch: typeof fetch = (input, init) => checkedFetch(checker!)(input, init);
+const sse = (url: string, headers: Record<string, string> = {}) => openSse(url, headers, cfetch);
 const HEARTBEAT_MS = 300;
 
 interface Running {
@@ -37,11 +43,12 @@ async function startProcesses(config: Config, apis: number, workerArgs: string[]
     ...procs.slice(0, apis).map((p) => p.waitForLine((l) => l.msg === 'api listening')),
     worker.waitForLine((l) => l.msg === 'worker ready', 60_000),
   ]);
+  checker ??= responseChecker(await (await fetch(`${urls[0]!}/openapi.json`)).json());
   return { config, procs, apis: urls };
 }
 
 async function submit(api: string, body: Record<string, unknown>): Promise<string> {
-  const res = await fetch(`${api}/generated-images`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) });
+  const res = await cfetch(`${api}/generated-images`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) });
   expect(res.status, await res.clone().text()).toBe(201);
   return ((await res.json()) as { id: string }).id;
 }
@@ -108,7 +115,7 @@ describe('events from a test-engine worker through a second API instance', () =>
     const id = await submit(a, { prompt: 'a red circle', num_steps: steps, width: 256, height: 192, seed: 7 });
 
     // Connect to the other instance, read until step 10, drop the connection.
-    const first = await openSse(`${b}/generated-images/${id}/events`);
+    const first = await sse(`${b}/generated-images/${id}/events`);
     expect(first.status).toBe(200);
     expect(first.headers.get('cache-control')).toContain('no-cache');
     const part1 = await collect(first.events, (e) => e.event === 'progress' && (e.data.step as number) >= 10);
@@ -116,7 +123,7 @@ describe('events from a test-engine worker through a second API instance', () =>
     const lastId = part1.filter((e) => e.id).at(-1)!.id!;
 
     // Resume there (as EventSource does on reconnect), to the end.
-    const second = await openSse(`${b}/generated-images/${id}/events`, { 'last-event-id': lastId });
+    const second = await sse(`${b}/generated-images/${id}/events`, { 'last-event-id': lastId });
     const part2 = await collect(second.events);
     expect(TERMINAL.has(part2.at(-1)!.event), 'the stream ends at the terminal event').toBe(true);
     expect(second.comments(), 'heartbeats while the job runs').toBeGreaterThan(0);
@@ -128,7 +135,7 @@ describe('events from a test-engine worker through a second API instance', () =>
     );
 
     // The whole log, replayed from the start by the first instance after the end, is exactly what the two parts had.
-    const replay = await openSse(`${a}/generated-images/${id}/events`);
+    const replay = await sse(`${a}/generated-images/${id}/events`);
     const all = await collect(replay.events);
     expect(joined.flatMap((e) => (e.id ? [e.id] : []))).toEqual(all.flatMap((e) => (e.id ? [e.id] : [])));
 
@@ -153,7 +160,7 @@ describe('events from a test-engine worker through a second API instance', () =>
     // One worker, one job at a time: the third job waits behind two.
     const ids = [];
     for (let i = 0; i < 3; i++) ids.push(await submit(a, { prompt: 'a blue square', num_steps: 15, width: 64, height: 64 }));
-    const conn = await openSse(`${b}/generated-images/${ids[2]}/events`);
+    const conn = await sse(`${b}/generated-images/${ids[2]}/events`);
     const events = await collect(conn.events);
     const positions = events.filter((e) => e.event === 'queue').map((e) => e.data.jobs_ahead as number);
     expect(positions.length).toBeGreaterThanOrEqual(1);
@@ -165,14 +172,14 @@ describe('events from a test-engine worker through a second API instance', () =>
   it('SSE: a finished job replays its events and ends; unknown jobs and bad ids are problems', async () => {
     const [a, b] = sys.apis as [string, string];
     const id = await submit(a, { prompt: 'a green circle', num_steps: 5, width: 64, height: 64 });
-    await collect((await openSse(`${a}/generated-images/${id}/events`)).events);
-    const late = await collect((await openSse(`${b}/generated-images/${id}/events`)).events);
+    await collect((await sse(`${a}/generated-images/${id}/events`)).events);
+    const late = await collect((await sse(`${b}/generated-images/${id}/events`)).events);
     await expectCompleteRun(late, 5);
 
-    const unknown = await openSse(`${b}/generated-images/00000000-0000-4000-8000-000000000000/events`);
+    const unknown = await sse(`${b}/generated-images/00000000-0000-4000-8000-000000000000/events`);
     expect(unknown.status).toBe(404);
     expect(unknown.headers.get('content-type')).toMatch(/^application\/problem\+json/);
-    const bad = await openSse(`${b}/generated-images/${id}/events`, { 'last-event-id': 'x; DROP' });
+    const bad = await sse(`${b}/generated-images/${id}/events`, { 'last-event-id': 'x; DROP' });
     expect(bad.status).toBe(400);
     expect(bad.errorBody).toMatchObject({ errors: [{ field: 'Last-Event-ID', rule: 'format' }] });
   });
@@ -180,11 +187,11 @@ describe('events from a test-engine worker through a second API instance', () =>
   it('SSE: a canceled job ends with canceled', async () => {
     const [a, b] = sys.apis as [string, string];
     const id = await submit(a, { prompt: 'a red square', num_steps: 100, width: 64, height: 64 });
-    const conn = await openSse(`${b}/generated-images/${id}/events`);
+    const conn = await sse(`${b}/generated-images/${id}/events`);
     const seen: SseEvent[] = [];
     for await (const e of conn.events) {
       seen.push(e);
-      if (e.event === 'progress' && e.data.step === 3) await fetch(`${a}/generated-images/${id}/cancel`, { method: 'POST' });
+      if (e.event === 'progress' && e.data.step === 3) await cfetch(`${a}/generated-images/${id}/cancel`, { method: 'POST' });
     }
     expect(seen.at(-1)).toMatchObject({ event: 'canceled', data: { status: 'canceled' } });
   });
@@ -226,7 +233,7 @@ describe('events from a test-engine worker through a second API instance', () =>
     expect(errors).toContainEqual(expect.objectContaining({ status: 400, errors: [expect.objectContaining({ rule: 'json' })] }));
 
     // A plain GET on the WebSocket route says what it is.
-    const plain = await fetch(`${b}/events`);
+    const plain = await cfetch(`${b}/events`);
     expect(plain.status).toBe(426);
   });
 });
@@ -246,10 +253,24 @@ describe('previews from the real engine (oracle model)', () => {
   it("sends the engine's latent preview as a 128 px WebP", async () => {
     const [a] = sys.apis as [string];
     const id = await submit(a, { prompt: 'a big red circle', num_steps: 150, width: 512, height: 512, scheduler: 'euler', seed: 3 });
-    const events = await collect((await openSse(`${a}/generated-images/${id}/events`)).events);
+    const events = await collect((await sse(`${a}/generated-images/${id}/events`)).events);
     expect(events.at(-1)!.event).toBe('done');
     const previews = events.filter((e) => e.event === 'preview');
     expect(previews.length).toBeGreaterThanOrEqual(1);
     for (const p of previews) await expectPreview(p);
+  });
+});
+
+describe('the OpenAPI document', () => {
+  it('documents every answer these tests received', () => {
+    checker!.expectNoMismatch();
+    expect([...checker!.seen.keys()]).toEqual(
+      expect.arrayContaining([
+        'GET /generated-images/{id}/events 200',
+        'GET /generated-images/{id}/events 404',
+        'GET /generated-images/{id}/events 400',
+        'GET /events 426',
+      ]),
+    );
   });
 });

@@ -9,12 +9,16 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Config } from '../../src/config.js';
 import { freePort } from '../../src/dev/services.js';
 import { configEnv, spawnService, type ServiceProcess } from '../support/processes.js';
+import { checkedFetch, responseChecker, type ResponseChecker } from '../support/openapi.js';
 import { isolatedConfig } from '../support/system.js';
 
 let config: Config;
 const procs: ServiceProcess[] = [];
 const apis: string[] = [];
 let db: pg.Client;
+/** Every answer is checked against the API's OpenAPI document. */
+let checker: ResponseChecker;
+let cfetch: typeof fetch;
 
 beforeAll(async () => {
   config = await isolatedConfig();
@@ -24,6 +28,8 @@ beforeAll(async () => {
     apis.push(`http://127.0.0.1:${port}`);
   }
   await Promise.all(procs.map((p) => p.waitForLine((l) => l.msg === 'api listening')));
+  checker = responseChecker(await (await fetch(`${apis[0]!}/openapi.json`)).json());
+  cfetch = checkedFetch(checker);
   db = new pg.Client({ connectionString: config.DATABASE_URL });
   await db.connect();
 });
@@ -34,7 +40,7 @@ afterAll(async () => {
 });
 
 function post(api: string, body: unknown, key?: string) {
-  return fetch(`${api}/generated-images`, {
+  return cfetch(`${api}/generated-images`, {
     method: 'POST',
     headers: { 'content-type': 'application/json', ...(key === undefined ? {} : { 'idempotency-key': key }) },
     body: JSON.stringify(body),
@@ -119,5 +125,14 @@ describe('Idempotency-Key on POST /generated-images', () => {
     expect(second.status).toBe(201);
     expect(second.headers.get('idempotent-replayed')).toBeNull();
     expect(((await second.json()) as { id: string }).id).not.toBe(first.id);
+  });
+});
+
+describe('the OpenAPI document', () => {
+  it('documents every answer these tests received', () => {
+    checker.expectNoMismatch();
+    expect([...checker.seen.keys()]).toEqual(
+      expect.arrayContaining(['POST /generated-images 201', 'POST /generated-images 400', 'POST /generated-images 422']),
+    );
   });
 });

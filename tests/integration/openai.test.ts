@@ -9,12 +9,16 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Config } from '../../src/config.js';
 import { freePort } from '../../src/dev/services.js';
 import { configEnv, spawnService, testEngineArgs, type ServiceProcess } from '../support/processes.js';
+import { checkedFetch, responseChecker, type ResponseChecker } from '../support/openapi.js';
 import { isolatedConfig } from '../support/system.js';
 
 let config: Config;
 const procs: ServiceProcess[] = [];
 let api = '';
 let client: OpenAI;
+/** Every answer these tests get is checked against the API's OpenAPI document. */
+let checker: ResponseChecker;
+let cfetch: typeof fetch;
 
 beforeAll(async () => {
   config = await isolatedConfig({ LOG_LEVEL: 'info' });
@@ -23,7 +27,9 @@ beforeAll(async () => {
   procs.push(spawnService('worker', 'worker', configEnv(config, { WORKER_ID: 'openai-worker' }), testEngineArgs(5)));
   await Promise.all([procs[0]!.waitForLine((l) => l.msg === 'api listening'), procs[1]!.waitForLine((l) => l.msg === 'worker ready')]);
   api = `http://127.0.0.1:${port}`;
-  client = new OpenAI({ apiKey: 'sk-not-checked-here', baseURL: `${api}/v1`, maxRetries: 0 });
+  checker = responseChecker(await (await fetch(`${api}/openapi.json`)).json());
+  cfetch = checkedFetch(checker);
+  client = new OpenAI({ apiKey: 'sk-not-checked-here', baseURL: `${api}/v1`, maxRetries: 0, fetch: cfetch });
 });
 
 afterAll(async () => {
@@ -83,7 +89,7 @@ describe('the openai client', () => {
     });
     expect(res.data).toHaveLength(1);
     // The job is a job like any other.
-    const job = (await (await fetch(`${api}/generated-images?limit=1`)).json()) as { items: Array<{ prompt: string; status: string }> };
+    const job = (await (await cfetch(`${api}/generated-images?limit=1`)).json()) as { items: Array<{ prompt: string; status: string }> };
     expect(job.items[0]).toMatchObject({ prompt: 'a green circle', status: 'succeeded' });
   });
 
@@ -123,14 +129,29 @@ describe('the openai client', () => {
 
 describe('discovery', () => {
   it('GET /models and GET /schedulers list the fleet, with defaults and limits', async () => {
-    const models = (await (await fetch(`${api}/models`)).json()) as Record<string, unknown> & { models: Array<Record<string, unknown>> };
+    const models = (await (await cfetch(`${api}/models`)).json()) as Record<string, unknown> & { models: Array<Record<string, unknown>> };
     expect(models.models).toEqual([
       expect.objectContaining({ id: 'test-engine', workers: 1, providers: ['none'], model_defaults: expect.objectContaining({ num_steps: 50 }) as unknown }),
     ]);
     expect(models.limits).toMatchObject({ max_steps: 150, max_images: 4, max_pixel_steps: config.MAX_PIXEL_STEPS });
-    const schedulers = (await (await fetch(`${api}/schedulers`)).json()) as { schedulers: Array<{ name: string; models: string[] }>; default: string };
+    const schedulers = (await (await cfetch(`${api}/schedulers`)).json()) as { schedulers: Array<{ name: string; models: string[] }>; default: string };
     expect(schedulers.schedulers.map((s) => s.name)).toEqual(['pndm', 'ddim', 'euler', 'euler_ancestral', 'dpmpp_2m', 'lcm']);
     expect(schedulers.schedulers[0]!.models).toEqual(['test-engine']);
     expect(schedulers.default).toBe('pndm');
+  });
+});
+
+describe('the OpenAPI document', () => {
+  it('documents every answer these tests received', () => {
+    checker.expectNoMismatch();
+    expect([...checker.seen.keys()]).toEqual(
+      expect.arrayContaining([
+        'POST /v1/images/generations 200',
+        'POST /v1/images/generations 400',
+        'POST /v1/images/generations 404',
+        'GET /v1/models 200',
+        'GET /models 200',
+      ]),
+    );
   });
 });

@@ -10,6 +10,7 @@ import type { Config } from '../../src/config.js';
 import { freePort } from '../../src/dev/services.js';
 import { configEnv, spawnService, testEngineArgs, type ServiceProcess } from '../support/processes.js';
 import { TestDns } from '../support/dns.js';
+import { checkedFetch, responseChecker, type ResponseChecker } from '../support/openapi.js';
 import { isolatedConfig } from '../support/system.js';
 
 const SECRET = `whsec_${Buffer.from('a test secret of thirty-two bytes!').toString('base64')}`;
@@ -29,6 +30,9 @@ const received: Received[] = [];
 const answers = new Map<string, number[]>();
 const procs: ServiceProcess[] = [];
 let api = '';
+/** Every answer is checked against the API's OpenAPI document. */
+let checker: ResponseChecker | undefined;
+const cfetch: typeof fetch = (input, init) => checkedFetch(checker!)(input, init);
 
 beforeAll(async () => {
   dns = new TestDns();
@@ -71,6 +75,7 @@ async function startApi(): Promise<void> {
   procs.push(p);
   await p.waitForLine((l) => l.msg === 'api listening');
   api = `http://127.0.0.1:${port}`;
+  checker ??= responseChecker(await (await fetch(`${api}/openapi.json`)).json());
 }
 
 async function startWorker(name = 'worker'): Promise<ServiceProcess> {
@@ -81,7 +86,7 @@ async function startWorker(name = 'worker'): Promise<ServiceProcess> {
 }
 
 async function submit(body: Record<string, unknown>): Promise<Response> {
-  return fetch(`${api}/generated-images`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) });
+  return cfetch(`${api}/generated-images`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) });
 }
 
 interface DeliveryJson {
@@ -92,7 +97,7 @@ interface DeliveryJson {
 }
 
 async function deliveries(id: string): Promise<DeliveryJson[]> {
-  const res = await fetch(`${api}/generated-images/${id}/webhook-deliveries`);
+  const res = await cfetch(`${api}/generated-images/${id}/webhook-deliveries`);
   expect(res.status).toBe(200);
   return ((await res.json()) as { items: DeliveryJson[] }).items;
 }
@@ -223,5 +228,12 @@ describe('webhooks', () => {
     }
     // The allowlisted receiver is accepted.
     expect((await submit({ prompt: 'x', webhook_url: `${receiverUrl}/ok` })).status).toBe(201);
+  });
+});
+
+describe('the OpenAPI document', () => {
+  it('documents every answer these tests received', () => {
+    checker!.expectNoMismatch();
+    expect([...checker!.seen.keys()]).toEqual(expect.arrayContaining(['GET /generated-images/{id}/webhook-deliveries 200', 'POST /generated-images 400']));
   });
 });
