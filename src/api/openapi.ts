@@ -23,14 +23,14 @@ import { packageVersion } from '../core/reporting.js';
 export const zodValidatorCompiler: FastifySchemaCompiler<z.ZodType> = ({ schema, httpPart }) => {
   // Headers are documented, and read by the routes that take them (idempotencyKeyOf names the
   // header in its errors as clients spell it).
-  if (httpPart === 'headers') return (data) => ({ value: data });
-  return (data) => {
+  if (httpPart === 'headers') return (data: unknown) => ({ value: data });
+  return (data: unknown) => {
     if (httpPart === 'body' && (typeof data !== 'object' || data === null || Array.isArray(data))) {
       return { error: new ValidationError([{ field: '(body)', rule: 'type', message: 'must be a JSON object' }]) };
     }
     // reportInput: zod 4 leaves `input` off issues otherwise, and fieldErrors would call every wrongly typed field "required".
     const result = schema.safeParse(data, { reportInput: true });
-    return result.success ? { value: result.data as unknown } : { error: new ValidationError(fieldErrors(result.error)) };
+    return result.success ? { value: result.data } : { error: new ValidationError(fieldErrors(result.error)) };
   };
 };
 
