@@ -1,3 +1,5 @@
+import { createHmac } from 'node:crypto';
+
 /**
  * Webhooks: when a job with a `webhook_url` ends (succeeded, failed, canceled), its outcome is
  * POSTed there, signed per Standard Webhooks (webhook-id, webhook-timestamp, webhook-signature
@@ -12,6 +14,18 @@
  * sends again): receivers deduplicate by webhook-id, which stays the same on every retry, as
  * does the body.
  */
+
+/**
+ * The signing secret of one tenant's webhooks, derived from the deployment's WEBHOOK_SECRET:
+ * "whsec_" + base64(HMAC-SHA256(master, "t2i-webhook-signing:" + tenant id)). Each tenant's
+ * receivers verify with their own secret, so no tenant can sign as t2i towards another's
+ * receiver; nothing is stored (the derivation is the only copy, and the master never leaves the
+ * configuration); rotating the master rotates every tenant's secret.
+ */
+export function tenantSigningSecret(master: string, tenantId: string): string {
+  const key = Buffer.from(master.replace(/^whsec_/, ''), 'base64');
+  return `whsec_${createHmac('sha256', key).update(`t2i-webhook-signing:${tenantId}`).digest('base64')}`;
+}
 
 export interface DueDelivery {
   id: string;
