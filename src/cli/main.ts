@@ -25,6 +25,10 @@ const HELP = `t2i: text-to-image on Stable Diffusion ONNX models
                         a worker: loads MODEL_DIR once, then runs jobs one at a time
                         (--test-engine: the test double instead of a model, for tests only)
   t2i migrate           applies prisma/migrations to DATABASE_URL
+  t2i keys create --tenant NAME [--name LABEL] [--json]
+                        a new API key for the tenant (created if new), shown only this once
+  t2i keys list [--tenant NAME] [--json]    keys by prefix, tenant, name, last use, revocation
+  t2i keys revoke PREFIX                    the key stops working at once
   t2i doctor [--json]   checks this host or image: Node and onnxruntime, execution providers
                         and their libraries, the model, Postgres, Redis and S3; exits 1 on a problem
   t2i check-libs [DIR|FILE ...] [--require NAME] [--driver-at-runtime]
@@ -99,6 +103,7 @@ const commands: Record<string, (argv: string[]) => Promise<void | number>> = {
   worker: workerCommand,
   migrate: migrateCommand,
   demo: demoCommand,
+  keys: async (argv) => (await import('./keys.js')).keysCommand(argv),
   doctor: async (argv) => (await import('./doctor.js')).doctorCommand(argv),
   'check-libs': async (argv) => (await import('./check-libs.js')).checkLibsCommand(argv),
   models: async (argv) => (await import('./models.js')).modelsCommand(argv),
