@@ -1,19 +1,32 @@
 import { describe, expect, it } from 'vitest';
 import { buildApp } from '../../src/api/app.js';
 import { createApiMetrics } from '../../src/api/metrics.js';
+import { AccountsService, type AccountsRepo } from '../../src/core/accounts.js';
 import { ImagesService, type ImagesRepo, type JobQueue } from '../../src/core/images.js';
 import { createLogger } from '../../src/core/logger.js';
 import { createWorkerMetrics } from '../../src/worker/metrics.js';
 
-/** Metric modules without services: registries per instance, the /metrics token, queue-depth timeouts. */
+/** Metric modules without services (fake repositories that know no job and no key): registries per instance, the /metrics token, queue-depth timeouts. */
 
-function app(token?: string) {
+const TOKEN = 'a-long-metrics-token-123';
+const SCRAPE = { authorization: `Bearer ${TOKEN}` };
+
+/** `null`: no METRICS_TOKEN. */
+function app(token: string | null = TOKEN) {
   const images = new ImagesService({
     repo: { get: async () => null } as unknown as ImagesRepo,
     queue: { enqueue: async () => undefined, remove: async () => false, depth: async () => 0 } as unknown as JobQueue,
-    storage: { presignGet: async () => ({ url: '', expiresAt: new Date() }) },
+    storage: { presignGet: async () => ({ url: '', expiresAt: new Date() }), removeImageObjects: async () => undefined },
   });
-  return buildApp({ images, logger: createLogger({ name: 'api', level: 'silent' }), bodyLimit: 65_536, metrics: createApiMetrics(), metricsToken: token });
+  const fakeAccounts = new AccountsService({ keyByHash: async () => null } as unknown as AccountsRepo);
+  return buildApp({
+    images,
+    accounts: fakeAccounts,
+    logger: createLogger({ name: 'api', level: 'silent' }),
+    bodyLimit: 65_536,
+    metrics: createApiMetrics(),
+    metricsToken: token ?? undefined,
+  });
 }
 
 describe('API metrics', () => {
@@ -22,8 +35,8 @@ describe('API metrics', () => {
     await a.inject({ method: 'GET', url: '/healthz' });
     await a.inject({ method: 'GET', url: '/healthz' });
     await b.inject({ method: 'GET', url: '/generated-images/00000000-0000-4000-8000-000000000000' });
-    const ta = (await a.inject({ method: 'GET', url: '/metrics' })).body;
-    const tb = (await b.inject({ method: 'GET', url: '/metrics' })).body;
+    const ta = (await a.inject({ method: 'GET', url: '/metrics', headers: SCRAPE })).body;
+    const tb = (await b.inject({ method: 'GET', url: '/metrics', headers: SCRAPE })).body;
     expect(ta).toMatch(/http_requests_total\{method="GET",route="\/healthz",status_class="2xx"\} 2/);
     expect(tb).not.toContain('route="/healthz"');
     expect(tb).toMatch(/http_requests_total\{method="GET",route="\/generated-images\/:id",status_class="4xx"\} 1/);
@@ -31,12 +44,20 @@ describe('API metrics', () => {
   });
 
   it('asks for the bearer token when METRICS_TOKEN is set', async () => {
-    const a = app('a-long-metrics-token-123');
+    const a = app(TOKEN);
     expect((await a.inject({ method: 'GET', url: '/metrics' })).statusCode).toBe(401);
     expect((await a.inject({ method: 'GET', url: '/metrics', headers: { authorization: 'Bearer wrong-token-of-same-len' } })).statusCode).toBe(401);
     const ok = await a.inject({ method: 'GET', url: '/metrics', headers: { authorization: 'Bearer a-long-metrics-token-123' } });
     expect(ok.statusCode).toBe(200);
     expect(ok.headers['content-type']).toMatch(/^text\/plain; version=0\.0\.4/);
+    await a.close();
+  });
+
+  it('serves no /metrics on the API without METRICS_TOKEN: its port faces users', async () => {
+    const a = app(null);
+    const res = await a.inject({ method: 'GET', url: '/metrics' });
+    expect(res.statusCode).toBe(404);
+    expect(res.body).not.toContain('http_requests_total');
     await a.close();
   });
 });
