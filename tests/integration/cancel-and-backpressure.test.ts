@@ -3,6 +3,7 @@ import { pino } from 'pino';
 import { startApi, type RunningApi } from '../../src/api/main.js';
 import { startWorker, type RunningWorker } from '../../src/worker/main.js';
 import type { Config } from '../../src/config.js';
+import { createTestKey } from '../support/accounts.js';
 import { isolatedConfig } from '../support/system.js';
 
 /**
@@ -15,9 +16,11 @@ let api: RunningApi;
 let worker: RunningWorker | undefined;
 let base: string;
 let config: Config;
+let auth: { authorization: string };
 
 beforeAll(async () => {
   config = await isolatedConfig({ PROGRESS_INTERVAL_MS: '50', MAX_QUEUE_DEPTH: '3' });
+  ({ auth } = await createTestKey(config.DATABASE_URL));
   api = await startApi(config, { logger: silent });
   base = api.url;
 });
@@ -34,9 +37,9 @@ afterAll(async () => {
 });
 
 const post = (body: object) =>
-  fetch(`${base}/generated-images`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) });
-const cancel = (id: string) => fetch(`${base}/generated-images/${id}/cancel`, { method: 'POST' });
-const get = async (id: string) => (await (await fetch(`${base}/generated-images/${id}`)).json()) as Record<string, unknown>;
+  fetch(`${base}/generated-images`, { method: 'POST', headers: { ...auth, 'content-type': 'application/json' }, body: JSON.stringify(body) });
+const cancel = (id: string) => fetch(`${base}/generated-images/${id}/cancel`, { method: 'POST', headers: auth });
+const get = async (id: string) => (await (await fetch(`${base}/generated-images/${id}`, { headers: auth })).json()) as Record<string, unknown>;
 
 describe('back-pressure', () => {
   it('answers 503 with Retry-After once the queue holds MAX_QUEUE_DEPTH jobs, and accepts again when it drains', async () => {
@@ -77,7 +80,7 @@ describe('cancel', () => {
     expect(job).toMatchObject({ status: 'canceled', attempts: 0, file_name: null });
     expect(job.cancel_requested_at).toEqual(expect.any(String));
     expect(job.finished_at).toEqual(expect.any(String));
-    const url = await fetch(`${base}/generated-images/${id}/url`);
+    const url = await fetch(`${base}/generated-images/${id}/url`, { headers: auth });
     expect(url.status).toBe(400);
     expect(((await url.json()) as { detail: string }).detail).toBe('The job was canceled; there is no image.');
   });
