@@ -120,8 +120,9 @@ export async function registerAuth(scope: FastifyInstance, opts: AuthOptions): P
       request.principal = anonymous;
     } else {
       if (failures && limits) {
+        // Cut off once the address has used up its failures: the next key is not even looked at.
         const seen = await consult(failures, request, false);
-        if (seen && !seen.isAllowed && seen.isExceeded) {
+        if (seen && !seen.isAllowed && seen.remaining <= 0) {
           throw new RateLimitedError(
             'Too many requests from this address failed to authenticate. Wait for the time in Retry-After before trying again.',
             limitHeaders(limits.authFailures.max, limits.authFailures.windowMs, 0, seen.ttl ?? limits.authFailures.windowMs, true),
