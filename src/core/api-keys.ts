@@ -44,3 +44,14 @@ export function parsePrefix(text: string): string | null {
   const m = /^(?:t2i_)?([0-9a-f]{8})(?:_.*)?$/.exec(text.trim());
   return m ? m[1]! : null;
 }
+
+/** The secret part of any API key in a text; the public prefix stays, so the text still says whose. */
+const KEY_SECRET_IN_TEXT = /\b(t2i_[0-9a-f]{8}_)[0-9a-f]{64}\b/g;
+
+/**
+ * Blanks the secret of every API key in a text: for log lines and error bodies that quote what a
+ * client sent (a key pasted into a path, a query string or a body field).
+ */
+export function redactApiKeys(text: string, replacement = '[redacted]'): string {
+  return text.replace(KEY_SECRET_IN_TEXT, `$1${replacement}`);
+}
