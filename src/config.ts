@@ -238,7 +238,9 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env, role: Role = 'a
   }
   // Secure by default: an API without keys must not be reachable from other machines.
   if (role === 'api' && result.success && result.data.AUTH === 'off' && !isLoopbackHost(result.data.HOST)) {
-    issues.push(`AUTH: "off" is only allowed when HOST is a loopback address (127.0.0.1, ::1, localhost), not "${result.data.HOST}"; create API keys with \`t2i keys create\` instead`);
+    issues.push(
+      `AUTH: "off" is only allowed when HOST is a loopback address (127.0.0.1, ::1, localhost), not "${result.data.HOST}"; create API keys with \`t2i keys create\` instead`,
+    );
   }
   if (issues.length > 0) throw new ConfigError(issues);
   return result.data!;
@@ -296,7 +298,10 @@ function isTrustProxy(v: string): boolean {
 
 /** True for addresses only this machine can reach: 127.0.0.0/8, ::1 and localhost. */
 export function isLoopbackHost(host: string): boolean {
-  const h = host.trim().toLowerCase().replace(/^\[|\]$/g, '');
+  const h = host
+    .trim()
+    .toLowerCase()
+    .replace(/^\[|\]$/g, '');
   return h === 'localhost' || h === '::1' || /^127\.\d{1,3}\.\d{1,3}\.\d{1,3}$/.test(h) || h === '::ffff:127.0.0.1';
 }
 

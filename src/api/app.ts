@@ -187,7 +187,9 @@ export function buildApp(deps: AppDeps): FastifyInstance {
       return { url, expires_at: expiresAt.toISOString() };
     });
 
-    scope.post<{ Params: { id: string } }>('/generated-images/:id/cancel', async (request) => imageJson(await deps.images.cancel(tenant(request), request.params.id)));
+    scope.post<{ Params: { id: string } }>('/generated-images/:id/cancel', async (request) =>
+      imageJson(await deps.images.cancel(tenant(request), request.params.id)),
+    );
 
     // Removes the image objects and the prompts; the job is gone for its owner (404 afterwards).
     scope.delete<{ Params: { id: string } }>('/generated-images/:id', async (request, reply) => {

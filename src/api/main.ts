@@ -32,7 +32,9 @@ export interface ApiOverrides {
 export async function startApi(config: Config = loadConfig(process.env, 'api'), overrides: ApiOverrides = {}): Promise<RunningApi> {
   // Also checked by loadConfig for the api role; repeated here for configurations made otherwise.
   if (config.AUTH === 'off' && !isLoopbackHost(config.HOST)) {
-    throw new Error(`AUTH=off is only allowed when HOST is a loopback address (127.0.0.1, ::1, localhost), not "${config.HOST}": anyone who can reach the API could use it`);
+    throw new Error(
+      `AUTH=off is only allowed when HOST is a loopback address (127.0.0.1, ::1, localhost), not "${config.HOST}": anyone who can reach the API could use it`,
+    );
   }
   const logger = overrides.logger ?? (await createProcessLogger(config, 'api'));
   if (config.AUTH === 'off') logger.warn({}, 'AUTH=off: requests need no API key; every caller is the tenant "anonymous"');

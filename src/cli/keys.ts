@@ -83,7 +83,13 @@ export async function keysCommand(argv: string[]): Promise<number> {
           ...keys.map((k) => [k.prefix, k.tenantName, k.name ?? '-', iso(k.createdAt), iso(k.lastUsedAt), iso(k.revokedAt)]),
         ];
         const widths = rows[0]!.map((_, i) => Math.max(...rows.map((r) => r[i]!.length)));
-        for (const r of rows) out(r.map((c, i) => c.padEnd(widths[i]!)).join('  ').trimEnd());
+        for (const r of rows)
+          out(
+            r
+              .map((c, i) => c.padEnd(widths[i]!))
+              .join('  ')
+              .trimEnd(),
+          );
         return 0;
       }
       case 'revoke': {

@@ -204,7 +204,11 @@ export async function demoCommand(argv: string[]): Promise<void> {
 
     const body = { prompt: values.prompt, num_steps: 30 };
     say(`$ curl -X POST ${api}/generated-images -H "Authorization: Bearer $T2I_KEY" -H 'content-type: application/json' -d '${JSON.stringify(body)}'`);
-    const created = await fetch(`${api}/generated-images`, { method: 'POST', headers: { ...auth, 'content-type': 'application/json' }, body: JSON.stringify(body) });
+    const created = await fetch(`${api}/generated-images`, {
+      method: 'POST',
+      headers: { ...auth, 'content-type': 'application/json' },
+      body: JSON.stringify(body),
+    });
     const job = (await created.json()) as { id: string; status: string; progress: number };
     say(`${created.status} ${JSON.stringify(job)}`);
     let last = -1;

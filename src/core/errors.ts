@@ -67,7 +67,11 @@ export class ServiceUnavailableError extends ProblemError {
 /** Over a tenant's quota: what was exceeded, its limit and use, and when it resets (Retry-After). */
 export class QuotaExceededError extends ProblemError {
   override name = 'QuotaExceededError';
-  constructor(detail: string, extra: { quota: 'in_flight' | 'daily_pixel_steps'; limit: number; used: number; requested?: number; resets_at: string | null }, retryAfterSeconds: number) {
+  constructor(
+    detail: string,
+    extra: { quota: 'in_flight' | 'daily_pixel_steps'; limit: number; used: number; requested?: number; resets_at: string | null },
+    retryAfterSeconds: number,
+  ) {
     super(429, 'Quota exceeded', detail, extra, { 'retry-after': String(retryAfterSeconds) });
   }
 }

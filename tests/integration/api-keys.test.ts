@@ -67,7 +67,12 @@ describe('t2i keys', () => {
     expect(await usage.json()).toMatchObject({ tenant: 'acme' });
 
     const json = await keys('create', '--tenant', 'acme', '--json');
-    expect(JSON.parse(json.stdout)).toMatchObject({ key: expect.stringMatching(/^t2i_[0-9a-f]{8}_[0-9a-f]{64}$/) as unknown, tenant: 'acme', name: null, revoked_at: null });
+    expect(JSON.parse(json.stdout)).toMatchObject({
+      key: expect.stringMatching(/^t2i_[0-9a-f]{8}_[0-9a-f]{64}$/) as unknown,
+      tenant: 'acme',
+      name: null,
+      revoked_at: null,
+    });
   });
 
   it('list shows prefixes, tenants, names and use, never a key', async () => {

@@ -33,7 +33,12 @@ const answers: Array<{ what: string; status: number; body: string; headers: stri
 /** /metrics of the API and the worker, scraped right after the flow. */
 const scraped: Record<string, string> = {};
 
-async function call(what: string, method: string, path: string, opts: { headers?: Record<string, string>; body?: string } = {}): Promise<{ status: number; json: Record<string, unknown> }> {
+async function call(
+  what: string,
+  method: string,
+  path: string,
+  opts: { headers?: Record<string, string>; body?: string } = {},
+): Promise<{ status: number; json: Record<string, unknown> }> {
   const res = await fetch(`${url}${path}`, {
     method,
     headers: { ...(opts.body === undefined ? {} : { 'content-type': 'application/json' }), ...opts.headers },
@@ -73,7 +78,10 @@ beforeAll(async () => {
 
   const auth = canary.auth;
   // A job that succeeds, seen every way its owner can see it.
-  const ok = await call('create', 'POST', '/generated-images', { headers: auth, body: JSON.stringify({ prompt: PROMPT, negative_prompt: PROMPT, num_steps: 3, width: 64, height: 64 }) });
+  const ok = await call('create', 'POST', '/generated-images', {
+    headers: auth,
+    body: JSON.stringify({ prompt: PROMPT, negative_prompt: PROMPT, num_steps: 3, width: 64, height: 64 }),
+  });
   expect(ok.status).toBe(201);
   const okId = ok.json.id as string;
   expect((await finished(okId)).status).toBe('succeeded');
@@ -84,7 +92,10 @@ beforeAll(async () => {
   await call('usage', 'GET', '/usage', { headers: auth });
 
   // A job whose engine fails with an error quoting the prompt, retried once, then failed.
-  const bad = await call('create failing', 'POST', '/generated-images', { headers: auth, body: JSON.stringify({ prompt: `${PROMPT} [test:fail]`, num_steps: 2, width: 64, height: 64 }) });
+  const bad = await call('create failing', 'POST', '/generated-images', {
+    headers: auth,
+    body: JSON.stringify({ prompt: `${PROMPT} [test:fail]`, num_steps: 2, width: 64, height: 64 }),
+  });
   expect((await finished(bad.json.id as string)).status).toBe('failed');
   await call('get failed', 'GET', `/generated-images/${bad.json.id as string}`, { headers: auth });
   await call('url of failed', 'GET', `/generated-images/${bad.json.id as string}/url`, { headers: auth });
@@ -102,7 +113,10 @@ beforeAll(async () => {
   await call('key with a typo', 'GET', '/usage', { headers: { authorization: `Bearer ${canary.key.slice(0, -1)}0` } });
 
   // A canceled job and a deleted one.
-  const slow = await call('create slow', 'POST', '/generated-images', { headers: auth, body: JSON.stringify({ prompt: PROMPT, num_steps: 50, width: 64, height: 64 }) });
+  const slow = await call('create slow', 'POST', '/generated-images', {
+    headers: auth,
+    body: JSON.stringify({ prompt: PROMPT, num_steps: 50, width: 64, height: 64 }),
+  });
   await call('cancel', 'POST', `/generated-images/${slow.json.id as string}/cancel`, { headers: auth });
   await finished(slow.json.id as string);
   await call('delete', 'DELETE', `/generated-images/${okId}`, { headers: auth });

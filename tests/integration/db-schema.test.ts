@@ -523,7 +523,18 @@ describe('applyMigrations', () => {
       ]);
       const tenant = (await c.query<{ id: string }>(`INSERT INTO tenants (name) VALUES ('checks') RETURNING id`)).rows[0]!.id;
       const insert = (over: Record<string, unknown>) => {
-        const row = { tenant_id: tenant, pixel_steps: 4096, prompt: 'p', num_steps: 1, guidance_scale: 7.5, seed: 0, width: 64, height: 64, scheduler: 'euler', ...over };
+        const row = {
+          tenant_id: tenant,
+          pixel_steps: 4096,
+          prompt: 'p',
+          num_steps: 1,
+          guidance_scale: 7.5,
+          seed: 0,
+          width: 64,
+          height: 64,
+          scheduler: 'euler',
+          ...over,
+        };
         const keys = Object.keys(row);
         return c.query(`INSERT INTO generated_images (${keys.join(', ')}) VALUES (${keys.map((_, i) => `$${i + 1}`).join(', ')})`, Object.values(row));
       };
@@ -564,7 +575,7 @@ describe('applyMigrations', () => {
     // A database without jobs gets no such tenant.
     const empty = await freshDb();
     await applyMigrations(empty);
-    expect(await withClient(empty, async (c) => (await c.query('SELECT count(*)::int AS n FROM tenants')).rows[0].n)).toBe(0);
+    expect(await withClient(empty, async (c) => (await c.query<{ n: number }>('SELECT count(*)::int AS n FROM tenants')).rows[0]!.n)).toBe(0);
   });
 
   it('serialises concurrent runs with the advisory lock: the migration is applied once', async () => {

@@ -49,7 +49,11 @@ afterAll(async () => {
 });
 
 async function post(body: unknown): Promise<{ status: number; location: string | null; json: ImageJson }> {
-  const res = await fetch(`${api!.url}/generated-images`, { method: 'POST', headers: { ...auth, 'content-type': 'application/json' }, body: JSON.stringify(body) });
+  const res = await fetch(`${api!.url}/generated-images`, {
+    method: 'POST',
+    headers: { ...auth, 'content-type': 'application/json' },
+    body: JSON.stringify(body),
+  });
   return { status: res.status, location: res.headers.get('location'), json: (await res.json()) as ImageJson };
 }
 

@@ -39,7 +39,11 @@ async function system(overrides: Record<string, string>): Promise<{ config: Conf
 }
 
 async function submit(url: string, key: TestKey, body: object): Promise<string> {
-  const res = await fetch(`${url}/generated-images`, { method: 'POST', headers: { ...key.auth, 'content-type': 'application/json' }, body: JSON.stringify(body) });
+  const res = await fetch(`${url}/generated-images`, {
+    method: 'POST',
+    headers: { ...key.auth, 'content-type': 'application/json' },
+    body: JSON.stringify(body),
+  });
   expect(res.status).toBe(201);
   return ((await res.json()) as { id: string }).id;
 }

@@ -102,7 +102,10 @@ afterAll(async () => {
 
 /** Every tenant-scoped route and how to call it; `id` is the job the call is about. */
 const ROUTES: Array<{ route: string; call: (who: Who, id: string) => Promise<Answer> }> = [
-  { route: 'POST /generated-images', call: (w) => call('POST', '/generated-images', headersOf[w], { prompt: `made by ${w}`, num_steps: 1, width: 64, height: 64 }) },
+  {
+    route: 'POST /generated-images',
+    call: (w) => call('POST', '/generated-images', headersOf[w], { prompt: `made by ${w}`, num_steps: 1, width: 64, height: 64 }),
+  },
   { route: 'GET /generated-images', call: (w) => call('GET', '/generated-images?limit=100', headersOf[w]) },
   { route: 'GET /generated-images/:id', call: (w, id) => call('GET', `/generated-images/${id}`, headersOf[w]) },
   { route: 'GET /generated-images/:id/url', call: (w, id) => call('GET', `/generated-images/${id}/url`, headersOf[w]) },
@@ -154,7 +157,10 @@ describe('the isolation matrix', () => {
     await dbForApp.$disconnect();
     expect(routes.length).toBeGreaterThan(5);
     const covered = [...ROUTES.map((r) => r.route), ...PUBLIC];
-    expect(routes.filter((r) => !covered.includes(r)), 'routes the isolation matrix does not call').toEqual([]);
+    expect(
+      routes.filter((r) => !covered.includes(r)),
+      'routes the isolation matrix does not call',
+    ).toEqual([]);
   });
 
   for (const who of ['none', 'malformed', 'revoked', 'wrong-secret'] as const) {
@@ -173,9 +179,7 @@ describe('the isolation matrix', () => {
   }
 
   it('an unknown key, a revoked key and a real prefix with the wrong secret get the same 401', async () => {
-    const bodies = await Promise.all(
-      (['revoked', 'wrong-secret'] as const).map(async (w) => (await call('GET', '/usage', headersOf[w])).text),
-    );
+    const bodies = await Promise.all((['revoked', 'wrong-secret'] as const).map(async (w) => (await call('GET', '/usage', headersOf[w])).text));
     const unknown = (await call('GET', '/usage', { authorization: `Bearer t2i_${'ab12cd34'}_${'f'.repeat(64)}` })).text;
     expect(bodies).toEqual([unknown, unknown]);
     expect(JSON.parse(unknown)).toMatchObject({ detail: 'The API key is not valid: it is unknown or has been revoked.' });
@@ -200,7 +204,7 @@ describe('the isolation matrix', () => {
     expect(row.fileName).not.toBeNull();
   });
 
-  it("the other tenant: its list, its usage and its submissions are its own", async () => {
+  it('the other tenant: its list, its usage and its submissions are its own', async () => {
     const created = await ROUTES[0]!.call('other', jobId);
     seen.push({ who: 'other', route: 'POST /generated-images', answer: created });
     expect(created.status).toBe(201);

@@ -44,8 +44,17 @@ interface Answer {
 }
 
 async function post(url: string, key: TestKey, body: object = JOB): Promise<Answer> {
-  const res = await fetch(`${url}/generated-images`, { method: 'POST', headers: { ...key.auth, 'content-type': 'application/json' }, body: JSON.stringify(body) });
-  return { status: res.status, retryAfter: res.headers.get('retry-after'), contentType: res.headers.get('content-type'), body: (await res.json()) as Record<string, unknown> };
+  const res = await fetch(`${url}/generated-images`, {
+    method: 'POST',
+    headers: { ...key.auth, 'content-type': 'application/json' },
+    body: JSON.stringify(body),
+  });
+  return {
+    status: res.status,
+    retryAfter: res.headers.get('retry-after'),
+    contentType: res.headers.get('content-type'),
+    body: (await res.json()) as Record<string, unknown>,
+  };
 }
 
 async function usage(url: string, key: TestKey): Promise<Record<string, unknown>> {

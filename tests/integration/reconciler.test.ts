@@ -91,7 +91,18 @@ describe('reconciler', () => {
 
   it('leaves fresh rows and rows with live jobs alone', async () => {
     const fresh = randomUUID();
-    await insertJob(repo, { id: fresh, tenantId, prompt: 'p', negativePrompt: null, numSteps: 5, guidanceScale: 9, seed: 1, width: 64, height: 64, scheduler: 'pndm' });
+    await insertJob(repo, {
+      id: fresh,
+      tenantId,
+      prompt: 'p',
+      negativePrompt: null,
+      numSteps: 5,
+      guidanceScale: 9,
+      seed: 1,
+      width: 64,
+      height: 64,
+      scheduler: 'pndm',
+    });
     const waiting = await row();
     await producer.enqueue(waiting, 1);
     const before = await inspect.getJobCounts('waiting', 'prioritized');
@@ -101,11 +112,22 @@ describe('reconciler', () => {
     expect(await inspect.getJobCounts('waiting', 'prioritized')).toEqual(before);
   });
 
-  it('keeps each queued job at its rank among its tenant\'s jobs in flight (fair scheduling), in the queue and in the row', async () => {
+  it("keeps each queued job at its rank among its tenant's jobs in flight (fair scheduling), in the queue and in the row", async () => {
     const tenant = await createTenant(db);
     const ids: string[] = [];
     for (let i = 0; i < 5; i++) {
-      const job = await insertJob(repo, { id: randomUUID(), tenantId: tenant, prompt: `fair ${i}`, negativePrompt: null, numSteps: 1, guidanceScale: 9, seed: 1, width: 64, height: 64, scheduler: 'pndm' });
+      const job = await insertJob(repo, {
+        id: randomUUID(),
+        tenantId: tenant,
+        prompt: `fair ${i}`,
+        negativePrompt: null,
+        numSteps: 1,
+        guidanceScale: 9,
+        seed: 1,
+        width: 64,
+        height: 64,
+        scheduler: 'pndm',
+      });
       // Queued behind the tenant's own earlier jobs: priority = 1 + jobs already in flight.
       expect(job.queuePriority).toBe(i + 1);
       await producer.enqueue(job.id, job.queuePriority);

@@ -104,7 +104,9 @@ describe('deleting and expiring images', () => {
     // Two days pass for the old one.
     await db.$executeRaw`UPDATE generated_images SET finished_at = now() - interval '2 days' WHERE id = ${old.id}::uuid`;
     await until('the sweeper to remove the old job', 15_000, async () =>
-      (await db.generatedImage.findUniqueOrThrow({ where: { id: old.id } })).deletedAt && (await storage.list(`images/${old.id}/`)).length === 0 ? true : undefined,
+      (await db.generatedImage.findUniqueOrThrow({ where: { id: old.id } })).deletedAt && (await storage.list(`images/${old.id}/`)).length === 0
+        ? true
+        : undefined,
     );
     await expectGone(old.id, old.url, 'an old picture');
     // The young one is untouched, and its URL still works.

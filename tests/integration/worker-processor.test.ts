@@ -196,7 +196,18 @@ describe('worker job handler', () => {
   it('parameters the model rejects fail the job at once with invalid_for_model and the reason, unrecoverably', async () => {
     // 500 is no multiple of 8: the engine's own check rejects it.
     const id = randomUUID();
-    await insertJob(repo, { id, tenantId, prompt: 'x', negativePrompt: null, numSteps: 2, guidanceScale: 9, seed: 1, width: 500, height: 512, scheduler: 'pndm' });
+    await insertJob(repo, {
+      id,
+      tenantId,
+      prompt: 'x',
+      negativePrompt: null,
+      numSteps: 2,
+      guidanceScale: 9,
+      seed: 1,
+      width: 500,
+      height: 512,
+      scheduler: 'pndm',
+    });
     const run = processor(await testEngine());
     await expect(run({ imageId: id, attempt: 1, maxAttempts: 3, log: silent })).rejects.toMatchObject({ name: 'UnrecoverableError' });
     const row = (await repo.get(id))!;

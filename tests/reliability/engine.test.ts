@@ -145,7 +145,10 @@ describe('the engine, with real processes', () => {
     const id = await submit(url, { prompt: 'slow', num_steps: 100 }, sys.auth);
     await waitTerminal(sys.db, [id], 30_000);
     const elapsed = Date.now() - t0;
-    const job = (await (await fetch(`${url}/generated-images/${id}`, { headers: sys.auth })).json()) as { status: string; error: { code: string; message: string } };
+    const job = (await (await fetch(`${url}/generated-images/${id}`, { headers: sys.auth })).json()) as {
+      status: string;
+      error: { code: string; message: string };
+    };
     expect(job).toMatchObject({ status: 'failed', error: { code: 'timed_out', message: 'The job took longer than its time limit of 1 s.' } });
     const attempts = await sys.repo.attempts(id);
     expect(attempts.map((a) => [a.outcome, a.errorCode])).toEqual([

@@ -171,7 +171,9 @@ describe('accounts and edges', () => {
       expect(loadConfig({ ...MINIMAL, AUTH: 'off', HOST: host }, 'api').AUTH, host).toBe('off');
     }
     for (const host of ['0.0.0.0', '::', '10.0.0.5', 'api.example.com']) {
-      expect(configError({ ...MINIMAL, AUTH: 'off', HOST: host }, 'api').issues, host).toEqual([expect.stringMatching(/^AUTH: "off" is only allowed when HOST is a loopback address/)]);
+      expect(configError({ ...MINIMAL, AUTH: 'off', HOST: host }, 'api').issues, host).toEqual([
+        expect.stringMatching(/^AUTH: "off" is only allowed when HOST is a loopback address/),
+      ]);
     }
     // A worker serves no API: its AUTH does not matter.
     expect(loadConfig({ ...MINIMAL, AUTH: 'off', HOST: '0.0.0.0' }, 'any').AUTH).toBe('off');
