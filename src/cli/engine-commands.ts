@@ -1,11 +1,12 @@
 import { existsSync } from 'node:fs';
-import { writeFile } from 'node:fs/promises';
+import { readFile, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { PROVIDERS, type ProviderChoice } from '../engine/onnx/runtime.js';
 import type { Progress } from '../engine/pipeline.js';
 import { SCHEDULER_NAMES, isSchedulerName, type SchedulerName } from '../engine/schedulers/index.js';
-import { writeOracleModel, writeRandomModel } from '../engine/testmodels/make.js';
+import { TEST_VARIANTS, writeOracleModel, writeRandomModel, type TestVariant } from '../engine/testmodels/make.js';
+import type { TimestepInput } from '../engine/testmodels/unet-pieces.js';
 import { Engine } from '../engine/thread/engine-host.js';
 import { ClipTokenizer } from '../engine/tokenizer.js';
 
@@ -58,6 +59,15 @@ function scheduler(value: string | undefined): SchedulerName | undefined {
   return value;
 }
 
+async function inputFile(name: string, file: string | undefined): Promise<Uint8Array | undefined> {
+  if (file === undefined) return undefined;
+  try {
+    return await readFile(path.resolve(file));
+  } catch (err) {
+    throw new UsageError(`--${name}: cannot read ${file} (${(err as NodeJS.ErrnoException).code ?? (err as Error).message})`);
+  }
+}
+
 const ms = (v: number) => `${(v / 1000).toFixed(2)} s`;
 
 function progressBar(p: Progress, out: NodeJS.WriteStream): void {
@@ -83,13 +93,16 @@ export async function generateCommand(argv: string[]): Promise<void> {
       model: { type: 'string' },
       provider: { type: 'string' },
       threads: { type: 'string' },
+      image: { type: 'string' },
+      mask: { type: 'string' },
+      strength: { type: 'string' },
       output: { type: 'string', short: 'o' },
     },
   });
   const prompt = positionals.join(' ');
   if (!prompt)
     throw new UsageError(
-      'usage: t2i generate "prompt" [--negative TEXT] [--steps N] [--guidance G] [--seed S] [--scheduler NAME] [--width W] [--height H] [--model DIR] [--provider auto|cuda|coreml|cpu] [-o out.png]',
+      'usage: t2i generate "prompt" [--negative TEXT] [--steps N] [--guidance G] [--seed S] [--scheduler NAME] [--width W] [--height H] [--image IN.png [--mask MASK.png] [--strength S]] [--model DIR] [--provider auto|cuda|coreml|cpu] [-o out.png]',
     );
   const err = process.stderr;
   const log = (msg: string) => err.write(`${msg}\n`);
@@ -105,6 +118,9 @@ export async function generateCommand(argv: string[]): Promise<void> {
     width: int('width', values.width),
     height: int('height', values.height),
     scheduler: scheduler(values.scheduler),
+    image: await inputFile('image', values.image),
+    mask: await inputFile('mask', values.mask),
+    strength: num('strength', values.strength),
   };
 
   const loadStart = performance.now();
@@ -120,8 +136,9 @@ export async function generateCommand(argv: string[]): Promise<void> {
     const g = await engine.generate(clean, { onProgress: (p) => progressBar(p, err) });
     const out = path.resolve(values.output ?? 'output.png');
     await writeFile(out, g.png);
+    const strength = g.strength === undefined ? '' : `, strength ${g.strength}`;
     log(
-      `model ${modelDir} on ${engine.info.provider}; scheduler ${g.scheduler}, ${g.numSteps} steps, guidance ${g.guidanceScale}, seed ${g.seed}, ${g.width}x${g.height}`,
+      `model ${modelDir} (${engine.info.variant ?? 'unknown variant'}) on ${engine.info.provider}; scheduler ${g.scheduler}, ${g.numSteps} steps, guidance ${g.guidanceScale}, seed ${g.seed}, ${g.width}x${g.height}${strength}`,
     );
     log(
       `load ${ms(loadMs)} | encode ${ms(g.timings.encodeMs)} | denoise ${ms(g.timings.denoiseMs)} | decode ${ms(g.timings.decodeMs)} | total ${ms(g.timings.totalMs)}`,
@@ -149,6 +166,7 @@ export async function makeTestModelsCommand(argv: string[]): Promise<void> {
     allowPositionals: true,
     options: {
       kind: { type: 'string', default: 'all' },
+      variant: { type: 'string', default: 'sd' },
       fp16: { type: 'boolean', default: false },
       timestep: { type: 'string' },
       'timestep-rank': { type: 'string' },
@@ -162,8 +180,12 @@ export async function makeTestModelsCommand(argv: string[]): Promise<void> {
   const dir = positionals[0];
   if (!dir)
     throw new UsageError(
-      'usage: t2i make-test-models DIR [--kind all|oracle|random] [--fp16] [--timestep int64|float32|float16] [--timestep-rank 0|1] [--ids int32|int64] [--hidden N] [--channels N] [--blocks N] [--external-data]',
+      `usage: t2i make-test-models DIR [--kind all|oracle|random] [--variant ${TEST_VARIANTS.join('|')}|all] [--fp16] [--timestep int64|float32|float16] [--timestep-rank 0|1] [--ids int32|int64] [--hidden N] [--channels N] [--blocks N] [--external-data]`,
     );
+  const variants = values.variant === 'all' ? [...TEST_VARIANTS] : [values.variant as TestVariant];
+  if (!variants.every((v) => (TEST_VARIANTS as readonly string[]).includes(v))) {
+    throw new UsageError(`--variant must be one of ${TEST_VARIANTS.join(', ')} or all, got "${values.variant}"`);
+  }
   const kind = values.kind;
   if (!['all', 'oracle', 'random'].includes(kind)) throw new UsageError(`--kind must be all, oracle or random, got "${kind}"`);
   const timestepType = values.timestep;
@@ -172,28 +194,31 @@ export async function makeTestModelsCommand(argv: string[]): Promise<void> {
   if (rank !== undefined && rank !== 0 && rank !== 1) throw new UsageError('--timestep-rank must be 0 or 1');
   const ids = values.ids;
   if (ids && ids !== 'int32' && ids !== 'int64') throw new UsageError('--ids must be int32 or int64');
-  const timestep =
-    timestepType || rank !== undefined ? { type: (timestepType ?? 'int64') as 'int64' | 'float32' | 'float16', rank: (rank ?? 1) as 0 | 1 } : undefined;
+  const timestep: TimestepInput | undefined =
+    timestepType || rank !== undefined ? { type: (timestepType ?? 'int64') as 'int64' | 'float32' | 'float16', rank: rank ?? 1 } : undefined;
 
-  if (kind === 'all' || kind === 'oracle') {
-    const out = path.resolve(dir, 'oracle');
-    await writeOracleModel(out, { ...(timestep ? { timestep } : {}), ...(ids ? { idsType: ids as 'int32' | 'int64' } : {}) });
-    process.stdout.write(`${out}\n`);
-  }
-  if (kind === 'all' || kind === 'random') {
-    const out = path.resolve(dir, 'random');
-    const hidden = int('hidden', values.hidden);
-    const channels = int('channels', values.channels);
-    const blocks = int('blocks', values.blocks);
-    await writeRandomModel(out, {
-      fp16: values.fp16,
-      externalData: values['external-data'],
-      ...(timestep ? { timestep } : {}),
-      ...(ids ? { idsType: ids as 'int32' | 'int64' } : {}),
-      ...(hidden ? { hiddenSize: hidden } : {}),
-      ...(channels ? { unetChannels: channels } : {}),
-      ...(blocks ? { unetBlocks: blocks } : {}),
-    });
-    process.stdout.write(`${out}\n`);
+  const hidden = int('hidden', values.hidden);
+  const channels = int('channels', values.channels);
+  const blocks = int('blocks', values.blocks);
+  for (const variant of variants) {
+    // SD 1.5's models keep their short names; the others are named after their variant.
+    const name = (k: string) => path.resolve(dir, variant === 'sd' ? k : `${k}-${variant}`);
+    if (kind === 'all' || kind === 'oracle') {
+      await writeOracleModel(name('oracle'), { variant, ...(timestep ? { timestep } : {}), ...(ids ? { idsType: ids as 'int32' | 'int64' } : {}) });
+      process.stdout.write(`${name('oracle')}\n`);
+    }
+    if (kind === 'all' || kind === 'random') {
+      await writeRandomModel(name('random'), {
+        variant,
+        fp16: values.fp16,
+        externalData: values['external-data'],
+        ...(timestep ? { timestep } : {}),
+        ...(ids ? { idsType: ids as 'int32' | 'int64' } : {}),
+        ...(hidden ? { hiddenSize: hidden } : {}),
+        ...(channels ? { unetChannels: channels } : {}),
+        ...(blocks ? { unetBlocks: blocks } : {}),
+      });
+      process.stdout.write(`${name('random')}\n`);
+    }
   }
 }

@@ -6,10 +6,11 @@ const HELP = `t2i: text-to-image on Stable Diffusion ONNX models
 
   t2i generate "prompt" [--negative TEXT] [--steps N] [--guidance G] [--seed S]
                         [--scheduler pndm|ddim|euler|euler_ancestral|dpmpp_2m|lcm]
-                        [--width W] [--height H] [--model DIR] [--provider auto|cuda|coreml|cpu]
-                        [--threads N] [-o out.png]
+                        [--width W] [--height H] [--image IN.png [--mask MASK.png] [--strength S]]
+                        [--model DIR] [--provider auto|cuda|coreml|cpu] [--threads N] [-o out.png]
   t2i tokenize "prompt" [--model DIR]
   t2i make-test-models DIR [--kind all|oracle|random] [--fp16] [--timestep int64|float32|float16]
+                        [--variant sd|sd2-v|inpaint|lcm|sdxl|sdxl-turbo|all]
                         [--timestep-rank 0|1] [--ids int32|int64] [--hidden N] [--channels N]
                         [--blocks N] [--external-data]
   t2i bench [--rounds N] [--threads N] [--no-memory]
@@ -38,6 +39,9 @@ const HELP = `t2i: text-to-image on Stable Diffusion ONNX models
   t2i models pull s3://bucket/prefix/ [--cache DIR]   syncs it into the model cache, verified
 
 The model is --model, else $MODEL_DIR, else the oracle test model (written to .t2i/models on first use).
+Steps, guidance, size and scheduler default to what the model is made for (SDXL 1024x1024 at
+guidance 5, turbo 1 step without guidance, LCM 4 steps); --image makes it image-to-image
+(strength 0.8, SDXL 0.3), --image with --mask inpainting (white is repainted).
 `;
 
 async function bench(argv: string[]): Promise<void> {

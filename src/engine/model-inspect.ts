@@ -1,6 +1,8 @@
 import { closeSync, existsSync, openSync, readSync, statSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import path from 'node:path';
+import type { TensorType } from './onnx/runtime.js';
+import { detectVariant } from './variant.js';
 
 /**
  * A cheap look at a Stable Diffusion ONNX export without loading it: the layout model.ts
@@ -198,7 +200,7 @@ export async function inspectModel(dir: string): Promise<ModelReport> {
     report.problems.push(`${root}: model directory not found`);
     return report;
   }
-  await jsonObject(path.join(root, 'model_index.json'), 'a diffusers model index', report.problems);
+  const modelIndex = await jsonObject(path.join(root, 'model_index.json'), 'a diffusers model index', report.problems);
   const scheduler = await jsonObject(path.join(root, 'scheduler', 'scheduler_config.json'), 'a diffusers scheduler config', report.problems);
   for (const f of ['vocab.json', 'merges.txt']) {
     const p = path.join(root, 'tokenizer', f);
@@ -220,8 +222,38 @@ export async function inspectModel(dir: string): Promise<ModelReport> {
     }
   }
   checkSignatures(report);
-  if (report.problems.length === 0) report.variant = describeVariant(report, scheduler ?? {});
+  if (report.problems.length === 0) {
+    // The same decision loading makes (variant.ts), from the signatures read here.
+    try {
+      const unet = report.components.unet!;
+      const variant = detectVariant({
+        dir: root,
+        modelIndex: modelIndex ?? {},
+        schedulerConfig: scheduler ?? {},
+        unetConfig: await optionalJson(path.join(root, 'unet', 'config.json'), report.problems),
+        vaeConfig: {},
+        components: new Set(
+          ['text_encoder', 'text_encoder_2', 'unet', 'vae_decoder', 'vae_encoder'].filter((c) => existsSync(path.join(root, c, 'model.onnx'))),
+        ),
+        unetFile: unet.file,
+        unetInputs: new Map(unet.inputs.map((i) => [i.name, { name: i.name, type: i.type as TensorType, shape: i.dims }])),
+        hiddenSize: hiddenSizeOf(unet),
+      });
+      report.variant = describeVariant(report, scheduler ?? {}, variant.name);
+    } catch (err) {
+      report.problems.push((err as Error).message);
+    }
+  }
   return report;
+}
+
+function hiddenSizeOf(unet: ComponentInfo): number | undefined {
+  const d = unet.inputs.find((i) => i.name === 'encoder_hidden_states')?.dims[2];
+  return typeof d === 'number' ? d : undefined;
+}
+
+async function optionalJson(file: string, problems: string[]): Promise<Record<string, unknown>> {
+  return existsSync(file) ? ((await jsonObject(file, 'a UNet config', problems)) ?? {}) : {};
 }
 
 function checkSignatures(report: ModelReport): void {
@@ -245,11 +277,10 @@ function checkSignatures(report: ModelReport): void {
   }
 }
 
-function describeVariant(report: ModelReport, scheduler: Record<string, unknown>): string {
+function describeVariant(report: ModelReport, scheduler: Record<string, unknown>, family: string): string {
   const te = report.components.text_encoder!;
   const unet = report.components.unet!;
   const hidden = (te.outputs.find((o) => o.name === 'last_hidden_state') ?? te.outputs[0])?.dims.at(-1);
-  const family = hidden === 768 ? 'SD 1.x' : hidden === 1024 ? 'SD 2.x' : 'unknown family';
   const sample = unet.inputs.find((i) => i.name === 'sample')!;
   const [h, w] = [sample.dims[2], sample.dims[3]];
   const size = typeof h === 'number' && typeof w === 'number' ? `, ${h}x${w} latents (${h * 8}x${w * 8} images)` : ', latent size not fixed';

@@ -1,206 +1,117 @@
 import path from 'node:path';
+import { imageToImagePlan, keepMasked } from './image-to-image.js';
+import { checkSize, decodeImage, inpaintingInputs, keepMask, luma, toModelInput, type RgbImage } from './input-images.js';
 import type { LoadedModel } from './model.js';
-import { floatTensor, intTensor, timestepTensor, type OnnxModel } from './onnx/runtime.js';
+import { invalid, resolveParams, type GenerateOptions, type GenerateParams, type Generation, type ResolvedParams } from './params.js';
 import { encodePng } from './png.js';
-import { latentPreview, type Preview } from './preview.js';
-import { MAX_SEED, NumpyRandomState, randomSeed } from './random.js';
-import { createScheduler, isSchedulerName, SCHEDULER_NAMES, type SchedulerName } from './schedulers/index.js';
+import { latentPreview } from './preview.js';
+import { encodePrompt } from './prompt.js';
+import { NumpyRandomState } from './random.js';
+import { createScheduler } from './schedulers/index.js';
+import { addTimeIds, Denoiser, guidanceEmbedding } from './unet.js';
+import { decodeLatents, encodeImage } from './vae.js';
+
+export * from './params.js';
 
 /**
- * Text-to-image in the order of diffusers' OnnxStableDiffusionPipeline, so that the same
- * model directory, seed and scheduler give the same image there and here:
+ * Stable Diffusion 1.x/2.x and SDXL, text-to-image, image-to-image and inpainting, in the
+ * order of the reference pipelines, so that the same model directory, seed and scheduler give
+ * the same image there and here:
  *
- *   check inputs -> encode prompt and negative prompt -> initial latents -> set timesteps
- *   -> loop (scale input, UNet, guidance, step, progress) -> decode -> PNG
+ *   SD 1.x/2.x     diffusers' OnnxStableDiffusionPipeline, ...Img2ImgPipeline,
+ *                  ...InpaintPipeline (9-channel UNet) and ...InpaintPipelineLegacy (4-channel)
+ *   SDXL           optimum's ORTStableDiffusionXLPipeline and ...Img2ImgPipeline (numpy era)
+ *   LCM            optimum's ORTLatentConsistencyModelPipeline (a UNet taking timestep_cond)
+ *
+ *   check inputs -> encode prompt and negative prompt -> timesteps -> initial latents
+ *   -> loop (scale input, UNet, guidance, step, [inpaint blend], progress) -> decode -> PNG
+ *
+ * Every variant draws its one batch of starting noise from numpy's legacy generator, as the
+ * references do; schedulers that add noise while stepping continue that stream (the references
+ * draw it from torch's global generator, which no seed reaches).
  */
-
-/**
- * Defaults and limits of a generation, defined once: the engine checks them (resolveParams) and
- * the API validates requests against the same numbers (src/core/params.ts). The textbook's
- * defaults: 50 steps, guidance 9.0, 512x512. The compute a request may ask for is bounded
- * separately by the service (MAX_PIXEL_STEPS: width x height x steps).
- */
-export const GENERATION_DEFAULTS = {
-  numSteps: 50,
-  guidanceScale: 9.0,
-  width: 512,
-  height: 512,
-} as const;
-
-export const GENERATION_LIMITS = {
-  maxSteps: 150,
-  minSide: 64,
-  maxSide: 2048,
-  maxGuidance: 30,
-  /** In Unicode code points; CLIP keeps 75 tokens of it, the rest is reported as truncated. */
-  maxPromptChars: 2000,
-} as const;
-
-export interface GenerateParams {
-  prompt: string;
-  negativePrompt?: string | null;
-  numSteps?: number;
-  guidanceScale?: number;
-  /** 0 .. 2^32-1; a random one is drawn (and reported) when absent. */
-  seed?: number | null;
-  width?: number;
-  height?: number;
-  /** Defaults to the scheduler the model ships with, else PNDM. */
-  scheduler?: SchedulerName;
-}
-
-export interface Progress {
-  step: number;
-  totalSteps: number;
-  elapsedMs: number;
-  /** This denoising step alone (UNet runs and scheduler), in milliseconds. */
-  stepMs?: number;
-  preview?: Preview;
-}
-
-export interface GenerateOptions {
-  onProgress?: (progress: Progress) => void;
-  /** Compute a latent preview every `previewEvery` steps (0 = never). */
-  previewEvery?: number;
-  /** Checked between denoising steps; a canceled generation throws an AbortError. */
-  signal?: AbortSignal;
-  /** Keep the final latents in the result (tests compare them with the oracle's target). */
-  returnLatents?: boolean;
-}
-
-export interface Timings {
-  encodeMs: number;
-  denoiseMs: number;
-  decodeMs: number;
-  totalMs: number;
-  /** Time inside onnxruntime's session.run for this generation, all three models. */
-  sessionRunMs: number;
-}
-
-export interface Generation {
-  png: Buffer;
-  seed: number;
-  width: number;
-  height: number;
-  numSteps: number;
-  guidanceScale: number;
-  scheduler: SchedulerName;
-  timings: Timings;
-  /** Human-readable warnings (prompt truncation). */
-  warnings: string[];
-  latents?: Float32Array;
-}
-
-/** Thrown for parameters that can never work; the message says which and why. */
-export class InvalidParamsError extends Error {
-  override name = 'InvalidParamsError';
-}
-
-export interface ResolvedParams {
-  prompt: string;
-  negativePrompt: string;
-  numSteps: number;
-  guidanceScale: number;
-  seed: number;
-  width: number;
-  height: number;
-  scheduler: SchedulerName;
-}
-
-export function resolveParams(p: GenerateParams, defaultScheduler: SchedulerName | undefined): ResolvedParams {
-  const fail = (msg: string): never => {
-    throw new InvalidParamsError(msg);
-  };
-  if (typeof p.prompt !== 'string') fail('`prompt` has to be a string');
-  if (p.negativePrompt != null && typeof p.negativePrompt !== 'string') fail('`negative_prompt` has to be a string or null');
-  const width = p.width ?? GENERATION_DEFAULTS.width;
-  const height = p.height ?? GENERATION_DEFAULTS.height;
-  if (!Number.isInteger(width) || !Number.isInteger(height) || width % 8 !== 0 || height % 8 !== 0) {
-    fail(`\`height\` and \`width\` have to be divisible by 8 but are ${height} and ${width}`);
-  }
-  const { minSide, maxSide, maxSteps, maxGuidance } = GENERATION_LIMITS;
-  if (width < minSide || height < minSide || width > maxSide || height > maxSide) {
-    fail(`\`height\` and \`width\` have to be between ${minSide} and ${maxSide} but are ${height} and ${width}`);
-  }
-  const numSteps = p.numSteps ?? GENERATION_DEFAULTS.numSteps;
-  if (!Number.isInteger(numSteps) || numSteps < 1 || numSteps > maxSteps) fail(`\`num_steps\` has to be an integer from 1 to ${maxSteps} but is ${numSteps}`);
-  const guidanceScale = p.guidanceScale ?? GENERATION_DEFAULTS.guidanceScale;
-  if (!Number.isFinite(guidanceScale) || guidanceScale < 0 || guidanceScale > maxGuidance) {
-    fail(`\`guidance_scale\` has to be a number from 0 to ${maxGuidance} but is ${guidanceScale}`);
-  }
-  const seed = p.seed ?? randomSeed();
-  if (!Number.isInteger(seed) || seed < 0 || seed > MAX_SEED) fail(`\`seed\` has to be an integer from 0 to ${MAX_SEED} but is ${seed}`);
-  const scheduler = p.scheduler ?? defaultScheduler ?? 'pndm';
-  if (!isSchedulerName(scheduler)) fail(`\`scheduler\` has to be one of ${SCHEDULER_NAMES.join(', ')} but is ${String(scheduler)}`);
-  return { prompt: p.prompt, negativePrompt: p.negativePrompt ?? '', numSteps, guidanceScale, seed, width, height, scheduler };
-}
-
 export class StableDiffusionPipeline {
   constructor(readonly model: LoadedModel) {}
 
   async generate(params: GenerateParams, options: GenerateOptions = {}): Promise<Generation> {
     const started = performance.now();
-    const runBefore = this.sessionRunMs();
-    const p = resolveParams(params, this.model.defaultScheduler);
+    const runBefore = this.model.sessionRunMs();
     const { model } = this;
+    const { variant } = model;
     const warnings: string[] = [];
-    const doGuidance = p.guidanceScale > 1;
 
-    // 1. Prompt embeddings, unconditional batch first.
-    const cond = await this.encode(p.prompt, 'prompt', warnings);
-    const uncond = doGuidance ? await this.encode(p.negativePrompt, 'negative prompt', warnings) : undefined;
-    const encodeMs = performance.now() - started;
-    throwIfAborted(options.signal);
-
-    // 2. Initial latents from numpy's legacy generator, scaled to the scheduler's first sigma.
+    // 1. Check inputs: parameters, and the input picture and mask against them and the model.
+    const inputs = await this.decodeInputs(params);
+    const p = resolveParams(params, model.defaults, inputs.image);
+    if (inputs.image) checkSize(inputs.image, 'image', p.width, p.height, '`width` and `height` are');
+    if (inputs.mask) checkSize(inputs.mask, 'mask', inputs.image!.width, inputs.image!.height, '`image` is');
     const h = p.height / 8;
     const w = p.width / 8;
     const n = 4 * h * w;
-    const rng = new NumpyRandomState(p.seed);
+    // A UNet with a guidance embedding takes the guidance as an input instead of a second batch.
+    const doGuidance = p.guidanceScale > 1 && !variant.guidanceEmbedding;
+
+    // 2. Prompt embeddings, unconditional batch first; the conditioning fixed for the whole run.
+    const prompt = await encodePrompt(model, p, doGuidance, warnings);
+    const timestepCond = variant.guidanceEmbeddingDim ? guidanceEmbedding(p.guidanceScale, variant.guidanceEmbeddingDim) : undefined;
+    const denoiser = new Denoiser(
+      model,
+      {
+        prompt,
+        guidanceScale: p.guidanceScale,
+        ...(variant.family === 'sdxl' ? { timeIds: addTimeIds(p.height, p.width) } : {}),
+        ...(timestepCond ? { timestepCond } : {}),
+      },
+      h,
+      w,
+    );
+
+    // 3. Timesteps: all of them, or the last `strength` part for an input picture.
     const scheduler = createScheduler(p.scheduler, model.schedulerConfig);
     scheduler.setTimesteps(p.numSteps);
-    let latents = rng.randn(n);
-    for (let i = 0; i < n; i++) latents[i]! *= scheduler.initNoiseSigma;
+    const mode = inputs.image ? (inputs.mask ? (variant.inpainting ? 'inpaint' : 'inpaint-legacy') : 'img2img') : 'txt2img';
+    const plan =
+      (mode === 'img2img' || mode === 'inpaint-legacy') && p.strength! > 0
+        ? imageToImagePlan(scheduler.timesteps, p.numSteps, p.strength!, stepsOffset(model), variant.family === 'sdxl' ? 'optimum-sdxl' : 'diffusers-onnx')
+        : undefined;
 
-    // 3. Denoising loop.
-    const unet = model.unet;
-    const sampleSpec = unet.input('sample');
-    const ehsSpec = unet.input('encoder_hidden_states');
-    const tSpec = unet.input('timestep');
-    const outName = unet.outputs.has('out_sample') ? 'out_sample' : [...unet.outputs.keys()][0]!;
-    // Exports with a fixed batch of 1 need two UNet runs per step for guidance.
-    const batched = doGuidance && sampleSpec.shape[0] !== 1 && ehsSpec.shape[0] !== 1;
-    const seq = cond.length / this.hiddenSize(cond);
-    const hidden = this.hiddenSize(cond);
-    const ehsBoth = uncond && batched ? concat(uncond, cond) : undefined;
+    // 4. Initial latents: numpy's standard normals, scaled to the first noise level, or the input
+    //    picture's latents noised to where the run starts.
+    const rng = new NumpyRandomState(p.seed);
+    let latents: Float32Array;
+    let extraChannels: Float32Array | undefined;
+    let legacy: { input: Float32Array; noise: Float32Array; keep: Float32Array } | undefined;
+    if (mode === 'txt2img' || mode === 'inpaint') {
+      latents = rng.randn(n);
+      if (mode === 'inpaint') {
+        const { mask, maskedImage } = inpaintingInputs(inputs.image!, luma(inputs.mask!));
+        extraChannels = new Float32Array(5 * h * w);
+        extraChannels.set(mask);
+        extraChannels.set(await encodeImage(model, maskedImage, p.height, p.width), h * w);
+      }
+      for (let i = 0; i < n; i++) latents[i]! *= scheduler.initNoiseSigma;
+    } else {
+      const input = await encodeImage(model, toModelInput(inputs.image!, 'over255'), p.height, p.width);
+      // Strength 0 keeps the input as it is: no noise, no steps (the references would still add
+      // the last timestep's noise, or with steps_offset 0 all of it).
+      const noise = plan ? rng.randn(n) : new Float32Array(n);
+      latents = plan ? scheduler.addNoise(input, noise, plan.noiseTimestep) : input;
+      if (mode === 'inpaint-legacy') legacy = { input, noise, keep: keepMask(luma(inputs.mask!), p.width, p.height) };
+    }
+    const encodeMs = performance.now() - started;
+    throwIfAborted(options.signal);
+
+    // 5. Denoising loop.
     const denoiseStart = performance.now();
-    const timesteps = scheduler.timesteps;
+    const timesteps = mode === 'txt2img' || mode === 'inpaint' ? scheduler.timesteps : (plan?.timesteps ?? new Float64Array(0));
     for (let i = 0; i < timesteps.length; i++) {
       throwIfAborted(options.signal);
       const stepStart = performance.now();
       const t = timesteps[i]!;
-      const input = scheduler.scaleModelInput(latents, t);
-      let eps: Float32Array;
-      const run = async (sample: Float32Array, ehs: Float32Array, batch: number) =>
-        (
-          await unet.run(
-            {
-              sample: floatTensor(sampleSpec, sample, [batch, 4, h, w]),
-              timestep: timestepTensor(tSpec, t),
-              encoder_hidden_states: floatTensor(ehsSpec, ehs, [batch, seq, hidden]),
-            },
-            [outName],
-          )
-        )[outName]!;
-      if (!uncond) {
-        eps = await run(input, cond, 1);
-      } else if (ehsBoth) {
-        const out = await run(concat(input, input), ehsBoth, 2);
-        eps = guide(out.subarray(0, n), out.subarray(n, 2 * n), p.guidanceScale);
-      } else {
-        eps = guide(await run(input, uncond, 1), await run(input, cond, 1), p.guidanceScale);
-      }
+      const eps = await denoiser.predict(scheduler.scaleModelInput(latents, t), t, extraChannels);
       latents = scheduler.step(eps, t, latents, rng);
+      // Legacy inpainting puts the input back outside the mask, noised to the step just taken.
+      if (legacy) latents = keepMasked(latents, scheduler.addNoise(legacy.input, legacy.noise, t), legacy.keep);
       if (options.onProgress) {
         const every = options.previewEvery ?? 0;
         const wantPreview = every > 0 && ((i + 1) % every === 0 || i + 1 === timesteps.length);
@@ -216,10 +127,10 @@ export class StableDiffusionPipeline {
     const denoiseMs = performance.now() - denoiseStart;
     throwIfAborted(options.signal);
 
-    // 4. Decode and encode the PNG.
+    // 6. Decode and encode the PNG.
     const decodeStart = performance.now();
-    const rgb = await this.decode(latents, h, w);
-    const png = await encodePng(rgb, p.width, p.height, pngText(p, path.basename(model.dir)));
+    const rgb = await decodeLatents(model, latents, h, w, variant.family === 'sdxl' || variant.guidanceEmbedding ? 'divide' : 'reciprocal');
+    const png = await encodePng(rgb, p.width, p.height, pngText(p, mode, path.basename(model.dir)));
     const decodeMs = performance.now() - decodeStart;
 
     return {
@@ -230,79 +141,37 @@ export class StableDiffusionPipeline {
       numSteps: p.numSteps,
       guidanceScale: p.guidanceScale,
       scheduler: p.scheduler,
+      ...(p.strength !== null && mode !== 'inpaint' ? { strength: p.strength } : {}),
       timings: {
         encodeMs,
         denoiseMs,
         decodeMs,
         totalMs: performance.now() - started,
-        sessionRunMs: this.sessionRunMs() - runBefore,
+        sessionRunMs: model.sessionRunMs() - runBefore,
       },
       warnings,
       ...(options.returnLatents ? { latents } : {}),
     };
   }
 
-  private sessionRunMs(): number {
-    const m = this.model;
-    return m.textEncoder.runMs + m.unet.runMs + m.vaeDecoder.runMs;
-  }
-
-  private hiddenSize(embeddings: Float32Array): number {
-    const declared = this.model.unet.input('encoder_hidden_states').shape[2];
-    if (typeof declared === 'number' && declared > 0) return declared;
-    return embeddings.length / this.model.tokenizer.modelMaxLength;
-  }
-
-  private async encode(text: string, what: string, warnings: string[]): Promise<Float32Array> {
-    const { tokenizer, textEncoder } = this.model;
-    const enc = tokenizer.encode(text);
-    if (enc.truncated) {
-      warnings.push(`${what} truncated to ${tokenizer.modelMaxLength - 2} tokens: ${enc.droppedTokens} tokens dropped ("${enc.droppedText}")`);
-    }
-    const outName = textEncoder.outputs.has('last_hidden_state') ? 'last_hidden_state' : [...textEncoder.outputs.keys()][0]!;
-    const out = await textEncoder.run({ input_ids: intTensor(textEncoder.input('input_ids'), enc.ids, [1, enc.ids.length]) }, [outName]);
-    return out[outName]!;
-  }
-
-  /** latents -> HWC RGB bytes, as diffusers: decode(latents / factor), clip(x / 2 + 0.5), round(x * 255). */
-  private async decode(latents: Float32Array, h: number, w: number): Promise<Uint8Array> {
-    const vae: OnnxModel = this.model.vaeDecoder;
-    const spec = vae.input('latent_sample');
-    const scaled = latents.map((v) => v / this.model.vaeScalingFactor);
-    const outName = vae.outputs.has('sample') ? 'sample' : [...vae.outputs.keys()][0]!;
-    const img = (await vae.run({ latent_sample: floatTensor(spec, scaled, [1, 4, h, w]) }, [outName]))[outName]!;
-    const H = h * 8;
-    const W = w * 8;
-    if (img.length !== 3 * H * W) throw new Error(`${vae.file}: decoded ${img.length} values; expected 3 x ${H} x ${W}`);
-    const rgb = new Uint8Array(H * W * 3);
-    const plane = H * W;
-    for (let c = 0; c < 3; c++) {
-      for (let i = 0; i < plane; i++) {
-        const v = Math.min(1, Math.max(0, img[c * plane + i]! / 2 + 0.5));
-        rgb[i * 3 + c] = roundHalfEven(v * 255);
-      }
-    }
-    return rgb;
+  /** The input picture and mask, decoded, with what the model can and cannot do with them. */
+  private async decodeInputs(params: GenerateParams): Promise<{ image?: RgbImage; mask?: RgbImage }> {
+    const { variant } = this.model;
+    if (params.mask && !params.image) invalid('`mask` needs an `image` to inpaint');
+    if (variant.inpainting && !params.mask) invalid(`this is an inpainting model (${variant.name}): it needs an \`image\` and a \`mask\``);
+    if (params.mask && variant.family === 'sdxl') invalid('`mask`: inpainting is not supported for SDXL models here');
+    if (variant.inpainting && params.strength != null)
+      invalid('`strength` does not apply to a 9-channel inpainting model, which always starts from noise; leave it out');
+    if (!params.image) return {};
+    if (!this.model.hasVaeEncoder) invalid('`image`: this model has no vae_encoder/model.onnx, which image-to-image and inpainting need');
+    const image = await decodeImage(params.image, 'image');
+    return { image, ...(params.mask ? { mask: await decodeImage(params.mask, 'mask') } : {}) };
   }
 }
 
-function guide(uncond: Float32Array, cond: Float32Array, scale: number): Float32Array {
-  const out = new Float32Array(uncond.length);
-  for (let i = 0; i < out.length; i++) out[i] = uncond[i]! + scale * (cond[i]! - uncond[i]!);
-  return out;
-}
-
-function concat(a: Float32Array, b: Float32Array): Float32Array {
-  const out = new Float32Array(a.length + b.length);
-  out.set(a, 0);
-  out.set(b, a.length);
-  return out;
-}
-
-/** numpy's round(): halves go to the even neighbour. */
-export function roundHalfEven(x: number): number {
-  const r = Math.round(x);
-  return Math.abs(x % 1) === 0.5 && r % 2 !== 0 ? r - 1 : r;
+function stepsOffset(model: LoadedModel): number {
+  const offset = model.schedulerConfig.steps_offset;
+  return typeof offset === 'number' ? offset : 0;
 }
 
 export function throwIfAborted(signal: AbortSignal | undefined): void {
@@ -313,11 +182,12 @@ export function throwIfAborted(signal: AbortSignal | undefined): void {
   }
 }
 
-function pngText(p: ResolvedParams, modelName: string): Record<string, string> {
+function pngText(p: ResolvedParams, mode: string, modelName: string): Record<string, string> {
+  const strength = p.strength !== null && mode !== 'inpaint' ? `, Denoising strength: ${p.strength}` : '';
   const lines = [
     p.prompt,
     ...(p.negativePrompt ? [`Negative prompt: ${p.negativePrompt}`] : []),
-    `Steps: ${p.numSteps}, Sampler: ${p.scheduler}, CFG scale: ${p.guidanceScale}, Seed: ${p.seed}, Size: ${p.width}x${p.height}, Model: ${modelName}`,
+    `Steps: ${p.numSteps}, Sampler: ${p.scheduler}, CFG scale: ${p.guidanceScale}, Seed: ${p.seed}, Size: ${p.width}x${p.height}, Model: ${modelName}${strength}`,
   ];
   return {
     parameters: lines.join('\n'),
@@ -329,6 +199,8 @@ function pngText(p: ResolvedParams, modelName: string): Record<string, string> {
     scheduler: p.scheduler,
     size: `${p.width}x${p.height}`,
     model: modelName,
+    ...(mode !== 'txt2img' ? { mode } : {}),
+    ...(strength ? { strength: String(p.strength) } : {}),
     Software: 't2i',
   };
 }

@@ -13,8 +13,9 @@
  * quotes straightened, no spaces forced around CJK characters), and approximate ftfy with the
  * few fixes that matter for prompts (no ligature or full-width repair).
  */
-import { mkdir, readFile, writeFile } from 'node:fs/promises';
+import { readFile } from 'node:fs/promises';
 import path from 'node:path';
+import { byteEncode, byteSymbolsInVocabOrder, cleanText, cleanUpTokenizationSpaces, CLIP_SPLIT, symbolsToText } from './clip-text.js';
 
 export const CLIP_BOS = '<|startoftext|>';
 export const CLIP_EOS = '<|endoftext|>';
@@ -57,113 +58,14 @@ export interface Encoding {
 }
 
 // ---------------------------------------------------------------------------------------------
-// GPT-2's reversible byte <-> printable character table. Every symbol BPE sees is one of these
-// 256 characters, so a token never contains a raw space or control character.
 
-const BYTE_TO_CHAR: readonly string[] = buildByteToChar();
-const CHAR_TO_BYTE: ReadonlyMap<string, number> = new Map(BYTE_TO_CHAR.map((c, b) => [c, b]));
-
-function printableBytes(): number[] {
-  const bytes: number[] = [];
-  const ranges: Array<[number, number]> = [
-    [0x21, 0x7e], // '!'..'~'
-    [0xa1, 0xac], // '¡'..'¬'
-    [0xae, 0xff], // '®'..'ÿ'
-  ];
-  for (const [lo, hi] of ranges) for (let b = lo; b <= hi; b++) bytes.push(b);
-  return bytes;
+function isMap(vocab: Vocab): vocab is ReadonlyMap<string, number> {
+  return vocab instanceof Map;
 }
-
-function buildByteToChar(): string[] {
-  const table = new Array<string>(256);
-  const printable = new Set(printableBytes());
-  let shifted = 0;
-  for (let b = 0; b < 256; b++) {
-    // Bytes that would be whitespace/control are moved above U+00FF, in byte order.
-    table[b] = String.fromCharCode(printable.has(b) ? b : 256 + shifted++);
-  }
-  return table;
-}
-
-/** The 256 byte symbols in CLIP's vocabulary order: printable ranges first, then the rest. */
-function byteSymbolsInVocabOrder(): string[] {
-  const printable = printableBytes();
-  const set = new Set(printable);
-  const rest: number[] = [];
-  for (let b = 0; b < 256; b++) if (!set.has(b)) rest.push(b);
-  return [...printable, ...rest].map((b) => BYTE_TO_CHAR[b]!);
-}
-
-const utf8 = new TextEncoder();
-const utf8Lenient = new TextDecoder('utf-8', { fatal: false }); // like errors="replace"
-
-function byteEncode(text: string): string {
-  let out = '';
-  for (const b of utf8.encode(text)) out += BYTE_TO_CHAR[b]!;
-  return out;
-}
-
-// ---------------------------------------------------------------------------------------------
-// Text clean-up (ftfy + basic_clean + whitespace_clean + lower, approximated).
-
-// A Map, not an object literal: "&constructor;" must not find Object.prototype members.
-const NAMED_ENTITIES: ReadonlyMap<string, string> = new Map([
-  ['amp', '&'],
-  ['lt', '<'],
-  ['gt', '>'],
-  ['quot', '"'],
-  ['apos', "'"],
-  ['nbsp', '\u00a0'],
-]);
-
-/** Common HTML entities only; CLIP's basic_clean runs html.unescape twice ("&amp;lt;" -> "<"). */
-function unescapeHtml(text: string): string {
-  return text.replace(/&(#[0-9]{1,7}|#[xX][0-9a-fA-F]{1,6}|[a-zA-Z]+);/g, (whole, body: string) => {
-    if (body[0] !== '#') return NAMED_ENTITIES.get(body) ?? whole;
-    const cp = body[1] === 'x' || body[1] === 'X' ? parseInt(body.slice(2), 16) : parseInt(body.slice(1), 10);
-    const valid = cp > 0 && cp <= 0x10ffff && !(cp >= 0xd800 && cp <= 0xdfff);
-    return valid ? String.fromCodePoint(cp) : '\ufffd';
-  });
-}
-
-function cleanText(text: string): string {
-  return (
-    unescapeHtml(unescapeHtml(text))
-      .normalize('NFC')
-      .replace(/[\u2018\u2019\u201a\u201b]/g, "'") // ftfy's uncurl_quotes: "it’s" must split like "it's"
-      .replace(/[\u201c\u201d\u201e\u201f]/g, '"')
-      // Control and zero-width characters vanish (ftfy's remove_control_chars); \t \n \v \f \r
-      // and NEL stay, as whitespace.
-      .replace(/[\x00-\x08\x0e-\x1f\x7f-\x84\x86-\x9f\u200b-\u200d\u2060\ufeff]/g, '')
-      .replace(/[\s\x85]+/g, ' ') // Python's \s also covers NEL (U+0085); JS's does not
-      .trim()
-      .toLowerCase()
-  );
-}
-
-/** CLIP's pre-tokenizer: special tokens, contractions, letter runs, single digits, symbol runs. */
-const CLIP_SPLIT = /<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+/giu;
-
-/** transformers' decode clean-up (clean_up_tokenization_spaces=True). */
-function cleanUpTokenizationSpaces(text: string): string {
-  return text
-    .replaceAll(' .', '.')
-    .replaceAll(' ?', '?')
-    .replaceAll(' !', '!')
-    .replaceAll(' ,', ',')
-    .replaceAll(" ' ", "'")
-    .replaceAll(" n't", "n't")
-    .replaceAll(" 'm", "'m")
-    .replaceAll(" 's", "'s")
-    .replaceAll(" 've", "'ve")
-    .replaceAll(" 're", "'re");
-}
-
-// ---------------------------------------------------------------------------------------------
 
 function vocabToMap(vocab: Vocab, source: string): Map<string, number> {
   const map = new Map<string, number>();
-  const entries = vocab instanceof Map ? vocab.entries() : Object.entries(vocab as Record<string, number>);
+  const entries: Iterable<[string, number]> = isMap(vocab) ? vocab.entries() : Object.entries(vocab);
   for (const [token, id] of entries) {
     if (!Number.isInteger(id) || id < 0) {
       throw new Error(
@@ -365,13 +267,7 @@ export class ClipTokenizer {
       }
       joined += token;
     }
-    const bytes: number[] = [];
-    for (const ch of joined) {
-      const b = CHAR_TO_BYTE.get(ch);
-      if (b !== undefined) bytes.push(b);
-      else bytes.push(...utf8.encode(ch)); // a hand-made vocab may hold characters outside the table
-    }
-    const text = utf8Lenient.decode(Uint8Array.from(bytes)).replaceAll(WORD_END, ' ');
+    const text = symbolsToText(joined).replaceAll(WORD_END, ' ');
     return cleanUpTokenizationSpaces(text.trim()).trim();
   }
 
@@ -526,8 +422,8 @@ async function readText(file: string, required: boolean): Promise<string | undef
   } catch (err) {
     const code = (err as NodeJS.ErrnoException).code;
     if (code === 'ENOENT' && !required) return undefined;
-    if (code === 'ENOENT') throw new Error(`${file}: file not found (expected a CLIP tokenizer folder)`);
-    throw new Error(`${file}: cannot read (${(err as Error).message})`);
+    if (code === 'ENOENT') throw new Error(`${file}: file not found (expected a CLIP tokenizer folder)`, { cause: err });
+    throw new Error(`${file}: cannot read (${(err as Error).message})`, { cause: err });
   }
 }
 
@@ -537,7 +433,7 @@ async function readJson(file: string, required: boolean): Promise<unknown> {
   try {
     return JSON.parse(text) as unknown;
   } catch (err) {
-    throw new Error(`${file}: invalid JSON (${(err as Error).message})`);
+    throw new Error(`${file}: invalid JSON (${(err as Error).message})`, { cause: err });
   }
 }
 
@@ -560,40 +456,4 @@ export function clipVocabFromBpeMerges(
   // A repeated token keeps its last id, as Python's dict(zip(vocab, range(len(vocab)))) does.
   tokens.forEach((token, id) => vocab.set(token, id));
   return { vocab, merges: merges.map(([a, b]) => `${a} ${b}`) };
-}
-
-/**
- * Writes vocab.json, merges.txt, tokenizer_config.json and special_tokens_map.json in the
- * layout transformers' `CLIPTokenizer.from_pretrained(dir)` loads. The data is validated by
- * building a tokenizer first, so a written folder always loads back.
- */
-export async function writeTokenizerDirectory(dir: string, data: TokenizerData): Promise<void> {
-  const tokenizer = ClipTokenizer.fromData(data);
-  const vocab = vocabToMap(data.vocab, 'vocab');
-  const byId = [...vocab].sort((x, y) => x[1] - y[1]);
-  const added = (content: string) => ({ content, lstrip: false, normalized: true, rstrip: false, single_word: false });
-
-  await mkdir(dir, { recursive: true });
-  await writeFile(path.join(dir, 'vocab.json'), JSON.stringify(Object.fromEntries(byId), null, 2) + '\n', 'utf8');
-  await writeFile(path.join(dir, 'merges.txt'), ['#version: 0.2', ...data.merges.map((m) => parseMergePair(m, 'merges').join(' '))].join('\n') + '\n', 'utf8');
-  const config = {
-    tokenizer_class: 'CLIPTokenizer',
-    model_max_length: tokenizer.modelMaxLength,
-    do_lower_case: true,
-    errors: 'replace',
-    add_prefix_space: false,
-    clean_up_tokenization_spaces: true,
-    bos_token: tokenizer.bosToken,
-    eos_token: tokenizer.eosToken,
-    pad_token: tokenizer.padToken,
-    unk_token: tokenizer.unkToken,
-  };
-  await writeFile(path.join(dir, 'tokenizer_config.json'), JSON.stringify(config, null, 2) + '\n', 'utf8');
-  const specials = {
-    bos_token: added(tokenizer.bosToken),
-    eos_token: added(tokenizer.eosToken),
-    pad_token: added(tokenizer.padToken),
-    unk_token: added(tokenizer.unkToken),
-  };
-  await writeFile(path.join(dir, 'special_tokens_map.json'), JSON.stringify(specials, null, 2) + '\n', 'utf8');
 }

@@ -81,7 +81,7 @@ describe('t2i doctor', () => {
     expect(detailOf(r, 'onnxruntime')).toMatch(/^onnxruntime-node 1\.30\.0; built with cpu, .*cuda \(separate library\).*; usable here: cpu$/);
     expect(detailOf(r, 'cuda')).toContain('libonnxruntime_providers_cuda.so is not installed beside the binding');
     expect(detailOf(r, 'model')).toMatch(
-      /^\/.*oracle: unknown family \(text encoder width 16\), fp32 UNet, epsilon prediction, PNDMScheduler, .*input_ids int32, timestep float32; \d+ bytes$/,
+      /^\/.*oracle: SD 1\.x\/2\.x-shaped \(text hidden size 16\) \(text encoder width 16\), fp32 UNet, epsilon prediction, PNDMScheduler, .*input_ids int32, timestep float32; \d+ bytes$/,
     );
     expect(detailOf(r, 'postgres')).toContain(':***@127.0.0.1:');
     expect(detailOf(r, 'redis')).toContain('maxmemory-policy noeviction');

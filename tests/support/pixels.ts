@@ -37,3 +37,34 @@ export function centroidOf(img: RgbImage, rgb: [number, number, number]) {
   }
   return { x: sx / n / img.width, y: sy / n / img.height, fraction: n / (img.width * img.height) };
 }
+
+/**
+ * An inpainting result split by a mask: the mean absolute difference from the input outside it
+ * (per channel value), and the share of pixels inside it that `painted` accepts.
+ */
+export function inpaintingStats(
+  out: ArrayLike<number>,
+  input: ArrayLike<number>,
+  width: number,
+  height: number,
+  inMask: (x: number, y: number) => boolean,
+  painted: (rgb: [number, number, number]) => boolean,
+): { keptMeanAbs: number; paintedShare: number } {
+  let keptDiff = 0;
+  let kept = 0;
+  let inside = 0;
+  let accepted = 0;
+  for (let y = 0; y < height; y++) {
+    for (let x = 0; x < width; x++) {
+      const i = (y * width + x) * 3;
+      if (inMask(x, y)) {
+        inside++;
+        if (painted([out[i]!, out[i + 1]!, out[i + 2]!])) accepted++;
+      } else {
+        kept++;
+        for (let c = 0; c < 3; c++) keptDiff += Math.abs(out[i + c]! - input[i + c]!);
+      }
+    }
+  }
+  return { keptMeanAbs: keptDiff / (3 * kept), paintedShare: accepted / inside };
+}

@@ -132,7 +132,7 @@ export async function resultsPerJob(sys: Pick<System, 'db' | 'storage'>, ids: st
 export async function expectEachSucceededOnce(
   sys: Pick<System, 'db' | 'storage'>,
   ids: string[],
-): Promise<{ jobs: number; lost: number; runTwice: number; extraObjects: number }> {
+): Promise<{ jobs: number; lost: number; runTwice: number; extraObjects: number; maxResultsPerJob: number }> {
   const rows = await sys.db.generatedImage.findMany({ where: { id: { in: ids } } });
   const results = await resultsPerJob(sys, ids);
   const lost = ids.length - rows.filter((r) => r.status === 'succeeded').length;
@@ -146,7 +146,8 @@ export async function expectEachSucceededOnce(
     expect(r.fileName).toBe(objectKeyFor(r.id, r.attempts));
   }
   expect({ lost, runTwice, extraObjects }).toEqual({ lost: 0, runTwice: 0, extraObjects: 0 });
-  return { jobs: ids.length, lost, runTwice, extraObjects };
+  const maxResultsPerJob = Math.max(...[...results.values()].map((r) => Math.max(r.writes, r.objects.length)));
+  return { jobs: ids.length, lost, runTwice, extraObjects, maxResultsPerJob };
 }
 
 /** Polls until `probe` gives a value (errors count as not yet: a database may be restarting). */

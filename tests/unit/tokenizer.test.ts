@@ -6,7 +6,8 @@ import { fileURLToPath } from 'node:url';
 import { gunzipSync } from 'node:zlib';
 import fc from 'fast-check';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { ClipTokenizer, clipVocabFromBpeMerges, writeTokenizerDirectory, type TokenizerData } from '../../src/engine/tokenizer.js';
+import { writeTokenizerDirectory } from '../../src/engine/testmodels/tokenizer-files.js';
+import { ClipTokenizer, clipVocabFromBpeMerges, type TokenizerData } from '../../src/engine/tokenizer.js';
 
 function findRepoRoot(): string {
   let dir = path.dirname(fileURLToPath(import.meta.url));

@@ -150,7 +150,7 @@ export class OnnxModel {
     }
     const out: Record<string, Float32Array> = {};
     for (const name of outputNames) {
-      const t = result[name] as ort.Tensor | undefined;
+      const t = result[name];
       if (!t) throw new Error(`${this.file}: output "${name}" missing from the result`);
       out[name] = tensorToFloat32(t);
     }

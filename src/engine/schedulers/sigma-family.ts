@@ -100,7 +100,7 @@ export class OptionReader {
       beta_start: this.number('beta_start', BETA_DEFAULTS.beta_start, { positive: true }),
       beta_end: this.number('beta_end', BETA_DEFAULTS.beta_end, { positive: true }),
       beta_schedule: this.choice('beta_schedule', BETA_DEFAULTS.beta_schedule, ['linear', 'scaled_linear', 'squaredcos_cap_v2']),
-      trained_betas: (trained as number[] | undefined) ?? null,
+      trained_betas: trained ?? null,
     };
   }
 }
@@ -143,7 +143,7 @@ export function logOfSigmas(trainSigmas: Float64Array): Float64Array {
 /** sigma at each (possibly fractional) timestep by linear interpolation, as np.interp does. */
 export function interpolateSigmas(timesteps: ArrayLike<number>, trainSigmas: Float64Array): Float64Array {
   const xp = Float64Array.from({ length: trainSigmas.length }, (_, i) => i);
-  return Float64Array.from(timesteps as ArrayLike<number>, (t) => npInterp(t, xp, trainSigmas));
+  return Float64Array.from(timesteps, (t) => npInterp(t, xp, trainSigmas));
 }
 
 /**

@@ -40,6 +40,11 @@ export interface Scheduler {
    * schedulers (Euler ancestral, LCM between steps) and ignored by the others.
    */
   step(modelOutput: Float32Array, timestep: number, sample: Float32Array, noise?: NoiseSource): Float32Array;
+  /**
+   * The forward process at a timestep of the schedule: `original` noised to that timestep's
+   * level with `noise` (image-to-image and inpainting start here). Returns a new array.
+   */
+  addNoise(original: Float32Array, noise: Float32Array, timestep: number): Float32Array;
 }
 
 /**

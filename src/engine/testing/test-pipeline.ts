@@ -1,6 +1,6 @@
 import { randomFillSync } from 'node:crypto';
 import sharp from 'sharp';
-import { resolveParams, throwIfAborted, type GenerateOptions, type GenerateParams, type Generation } from '../pipeline.js';
+import { resolveParams, SD_DEFAULTS, throwIfAborted, type GenerateOptions, type GenerateParams, type Generation } from '../pipeline.js';
 
 /**
  * A test double for the diffusion pipeline, run in the engine thread exactly where the real one
@@ -36,7 +36,7 @@ export class TestPipeline {
   async generate(params: GenerateParams, options: GenerateOptions = {}): Promise<Generation> {
     const started = performance.now();
     const nth = ++this.generations;
-    const p = resolveParams(params, 'pndm');
+    const p = resolveParams(params, { ...SD_DEFAULTS, scheduler: 'pndm' });
     const m = DIRECTIVE.exec(p.prompt);
     const fault = m && (m[2] === undefined || Number(m[2]) === nth) ? m[1] : undefined;
     for (let step = 1; step <= p.numSteps; step++) {

@@ -81,7 +81,7 @@ async function loadOnnx(onnx: Extract<ThreadInit, { kind: 'onnx' }>): Promise<vo
     model = await loadModel(onnx.modelDir, {
       provider: onnx.provider,
       ...(onnx.threads ? { threads: onnx.threads } : {}),
-      log: (msg) => post({ type: 'log', level: 'info', msg }),
+      log: (msg) => post({ type: 'log', level: msg.startsWith('warning: ') ? 'warn' : 'info', msg }),
     });
     pipeline = new StableDiffusionPipeline(model);
     post({
@@ -90,6 +90,8 @@ async function loadOnnx(onnx: Extract<ThreadInit, { kind: 'onnx' }>): Promise<vo
         modelDir: model.dir,
         provider: model.provider,
         defaultScheduler: model.defaultScheduler,
+        variant: model.variant.name,
+        defaults: model.defaults,
         loadMs: model.loadMs,
         sizeBytes: model.sizeBytes,
       },

@@ -1,5 +1,5 @@
 import type { ProviderChoice } from '../onnx/runtime.js';
-import type { GenerateParams, Generation, Progress } from '../pipeline.js';
+import type { GenerateParams, Generation, ModelDefaults, Progress } from '../params.js';
 import type { SchedulerName } from '../schedulers/types.js';
 
 /** Messages between the host and the engine thread. Plain data: structured-clone safe. */
@@ -11,6 +11,10 @@ export interface EngineInfo {
   modelDir: string;
   provider: string;
   defaultScheduler: SchedulerName | undefined;
+  /** What loading found: "SD 1.x", "SDXL Turbo", "SD 2.x v-prediction inpainting", ... */
+  variant?: string;
+  /** What a request that leaves parameters out gets on this model. */
+  defaults?: ModelDefaults;
   loadMs: number;
   sizeBytes: number;
 }
