@@ -25,7 +25,8 @@ const HELP = `t2i: text-to-image on Stable Diffusion ONNX models
   t2i worker [--test-engine [--test-step-ms N]]
                         a worker: loads MODEL_DIR once, then runs jobs one at a time
                         (--test-engine: the test double instead of a model, for tests only)
-  t2i migrate           applies prisma/migrations to DATABASE_URL
+  t2i migrate [--dir FOLDER]
+                        applies prisma/migrations (or FOLDER) to DATABASE_URL
   t2i keys create --tenant NAME [--name LABEL] [--json]
                         a new API key for the tenant (created if new), shown only this once
   t2i keys list [--tenant NAME] [--json]    keys by prefix, tenant, name, last use, revocation

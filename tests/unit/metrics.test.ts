@@ -11,17 +11,65 @@ import { createWorkerMetrics } from '../../src/worker/metrics.js';
 const TOKEN = 'a-long-metrics-token-123';
 const SCRAPE = { authorization: `Bearer ${TOKEN}` };
 
+/** A unit-test fake: the only request these tests send to a job route asks for an unknown id. */
+function fakeRepo(): ImagesRepo {
+  const unused = (name: string) => async (): Promise<never> => {
+    throw new Error(`fake repo: ${name} is not used by the metrics tests`);
+  };
+  return {
+    get: async () => null,
+    create: unused('create'),
+    list: unused('list'),
+    usage: unused('usage'),
+    markDeleted: unused('markDeleted'),
+    clearObjects: unused('clearObjects'),
+    findExpired: unused('findExpired'),
+    findDeletedWithObjects: unused('findDeletedWithObjects'),
+    unfairPriorities: unused('unfairPriorities'),
+    setPriority: unused('setPriority'),
+    startAttempt: unused('startAttempt'),
+    setProgress: unused('setProgress'),
+    succeed: unused('succeed'),
+    fail: unused('fail'),
+    failAny: unused('failAny'),
+    requestCancel: unused('requestCancel'),
+    finishCanceled: unused('finishCanceled'),
+    release: unused('release'),
+    findStale: unused('findStale'),
+    markSuperseded: unused('markSuperseded'),
+    attempts: unused('attempts'),
+    ping: async () => undefined,
+  };
+}
+
+/** A unit-test fake of an empty queue. */
+const fakeQueue: JobQueue = { enqueue: async () => undefined, remove: async () => false, depth: async () => 0 };
+
+/** A unit-test fake of the accounts store that knows no key: job routes answer 401. */
+function fakeAccountsRepo(): AccountsRepo {
+  const unused = (name: string) => async (): Promise<never> => {
+    throw new Error(`fake accounts repo: ${name} is not used by the metrics tests`);
+  };
+  return {
+    keyByHash: async () => null,
+    ensureTenant: unused('ensureTenant'),
+    insertKey: unused('insertKey'),
+    listKeys: unused('listKeys'),
+    revokeKey: unused('revokeKey'),
+    touchKey: unused('touchKey'),
+  };
+}
+
 /** `null`: no METRICS_TOKEN. */
 function app(token: string | null = TOKEN) {
   const images = new ImagesService({
-    repo: { get: async () => null } as unknown as ImagesRepo,
-    queue: { enqueue: async () => undefined, remove: async () => false, depth: async () => 0 } as unknown as JobQueue,
+    repo: fakeRepo(),
+    queue: fakeQueue,
     storage: { presignGet: async () => ({ url: '', expiresAt: new Date() }), removeImageObjects: async () => undefined },
   });
-  const fakeAccounts = new AccountsService({ keyByHash: async () => null } as unknown as AccountsRepo);
   return buildApp({
     images,
-    accounts: fakeAccounts,
+    accounts: new AccountsService(fakeAccountsRepo()),
     logger: createLogger({ name: 'api', level: 'silent' }),
     bodyLimit: 65_536,
     metrics: createApiMetrics(),
