@@ -120,12 +120,12 @@ export const envSchema = z.object({
   AUTH_FAILURE_LIMIT: int(1, 10_000_000).default(30),
   /** The window of AUTH_FAILURE_LIMIT. */
   AUTH_FAILURE_WINDOW_MS: int(1_000, 86_400_000).default(600_000),
-  /** Jobs a tenant may have queued or running at once; 0 = no limit. A tenant's own limit (tenants.max_in_flight) wins. */
+  /** Jobs a tenant may have queued or running at once; 0 = no limit. A tenant's own limit (`t2i tenants set`) wins. */
   TENANT_MAX_IN_FLIGHT: int(0, 10_000_000).default(100),
   /**
    * Compute a tenant may ask for per UTC day, in pixel-steps (width x height x num_steps); 0 = no
    * limit. Default 13,107,200,000 = 1,000 images of 512x512 at 50 steps. A tenant's own limit
-   * (tenants.daily_pixel_steps) wins.
+   * (`t2i tenants set`) wins.
    */
   TENANT_DAILY_PIXEL_STEPS: int(0, 1e15).default(13_107_200_000),
 

@@ -84,6 +84,20 @@ export function createAccountsRepo(db: Db): AccountsRepo {
     async touchKey(id) {
       await db.apiKey.update({ where: { id }, data: { lastUsedAt: new Date() } });
     },
+
+    async setTenantLimits(name, limits) {
+      const data = {
+        ...(limits.maxInFlight === undefined ? {} : { maxInFlight: limits.maxInFlight }),
+        ...(limits.dailyPixelSteps === undefined ? {} : { dailyPixelSteps: limits.dailyPixelSteps === null ? null : BigInt(limits.dailyPixelSteps) }),
+      };
+      const r = await db.tenant.updateMany({ where: { name }, data });
+      if (r.count === 0) return null;
+      return toTenant(await db.tenant.findUniqueOrThrow({ where: { name } }));
+    },
+
+    async listTenants() {
+      return (await db.tenant.findMany({ orderBy: { name: 'asc' } })).map(toTenant);
+    },
   };
   return translateErrors(repo, translateDbError);
 }

@@ -10,6 +10,10 @@ import { UsageError } from './engine-commands.js';
  * `t2i keys create --tenant NAME [--name LABEL] [--json]`, `t2i keys list [--tenant NAME] [--json]`,
  * `t2i keys revoke PREFIX`: API keys in the database at DATABASE_URL. A key is printed once, at
  * creation; the database keeps only its hash, so a lost key is revoked and replaced, not recovered.
+ *
+ * `t2i tenants list [--json]`, `t2i tenants set NAME [--max-in-flight N|default]
+ * [--daily-pixel-steps N|default]`: a tenant's own quotas, instead of TENANT_MAX_IN_FLIGHT and
+ * TENANT_DAILY_PIXEL_STEPS (0 = no limit, as for those).
  */
 
 const TENANT_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$/;
@@ -29,6 +33,73 @@ function keyJson(k: ApiKeyInfo) {
   };
 }
 
+/** The service over the database at DATABASE_URL, closed after `fn`. */
+async function withAccounts<T>(fn: (accounts: AccountsService) => Promise<T>): Promise<T> {
+  let config;
+  try {
+    config = loadConfig(process.env, 'any');
+  } catch (err) {
+    if (err instanceof ConfigError) throw new UsageError(`${err.message}\nSet these in the environment (see .env.example).`);
+    throw err;
+  }
+  const db = createPrismaClient(config.DATABASE_URL, { poolMax: 1 });
+  try {
+    return await fn(new AccountsService(createAccountsRepo(db)));
+  } finally {
+    await db.$disconnect();
+  }
+}
+
+const out = (s: string) => process.stdout.write(`${s}\n`);
+
+/** A limit as given on the command line: a whole number, or "default" (the configured one). */
+function limitArg(name: string, v: string | undefined, max: number): number | null | undefined {
+  if (v === undefined) return undefined;
+  if (v === 'default') return null;
+  if (!/^\d+$/.test(v) || Number(v) > max) throw new UsageError(`--${name} must be a whole number from 0 (no limit) to ${max}, or "default"; got "${v}"`);
+  return Number(v);
+}
+
+export async function tenantsCommand(argv: string[]): Promise<number> {
+  const [sub, ...rest] = argv;
+  const { values, positionals } = parseArgs({
+    args: rest,
+    allowPositionals: true,
+    options: { 'max-in-flight': { type: 'string' }, 'daily-pixel-steps': { type: 'string' }, json: { type: 'boolean', default: false } },
+  });
+  if (sub === 'list') {
+    const tenants = await withAccounts((a) => a.listTenants());
+    const show = (v: number | null) => (v === null ? 'default' : String(v));
+    if (values.json) out(JSON.stringify(tenants.map((t) => ({ name: t.name, max_in_flight: t.maxInFlight, daily_pixel_steps: t.dailyPixelSteps }))));
+    else for (const t of tenants) out(`${t.name}  max-in-flight ${show(t.maxInFlight)}  daily-pixel-steps ${show(t.dailyPixelSteps)}`);
+    return 0;
+  }
+  if (sub !== 'set' || positionals.length !== 1) {
+    throw new UsageError('use `t2i tenants list` or `t2i tenants set NAME [--max-in-flight N|default] [--daily-pixel-steps N|default]`');
+  }
+  const limits = {
+    maxInFlight: limitArg('max-in-flight', values['max-in-flight'], 10_000_000),
+    dailyPixelSteps: limitArg('daily-pixel-steps', values['daily-pixel-steps'], 1e15),
+  };
+  if (limits.maxInFlight === undefined && limits.dailyPixelSteps === undefined)
+    throw new UsageError('tenants set needs --max-in-flight or --daily-pixel-steps');
+  const name = positionals[0]!;
+  const tenant = await withAccounts((a) =>
+    a.setTenantLimits(name, {
+      ...(limits.maxInFlight === undefined ? {} : { maxInFlight: limits.maxInFlight }),
+      ...(limits.dailyPixelSteps === undefined ? {} : { dailyPixelSteps: limits.dailyPixelSteps }),
+    }),
+  );
+  if (!tenant) {
+    process.stderr.write(`t2i tenants set: no tenant is named "${name}" (tenants are made by \`t2i keys create --tenant NAME\`)\n`);
+    return 1;
+  }
+  out(
+    `Tenant "${tenant.name}": max-in-flight ${tenant.maxInFlight ?? 'default (TENANT_MAX_IN_FLIGHT)'}, daily-pixel-steps ${tenant.dailyPixelSteps ?? 'default (TENANT_DAILY_PIXEL_STEPS)'}.`,
+  );
+  return 0;
+}
+
 export async function keysCommand(argv: string[]): Promise<number> {
   const [sub, ...rest] = argv;
   const { values, positionals } = parseArgs({
@@ -45,17 +116,7 @@ export async function keysCommand(argv: string[]): Promise<number> {
   if (values.name !== undefined && (values.name.length > 100 || /[\p{Cc}]/u.test(values.name))) {
     throw new UsageError('--name must be at most 100 characters, without control characters');
   }
-  let config;
-  try {
-    config = loadConfig(process.env, 'any');
-  } catch (err) {
-    if (err instanceof ConfigError) throw new UsageError(`${err.message}\nSet these in the environment (see .env.example).`);
-    throw err;
-  }
-  const db = createPrismaClient(config.DATABASE_URL, { poolMax: 1 });
-  const accounts = new AccountsService(createAccountsRepo(db));
-  const out = (s: string) => process.stdout.write(`${s}\n`);
-  try {
+  return withAccounts(async (accounts) => {
     switch (sub) {
       case 'create': {
         if (!values.tenant) throw new UsageError('keys create needs --tenant NAME');
@@ -104,7 +165,5 @@ export async function keysCommand(argv: string[]): Promise<number> {
         return 0;
       }
     }
-  } finally {
-    await db.$disconnect();
-  }
+  });
 }

@@ -45,6 +45,9 @@ export interface AccountsRepo {
   /** Marks the key revoked (idempotent); null when no key has this prefix. */
   revokeKey(prefix: string): Promise<ApiKeyInfo | null>;
   touchKey(id: string): Promise<void>;
+  /** Sets a tenant's own limits (null = back to the configured default); null when no tenant has that name. */
+  setTenantLimits(name: string, limits: Partial<Pick<Tenant, 'maxInFlight' | 'dailyPixelSteps'>>): Promise<Tenant | null>;
+  listTenants(): Promise<Tenant[]>;
 }
 
 /** Why a request was not authenticated; unknown and revoked keys look the same to the client. */
@@ -79,6 +82,14 @@ export class AccountsService {
 
   revokeKey(prefix: string): Promise<ApiKeyInfo | null> {
     return this.repo.revokeKey(prefix);
+  }
+
+  setTenantLimits(name: string, limits: Partial<Pick<Tenant, 'maxInFlight' | 'dailyPixelSteps'>>): Promise<Tenant | null> {
+    return this.repo.setTenantLimits(name, limits);
+  }
+
+  listTenants(): Promise<Tenant[]> {
+    return this.repo.listTenants();
   }
 
   /**

@@ -6,13 +6,17 @@
  * documented (a slot frees when a job ends; the budget at 00:00 UTC). Usage is recorded per job
  * and GET /usage reports it.
  */
+import { execFile } from 'node:child_process';
+import path from 'node:path';
+import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createPrismaClient, type Db } from '../../src/adapters/db/client.js';
 import type { Config } from '../../src/config.js';
 import { createTestKey, type TestKey } from '../support/accounts.js';
-import { startApiProcess, startWorkerProcess, type ServiceProcess } from '../support/processes.js';
+import { configEnv, startApiProcess, startWorkerProcess, type ServiceProcess } from '../support/processes.js';
 import { isolatedConfig } from '../support/system.js';
 
+const run = promisify(execFile);
 const JOB = { prompt: 'a quota test', num_steps: 10, width: 64, height: 64 };
 const COST = 64 * 64 * 10;
 
@@ -117,6 +121,18 @@ describe('jobs in flight per tenant', () => {
     await worker.stop();
     expect(await usage(urls[1]!, key)).toMatchObject({ in_flight: { used: 0, limit: CAP } });
     expect((await burst(urls, key)).filter((a) => a.status === 201)).toHaveLength(CAP);
+  });
+
+  it("a tenant's own limit (`t2i tenants set`) wins over TENANT_MAX_IN_FLIGHT, until set back to default", async () => {
+    const tenants = async (...args: string[]) =>
+      (await run(process.execPath, [path.resolve('bin/t2i.js'), 'tenants', ...args], { env: configEnv(config) })).stdout;
+    expect(await tenants('set', 'capped-co', '--max-in-flight', '5')).toContain('Tenant "capped-co": max-in-flight 5');
+    const more = await burst(urls, key, 4);
+    expect(more.filter((a) => a.status === 201)).toHaveLength(2);
+    expect(more.find((a) => a.status === 429)?.body).toMatchObject({ quota: 'in_flight', limit: 5, used: 5 });
+    expect(JSON.parse(await tenants('list', '--json'))).toContainEqual({ name: 'capped-co', max_in_flight: 5, daily_pixel_steps: null });
+    await tenants('set', 'capped-co', '--max-in-flight', 'default');
+    expect((await post(urls[0]!, key)).body).toMatchObject({ quota: 'in_flight', limit: CAP, used: 5 });
   });
 });
 

@@ -57,6 +57,8 @@ function fakeAccountsRepo(): AccountsRepo {
     listKeys: unused('listKeys'),
     revokeKey: unused('revokeKey'),
     touchKey: unused('touchKey'),
+    setTenantLimits: unused('setTenantLimits'),
+    listTenants: unused('listTenants'),
   };
 }
 
