@@ -110,7 +110,8 @@ beforeAll(async () => {
   await call('key as request id', 'GET', '/usage', { headers: { ...auth, 'x-request-id': canary.key } });
   await call('key without Bearer', 'GET', '/usage', { headers: { authorization: canary.key } });
   await call('key as Basic', 'GET', '/usage', { headers: { authorization: `Basic ${canary.key}` } });
-  await call('key with a typo', 'GET', '/usage', { headers: { authorization: `Bearer ${canary.key.slice(0, -1)}0` } });
+  const typo = `${canary.key.slice(0, -1)}${canary.key.endsWith('0') ? '1' : '0'}`;
+  await call('key with a typo', 'GET', '/usage', { headers: { authorization: `Bearer ${typo}` } });
 
   // A canceled job and a deleted one.
   const slow = await call('create slow', 'POST', '/generated-images', {
