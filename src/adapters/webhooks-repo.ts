@@ -12,18 +12,22 @@ import type { DeliveryStatus, WebhookRepo } from '../core/webhooks.js';
 export function createWebhookRepo(db: Db): WebhookRepo {
   const repo: WebhookRepo = {
     async claimDue(limit, leaseMs) {
-      const rows = await db.$queryRaw<Array<{ id: string; image_id: string; event_type: string; url: string; attempts: number; payload: unknown }>>`
-        UPDATE webhook_deliveries SET locked_until = now() + make_interval(secs => ${leaseMs / 1000})
-         WHERE id IN (
+      const rows = await db.$queryRaw<
+        Array<{ id: string; image_id: string; tenant_id: string; event_type: string; url: string; attempts: number; payload: unknown }>
+      >`
+        UPDATE webhook_deliveries d SET locked_until = now() + make_interval(secs => ${leaseMs / 1000})
+          FROM generated_images g
+         WHERE g.id = d.image_id AND d.id IN (
            SELECT id FROM webhook_deliveries
             WHERE status = 'pending' AND next_attempt_at <= now() AND (locked_until IS NULL OR locked_until < now())
             ORDER BY next_attempt_at
             LIMIT ${limit}
               FOR UPDATE SKIP LOCKED)
-     RETURNING id, image_id, event_type, url, attempts, payload`;
+     RETURNING d.id, d.image_id, g.tenant_id::text, d.event_type, d.url, d.attempts, d.payload`;
       return rows.map((r) => ({
         id: r.id,
         imageId: r.image_id,
+        tenantId: r.tenant_id,
         eventType: r.event_type,
         url: r.url,
         attempts: r.attempts,

@@ -1,16 +1,21 @@
 import Fastify, { type FastifyBaseLogger, type FastifyError, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
 import type { Logger } from 'pino';
-import { DependencyUnavailableError, ProblemError, ValidationError } from '../core/errors.js';
+import { DependencyUnavailableError, ProblemError } from '../core/errors.js';
 import type { ErrorReporter } from '../core/reporting.js';
+import type { AccountsService } from '../core/accounts.js';
 import type { ImagesService } from '../core/images.js';
 import { imageJson } from '../core/image-json.js';
-import { createImageBody, fieldErrors, listQuery } from '../core/params.js';
+import { createImageBody, listQuery, type CreateImageBody } from '../core/params.js';
 import { readiness } from '../core/lifecycle.js';
-import { eventRoutes, type EventRoutesOptions } from './events.js';
+import type { TrustProxy } from '../config.js';
+import { principalOf, registerAuth, type RateLimitOptions } from './auth.js';
 import { discoveryRoutes, type DiscoveryOptions } from './discovery.js';
+import { registerEdges, requestIdOf } from './edges.js';
+import { eventRoutes, type EventRoutesOptions } from './events.js';
 import { idempotencyKeyOf } from './idempotency.js';
 import { openAiRoutes, type OpenAiRoutesOptions } from './openai.js';
 import { registerOpenApi } from './openapi.js';
+import { jobRouteSchemas, problems, usageSchema } from './schemas.js';
 import { webhookRoutes, type WebhookRoutesOptions } from './webhooks.js';
 import { registerApiMetrics, type ApiMetrics } from './metrics.js';
 import { sendProblem } from './problem.js';
@@ -22,24 +27,38 @@ import { sendProblem } from './problem.js';
 
 export interface AppDeps {
   images: ImagesService;
+  /** Tells who sent a request (API keys); every /generated-images and /usage route is scoped to that tenant. */
+  accounts: AccountsService;
+  /** AUTH: 'off' makes every caller the anonymous tenant (main.ts allows it on loopback only). Default 'required'. */
+  auth?: 'required' | 'off';
+  /** Per-key and per-address limits (Redis-backed); none when absent. */
+  rateLimits?: RateLimitOptions;
+  /** CORS_ORIGINS: browser origins allowed to call the API; CORS is off when absent. */
+  corsOrigins?: string[] | undefined;
+  /** TRUST_PROXY: which proxies' X-Forwarded-For gives the client address. Default: none. */
+  trustProxy?: TrustProxy;
   logger: Logger;
   bodyLimit: number;
   /** Readiness of what the API depends on; the route answers 503 listing what is down. */
   checks?: Record<string, () => Promise<void>>;
   /** Request metrics and GET /metrics (src/api/metrics.ts); none when absent. */
   metrics?: ApiMetrics;
-  /** Bearer token GET /metrics requires (METRICS_TOKEN); open when unset. */
+  /** Bearer token GET /metrics requires (METRICS_TOKEN); without one the API serves no /metrics (its port is public). */
   metricsToken?: string | undefined;
   /** Where 5xx errors are reported (Sentry); client errors never are. */
   reporter?: ErrorReporter;
   /** Live job events over SSE and WebSocket (src/api/events.ts); the routes are absent without it. */
-  events?: EventRoutesOptions;
+  events?: Omit<EventRoutesOptions, 'tenantOf'>;
   /** Webhook delivery records (src/api/webhooks.ts); the route is absent without them. */
-  webhooks?: Omit<WebhookRoutesOptions, 'images'>;
+  webhooks?: Omit<WebhookRoutesOptions, 'images' | 'tenantOf'>;
   /** The OpenAI-compatible routes (src/api/openai.ts); absent without them. */
-  openai?: Omit<OpenAiRoutesOptions, 'images'>;
+  openai?: Omit<OpenAiRoutesOptions, 'images' | 'principalOf'>;
   /** GET /models and /schedulers (src/api/discovery.ts); absent without them. */
   discovery?: DiscoveryOptions;
+}
+
+function trustHops(n: number) {
+  return (_address: string, hop: number) => hop < n;
 }
 
 export function buildApp(deps: AppDeps): FastifyInstance {
@@ -48,9 +67,12 @@ export function buildApp(deps: AppDeps): FastifyInstance {
     // eslint-disable-next-line @typescript-eslint/no-unnecessary-type-assertion
     loggerInstance: deps.logger as FastifyBaseLogger,
     bodyLimit: deps.bodyLimit,
-    // Request ids on every line the request logs; honour a caller's X-Request-Id.
-    requestIdHeader: 'x-request-id',
-    genReqId: () => crypto.randomUUID(),
+    // Request ids on every line the request logs: a caller's X-Request-Id only when short and plain.
+    requestIdHeader: false,
+    genReqId: requestIdOf,
+    // The client address rate limits and logs use: the socket's, unless proxies are trusted.
+    // A hop count as the function Fastify's types ask for (trust the n addresses nearest to us).
+    trustProxy: typeof deps.trustProxy === 'number' ? trustHops(deps.trustProxy) : (deps.trustProxy ?? false),
     return503OnClosing: true,
     routerOptions: { ignoreTrailingSlash: true },
     // Errors the router raises before any route or hook runs; Fastify's default answers them as plain JSON.
@@ -70,6 +92,7 @@ export function buildApp(deps: AppDeps): FastifyInstance {
 
   // Before every route: the document is made from the routes' schemas as they are added.
   registerOpenApi(app);
+  registerEdges(app, { corsOrigins: deps.corsOrigins });
   if (deps.metrics) registerApiMetrics(app, deps.metrics, { token: deps.metricsToken });
 
   // Tags only: the route pattern, never the URL (ids, query strings), and no body. An error text
@@ -124,56 +147,95 @@ export function buildApp(deps: AppDeps): FastifyInstance {
     return sendProblem(reply, 500, 'Internal Server Error', 'The server failed to handle the request; it has been logged.');
   });
 
-  app.post('/generated-images', async (request, reply) => {
-    const body = request.body;
-    if (typeof body !== 'object' || body === null || Array.isArray(body)) {
-      throw new ValidationError([{ field: '(body)', rule: 'type', message: 'must be a JSON object' }]);
-    }
-    // reportInput: zod 4 leaves `input` off issues otherwise, and fieldErrors would call every wrongly typed field "required".
-    const parsed = createImageBody.safeParse(body, { reportInput: true });
-    if (!parsed.success) throw new ValidationError(fieldErrors(parsed.error));
-    const { record, replayed } = await deps.images.submit(parsed.data, { idempotencyKey: idempotencyKeyOf(request), route: 'generated-images' });
-    if (replayed) reply.header('idempotent-replayed', 'true');
-    return reply.status(201).header('location', `/generated-images/${record.id}`).send(imageJson(record));
+  // Everything a tenant can see or do: behind the auth hook, and scoped to the caller's tenant.
+  // Another tenant's job answers exactly as an unknown id does (404).
+  void app.register(async (scope) => {
+    await registerAuth(scope, { accounts: deps.accounts, mode: deps.auth ?? 'required', rateLimits: deps.rateLimits });
+    const tenant = (request: FastifyRequest) => principalOf(request).tenantId;
+
+    const schemas = jobRouteSchemas(createImageBody, listQuery);
+
+    scope.post('/generated-images', { schema: schemas.create }, async (request, reply) => {
+      const p = principalOf(request);
+      const { record, replayed } = await deps.images.submit(p.tenantId, request.body as CreateImageBody, {
+        idempotencyKey: idempotencyKeyOf(request),
+        route: 'generated-images',
+        defaultWebhookUrl: p.webhookUrl,
+      });
+      if (replayed) reply.header('idempotent-replayed', 'true');
+      return reply.status(201).header('location', `/generated-images/${record.id}`).send(imageJson(record));
+    });
+
+    scope.get('/generated-images', { schema: schemas.list }, async (request) => {
+      const q = request.query as { limit: number; cursor?: string };
+      const { items, nextCursor } = await deps.images.list(tenant(request), q.limit, q.cursor);
+      return { items: items.map(imageJson), next_cursor: nextCursor };
+    });
+
+    scope.get<{ Params: { id: string } }>('/generated-images/:id', { schema: schemas.get }, async (request) =>
+      imageJson(await deps.images.get(tenant(request), request.params.id)),
+    );
+
+    scope.get<{ Params: { id: string } }>('/generated-images/:id/url', { schema: schemas.url }, async (request) => {
+      const images = await deps.images.urls(tenant(request), request.params.id);
+      const { url, expiresAt } = images[0]!;
+      // `url` is image 0 (the textbook's answer, unchanged for one image); a job of several lists them all in `images`.
+      return {
+        url,
+        expires_at: expiresAt.toISOString(),
+        ...(images.length > 1 ? { images: images.map((i) => ({ index: i.index, seed: i.seed, url: i.url })) } : {}),
+      };
+    });
+
+    scope.post<{ Params: { id: string } }>('/generated-images/:id/cancel', { schema: schemas.cancel }, async (request) =>
+      imageJson(await deps.images.cancel(tenant(request), request.params.id)),
+    );
+
+    // Removes the image objects and the prompts; the job is gone for its owner (404 afterwards).
+    scope.delete<{ Params: { id: string } }>('/generated-images/:id', { schema: schemas.delete }, async (request, reply) => {
+      await deps.images.delete(tenant(request), request.params.id);
+      return reply.status(204).send();
+    });
+
+    scope.get(
+      '/usage',
+      { schema: { tags: ['jobs'], summary: "Your tenant's usage today and its limits", response: { 200: usageSchema, ...problems(401, 429, 503) } } },
+      async (request) => {
+        const p = principalOf(request);
+        const u = await deps.images.usage(p.tenantId);
+        const budget = u.limits.dailyPixelSteps;
+        return {
+          tenant: p.tenantName,
+          day: u.day.toISOString().slice(0, 10),
+          resets_at: u.resetsAt.toISOString(),
+          pixel_steps: { used: u.pixelStepsToday, limit: budget || null, remaining: budget ? Math.max(0, budget - u.pixelStepsToday) : null },
+          in_flight: { used: u.inFlight, limit: u.limits.maxInFlight || null },
+          jobs_today: u.jobsToday,
+        };
+      },
+    );
+
+    // The client API's areas, each a plugin of its own, in the same scope: every stream,
+    // webhook record and OpenAI call is the caller's tenant's.
+    if (deps.events) await scope.register(eventRoutes, { ...deps.events, tenantOf: tenant });
+    if (deps.webhooks) await scope.register(webhookRoutes, { images: deps.images, tenantOf: tenant, ...deps.webhooks });
+    if (deps.openai) await scope.register(openAiRoutes, { images: deps.images, principalOf, ...deps.openai });
+    if (deps.discovery) await scope.register(discoveryRoutes, deps.discovery);
   });
 
-  app.get('/generated-images', async (request) => {
-    const parsed = listQuery.safeParse(request.query, { reportInput: true });
-    if (!parsed.success) throw new ValidationError(fieldErrors(parsed.error));
-    const { items, nextCursor } = await deps.images.list(parsed.data.limit, parsed.data.cursor);
-    return { items: items.map(imageJson), next_cursor: nextCursor };
-  });
+  void app.register(async (open) => {
+    const schemas = jobRouteSchemas(createImageBody, listQuery);
+    open.get('/healthz', { schema: schemas.healthz }, async () => ({ status: 'ok' as const }));
 
-  app.get<{ Params: { id: string } }>('/generated-images/:id', async (request) => imageJson(await deps.images.get(request.params.id)));
-
-  app.get<{ Params: { id: string } }>('/generated-images/:id/url', async (request) => {
-    const images = await deps.images.urls(request.params.id);
-    const { url, expiresAt } = images[0]!;
-    // `url` is image 0 (the textbook's answer, unchanged for one image); a job of several lists them all in `images`.
-    return {
-      url,
-      expires_at: expiresAt.toISOString(),
-      ...(images.length > 1 ? { images: images.map((i) => ({ index: i.index, seed: i.seed, url: i.url })) } : {}),
-    };
-  });
-
-  app.post<{ Params: { id: string } }>('/generated-images/:id/cancel', async (request) => imageJson(await deps.images.cancel(request.params.id)));
-
-  if (deps.events) void app.register(eventRoutes, deps.events);
-  if (deps.webhooks) void app.register(webhookRoutes, { images: deps.images, ...deps.webhooks });
-  if (deps.openai) void app.register(openAiRoutes, { images: deps.images, ...deps.openai });
-  if (deps.discovery) void app.register(discoveryRoutes, deps.discovery);
-
-  app.get('/healthz', async () => ({ status: 'ok' }));
-
-  app.get('/readyz', async (request, reply) => {
-    const { ok, checks, errors } = await readiness(deps.checks ?? {});
-    if (!ok) {
-      // Which dependency is down is public; why (hosts, ports, driver messages) is logged only.
-      request.log.warn({ errors }, 'not ready');
-      return sendProblem(reply, 503, 'Service Unavailable', `Not ready: ${Object.keys(errors).join(', ')} unreachable.`, { checks });
-    }
-    return { status: 'ready', checks };
+    open.get('/readyz', { schema: schemas.readyz }, async (request, reply) => {
+      const { ok, checks, errors } = await readiness(deps.checks ?? {});
+      if (!ok) {
+        // Which dependency is down is public; why (hosts, ports, driver messages) is logged only.
+        request.log.warn({ errors }, 'not ready');
+        return sendProblem(reply, 503, 'Service Unavailable', `Not ready: ${Object.keys(errors).join(', ')} unreachable.`, { checks });
+      }
+      return { status: 'ready' as const, checks };
+    });
   });
 
   return app;

@@ -23,13 +23,17 @@ import { jobIdParams, problems } from './schemas.js';
  *                                       "data"}, {"type":"end","job_id"} after a job's terminal
  *                                       event, and {"type":"error",...} problems. Pings every heartbeat.
  *
- * A job that cannot be streamed (unknown, or another tenant's) is answered before any event:
- * 404 problem+json on SSE, an error message on the WebSocket.
+ * Both are behind the API key: the WebSocket authenticates at its upgrade request, and every job
+ * it follows is the caller's tenant's. A job that cannot be streamed (unknown, or another
+ * tenant's, alike) is answered before any event: 404 problem+json on SSE, an error message on
+ * the WebSocket.
  */
 
 export interface EventRoutesOptions {
-  /** Starts following a job (src/core/job-event-stream.ts followJob, bound to its collaborators). */
-  follow(id: string, lastEventId: string | null): Promise<JobFollow>;
+  /** Starts following a job of the tenant (src/core/job-event-stream.ts followJob, bound to its collaborators). */
+  follow(tenantId: string, id: string, lastEventId: string | null): Promise<JobFollow>;
+  /** The caller's tenant (the auth hook has run). */
+  tenantOf(request: FastifyRequest): string;
   /** Interval of SSE comment lines and WebSocket pings. */
   heartbeatMs: number;
   /** Subscriptions one WebSocket may hold at once. */
@@ -95,7 +99,7 @@ export const eventRoutes: FastifyPluginAsync<EventRoutesOptions> = async (app: F
     '/generated-images/:id/events',
     { schema: sseSchema },
     async (request, reply) => {
-      const follow = await opts.follow(request.params.id, lastEventIdOf(request));
+      const follow = await opts.follow(opts.tenantOf(request), request.params.id, lastEventIdOf(request));
       open.add(follow);
       reply.hijack();
       const res = reply.raw;
@@ -140,6 +144,8 @@ export const eventRoutes: FastifyPluginAsync<EventRoutesOptions> = async (app: F
   });
 
   function serveSocket(socket: WebSocket, request: FastifyRequest): void {
+    // Authenticated at the upgrade: every subscription of the connection is this tenant's.
+    const tenantId = opts.tenantOf(request);
     const subs = new Map<string, JobFollow>();
     const max = opts.maxSubscriptions ?? 100;
     const send = (msg: Record<string, unknown>) => {
@@ -182,7 +188,7 @@ export const eventRoutes: FastifyPluginAsync<EventRoutesOptions> = async (app: F
         send({ type: 'error', job_id: id, status: 429, title: 'Too Many Subscriptions', detail: `A connection may follow at most ${max} jobs at once.` });
         return;
       }
-      const follow = await opts.follow(id, lastEventId);
+      const follow = await opts.follow(tenantId, id, lastEventId);
       subs.set(id, follow);
       send({ type: 'subscribed', job_id: id });
       try {

@@ -1,3 +1,4 @@
+import { createAccountsRepo } from '../adapters/accounts-repo.js';
 import { createImagesRepo } from '../adapters/images-repo.js';
 import { createJobEventStore, eventSink } from '../adapters/job-events.js';
 import { followJob } from '../core/job-event-stream.js';
@@ -5,11 +6,12 @@ import { webhookClientFromConfig } from '../adapters/webhook-http.js';
 import { createWebhookRepo } from '../adapters/webhooks-repo.js';
 import { createFleetRegistry } from '../adapters/fleet.js';
 import { servedModels } from '../core/fleet.js';
-import { checkRedis, createProducer } from '../adapters/queue.js';
+import { checkRedis, createProducer, createRedis } from '../adapters/queue.js';
 import { withTimeout } from '../core/lifecycle.js';
 import { createErrorReporter } from '../adapters/sentry.js';
 import { createStorage } from '../adapters/storage.js';
-import { loadConfig, type Config } from '../config.js';
+import { isLoopbackHost, loadConfig, type Config } from '../config.js';
+import { AccountsService } from '../core/accounts.js';
 import { createPrismaClient } from '../adapters/db/client.js';
 import { ImagesService } from '../core/images.js';
 import { createProcessLogger, type Logger } from '../core/logger.js';
@@ -34,7 +36,15 @@ export interface ApiOverrides {
 }
 
 export async function startApi(config: Config = loadConfig(process.env, 'api'), overrides: ApiOverrides = {}): Promise<RunningApi> {
+  // Also checked by loadConfig for the api role; repeated here for configurations made otherwise.
+  if (config.AUTH === 'off' && !isLoopbackHost(config.HOST)) {
+    throw new Error(
+      `AUTH=off is only allowed when HOST is a loopback address (127.0.0.1, ::1, localhost), not "${config.HOST}": anyone who can reach the API could use it`,
+    );
+  }
   const logger = overrides.logger ?? (await createProcessLogger(config, 'api'));
+  if (config.AUTH === 'off') logger.warn({}, 'AUTH=off: requests need no API key; every caller is the tenant "anonymous"');
+  if (!config.METRICS_TOKEN) logger.warn({}, 'METRICS_TOKEN is not set: the API serves no /metrics');
   const reporter = overrides.reporter ?? createErrorReporter(config, 'api');
   // Refuse to run on a Redis that may evict queue keys.
   await checkRedis(config.REDIS_URL);
@@ -42,6 +52,9 @@ export async function startApi(config: Config = loadConfig(process.env, 'api'), 
   const producer = createProducer(config.REDIS_URL, queueSettings(config));
   const storage = createStorage(storageOptions(config));
   await Promise.all([storage.ensureBucket(), producer.ready()]);
+  // Rate-limit counters: their own fail-fast connection, so an outage skips limits at once instead of queueing commands.
+  const limitsRedis = createRedis(config.REDIS_URL, { failFast: true });
+  limitsRedis.on('error', () => undefined);
   const repo = createImagesRepo(db);
   const eventStore = createJobEventStore(config.REDIS_URL, eventStoreOptions(config));
   const events = eventSink(eventStore, logger);
@@ -52,16 +65,18 @@ export async function startApi(config: Config = loadConfig(process.env, 'api'), 
     storage,
     maxQueueDepth: config.MAX_QUEUE_DEPTH,
     maxPixelSteps: config.MAX_PIXEL_STEPS,
+    quotas: { maxInFlight: config.TENANT_MAX_IN_FLIGHT, dailyPixelSteps: config.TENANT_DAILY_PIXEL_STEPS },
     log: logger,
     events,
     // The same check a send makes, so a refused URL is a 400 now rather than a failed delivery later.
     ...(webhookClient ? { checkWebhookUrl: (url: string) => webhookClient.check(url) } : {}),
   });
-  const follow = (id: string, lastEventId: string | null) =>
+  // Follows a job of a tenant: another tenant's job is a 404, as everywhere.
+  const follow = (tenantId: string, id: string, lastEventId: string | null) =>
     followJob(
       {
         log: eventStore.log,
-        getJob: (jobId) => images.get(jobId),
+        getJob: (jobId) => images.get(tenantId, jobId),
         result: (record) => images.result(record),
         position: (jobId) => producer.position(jobId),
         logger,
@@ -73,6 +88,17 @@ export async function startApi(config: Config = loadConfig(process.env, 'api'), 
   const models = async () => servedModels(await withTimeout(fleet.members(), 2_000, 'reading the fleet'));
   const app = buildApp({
     images,
+    accounts: new AccountsService(createAccountsRepo(db), logger),
+    auth: config.AUTH,
+    rateLimits: {
+      redis: limitsRedis,
+      // Per deployment (the queue name is), so deployments sharing a Redis do not share counters.
+      namespace: `t2i:${config.QUEUE_NAME}:rate:`,
+      perKey: { max: config.RATE_LIMIT_MAX, windowMs: config.RATE_LIMIT_WINDOW_MS },
+      authFailures: { max: config.AUTH_FAILURE_LIMIT, windowMs: config.AUTH_FAILURE_WINDOW_MS },
+    },
+    corsOrigins: config.CORS_ORIGINS,
+    trustProxy: config.TRUST_PROXY,
     logger,
     bodyLimit: config.BODY_LIMIT_BYTES,
     metrics: createApiMetrics(),
@@ -81,7 +107,7 @@ export async function startApi(config: Config = loadConfig(process.env, 'api'), 
     checks: { postgres: () => repo.ping(), redis: async () => void (await producer.counts()), storage: () => storage.ping() },
     webhooks: { deliveries: createWebhookRepo(db) },
     events: { heartbeatMs: config.EVENTS_HEARTBEAT_MS, follow },
-    openai: { follow: (id) => follow(id, null), readImage: (key) => storage.read(key), models, waitMs: config.OPENAI_WAIT_MS },
+    openai: { follow: (tenantId, id) => follow(tenantId, id, null), readImage: (key) => storage.read(key), models, waitMs: config.OPENAI_WAIT_MS },
     discovery: { models, maxPixelSteps: config.MAX_PIXEL_STEPS },
   });
   app.addHook('onClose', async () => {
@@ -89,6 +115,7 @@ export async function startApi(config: Config = loadConfig(process.env, 'api'), 
     // Bounded, so a Redis or Postgres that went away cannot hold the process open.
     await Promise.allSettled([
       withTimeout(producer.close(), 5_000, 'closing the queue connection'),
+      Promise.resolve(limitsRedis.disconnect()),
       Promise.resolve(fleet.close()),
       withTimeout(
         events.flush().then(() => eventStore.close()),

@@ -1,4 +1,5 @@
-import type { FastifyError, FastifyPluginAsync, FastifyReply } from 'fastify';
+import type { FastifyError, FastifyPluginAsync, FastifyReply, FastifyRequest } from 'fastify';
+import type { Principal } from '../core/accounts.js';
 import { z } from 'zod';
 import { ProblemError, ValidationError } from '../core/errors.js';
 import type { ServedModel } from '../core/fleet.js';
@@ -31,7 +32,9 @@ import { idempotencyHeaders, openAiErrors, openAiImagesSchema, openAiModelListSc
 
 export interface OpenAiRoutesOptions {
   images: Pick<ImagesService, 'submit' | 'get' | 'urls'>;
-  follow(id: string): Promise<JobFollow>;
+  /** Who is calling (the auth hook has run): the tenant, and its key's default webhook. */
+  principalOf(request: FastifyRequest): Principal;
+  follow(tenantId: string, id: string): Promise<JobFollow>;
   /** The bytes of a stored image (for b64_json). */
   readImage(key: string): Promise<Buffer>;
   models(): Promise<ServedModel[]>;
@@ -204,12 +207,18 @@ export const openAiRoutes: FastifyPluginAsync<OpenAiRoutesOptions> = async (app,
       { reportInput: true },
     );
     if (!native.success) throw fromValidation(new ValidationError(fieldErrors(native.error)));
-    const { record } = await opts.images.submit(native.data, { idempotencyKey: idempotencyKeyOf(request), route: 'v1/images/generations' });
+    const caller = opts.principalOf(request);
+    const tenantId = caller.tenantId;
+    const { record } = await opts.images.submit(tenantId, native.data, {
+      idempotencyKey: idempotencyKeyOf(request),
+      route: 'v1/images/generations',
+      defaultWebhookUrl: caller.webhookUrl,
+    });
     reply.header('x-t2i-job-id', record.id);
     // From here a job exists: a client retry would make another (unless it sent an Idempotency-Key).
     reply.header('x-should-retry', 'false');
 
-    const outcome = await waitFor(record.id);
+    const outcome = await waitFor(tenantId, record.id);
     if (outcome === 'timeout') {
       throw new OpenAiError(
         504,
@@ -219,12 +228,12 @@ export const openAiRoutes: FastifyPluginAsync<OpenAiRoutesOptions> = async (app,
         'timeout',
       );
     }
-    const job = await opts.images.get(record.id);
+    const job = await opts.images.get(tenantId, record.id);
     if (job.status !== 'succeeded') throw failureOf(job);
     const format = b.response_format ?? 'url';
     const data =
       format === 'url'
-        ? (await opts.images.urls(job.id)).map((i) => ({ url: i.url }))
+        ? (await opts.images.urls(tenantId, job.id)).map((i) => ({ url: i.url }))
         : await Promise.all(
             Array.from({ length: job.numImages }, async (_, k) => ({ b64_json: (await opts.readImage(siblingImageKey(job.fileName!, k))).toString('base64') })),
           );
@@ -232,8 +241,8 @@ export const openAiRoutes: FastifyPluginAsync<OpenAiRoutesOptions> = async (app,
   });
 
   /** Follows the job to its end, or gives up after waitMs. */
-  async function waitFor(id: string): Promise<'ended' | 'timeout'> {
-    const follow = await opts.follow(id);
+  async function waitFor(tenantId: string, id: string): Promise<'ended' | 'timeout'> {
+    const follow = await opts.follow(tenantId, id);
     const timer = setTimeout(() => follow.close(), opts.waitMs);
     try {
       for await (const e of follow) if (e.event === 'done' || e.event === 'failed' || e.event === 'canceled') return 'ended';

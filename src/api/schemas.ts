@@ -66,6 +66,7 @@ export const jobSchema = z
       .nullable()
       .meta({ description: 'Why the job failed, or why its last attempt did' }),
     attempts: z.number().int(),
+    pixel_steps: z.number().int().meta({ description: 'What the job counts against the daily budget: width x height x num_steps' }),
     num_images: z.number().int().min(1).max(4),
     webhook_url: z.string().nullable(),
     cancel_requested_at: isoTime.nullable(),
@@ -229,6 +230,12 @@ export function jobRouteSchemas(create: z.ZodType, list: z.ZodType) {
       response: { 200: imageUrlSchema, ...problems(400, 401, 404, 429, 503) },
     },
     cancel: { tags: ['jobs'], summary: 'Cancel a job', params: jobIdParams, response: { 200: jobSchema, ...problems(401, 404, 409, 429, 503) } },
+    delete: {
+      tags: ['jobs'],
+      summary: 'Delete a job: its images and prompts',
+      params: jobIdParams,
+      response: { 204: z.undefined().meta({ description: 'Deleted' }), ...problems(401, 404, 429, 503) },
+    },
     healthz: { tags: ['health'], summary: 'The process is alive', response: { 200: z.object({ status: z.literal('ok') }) } },
     readyz: {
       tags: ['health'],
@@ -237,3 +244,14 @@ export function jobRouteSchemas(create: z.ZodType, list: z.ZodType) {
     },
   };
 }
+
+export const usageSchema = z
+  .object({
+    tenant: z.string(),
+    day: z.string().meta({ description: 'The UTC day, YYYY-MM-DD' }),
+    resets_at: isoTime,
+    pixel_steps: z.object({ used: z.number().int(), limit: z.number().int().nullable(), remaining: z.number().int().nullable() }),
+    in_flight: z.object({ used: z.number().int(), limit: z.number().int().nullable() }),
+    jobs_today: z.number().int(),
+  })
+  .meta({ id: 'Usage' });

@@ -1,4 +1,4 @@
-import type { FastifyPluginAsync } from 'fastify';
+import type { FastifyPluginAsync, FastifyRequest } from 'fastify';
 import type { ImagesService } from '../core/images.js';
 import type { WebhookRepo } from '../core/webhooks.js';
 import { jobIdParams, problems, webhookDeliveriesSchema } from './schemas.js';
@@ -11,6 +11,8 @@ import { jobIdParams, problems, webhookDeliveriesSchema } from './schemas.js';
 
 export interface WebhookRoutesOptions {
   images: Pick<ImagesService, 'get'>;
+  /** The caller's tenant (the auth hook has run). */
+  tenantOf(request: FastifyRequest): string;
   deliveries: Pick<WebhookRepo, 'forImage'>;
 }
 
@@ -22,7 +24,7 @@ export const webhookRoutes: FastifyPluginAsync<WebhookRoutesOptions> = async (ap
     response: { 200: webhookDeliveriesSchema, ...problems(404, 503) },
   };
   app.get<{ Params: { id: string } }>('/generated-images/:id/webhook-deliveries', { schema }, async (request) => {
-    const job = await opts.images.get(request.params.id);
+    const job = await opts.images.get(opts.tenantOf(request), request.params.id);
     const items = await opts.deliveries.forImage(job.id);
     return {
       items: items.map((d) => ({

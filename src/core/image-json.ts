@@ -21,6 +21,8 @@ export function imageJson(r: ImageRecord) {
     // Why the job failed (or why its last attempt did): a stable code and a public message.
     error: r.errorCode ? { code: r.errorCode, message: r.error ?? '' } : null,
     attempts: r.attempts,
+    // What the job counts against the daily budget (width x height x num_steps).
+    pixel_steps: r.pixelSteps,
     num_images: r.numImages,
     webhook_url: r.webhookUrl,
     cancel_requested_at: r.cancelRequestedAt?.toISOString() ?? null,

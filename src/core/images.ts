@@ -1,7 +1,15 @@
 import { createHash, randomUUID } from 'node:crypto';
 import { randomSeed } from '../engine/random.js';
 import { imageSeed } from '../engine/params.js';
-import { ConflictError, IdempotencyConflictError, ImageNotAvailableError, NotFoundError, ServiceUnavailableError, ValidationError } from './errors.js';
+import {
+  ConflictError,
+  IdempotencyConflictError,
+  ImageNotAvailableError,
+  NotFoundError,
+  QuotaExceededError,
+  ServiceUnavailableError,
+  ValidationError,
+} from './errors.js';
 import type { Failure, FailureCode } from './failures.js';
 import type { JobEventSink } from './job-events.js';
 import { pixelSteps, type CreateImageBody } from './params.js';
@@ -15,6 +23,8 @@ export type JobStatus = 'queued' | 'running' | 'succeeded' | 'failed' | 'cancele
 
 export interface ImageRecord {
   id: string;
+  /** The tenant that owns the job: nothing about it is visible to any other. */
+  tenantId: string;
   status: JobStatus;
   prompt: string;
   negativePrompt: string | null;
@@ -39,14 +49,57 @@ export interface ImageRecord {
   finishedAt: Date | null;
   cancelRequestedAt: Date | null;
   generationMs: number | null;
+  /** What the job was charged against the daily budget: width x height x num_steps. */
+  pixelSteps: number;
+  /** The BullMQ priority it is queued with (its rank among its tenant's jobs in flight). */
+  queuePriority: number;
+  /** When the job was deleted or expired; the API no longer shows it. */
+  deletedAt: Date | null;
   /** Images the job makes (1..4); image k has seed + k (mod 2^32). */
   numImages: number;
   /** Where the job's outcome is POSTed; null for none. */
   webhookUrl: string | null;
 }
 
-export type NewImage = Pick<ImageRecord, 'id' | 'prompt' | 'negativePrompt' | 'numSteps' | 'guidanceScale' | 'seed' | 'width' | 'height' | 'scheduler'> &
+export type NewImage = Pick<
+  ImageRecord,
+  'id' | 'tenantId' | 'prompt' | 'negativePrompt' | 'numSteps' | 'guidanceScale' | 'seed' | 'width' | 'height' | 'scheduler' | 'pixelSteps'
+> &
   Partial<Pick<ImageRecord, 'numImages' | 'webhookUrl'>>;
+
+/** Per-tenant quotas (a tenant's own limits in its row win); 0 means no limit. */
+export interface Quotas {
+  /** Jobs queued or running at once. */
+  maxInFlight: number;
+  /** Pixel-steps per UTC day. */
+  dailyPixelSteps: number;
+}
+
+export interface QuotaLimits extends Quotas {
+  /** Start of the current UTC day: jobs created since count against today's budget. */
+  dayStart: Date;
+}
+
+/** An Idempotency-Key a submission claims: the tenant's key, what the request was, how long a key holds. */
+export interface IdempotencyClaim {
+  key: string;
+  fingerprint: string;
+  ttlMs: number;
+}
+
+export type CreateResult =
+  | { record: ImageRecord }
+  | { exceeded: 'in_flight' | 'daily_pixel_steps'; limit: number; used: number }
+  /** The Idempotency-Key was used within its time: what it was used for. */
+  | { existing: { fingerprint: string; imageId: string } };
+
+export interface TenantUsage {
+  inFlight: number;
+  pixelStepsToday: number;
+  jobsToday: number;
+  /** The limits that apply to this tenant (0 = none). */
+  limits: Quotas;
+}
 
 /**
  * How an attempt ended (job_attempts.outcome): `retried` failed and goes back to the queue,
@@ -57,21 +110,35 @@ export type NewImage = Pick<ImageRecord, 'id' | 'prompt' | 'negativePrompt' | 'n
 export type AttemptOutcome = 'succeeded' | 'failed' | 'retried' | 'released' | 'engine_failed' | 'superseded' | 'canceled' | 'lost';
 
 export interface ImagesRepo {
-  create(data: NewImage): Promise<ImageRecord>;
   /**
-   * Creates the job unless `key` was used within `ttlMs`: the key's row and the job's are written
-   * in one transaction, and a concurrent request with the same key waits for it, then sees the
-   * key. Returns the new job, or what the key was used for. An expired key is taken over.
+   * Inserts the job unless the tenant is over a quota (checked and inserted under the tenant's
+   * lock, so concurrent submissions on any API process cannot overshoot). The job is queued with
+   * priority = 1 + the tenant's jobs already in flight. With an Idempotency-Key, the key is
+   * claimed in the same transaction first: a key of the tenant used within its time gives back
+   * what it was used for instead (a replay is never refused for quota); an expired key is taken over.
    */
-  createOnce(
-    data: NewImage,
-    key: { key: string; fingerprint: string; ttlMs: number },
-  ): Promise<{ created: ImageRecord } | { existing: { fingerprint: string; imageId: string } }>;
+  create(data: NewImage, quota: QuotaLimits, key?: IdempotencyClaim): Promise<CreateResult>;
   /** Deletes idempotency keys created before `before`; returns how many. */
   sweepIdempotencyKeys(before: Date): Promise<number>;
-  get(id: string): Promise<ImageRecord | null>;
-  /** Newest first, strictly older than `before` when given. */
-  list(q: { limit: number; before?: { createdAt: Date; id: string } }): Promise<ImageRecord[]>;
+  /** With a tenant: only that tenant's job, and not a deleted one (the API's view). Without: any row (workers). */
+  get(id: string, tenantId?: string): Promise<ImageRecord | null>;
+  /** A tenant's jobs (not deleted), newest first, strictly older than `before` when given. */
+  list(q: { tenantId: string; limit: number; before?: { createdAt: Date; id: string } }): Promise<ImageRecord[]>;
+  usage(tenantId: string, defaults: QuotaLimits): Promise<TenantUsage>;
+  /**
+   * Deletes the job's content: blanks its prompts, marks it deleted, cancels it if queued and asks
+   * a running attempt to stop. The row stays as a tombstone (tenant, size, pixel-steps, times).
+   */
+  markDeleted(id: string): Promise<boolean>;
+  /** Forgets a deleted job's object name once its objects are gone. */
+  clearObjects(id: string): Promise<void>;
+  /** Live jobs that finished before the cutoff (the retention sweeper deletes them). */
+  findExpired(q: { finishedBefore: Date; limit: number }): Promise<string[]>;
+  /** Deleted jobs that still name an object (its removal failed or an attempt finished after the delete). */
+  findDeletedWithObjects(q: { limit: number }): Promise<string[]>;
+  /** Queued jobs whose priority is no longer their rank among their tenant's jobs in flight, with the rank. */
+  unfairPriorities(limit: number): Promise<Array<{ id: string; priority: number }>>;
+  setPriority(id: string, priority: number): Promise<void>;
   /** Claims the next attempt; null when the job is already finished or canceled. */
   startAttempt(id: string, workerId: string): Promise<{ record: ImageRecord; attempt: number } | null>;
   /**
@@ -116,21 +183,26 @@ export interface ImagesRepo {
 }
 
 export interface JobQueue {
-  enqueue(imageId: string): Promise<void>;
+  /** Adds the job at a priority (1 runs first; equal priorities run in the order they were added). */
+  enqueue(imageId: string, priority: number): Promise<void>;
   /** Removes a queued job no worker holds; false otherwise. */
   remove(imageId: string): Promise<boolean>;
   /** Jobs waiting to run (waiting + delayed + prioritized), for back-pressure. */
   depth(): Promise<number>;
 }
 
-export interface ImageUrls {
+export interface ImageObjects {
   presignGet(key: string): Promise<{ url: string; expiresAt: Date }>;
+  /** Removes every object any attempt of the job stored. */
+  removeImageObjects(imageId: string): Promise<void>;
 }
 
 export interface ImagesServiceDeps {
   repo: ImagesRepo;
   queue: JobQueue;
-  storage: ImageUrls;
+  storage: ImageObjects;
+  /** Quotas of every tenant without limits of its own; none when absent. */
+  quotas?: Quotas;
   /** Past this many waiting jobs, submissions get 503 with Retry-After. 0 = no limit. */
   maxQueueDepth?: number;
   /** Largest width x height x num_steps of one request (MAX_PIXEL_STEPS); no limit when absent. */
@@ -155,6 +227,25 @@ export interface SubmitOptions {
   idempotencyKey?: string | undefined;
   /** Which route the body came to: the same key on another route is another request. */
   route: string;
+  /** The webhook URL of the caller's API key, for a body that names none. */
+  defaultWebhookUrl?: string | null | undefined;
+}
+
+/** Start of the UTC day of `now`, and of the next one (when daily budgets reset). */
+export function utcDay(now = new Date()): { start: Date; next: Date } {
+  const start = new Date(Date.UTC(now.getUTCFullYear(), now.getUTCMonth(), now.getUTCDate()));
+  return { start, next: new Date(start.getTime() + 86_400_000) };
+}
+
+/**
+ * Deletes a job's content: the row becomes a tombstone without prompts, then every object of
+ * the job is removed. If storage fails, the row still names its object and the retention
+ * sweeper removes it later; the job is gone for its owner either way.
+ */
+export async function purgeImage(deps: { repo: ImagesRepo; storage: Pick<ImageObjects, 'removeImageObjects'> }, id: string): Promise<void> {
+  await deps.repo.markDeleted(id);
+  await deps.storage.removeImageObjects(id);
+  await deps.repo.clearObjects(id);
 }
 
 /** How long a measured queue depth is trusted: one Redis round trip per second, not per POST. */
@@ -190,16 +281,17 @@ export class ImagesService {
    * queued and the caller still gets its job: the workers' reconciler enqueues rows that have no
    * job behind them, so nothing is lost and the client has no reason to submit twice.
    */
-  async create(body: CreateImageBody): Promise<ImageRecord> {
-    return (await this.submit(body, { route: 'generated-images' })).record;
+  async create(tenantId: string, body: CreateImageBody): Promise<ImageRecord> {
+    return (await this.submit(tenantId, body, { route: 'generated-images' })).record;
   }
 
   /**
-   * Validates what the schema cannot (compute budget, webhook URL), applies back-pressure, and
-   * creates the job, once per Idempotency-Key: the same key and body within 24 hours give back
-   * the job the first request created (`replayed`), another body gets 422.
+   * Validates what the schema cannot (compute budget, webhook URL), applies back-pressure and
+   * the tenant's quotas, and creates the job, once per Idempotency-Key of the tenant: the same
+   * key and body within 24 hours give back the job the first request created (`replayed`),
+   * another body gets 422.
    */
-  async submit(body: CreateImageBody, opts: SubmitOptions): Promise<{ record: ImageRecord; replayed: boolean }> {
+  async submit(tenantId: string, body: CreateImageBody, opts: SubmitOptions): Promise<{ record: ImageRecord; replayed: boolean }> {
     const cost = pixelSteps(body);
     const max = this.deps.maxPixelSteps;
     if (max !== undefined && cost > max) {
@@ -211,35 +303,43 @@ export class ImagesService {
         },
       ]);
     }
+    // The key's default applies when the body names none (it was checked when the key was made,
+    // and is checked again at every send).
+    const webhookUrl = body.webhook_url ?? opts.defaultWebhookUrl ?? null;
     if (body.webhook_url !== null) await this.checkWebhook(body.webhook_url);
+    else if (webhookUrl !== null && !this.deps.checkWebhookUrl)
+      throw new ValidationError([
+        { field: 'webhook_url', rule: 'not_enabled', message: 'is not available: this server sends no webhooks (the API key has a default webhook URL)' },
+      ]);
     await this.checkBackPressure();
-    const data: NewImage = {
-      id: randomUUID(),
-      prompt: body.prompt,
-      negativePrompt: body.negative_prompt,
-      numSteps: body.num_steps,
-      guidanceScale: body.guidance_scale,
-      seed: body.seed ?? randomSeed(),
-      width: body.width,
-      height: body.height,
-      scheduler: body.scheduler,
-      numImages: body.num_images,
-      webhookUrl: body.webhook_url,
-    };
-    let record: ImageRecord;
-    if (opts.idempotencyKey === undefined) {
-      record = await this.deps.repo.create(data);
-    } else {
-      const fingerprint = requestFingerprint(opts.route, body);
-      const outcome = await this.deps.repo.createOnce(data, { key: opts.idempotencyKey, fingerprint, ttlMs: IDEMPOTENCY_TTL_MS });
-      if ('existing' in outcome) {
-        if (outcome.existing.fingerprint !== fingerprint) throw new IdempotencyConflictError();
-        return { record: await this.get(outcome.existing.imageId), replayed: true };
-      }
-      record = outcome.created;
+    const day = utcDay();
+    const fingerprint = opts.idempotencyKey === undefined ? undefined : requestFingerprint(opts.route, body);
+    const created = await this.deps.repo.create(
+      {
+        id: randomUUID(),
+        tenantId,
+        prompt: body.prompt,
+        negativePrompt: body.negative_prompt,
+        numSteps: body.num_steps,
+        guidanceScale: body.guidance_scale,
+        seed: body.seed ?? randomSeed(),
+        width: body.width,
+        height: body.height,
+        scheduler: body.scheduler,
+        pixelSteps: cost,
+        numImages: body.num_images,
+        webhookUrl,
+      },
+      { ...this.quotas(), dayStart: day.start },
+      opts.idempotencyKey === undefined ? undefined : { key: opts.idempotencyKey, fingerprint: fingerprint!, ttlMs: IDEMPOTENCY_TTL_MS },
+    );
+    if ('existing' in created) {
+      if (created.existing.fingerprint !== fingerprint) throw new IdempotencyConflictError();
+      return { record: await this.get(tenantId, created.existing.imageId), replayed: true };
     }
-    await this.enqueueNew(record);
-    return { record, replayed: false };
+    if ('exceeded' in created) throw quotaError(created, cost, day.next);
+    await this.enqueueNew(created.record);
+    return { record: created.record, replayed: false };
   }
 
   private async checkWebhook(url: string): Promise<void> {
@@ -263,7 +363,7 @@ export class ImagesService {
     // Logged before it is enqueued, so a worker's `running` can never come before it.
     await this.deps.events?.publish(record.id, { type: 'status', status: 'queued', attempt: 0 });
     try {
-      await this.deps.queue.enqueue(record.id);
+      await this.deps.queue.enqueue(record.id, record.queuePriority);
     } catch (err) {
       this.deps.log?.warn({ err, imageId: record.id }, 'enqueue failed after the row was committed; the reconciler will enqueue it');
     }
@@ -274,8 +374,8 @@ export class ImagesService {
    * one is flagged and stops between denoising steps. A job that already succeeded or failed
    * cannot be canceled (409).
    */
-  async cancel(id: string): Promise<ImageRecord> {
-    const before = await this.get(id);
+  async cancel(tenantId: string, id: string): Promise<ImageRecord> {
+    const before = await this.get(tenantId, id);
     if (before.status === 'succeeded' || before.status === 'failed') {
       throw new ConflictError(`The job already ${before.status}; there is nothing to cancel.`);
     }
@@ -285,29 +385,50 @@ export class ImagesService {
     return after;
   }
 
-  async get(id: string): Promise<ImageRecord> {
-    const record = UUID.test(id) ? await this.deps.repo.get(id) : null;
+  /**
+   * The caller's job. Another tenant's job, a deleted one and an unknown id all answer the same
+   * 404, from the same single query, so nothing tells them apart.
+   */
+  async get(tenantId: string, id: string): Promise<ImageRecord> {
+    const record = UUID.test(id) ? await this.deps.repo.get(id, tenantId) : null;
     if (!record) throw new NotFoundError(`No generated image has the id "${id}".`);
     return record;
   }
 
-  async list(limit: number, cursor?: string): Promise<{ items: ImageRecord[]; nextCursor: string | null }> {
+  /** Deletes the caller's job: its image objects and its prompts (the row stays as a tombstone for accounting). */
+  async delete(tenantId: string, id: string): Promise<void> {
+    const record = await this.get(tenantId, id);
+    await purgeImage(this.deps, id);
+    if (record.status === 'queued') await this.deps.queue.remove(id).catch(() => false);
+  }
+
+  async usage(tenantId: string): Promise<TenantUsage & { day: Date; resetsAt: Date }> {
+    const day = utcDay();
+    const usage = await this.deps.repo.usage(tenantId, { ...this.quotas(), dayStart: day.start });
+    return { ...usage, day: day.start, resetsAt: day.next };
+  }
+
+  private quotas(): Quotas {
+    return this.deps.quotas ?? { maxInFlight: 0, dailyPixelSteps: 0 };
+  }
+
+  async list(tenantId: string, limit: number, cursor?: string): Promise<{ items: ImageRecord[]; nextCursor: string | null }> {
     const before = cursor === undefined ? undefined : decodeCursor(cursor);
-    const items = await this.deps.repo.list({ limit, ...(before ? { before } : {}) });
+    const items = await this.deps.repo.list({ tenantId, limit, ...(before ? { before } : {}) });
     const last = items.at(-1);
     return { items, nextCursor: items.length === limit && last ? encodeCursor(last) : null };
   }
 
   /** What a finished job's `done` event (and its webhook) carries: its image URL, and every image's when it made several. */
   async result(record: ImageRecord): Promise<{ url: string; expires_at: string; images: Array<{ index: number; seed: number; url: string }> }> {
-    const images = await this.urls(record.id);
+    const images = await this.urls(record.tenantId, record.id);
     return { url: images[0]!.url, expires_at: images[0]!.expiresAt.toISOString(), images: images.map(({ index, seed, url }) => ({ index, seed, url })) };
   }
 
-  /** Presigned URLs of every image of a succeeded job, image 0 first (errors as url()). */
-  async urls(id: string): Promise<Array<{ index: number; seed: number; url: string; expiresAt: Date }>> {
-    const first = await this.url(id);
-    const record = await this.get(id);
+  /** Presigned URLs of every image of the caller's succeeded job, image 0 first (errors as url()). */
+  async urls(tenantId: string, id: string): Promise<Array<{ index: number; seed: number; url: string; expiresAt: Date }>> {
+    const first = await this.url(tenantId, id);
+    const record = await this.get(tenantId, id);
     const out = [{ index: 0, seed: record.seed, ...first }];
     for (let k = 1; k < record.numImages; k++) {
       const signed = await this.deps.storage.presignGet(siblingImageKey(record.fileName!, k));
@@ -316,8 +437,8 @@ export class ImagesService {
     return out;
   }
 
-  async url(id: string): Promise<{ url: string; expiresAt: Date }> {
-    const record = await this.get(id);
+  async url(tenantId: string, id: string): Promise<{ url: string; expiresAt: Date }> {
+    const record = await this.get(tenantId, id);
     switch (record.status) {
       case 'succeeded':
         if (!record.fileName) throw new Error(`image ${id} succeeded without a stored object`);
@@ -330,6 +451,24 @@ export class ImagesService {
         throw new ImageNotAvailableError('Image is not available yet. Please try again later.', record.status);
     }
   }
+}
+
+function quotaError(e: Extract<CreateResult, { exceeded: string }>, cost: number, nextDay: Date): QuotaExceededError {
+  const n = (v: number) => v.toLocaleString('en-US');
+  if (e.exceeded === 'in_flight') {
+    return new QuotaExceededError(
+      `You have ${n(e.used)} jobs queued or running, the most this account may have at once (${n(e.limit)}). Submit again when one of them finishes or is canceled.`,
+      { quota: 'in_flight', limit: e.limit, used: e.used, resets_at: null },
+      // No fixed reset: a slot frees when a job ends. A short wait is a reasonable next try.
+      10,
+    );
+  }
+  const retryAfter = Math.max(1, Math.ceil((nextDay.getTime() - Date.now()) / 1000));
+  return new QuotaExceededError(
+    `This job costs ${n(cost)} pixel-steps (width × height × num_steps), and ${n(e.used)} of today's ${n(e.limit)} are used. The budget resets at ${nextDay.toISOString()} (00:00 UTC).`,
+    { quota: 'daily_pixel_steps', limit: e.limit, used: e.used, requested: cost, resets_at: nextDay.toISOString() },
+    retryAfter,
+  );
 }
 
 /** Opaque keyset cursor: the last item's creation time (microseconds are not kept by JS Dates) and id. */

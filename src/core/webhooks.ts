@@ -3,7 +3,7 @@ import { createHmac } from 'node:crypto';
 /**
  * Webhooks: when a job with a `webhook_url` ends (succeeded, failed, canceled), its outcome is
  * POSTed there, signed per Standard Webhooks (webhook-id, webhook-timestamp, webhook-signature
- * over "id.timestamp.body" with HMAC-SHA256).
+ * over "id.timestamp.body" with HMAC-SHA256), with the secret of the job's tenant.
  *
  * Durable: the delivery row is written by the database in the transaction that ends the job
  * (the generated_images_webhook trigger), and sent by dispatchers that every worker runs. A
@@ -30,6 +30,8 @@ export function tenantSigningSecret(master: string, tenantId: string): string {
 export interface DueDelivery {
   id: string;
   imageId: string;
+  /** The job's tenant: its webhooks are signed with its own secret. */
+  tenantId: string;
   /** image.succeeded, image.failed or image.canceled. */
   eventType: string;
   url: string;
@@ -79,8 +81,8 @@ export interface WebhookSender {
 export interface WebhookDispatcherDeps {
   repo: WebhookRepo;
   sender: WebhookSender;
-  /** Standard Webhooks signature header value ("v1,<base64>") of id, time and body. */
-  sign(msgId: string, timestamp: Date, body: string): string;
+  /** Standard Webhooks signature header value ("v1,<base64>") of id, time and body, with the tenant's secret. */
+  sign(tenantId: string, msgId: string, timestamp: Date, body: string): string;
   /** The event's `data`: the job as the API shows it, with its image URL(s) when it succeeded. */
   buildData(imageId: string): Promise<Record<string, unknown>>;
   maxAttempts: number;
@@ -124,7 +126,7 @@ export function createWebhookDispatcher(deps: WebhookDispatcherDeps) {
         'content-type': 'application/json',
         'webhook-id': d.id,
         'webhook-timestamp': String(Math.floor(startedAt.getTime() / 1000)),
-        'webhook-signature': deps.sign(d.id, startedAt, body),
+        'webhook-signature': deps.sign(d.tenantId, d.id, startedAt, body),
       };
       statusCode = (await deps.sender.post(d.url, body, headers)).status;
       if (statusCode < 200 || statusCode > 299) error = `the receiver answered ${statusCode}`;

@@ -30,6 +30,7 @@ import { buildHealthApp } from './health.js';
 import { createWorkerMetrics } from './metrics.js';
 import { createProcessor } from './processor.js';
 import { createReconciler } from './reconciler.js';
+import { createSweeper } from './sweeper.js';
 import { SHUTDOWN_TIMEOUTS_MS } from './shutdown.js';
 import { resolveModelDir } from './model-source.js';
 
@@ -196,6 +197,8 @@ export async function startWorker(config: Config = loadConfig(process.env, 'work
     runningGraceMs: Math.max(60_000, 4 * config.JOB_LOCK_MS),
   });
   reconciler.start(config.RECONCILE_INTERVAL_MS);
+  const sweeper = createSweeper({ repo, storage, log: logger.child({ component: 'sweeper' }), retentionDays: config.RETENTION_DAYS });
+  sweeper.start(config.SWEEP_INTERVAL_MS);
 
   // Webhooks: sent only by workers that have the signing secret (API and workers share it).
   const dispatcher = config.WEBHOOK_SECRET
@@ -282,6 +285,7 @@ export async function startWorker(config: Config = loadConfig(process.env, 'work
             withTimeout(reconciler.stop(), SHUTDOWN_TIMEOUTS_MS.cleanup, 'stopping the reconciler'),
             // Sends in flight are bounded by WEBHOOK_TIMEOUT_MS; one cut short is sent again after its lease.
             withTimeout(dispatcher?.stop() ?? Promise.resolve(), config.WEBHOOK_TIMEOUT_MS + SHUTDOWN_TIMEOUTS_MS.cleanup, 'stopping webhook deliveries'),
+            withTimeout(sweeper.stop(), SHUTDOWN_TIMEOUTS_MS.cleanup, 'stopping the sweeper'),
           ])),
           ...(await Promise.allSettled([
             withTimeout(consumer.close(config.SHUTDOWN_GRACE_MS), config.SHUTDOWN_GRACE_MS + SHUTDOWN_TIMEOUTS_MS.release, 'closing the queue consumer'),

@@ -12,14 +12,19 @@ import { configEnv, spawnService, testEngineArgs, type ServiceProcess } from '..
 import { quantile } from '../../src/bench/service-bench.js';
 import { openSse, type SseEvent } from '../../src/bench/sse-client.js';
 import { checkedFetch, responseChecker, type ResponseChecker } from '../support/openapi.js';
+import { createTestKey } from '../support/accounts.js';
 import { isolatedConfig } from '../support/system.js';
 
 const STEP_MS = 40;
 
 /** Every answer is checked against the API's OpenAPI document. */
 let checker: ResponseChecker | undefined;
-const cfetch: typeof fetch = (input, init) => checkedFetch(checker!)(input, init);
-const sse = (url: string, headers: Record<string, string> = {}) => openSse(url, headers, cfetch);
+/** The tenant whose jobs these tests follow, and another one. */
+let auth: Record<string, string> = {};
+let otherAuth: Record<string, string> = {};
+/** fetch as the tenant, checked against the document. */
+const cfetch: typeof fetch = (input, init) => checkedFetch(checker!)(input, { ...init, headers: { ...auth, ...(init?.headers as Record<string, string>) } });
+const sse = (url: string, headers: Record<string, string> = {}) => openSse(url, { ...auth, ...headers }, cfetch);
 const HEARTBEAT_MS = 300;
 
 interface Running {
@@ -44,6 +49,8 @@ async function startProcesses(config: Config, apis: number, workerArgs: string[]
     worker.waitForLine((l) => l.msg === 'worker ready', 60_000),
   ]);
   checker ??= responseChecker(await (await fetch(`${urls[0]!}/openapi.json`)).json());
+  auth = (await createTestKey(config.DATABASE_URL, 'events-co')).auth;
+  otherAuth = (await createTestKey(config.DATABASE_URL, 'other-co')).auth;
   return { config, procs, apis: urls };
 }
 
@@ -179,6 +186,16 @@ describe('events from a test-engine worker through a second API instance', () =>
     const unknown = await sse(`${b}/generated-images/00000000-0000-4000-8000-000000000000/events`);
     expect(unknown.status).toBe(404);
     expect(unknown.headers.get('content-type')).toMatch(/^application\/problem\+json/);
+    // Another tenant's job answers as an unknown one; no key is a 401.
+    const foreign = await openSse(`${b}/generated-images/${id}/events`, otherAuth, checkedFetch(checker!));
+    expect(foreign.status).toBe(404);
+    expect(JSON.stringify(foreign.errorBody).replaceAll(id, '<id>')).toBe(
+      JSON.stringify((await openSse(`${b}/generated-images/00000000-0000-4000-8000-000000000000/events`, otherAuth)).errorBody).replaceAll(
+        '00000000-0000-4000-8000-000000000000',
+        '<id>',
+      ),
+    );
+    expect((await openSse(`${b}/generated-images/${id}/events`)).status).toBe(401);
     const bad = await sse(`${b}/generated-images/${id}/events`, { 'last-event-id': 'x; DROP' });
     expect(bad.status).toBe(400);
     expect(bad.errorBody).toMatchObject({ errors: [{ field: 'Last-Event-ID', rule: 'format' }] });
@@ -199,7 +216,18 @@ describe('events from a test-engine worker through a second API instance', () =>
   it('WebSocket: three jobs on one connection', async () => {
     const [a, b] = sys.apis as [string, string];
     const ids = await Promise.all([1, 2, 3].map((i) => submit(a, { prompt: 'a red circle', num_steps: 8 + i, width: 64, height: 64, seed: i })));
-    const ws = new WebSocket(`${b.replace('http', 'ws')}/events`);
+    // Another tenant's job, which this connection must not see.
+    const foreignRes = await fetch(`${a}/generated-images`, {
+      method: 'POST',
+      headers: { ...otherAuth, 'content-type': 'application/json' },
+      body: JSON.stringify({ prompt: 'not yours', num_steps: 2, width: 64, height: 64 }),
+    });
+    const foreign = ((await foreignRes.json()) as { id: string }).id;
+    // Without a key the upgrade itself is refused.
+    const anonymous = new WebSocket(`${b.replace('http', 'ws')}/events`);
+    const refused = await new Promise<number>((resolve) => anonymous.once('unexpected-response', (_req, res) => resolve(res.statusCode ?? 0)));
+    expect(refused).toBe(401);
+    const ws = new WebSocket(`${b.replace('http', 'ws')}/events`, { headers: auth });
     await new Promise((resolve, reject) => ws.once('open', resolve).once('error', reject));
     const byJob = new Map<string, Array<{ id?: string; event: string; data: Record<string, unknown> }>>();
     const errors: Array<Record<string, unknown>> = [];
@@ -211,7 +239,7 @@ describe('events from a test-engine worker through a second API instance', () =>
         if (msg.type === 'event') byJob.set(msg.job_id, [...(byJob.get(msg.job_id) ?? []), msg as never]);
         if (msg.type === 'error') errors.push(msg);
         if (msg.type === 'end') ended.add(msg.job_id);
-        if (ended.size === 3 && errors.length === 2) {
+        if (ended.size === 3 && errors.length === 3) {
           clearTimeout(timer);
           resolve();
         }
@@ -219,6 +247,7 @@ describe('events from a test-engine worker through a second API instance', () =>
     });
     for (const id of ids) ws.send(JSON.stringify({ op: 'subscribe', id }));
     ws.send(JSON.stringify({ op: 'subscribe', id: '00000000-0000-4000-8000-000000000000' }));
+    ws.send(JSON.stringify({ op: 'subscribe', id: foreign }));
     ws.send('not json');
     await done;
     ws.close();
@@ -230,6 +259,13 @@ describe('events from a test-engine worker through a second API instance', () =>
       );
     }
     expect(errors).toContainEqual(expect.objectContaining({ job_id: '00000000-0000-4000-8000-000000000000', status: 404 }));
+    // The other tenant's job is an unknown id here, word for word.
+    const foreignError = errors.find((e) => e.job_id === foreign)!;
+    const unknownError = errors.find((e) => e.job_id === '00000000-0000-4000-8000-000000000000')!;
+    expect(JSON.stringify(foreignError).replaceAll(foreign, '<id>')).toBe(
+      JSON.stringify(unknownError).replaceAll('00000000-0000-4000-8000-000000000000', '<id>'),
+    );
+    expect(byJob.has(foreign)).toBe(false);
     expect(errors).toContainEqual(expect.objectContaining({ status: 400, errors: [expect.objectContaining({ rule: 'json' })] }));
 
     // A plain GET on the WebSocket route says what it is.

@@ -10,6 +10,7 @@ import type { Config } from '../../src/config.js';
 import { freePort } from '../../src/dev/services.js';
 import { configEnv, spawnService, type ServiceProcess } from '../support/processes.js';
 import { checkedFetch, responseChecker, type ResponseChecker } from '../support/openapi.js';
+import { createTestKey } from '../support/accounts.js';
 import { isolatedConfig } from '../support/system.js';
 
 let config: Config;
@@ -19,6 +20,8 @@ let db: pg.Client;
 /** Every answer is checked against the API's OpenAPI document. */
 let checker: ResponseChecker;
 let cfetch: typeof fetch;
+let auth: Record<string, string>;
+let otherAuth: Record<string, string>;
 
 beforeAll(async () => {
   config = await isolatedConfig();
@@ -30,6 +33,8 @@ beforeAll(async () => {
   await Promise.all(procs.map((p) => p.waitForLine((l) => l.msg === 'api listening')));
   checker = responseChecker(await (await fetch(`${apis[0]!}/openapi.json`)).json());
   cfetch = checkedFetch(checker);
+  auth = (await createTestKey(config.DATABASE_URL, 'idem-co')).auth;
+  otherAuth = (await createTestKey(config.DATABASE_URL, 'other-co')).auth;
   db = new pg.Client({ connectionString: config.DATABASE_URL });
   await db.connect();
 });
@@ -39,10 +44,10 @@ afterAll(async () => {
   await db?.end();
 });
 
-function post(api: string, body: unknown, key?: string) {
+function post(api: string, body: unknown, key?: string, as: Record<string, string> = auth) {
   return cfetch(`${api}/generated-images`, {
     method: 'POST',
-    headers: { 'content-type': 'application/json', ...(key === undefined ? {} : { 'idempotency-key': key }) },
+    headers: { ...as, 'content-type': 'application/json', ...(key === undefined ? {} : { 'idempotency-key': key }) },
     body: JSON.stringify(body),
   });
 }
@@ -114,6 +119,19 @@ describe('Idempotency-Key on POST /generated-images', () => {
     expect(malformed.status).toBe(400);
     expect(await malformed.json()).toMatchObject({ errors: [{ field: 'Idempotency-Key', rule: 'format' }] });
     expect((await post(apis[0]!, { prompt: 'x' }, 'k'.repeat(256))).status).toBe(400);
+  });
+
+  it('keys are per tenant: another tenant with the same key gets its own job, and cannot replay this one', async () => {
+    const key = randomUUID();
+    const body = { prompt: `per tenant ${key}`, num_steps: 10 };
+    const mine = (await (await post(apis[0]!, body, key)).json()) as { id: string };
+    const theirs = await post(apis[1]!, body, key, otherAuth);
+    expect(theirs.status).toBe(201);
+    expect(theirs.headers.get('idempotent-replayed')).toBeNull();
+    expect(((await theirs.json()) as { id: string }).id).not.toBe(mine.id);
+    expect(await jobsWithPrompt(body.prompt)).toBe(2);
+    // And another body under that key is a conflict only for the tenant that used it.
+    expect((await post(apis[0]!, { ...body, num_steps: 11 }, key)).status).toBe(422);
   });
 
   it('a key older than 24 hours is free again', async () => {

@@ -10,6 +10,7 @@ import type { Config } from '../../src/config.js';
 import { freePort } from '../../src/dev/services.js';
 import { configEnv, spawnService, testEngineArgs, type ServiceProcess } from '../support/processes.js';
 import { checkedFetch, responseChecker, type ResponseChecker } from '../support/openapi.js';
+import { createTestKey } from '../support/accounts.js';
 import { isolatedConfig } from '../support/system.js';
 
 let config: Config;
@@ -28,8 +29,11 @@ beforeAll(async () => {
   await Promise.all([procs[0]!.waitForLine((l) => l.msg === 'api listening'), procs[1]!.waitForLine((l) => l.msg === 'worker ready')]);
   api = `http://127.0.0.1:${port}`;
   checker = responseChecker(await (await fetch(`${api}/openapi.json`)).json());
-  cfetch = checkedFetch(checker);
-  client = new OpenAI({ apiKey: 'sk-not-checked-here', baseURL: `${api}/v1`, maxRetries: 0, fetch: cfetch });
+  const key = await createTestKey(config.DATABASE_URL, 'openai-co');
+  const checked = checkedFetch(checker);
+  cfetch = (input, init) => checked(input, { ...init, headers: { ...key.auth, ...(init?.headers as Record<string, string>) } });
+  // The same API keys as the native API, sent as OpenAI clients send theirs.
+  client = new OpenAI({ apiKey: key.key, baseURL: `${api}/v1`, maxRetries: 0, fetch: checked });
 });
 
 afterAll(async () => {
@@ -117,6 +121,13 @@ describe('the openai client', () => {
     expect(failed.status).toBe(400);
     expect(failed.code).toBe('out_of_memory');
     expect(failed.headers?.get('x-t2i-job-id')).toMatch(/^[0-9a-f-]{36}$/);
+  });
+
+  it('needs an API key: a wrong one is a 401 in OpenAI shape', async () => {
+    const anonymous = new OpenAI({ apiKey: 'sk-not-a-t2i-key', baseURL: `${api}/v1`, maxRetries: 0, fetch: checkedFetch(checker) });
+    const err = (await anonymous.models.list().catch((e: unknown) => e)) as InstanceType<typeof OpenAI.AuthenticationError>;
+    expect(err).toBeInstanceOf(OpenAI.AuthenticationError);
+    expect(err.code).toBe('invalid_api_key');
   });
 
   it('models.list names what the fleet serves', async () => {

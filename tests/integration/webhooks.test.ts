@@ -4,6 +4,7 @@
  * deployment would), and a local DNS server the API resolves webhook hosts with.
  */
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
+import pg from 'pg';
 import { Webhook } from 'standardwebhooks';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import type { Config } from '../../src/config.js';
@@ -11,6 +12,11 @@ import { freePort } from '../../src/dev/services.js';
 import { configEnv, spawnService, testEngineArgs, type ServiceProcess } from '../support/processes.js';
 import { TestDns } from '../support/dns.js';
 import { checkedFetch, responseChecker, type ResponseChecker } from '../support/openapi.js';
+import { createAccountsRepo } from '../../src/adapters/accounts-repo.js';
+import { createPrismaClient } from '../../src/adapters/db/client.js';
+import { AccountsService } from '../../src/core/accounts.js';
+import { tenantSigningSecret } from '../../src/core/webhooks.js';
+import { createTestKey, type TestKey } from '../support/accounts.js';
 import { isolatedConfig } from '../support/system.js';
 
 const SECRET = `whsec_${Buffer.from('a test secret of thirty-two bytes!').toString('base64')}`;
@@ -32,7 +38,11 @@ const procs: ServiceProcess[] = [];
 let api = '';
 /** Every answer is checked against the API's OpenAPI document. */
 let checker: ResponseChecker | undefined;
-const cfetch: typeof fetch = (input, init) => checkedFetch(checker!)(input, init);
+let tenant: TestKey;
+const cfetch: typeof fetch = (input, init) =>
+  checkedFetch(checker!)(input, { ...init, headers: { ...tenant.auth, ...(init?.headers as Record<string, string>) } });
+/** The secret the tenant's receiver verifies with (what `t2i keys webhook-secret --tenant` prints). */
+let tenantSecret = '';
 
 beforeAll(async () => {
   dns = new TestDns();
@@ -58,6 +68,12 @@ beforeAll(async () => {
     WEBHOOK_TIMEOUT_MS: '2000',
     LOG_LEVEL: 'info',
   });
+  tenant = await createTestKey(config.DATABASE_URL, 'hooks-co');
+  const db = new pg.Client({ connectionString: config.DATABASE_URL });
+  await db.connect();
+  const { rows } = await db.query<{ id: string }>('SELECT id FROM tenants WHERE name = $1', ['hooks-co']);
+  await db.end();
+  tenantSecret = tenantSigningSecret(SECRET, rows[0]!.id);
 });
 
 afterEach(async () => {
@@ -133,10 +149,12 @@ describe('webhooks', () => {
     // Every attempt is the same message (id and body); each one verifies with the official package.
     expect(new Set(mine.map((r) => r.headers['webhook-id'])).size).toBe(1);
     expect(new Set(mine.map((r) => r.body)).size).toBe(1);
-    const wh = new Webhook(SECRET);
+    const wh = new Webhook(tenantSecret);
     for (const r of mine) wh.verify(r.body, r.headers);
-    // A wrong secret or an altered body does not.
+    // A wrong secret, the deployment's master secret or another tenant's secret, or an altered body, does not.
     expect(() => new Webhook(`whsec_${Buffer.from('another secret of thirty-two byte').toString('base64')}`).verify(mine[3]!.body, mine[3]!.headers)).toThrow();
+    expect(() => new Webhook(SECRET).verify(mine[3]!.body, mine[3]!.headers)).toThrow();
+    expect(() => new Webhook(tenantSigningSecret(SECRET, '00000000-0000-4000-8000-000000000000')).verify(mine[3]!.body, mine[3]!.headers)).toThrow();
     expect(() => wh.verify(mine[3]!.body.replace('succeeded', 'failed'), mine[3]!.headers)).toThrow();
 
     const payload = JSON.parse(mine[3]!.body) as { type: string; timestamp: string; data: { id: string; status: string; url: string } };
@@ -159,7 +177,7 @@ describe('webhooks', () => {
     const canceled = (await (await submit({ prompt: 'slow', num_steps: 150, width: 64, height: 64, webhook_url: `${receiverUrl}/outcomes` })).json()) as {
       id: string;
     };
-    await fetch(`${api}/generated-images/${canceled.id}/cancel`, { method: 'POST' });
+    await cfetch(`${api}/generated-images/${canceled.id}/cancel`, { method: 'POST' });
     const types = await until('both outcomes', async () => {
       const got = received.filter((r) => r.body.includes(failing.id) || r.body.includes(canceled.id)).map((r) => (JSON.parse(r.body) as { type: string }).type);
       return got.length >= 2 ? got.sort() : undefined;
@@ -193,6 +211,26 @@ describe('webhooks', () => {
     expect(mine.filter((r) => r.answered === 200)).toHaveLength(1);
     expect(done.attempts.at(-1)!.status_code).toBe(200);
     expect(new Set(mine.map((r) => r.headers['webhook-id'])).size).toBe(1);
+  });
+
+  it("a key's default webhook is used when a job names none, and another tenant cannot read the deliveries", async () => {
+    await Promise.all([startApi(), startWorker()]);
+    const db = createPrismaClient(config.DATABASE_URL, { poolMax: 1 });
+    const { key } = await new AccountsService(createAccountsRepo(db)).createKey('hooks-co', 'with a default', `${receiverUrl}/default-hook`);
+    await db.$disconnect();
+    const res = await fetch(`${api}/generated-images`, {
+      method: 'POST',
+      headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' },
+      body: JSON.stringify({ prompt: 'a blue circle', num_steps: 2, width: 64, height: 64 }),
+    });
+    const job = (await res.json()) as { id: string; webhook_url: string };
+    expect(job.webhook_url).toBe(`${receiverUrl}/default-hook`);
+    await until('the default webhook', async () => received.find((r) => r.body.includes(job.id)));
+    new Webhook(tenantSecret).verify(received.find((r) => r.body.includes(job.id))!.body, received.find((r) => r.body.includes(job.id))!.headers);
+
+    const other = await createTestKey(config.DATABASE_URL, 'someone-else');
+    const foreign = await fetch(`${api}/generated-images/${job.id}/webhook-deliveries`, { headers: other.auth });
+    expect(foreign.status).toBe(404);
   });
 
   it('refuses hostile webhook URLs at submission, including a host name that resolves to a private address', async () => {

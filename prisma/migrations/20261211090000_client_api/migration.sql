@@ -2,14 +2,18 @@
 ALTER TABLE "generated_images" ADD COLUMN "num_images" INTEGER NOT NULL DEFAULT 1,
 ADD COLUMN "webhook_url" TEXT;
 
+-- AlterTable
+ALTER TABLE "api_keys" ADD COLUMN "webhook_url" TEXT;
+
 -- CreateTable
 CREATE TABLE "idempotency_keys" (
+    "tenant_id" UUID NOT NULL,
     "key" VARCHAR(255) NOT NULL,
     "fingerprint" TEXT NOT NULL,
     "image_id" UUID NOT NULL,
     "created_at" TIMESTAMPTZ(3) NOT NULL DEFAULT CURRENT_TIMESTAMP,
 
-    CONSTRAINT "idempotency_keys_pkey" PRIMARY KEY ("key")
+    CONSTRAINT "idempotency_keys_pkey" PRIMARY KEY ("tenant_id","key")
 );
 
 -- CreateTable
@@ -51,6 +55,9 @@ CREATE INDEX "webhook_deliveries_status_next_attempt_at_idx" ON "webhook_deliver
 
 -- CreateIndex
 CREATE INDEX "webhook_deliveries_image_id_idx" ON "webhook_deliveries"("image_id");
+
+-- AddForeignKey
+ALTER TABLE "idempotency_keys" ADD CONSTRAINT "idempotency_keys_tenant_id_fkey" FOREIGN KEY ("tenant_id") REFERENCES "tenants"("id") ON DELETE CASCADE ON UPDATE CASCADE;
 
 -- AddForeignKey
 ALTER TABLE "webhook_deliveries" ADD CONSTRAINT "webhook_deliveries_image_id_fkey" FOREIGN KEY ("image_id") REFERENCES "generated_images"("id") ON DELETE CASCADE ON UPDATE CASCADE;
