@@ -49,7 +49,7 @@ export const discoveryRoutes: FastifyPluginAsync<DiscoveryOptions> = async (app,
 
   app.get(
     '/models',
-    { schema: { tags: ['discovery'], summary: 'The models the fleet serves, with defaults and limits', response: { 200: modelsSchema, ...problems(503) } } },
+    { schema: { tags: ['discovery'], summary: 'The models the fleet serves, with defaults and limits', response: { 200: modelsSchema, ...problems(401, 429, 503) } } },
     async () => ({
       models: (await opts.models()).map((m) => ({
         id: m.id,
@@ -71,7 +71,7 @@ export const discoveryRoutes: FastifyPluginAsync<DiscoveryOptions> = async (app,
       schema: {
         tags: ['discovery'],
         summary: 'The schedulers, the models that take them, and the limits',
-        response: { 200: schedulersSchema, ...problems(503) },
+        response: { 200: schedulersSchema, ...problems(401, 429, 503) },
       },
     },
     async () => {

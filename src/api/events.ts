@@ -76,7 +76,7 @@ const sseSchema = {
   headers: z.looseObject({ 'last-event-id': z.string().regex(EVENT_ID).optional().meta({ description: 'The last id received: events after it follow' }) }),
   response: {
     200: { description: 'An event stream', content: { 'text/event-stream': { schema: z.string() } } },
-    ...problems(400, 404, 503),
+    ...problems(400, 401, 404, 429, 503),
   },
 };
 
@@ -85,7 +85,7 @@ const wsSchema = {
   summary: 'Follow several jobs on one WebSocket',
   description:
     'Upgrade to a WebSocket. Send {"op":"subscribe","id":JOB,"last_event_id"?:ID} and {"op":"unsubscribe","id":JOB}; receive {"type":"subscribed"|"unsubscribed","job_id"}, {"type":"event","job_id","id","event","data"} (the SSE events), {"type":"end","job_id"}, {"type":"error","job_id"?,"status","title","detail"}. Pings every heartbeat.',
-  response: { ...problems(426) },
+  response: { ...problems(401, 426, 429) },
 };
 
 export const eventRoutes: FastifyPluginAsync<EventRoutesOptions> = async (app: FastifyInstance, opts) => {

@@ -40,7 +40,7 @@ const PROBLEM_TITLES: Record<number, string> = {
   503: 'Unavailable: back-pressure or a dependency down; see Retry-After',
 };
 
-/** Problem answers for the given statuses, for a route's `response` map. */
+/** Problem answers for the given statuses, for a route's `response` map (every route behind the API key may also give 401 and 429). */
 export function problems(...statuses: number[]) {
   return Object.fromEntries(
     statuses.map((s) => [s, { description: PROBLEM_TITLES[s] ?? 'Error', content: { 'application/problem+json': { schema: problemSchema } } }]),
@@ -180,8 +180,9 @@ export { openAiModelSchema };
 
 /** OpenAI-shaped error answers for the given statuses. */
 export function openAiErrors(...statuses: number[]) {
+  // Every /v1 route is behind the API key and its rate limit.
   return Object.fromEntries(
-    statuses.map((s) => [s, { description: 'An error in OpenAI’s shape', content: { 'application/json': { schema: openAiErrorSchema } } }]),
+    [...new Set([401, 429, ...statuses])].map((s) => [s, { description: 'An error in OpenAI’s shape', content: { 'application/json': { schema: openAiErrorSchema } } }]),
   );
 }
 

@@ -21,7 +21,7 @@ export const webhookRoutes: FastifyPluginAsync<WebhookRoutesOptions> = async (ap
     tags: ['webhooks'],
     summary: "A job's webhook deliveries and their attempts",
     params: jobIdParams,
-    response: { 200: webhookDeliveriesSchema, ...problems(404, 503) },
+    response: { 200: webhookDeliveriesSchema, ...problems(401, 404, 429, 503) },
   };
   app.get<{ Params: { id: string } }>('/generated-images/:id/webhook-deliveries', { schema }, async (request) => {
     const job = await opts.images.get(opts.tenantOf(request), request.params.id);
