@@ -49,7 +49,13 @@ export const discoveryRoutes: FastifyPluginAsync<DiscoveryOptions> = async (app,
 
   app.get(
     '/models',
-    { schema: { tags: ['discovery'], summary: 'The models the fleet serves, with defaults and limits', response: { 200: modelsSchema, ...problems(401, 429, 503) } } },
+    {
+      schema: {
+        tags: ['discovery'],
+        summary: 'The models the fleet serves, with defaults and limits',
+        response: { 200: modelsSchema, ...problems(401, 429, 503) },
+      },
+    },
     async () => ({
       models: (await opts.models()).map((m) => ({
         id: m.id,

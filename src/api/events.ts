@@ -85,7 +85,7 @@ const wsSchema = {
   summary: 'Follow several jobs on one WebSocket',
   description:
     'Upgrade to a WebSocket. Send {"op":"subscribe","id":JOB,"last_event_id"?:ID} and {"op":"unsubscribe","id":JOB}; receive {"type":"subscribed"|"unsubscribed","job_id"}, {"type":"event","job_id","id","event","data"} (the SSE events), {"type":"end","job_id"}, {"type":"error","job_id"?,"status","title","detail"}. Pings every heartbeat.',
-  response: { ...problems(401, 426, 429) },
+  response: { 101: z.undefined().meta({ description: 'Switching Protocols: the connection is a WebSocket from here on' }), ...problems(401, 426, 429) },
 };
 
 export const eventRoutes: FastifyPluginAsync<EventRoutesOptions> = async (app: FastifyInstance, opts) => {

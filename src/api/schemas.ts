@@ -182,7 +182,10 @@ export { openAiModelSchema };
 export function openAiErrors(...statuses: number[]) {
   // Every /v1 route is behind the API key and its rate limit.
   return Object.fromEntries(
-    [...new Set([401, 429, ...statuses])].map((s) => [s, { description: 'An error in OpenAI’s shape', content: { 'application/json': { schema: openAiErrorSchema } } }]),
+    [...new Set([401, 429, ...statuses])].map((s) => [
+      s,
+      { description: 'An error in OpenAI’s shape', content: { 'application/json': { schema: openAiErrorSchema } } },
+    ]),
   );
 }
 

@@ -23,6 +23,8 @@ export async function documentErrors(doc: unknown): Promise<unknown[]> {
 export interface ResponseChecker {
   /** Checks one answer; `path` is the request path (query string allowed). */
   check(method: string, path: string, status: number, contentType: string | null, body: unknown): void;
+  /** Checks an answer of no route (the 404 for an unknown path): a documented Problem. */
+  checkUnrouted(method: string, path: string, status: number, contentType: string | null, body: unknown): void;
   /** Answers checked, by "METHOD route status". */
   readonly seen: Map<string, number>;
   /** What did not match, one line each. */
@@ -68,6 +70,13 @@ export function responseChecker(document: unknown): ResponseChecker {
       const validate = ajv.getSchema(ref);
       if (!validate) return void mismatches.push(`${where}: could not compile ${ref}`);
       if (!validate(body)) mismatches.push(`${where}: ${ajv.errorsText(validate.errors)} in ${JSON.stringify(body).slice(0, 300)}`);
+    },
+    checkUnrouted(method, path, status, contentType, body) {
+      const where = `${method} ${path} ${status} (no route)`;
+      if (!(contentType ?? '').startsWith('application/problem+json')) return void mismatches.push(`${where}: not problem+json`);
+      const validate = ajv.getSchema('openapi.json#/components/schemas/Problem');
+      if (!validate) return void mismatches.push(`${where}: the document has no Problem schema`);
+      if (!validate(body)) mismatches.push(`${where}: ${ajv.errorsText(validate.errors)}`);
     },
     expectNoMismatch() {
       expect(mismatches, 'answers that do not match the OpenAPI document').toEqual([]);
