@@ -1,5 +1,8 @@
 import os from 'node:os';
+import { createAccountsRepo } from '../adapters/accounts-repo.js';
+import { createPrismaClient } from '../adapters/db/client.js';
 import { applyMigrations } from '../adapters/db/migrate.js';
+import { AccountsService } from '../core/accounts.js';
 import { freePort, servicesEnv, startServices, type LocalServices } from '../dev/services.js';
 import { quantile, startChild, type Child } from './service-bench.js';
 import { openSse, type SseEvent } from './sse-client.js';
@@ -59,6 +62,10 @@ export async function runStreamBench(options: StreamBenchOptions = {}): Promise<
     services = await startServices();
     await applyMigrations(services.postgres.url);
     out(`services: up and migrated in ${((performance.now() - t0) / 1000).toFixed(1)} s`);
+    // A tenant's key, as clients send it: the stream is authenticated once, at connect.
+    const keyDb = createPrismaClient(services.postgres.url, { poolMax: 1 });
+    const auth = { authorization: `Bearer ${(await new AccountsService(createAccountsRepo(keyDb)).createKey('bench-stream')).key}` };
+    await keyDb.$disconnect();
     const env = (extra: Record<string, string>): NodeJS.ProcessEnv => ({
       ...process.env,
       ...servicesEnv(services!, 't2i-bench-stream'),
@@ -87,14 +94,14 @@ export async function runStreamBench(options: StreamBenchOptions = {}): Promise<
     for (let j = 0; j < jobs; j++) {
       const res = await fetch(`${a}/generated-images`, {
         method: 'POST',
-        headers: { 'content-type': 'application/json' },
+        headers: { ...auth, 'content-type': 'application/json' },
         body: JSON.stringify({ prompt: 'a red circle', num_steps: steps, width: 512, height: 512, seed: j }),
       });
       if (res.status !== 201) throw new Error(`POST answered ${res.status}: ${await res.text()}`);
       const { id } = (await res.json()) as { id: string };
       const runs = await Promise.all(
         Array.from({ length: subscribers }, async () => {
-          const conn = await openSse(`${b}/generated-images/${id}/events`);
+          const conn = await openSse(`${b}/generated-images/${id}/events`, auth);
           const seen: SseEvent[] = [];
           for await (const e of conn.events) seen.push(e);
           return seen;
