@@ -63,6 +63,7 @@ const usageOf = (tenantId: string, dayStart: Date) => Prisma.sql`
    WHERE tenant_id = ${tenantId}::uuid AND (status IN ('queued', 'running') OR created_at >= ${dayStart})`;
 
 type UsageRow = { in_flight: number; used: bigint; jobs: number };
+const NO_DAY = new Date('9999-12-31T00:00:00Z');
 type LimitsRow = { max_in_flight: number | null; daily_pixel_steps: bigint | null };
 
 /** A tenant's own limit where set, else the configured default (0 = none). */
@@ -97,7 +98,10 @@ export function createImagesRepo(db: Db): ImagesRepo {
           if (live) return { existing: { fingerprint: live.fingerprint, imageId: live.image_id } };
         }
         const limits = limitsOf(tenant[0], quota);
-        const [u] = await tx.$queryRaw<UsageRow[]>(usageOf(data.tenantId, quota.dayStart));
+        // Without a budget, today's jobs need not be summed (a busy tenant has many): counting from
+        // a day that never comes leaves only the jobs in flight, which the priority needs.
+        const since = limits.dailyPixelSteps > 0 ? quota.dayStart : NO_DAY;
+        const [u] = await tx.$queryRaw<UsageRow[]>(usageOf(data.tenantId, since));
         const inFlight = u?.in_flight ?? 0;
         const used = Number(u?.used ?? 0);
         if (limits.maxInFlight > 0 && inFlight >= limits.maxInFlight) return { exceeded: 'in_flight' as const, limit: limits.maxInFlight, used: inFlight };
