@@ -223,11 +223,12 @@ export function buildApp(deps: AppDeps): FastifyInstance {
     if (deps.discovery) await scope.register(discoveryRoutes, deps.discovery);
   });
 
-  void app.register(async (open) => {
+  // Public probes, in a plugin of their own so the OpenAPI generator (registered first) sees them.
+  void app.register(async (app) => {
     const schemas = jobRouteSchemas(createImageBody, listQuery);
-    open.get('/healthz', { schema: schemas.healthz }, async () => ({ status: 'ok' as const }));
+    app.get('/healthz', { schema: schemas.healthz }, async () => ({ status: 'ok' as const }));
 
-    open.get('/readyz', { schema: schemas.readyz }, async (request, reply) => {
+    app.get('/readyz', { schema: schemas.readyz }, async (request, reply) => {
       const { ok, checks, errors } = await readiness(deps.checks ?? {});
       if (!ok) {
         // Which dependency is down is public; why (hosts, ports, driver messages) is logged only.
