@@ -1,4 +1,5 @@
-import { createHash, randomUUID } from 'node:crypto';
+import { randomUUID } from 'node:crypto';
+import { IDEMPOTENCY_TTL_MS, requestFingerprint } from './idempotency.js';
 import { randomSeed } from '../engine/random.js';
 import { imageSeed } from '../engine/params.js';
 import {
@@ -217,9 +218,6 @@ export interface ImagesServiceDeps {
    */
   checkWebhookUrl?: (url: string) => Promise<void>;
 }
-
-/** How long an Idempotency-Key holds. */
-export const IDEMPOTENCY_TTL_MS = 24 * 3600 * 1000;
 
 /** What a submission asks for beyond the generation parameters. */
 export interface SubmitOptions {
@@ -491,20 +489,4 @@ export function decodeCursor(cursor: string): { createdAt: Date; id: string } {
  */
 export function siblingImageKey(fileName: string, index: number): string {
   return index === 0 ? fileName : fileName.replace(/\.png$/, `-${index}.png`);
-}
-
-/** What "the same request" means for an Idempotency-Key: the route and the validated body, keys sorted. */
-export function requestFingerprint(route: string, body: unknown): string {
-  return createHash('sha256').update(route).update('\n').update(canonicalJson(body)).digest('hex');
-}
-
-function canonicalJson(v: unknown): string {
-  if (Array.isArray(v)) return `[${v.map(canonicalJson).join(',')}]`;
-  if (v !== null && typeof v === 'object') {
-    const entries = Object.entries(v as Record<string, unknown>)
-      .filter(([, x]) => x !== undefined)
-      .sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0));
-    return `{${entries.map(([k, x]) => `${JSON.stringify(k)}:${canonicalJson(x)}`).join(',')}}`;
-  }
-  return JSON.stringify(v);
 }

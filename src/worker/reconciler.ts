@@ -2,7 +2,7 @@ import type { ImageRecord, ImagesRepo } from '../core/images.js';
 import type { ProducerQueue } from '../adapters/queue.js';
 import { failureFromQueueReason } from '../core/failures.js';
 import type { JobEventSink } from '../core/job-events.js';
-import { IDEMPOTENCY_TTL_MS } from '../core/images.js';
+import { IDEMPOTENCY_TTL_MS } from '../core/idempotency.js';
 
 /**
  * Makes Postgres and the queue agree again after anything that split them: Redis down while a
