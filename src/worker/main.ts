@@ -66,6 +66,8 @@ export interface WorkerOverrides {
 
 /** A worker's announcement of its model lives this long unless renewed (every third of it). */
 const FLEET_TTL_MS = 30_000;
+/** Leaving the fleet at shutdown is a courtesy (the announcement expires anyway): never wait long for it. */
+const FLEET_WITHDRAW_TIMEOUT_MS = 2_000;
 
 /** Longest a scrape waits for queue depth from Redis; Prometheus' own scrape timeout is 10 s by default. */
 const QUEUE_COUNTS_TIMEOUT_MS = 1_000;
@@ -278,17 +280,18 @@ export async function startWorker(config: Config = loadConfig(process.env, 'work
         // the consumer stops before the clients it uses are closed.
         const results = [
           ...(await Promise.allSettled([
-            (async () => {
-              clearInterval(announcer);
-              await withTimeout(fleet.withdraw(workerId), SHUTDOWN_TIMEOUTS_MS.cleanup, 'leaving the fleet').finally(() => fleet.close());
-            })(),
             withTimeout(reconciler.stop(), SHUTDOWN_TIMEOUTS_MS.cleanup, 'stopping the reconciler'),
-            // Sends in flight are bounded by WEBHOOK_TIMEOUT_MS; one cut short is sent again after its lease.
-            withTimeout(dispatcher?.stop() ?? Promise.resolve(), config.WEBHOOK_TIMEOUT_MS + SHUTDOWN_TIMEOUTS_MS.cleanup, 'stopping webhook deliveries'),
             withTimeout(sweeper.stop(), SHUTDOWN_TIMEOUTS_MS.cleanup, 'stopping the sweeper'),
           ])),
+          // Alongside the consumer, within its time: a webhook send cut short is sent again once
+          // its lease lapses, and an announcement that is not withdrawn expires by itself.
           ...(await Promise.allSettled([
             withTimeout(consumer.close(config.SHUTDOWN_GRACE_MS), config.SHUTDOWN_GRACE_MS + SHUTDOWN_TIMEOUTS_MS.release, 'closing the queue consumer'),
+            withTimeout(dispatcher?.stop() ?? Promise.resolve(), config.SHUTDOWN_GRACE_MS + SHUTDOWN_TIMEOUTS_MS.release, 'stopping webhook deliveries'),
+            (async () => {
+              clearInterval(announcer);
+              await withTimeout(fleet.withdraw(workerId), FLEET_WITHDRAW_TIMEOUT_MS, 'leaving the fleet').finally(() => fleet.close());
+            })(),
           ])),
           ...(await Promise.allSettled([
             withTimeout(engine.close(), SHUTDOWN_TIMEOUTS_MS.cleanup, 'closing the engine'),
