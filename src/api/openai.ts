@@ -27,7 +27,7 @@ import { idempotencyHeaders, openAiErrors, openAiImagesSchema, openAiModelListSc
  *                     ignored (they have no meaning for these models); stream: only false
  *   extensions        negative_prompt, num_steps, guidance_scale, seed, scheduler, webhook_url, as
  *                     in POST /generated-images
- * The job's id is in the X-T2I-Job-Id header. An Idempotency-Key header makes retries safe.
+ * Once the job exists, its id is in the X-T2I-Job-Id header. An Idempotency-Key header makes retries safe.
  */
 
 export interface OpenAiRoutesOptions {
