@@ -250,7 +250,7 @@ export const envSchema = z.object({
   LOG_FILE_RETENTION: int(1, 10_000).default(14),
 
   // --- Metrics and error reporting
-  /** Bearer token Prometheus must send to GET /metrics (API and worker); /metrics is open when unset. */
+  /** Bearer token Prometheus must send to GET /metrics: without it the API serves no /metrics, and the worker's (on its internal port) is open. */
   METRICS_TOKEN: z.string().min(16, 'must be at least 16 characters').optional(),
   /** Sentry DSN; errors are reported only when set. */
   SENTRY_DSN: z.string().url('must be a Sentry DSN URL').optional(),

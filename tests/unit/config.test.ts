@@ -265,6 +265,7 @@ describe('.env.example', () => {
       [
         'DATABASE_URL',
         'HOST',
+        'METRICS_TOKEN',
         'MODEL_DIR',
         'REDIS_URL',
         'STORAGE_ACCESS_KEY',
