@@ -91,7 +91,8 @@ export function loadWebAssets(dir: string): WebAssets {
     for (const entry of readdirSync(path.join(dir, sub), { withFileTypes: true })) {
       const rel = path.posix.join(sub, entry.name);
       if (entry.isDirectory()) walk(rel);
-      else if (entry.isFile()) assets.set(rel === 'index.html' ? '/' : `/${rel}`, webAsset(rel === 'index.html' ? '/' : `/${rel}`, rel, readFileSync(path.join(dir, rel))));
+      else if (entry.isFile())
+        assets.set(rel === 'index.html' ? '/' : `/${rel}`, webAsset(rel === 'index.html' ? '/' : `/${rel}`, rel, readFileSync(path.join(dir, rel))));
     }
   };
   walk('');

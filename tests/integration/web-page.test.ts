@@ -53,7 +53,9 @@ async function checkAccessibility(state: string): Promise<void> {
   const violations = await axeViolations(page);
   axe[state] = violations;
   expect(
-    violations.filter((v) => v.impact === 'serious' || v.impact === 'critical').map((v) => `${v.id} (${v.impact}): ${v.help} at ${JSON.stringify(v.nodes.map((n) => n.target))}`),
+    violations
+      .filter((v) => v.impact === 'serious' || v.impact === 'critical')
+      .map((v) => `${v.id} (${v.impact}): ${v.help} at ${JSON.stringify(v.nodes.map((n) => n.target))}`),
     `serious accessibility violations in state "${state}"`,
   ).toEqual([]);
 }
@@ -175,7 +177,9 @@ describe('the web page', () => {
     // A rule only the API knows (this server's pixel-step budget per request): its answer is shown as it words it.
     await fillForm({ Width: '2048', Height: '2048', Steps: '150' });
     await page.getByRole('button', { name: 'Generate' }).click();
-    await expect.poll(() => page.locator('#form-error').textContent()).toMatch(/^Width × height × num_steps is 629,145,600; this server allows at most 52,428,800 pixel-steps/);
+    await expect
+      .poll(() => page.locator('#form-error').textContent())
+      .toMatch(/^Width × height × num_steps is 629,145,600; this server allows at most 52,428,800 pixel-steps/);
     expect(await widthError.isVisible()).toBe(false);
     expect(posts()).toBe(before + 1);
     await shot('04-api-validation-error');
@@ -262,7 +266,10 @@ describe('the web page', () => {
 
     // Ten more jobs than a page holds: the newest page first, then the older one.
     for (let i = 0; i < 8; i++) {
-      const res = await apiFetch('/generated-images', { method: 'POST', body: JSON.stringify({ prompt: `page filler ${i}`, num_steps: 1, width: 64, height: 64 }) });
+      const res = await apiFetch('/generated-images', {
+        method: 'POST',
+        body: JSON.stringify({ prompt: `page filler ${i}`, num_steps: 1, width: 64, height: 64 }),
+      });
       expect(res.status).toBe(201);
     }
     await page.getByRole('button', { name: 'Refresh' }).click();
@@ -324,7 +331,9 @@ describe('the web page', () => {
     const message = page.locator('#form-error');
     await expect
       .poll(() => message.textContent())
-      .toMatch(/^This job costs [\d,]+ pixel-steps \(width × height × num_steps\), and 0 of today's 1 are used\. The budget resets at .+ \(00:00 UTC\)\. Try again in (\d+ h( \d+ min)?|\d+ min|\d+ s)\.$/);
+      .toMatch(
+        /^This job costs [\d,]+ pixel-steps \(width × height × num_steps\), and 0 of today's 1 are used\. The budget resets at .+ \(00:00 UTC\)\. Try again in (\d+ h( \d+ min)?|\d+ min|\d+ s)\.$/,
+      );
     await shot('10-rate-limited-429');
     await checkAccessibility('429');
   });

@@ -80,7 +80,11 @@ export class Gallery {
     return h(
       'li',
       { class: 'card', 'data-job-id': job.id, 'data-status': job.status },
-      h('div', { class: 'thumb', id: `g-thumb-${job.id}` }, job.status === 'succeeded' ? null : h('span', { class: 'thumb-placeholder' }, STATUS_TEXT[job.status])),
+      h(
+        'div',
+        { class: 'thumb', id: `g-thumb-${job.id}` },
+        job.status === 'succeeded' ? null : h('span', { class: 'thumb-placeholder' }, STATUS_TEXT[job.status]),
+      ),
       h(
         'div',
         { class: 'card-body' },
@@ -102,7 +106,8 @@ export class Gallery {
       if (!job || generation !== this.generation) return;
       try {
         const url = this.urls.make(await this.api().image(job.id, 0, true));
-        if (generation === this.generation) document.getElementById(`g-thumb-${job.id}`)?.replaceChildren(h('img', { src: url, alt: job.prompt, loading: 'lazy' }));
+        if (generation === this.generation)
+          document.getElementById(`g-thumb-${job.id}`)?.replaceChildren(h('img', { src: url, alt: job.prompt, loading: 'lazy' }));
       } catch {
         // A missing thumbnail leaves the card as it is; the job's facts are there.
       }

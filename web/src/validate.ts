@@ -74,7 +74,8 @@ function codePoints(s: string): number {
 function promptErrors(field: string, text: string, limits: Limits, required: boolean): FieldError[] {
   const out: FieldError[] = [];
   if (LONE_SURROGATE.test(text)) out.push({ field, rule: 'unicode', message: 'must be valid Unicode text (it contains an unpaired surrogate)' });
-  if (CONTROL.test(text)) out.push({ field, rule: 'no_control_characters', message: 'must not contain control characters other than tab, line feed and carriage return' });
+  if (CONTROL.test(text))
+    out.push({ field, rule: 'no_control_characters', message: 'must not contain control characters other than tab, line feed and carriage return' });
   if (codePoints(text) > limits.max_prompt_chars) out.push({ field, rule: 'max', message: `must be at most ${limits.max_prompt_chars} characters` });
   if (required && text.trim().length === 0) out.push({ field, rule: 'non_empty', message: 'must not be empty' });
   return out;
@@ -107,7 +108,8 @@ function numberField(field: string, raw: string, rule: NumberRule, errors: Field
   const before = errors.length;
   if (value < rule.min) errors.push({ field, rule: 'min', message: `must be at least ${rule.min}` });
   if (value > rule.max) errors.push({ field, rule: 'max', message: `must be at most ${rule.max}` });
-  if (rule.multipleOf !== undefined && value % rule.multipleOf !== 0) errors.push({ field, rule: 'multiple_of', message: `must be a multiple of ${rule.multipleOf}` });
+  if (rule.multipleOf !== undefined && value % rule.multipleOf !== 0)
+    errors.push({ field, rule: 'multiple_of', message: `must be a multiple of ${rule.multipleOf}` });
   return errors.length === before ? value : undefined;
 }
 
