@@ -61,7 +61,8 @@ async function checkAccessibility(state: string): Promise<void> {
 }
 
 async function apiFetch(p: string, init: RequestInit = {}, as: TestKey = key): Promise<Response> {
-  return fetch(`${api}${p}`, { ...init, headers: { ...as.auth, 'content-type': 'application/json', ...(init.headers as Record<string, string>) } });
+  const type: Record<string, string> = init.body === undefined ? {} : { 'content-type': 'application/json' };
+  return fetch(`${api}${p}`, { ...init, headers: { ...as.auth, ...type, ...(init.headers as Record<string, string>) } });
 }
 
 async function signIn(k: string): Promise<void> {
@@ -231,40 +232,53 @@ describe('the web page', () => {
     expect(await page.locator('#f-seed').inputValue()).toBe('42');
   });
 
-  it('cancels a running job', async () => {
+  it('shows the place in the queue, then cancels the job while it runs', async () => {
+    // Another job keeps the one worker busy, so the page's job waits its turn.
+    const busy = await apiFetch('/generated-images', {
+      method: 'POST',
+      body: JSON.stringify({ prompt: 'a job ahead', num_steps: 150, width: 64, height: 64 }),
+    });
+    const ahead = ((await busy.json()) as { id: string }).id;
+    await expect.poll(async () => ((await (await apiFetch(`/generated-images/${ahead}`)).json()) as { status: string }).status).toBe('running');
     await fillForm({ Prompt: 'a long blue square', Width: '64', Height: '64', Steps: '150' });
     await page.getByRole('button', { name: 'Generate' }).click();
     await expect.poll(() => page.locator('#live-prompt').textContent()).toBe('a long blue square');
+    await expect.poll(() => page.locator('#live-phase').textContent()).toBe('Queued: yours is next');
+    await shot('07-queued');
+    expect((await apiFetch(`/generated-images/${ahead}/cancel`, { method: 'POST' })).status).toBe(200);
+
     await page.waitForFunction(() => (document.getElementById('live-progress') as HTMLProgressElement).value > 0);
     expect(await page.locator('#live-phase').textContent()).toBe('Running');
     await page.getByRole('button', { name: 'Cancel' }).click();
     await expect.poll(() => page.locator('#live-phase').textContent(), { timeout: 10_000 }).toBe('Canceled');
     expect(await page.getByRole('button', { name: 'Cancel' }).isVisible()).toBe(false);
     expect(await page.locator('#live-progress').evaluate((p: HTMLProgressElement) => p.value)).toBeLessThan(100);
-    const jobs = (await (await apiFetch('/generated-images?limit=1')).json()) as { items: Array<{ prompt: string; status: string }> };
+    const jobs = (await (await apiFetch('/generated-images?limit=1')).json()) as { items: Array<{ prompt: string; status: string; progress: number }> };
     expect(jobs.items[0]).toMatchObject({ prompt: 'a long blue square', status: 'canceled' });
-    await shot('07-canceled');
+    expect(jobs.items[0]!.progress).toBeGreaterThan(0);
+    await shot('08-canceled');
   });
 
   it('lists the jobs in the gallery, newest first, a page at a time, with thumbnails; "run again" repeats one', async () => {
     const cards = page.locator('#gallery-list > li');
     await expect.poll(() => cards.first().getAttribute('data-status')).toBe('canceled');
     expect(await cards.first().locator('.card-prompt').textContent()).toBe('a long blue square');
-    const done = cards.nth(1);
+    expect(await cards.locator('.card-prompt').allTextContents()).toEqual(['a long blue square', 'a job ahead', 'a red circle on the left']);
+    const done = cards.nth(2);
     expect(await done.getAttribute('data-status')).toBe('succeeded');
     expect(await done.locator('.params').textContent()).toBe('256×256 · 30 steps · guidance 9 · pndm · seed 42');
     await expect.poll(() => done.locator('.thumb img').evaluate((i: HTMLImageElement) => i.complete && i.naturalWidth > 0)).toBe(true);
     expect(await done.locator('.thumb img').getAttribute('src')).toMatch(/^blob:/);
-    await shot('08-gallery');
+    await shot('09-gallery');
     await checkAccessibility('gallery');
 
     await done.getByRole('button', { name: 'Run again' }).click();
     await expect.poll(() => page.locator('#live-phase').textContent(), { timeout: 30_000 }).toBe('Done');
-    const jobs = (await (await apiFetch('/generated-images?limit=3')).json()) as { items: Array<Record<string, unknown>> };
+    const jobs = (await (await apiFetch('/generated-images?limit=4')).json()) as { items: Array<Record<string, unknown>> };
     const pick = ({ prompt, seed, num_steps, width, height, status }: Record<string, unknown>) => ({ prompt, seed, num_steps, width, height, status });
-    expect(pick(jobs.items[0]!)).toEqual(pick(jobs.items[2]!));
+    expect(pick(jobs.items[0]!)).toEqual(pick(jobs.items[3]!));
 
-    // Ten more jobs than a page holds: the newest page first, then the older one.
+    // More jobs than a page holds: the newest page first, then the older one.
     for (let i = 0; i < 8; i++) {
       const res = await apiFetch('/generated-images', {
         method: 'POST',
@@ -278,7 +292,12 @@ describe('the web page', () => {
     expect(await page.getByRole('button', { name: 'Newer' }).isDisabled()).toBe(true);
     await page.getByRole('button', { name: 'Older' }).click();
     await expect.poll(() => page.locator('#gallery-page').textContent()).toBe('Page 2');
-    expect(await cards.locator('.card-prompt').allTextContents()).toEqual(['a red circle on the left', 'a long blue square', 'a red circle on the left']);
+    expect(await cards.locator('.card-prompt').allTextContents()).toEqual([
+      'a red circle on the left',
+      'a long blue square',
+      'a job ahead',
+      'a red circle on the left',
+    ]);
     expect(await page.getByRole('button', { name: 'Older' }).isDisabled()).toBe(true);
     await page.getByRole('button', { name: 'Newer' }).click();
     await expect.poll(() => page.locator('#gallery-page').textContent()).toBe('Page 1');
@@ -311,7 +330,7 @@ describe('the web page', () => {
     await page.getByRole('button', { name: 'Refresh' }).click();
     await expect.poll(() => page.locator('#gallery-page').textContent()).toBe('Page 1');
     expect(await page.evaluate(() => document.documentElement.scrollWidth)).toBeLessThanOrEqual(375);
-    await shot('09-phone');
+    await shot('10-phone');
     await checkAccessibility('phone');
     await page.setViewportSize({ width: 1280, height: 900 });
   });
@@ -334,7 +353,7 @@ describe('the web page', () => {
       .toMatch(
         /^This job costs [\d,]+ pixel-steps \(width × height × num_steps\), and 0 of today's 1 are used\. The budget resets at .+ \(00:00 UTC\)\. Try again in (\d+ h( \d+ min)?|\d+ min|\d+ s)\.$/,
       );
-    await shot('10-rate-limited-429');
+    await shot('11-rate-limited-429');
     await checkAccessibility('429');
   });
 
