@@ -90,7 +90,7 @@ export async function startApi(config: Config = loadConfig(process.env, 'api'), 
   const webDir = config.WEB_DIR ?? findWebDir();
   let webAssets: WebAssets | undefined;
   if (webDir) webAssets = loadWebAssets(webDir);
-  else logger.warn({}, 'no built web page (dist/web): / says how to build it; run `npm run build` or set WEB_DIR');
+  else logger.warn({}, 'no built web page (dist/web): / answers 503; run `npm run build` or set WEB_DIR to a built page');
   const fleet = createFleetRegistry(config.REDIS_URL, config.QUEUE_NAME);
   const models = async () => servedModels(await withTimeout(fleet.members(), 2_000, 'reading the fleet'));
   const app = buildApp({

@@ -111,19 +111,48 @@ export function findWebDir(from = path.dirname(fileURLToPath(import.meta.url))):
   }
 }
 
+/** The codings an Accept-Encoding header takes: named with a q above 0 (`br;q=0` refuses Brotli). */
+function acceptedCodings(header: string | undefined): Set<string> {
+  const taken = new Set<string>();
+  for (const part of (header ?? '').split(',')) {
+    const [name, ...params] = part
+      .trim()
+      .toLowerCase()
+      .split(/\s*;\s*/);
+    const q = params.find((p) => p.startsWith('q='));
+    if (name && (q === undefined || Number(q.slice(2)) > 0)) taken.add(name);
+  }
+  return taken;
+}
+
 /** The encoding to send: Brotli, then gzip, when the client takes it and the file has it. */
 function encodingFor(request: FastifyRequest, asset: Asset): 'br' | 'gzip' | undefined {
-  const accepted = String(request.headers['accept-encoding'] ?? '');
-  if (asset.br && /\bbr\b/.test(accepted)) return 'br';
-  if (asset.gzip && /\bgzip\b/.test(accepted)) return 'gzip';
+  const accepted = acceptedCodings(request.headers['accept-encoding']);
+  if (asset.br && accepted.has('br')) return 'br';
+  if (asset.gzip && accepted.has('gzip')) return 'gzip';
   return undefined;
 }
 
+/**
+ * Whether If-None-Match names `etag`: a list of tags or `*`, compared weakly as RFC 9110 says
+ * for this header (a `W/` a cache or proxy added still matches).
+ */
+function holds(request: FastifyRequest, etag: string): boolean {
+  const header = request.headers['if-none-match'];
+  if (!header) return false;
+  return header.split(',').some((tag) => {
+    const t = tag.trim();
+    return t === '*' || t.replace(/^W\//, '') === etag;
+  });
+}
+
 function send(request: FastifyRequest, reply: FastifyReply, asset: Asset) {
-  reply.header('cache-control', asset.cacheControl).header('etag', asset.etag);
-  if (asset.br) reply.header('vary', 'accept-encoding');
-  if (request.headers['if-none-match'] === asset.etag) return reply.status(304).send();
   const encoding = encodingFor(request, asset);
+  // Each encoding is its own representation, so its own strong ETag.
+  const etag = encoding ? `${asset.etag.slice(0, -1)}-${encoding}"` : asset.etag;
+  reply.header('cache-control', asset.cacheControl).header('etag', etag);
+  if (asset.br) reply.header('vary', 'accept-encoding');
+  if (holds(request, etag)) return reply.status(304).send();
   if (encoding) reply.header('content-encoding', encoding);
   return reply.type(asset.type).send(encoding ? asset[encoding] : asset.identity);
 }
@@ -142,7 +171,8 @@ export const webPageRoutes: FastifyPluginAsync<WebPageOptions> = async (app, { a
 
   if (!assets) {
     app.get('/', hidden, (_request, reply) =>
-      sendProblem(reply, 503, 'Service Unavailable', 'The web page is not built: run `npm run build` (it writes dist/web), or set WEB_DIR to a built page.'),
+      // Public words only; how to build it is in the API's log at start (src/api/main.ts).
+      sendProblem(reply, 503, 'Service Unavailable', 'This server has no web page installed. The API itself works: see /docs.'),
     );
     return;
   }
