@@ -158,7 +158,7 @@ function send(request: FastifyRequest, reply: FastifyReply, asset: Asset) {
 }
 
 export interface WebPageOptions {
-  /** The built page; absent when none was found: `/` then says how to build it. */
+  /** The built page; absent when none was found: `/` then answers 503 (the start log says how to build it). */
   assets: WebAssets | undefined;
 }
 

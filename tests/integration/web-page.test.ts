@@ -19,7 +19,7 @@ import { createPrismaClient } from '../../src/adapters/db/client.js';
 import { PAGE_CSP } from '../../src/api/web.js';
 import type { Config } from '../../src/config.js';
 import { AccountsService } from '../../src/core/accounts.js';
-import { createTestKey, type TestKey } from '../support/accounts.js';
+import { createTestKey, revokeTestKey, type TestKey } from '../support/accounts.js';
 import { axeViolations, buildWebPage, launchChromium, screenshotDir, type AxeViolation } from '../support/browser.js';
 import { startApiProcess, startWorkerProcess, type ServiceProcess } from '../support/processes.js';
 import { isolatedConfig } from '../support/system.js';
@@ -43,6 +43,10 @@ const axe: Record<string, AxeViolation[]> = {};
 /** Every URL the browser asked for, and what it logged as an error (a CSP violation is one). */
 const requested: string[] = [];
 const consoleErrors: string[] = [];
+/** What the page reported to the `securitypolicyviolation` event. */
+const cspViolations: string[] = [];
+/** The invalid keys the test types in, which no log may hold either. */
+const typedKeys = ['not a key', `t2i_0123abcd_${'0'.repeat(64)}`];
 
 async function shot(name: string): Promise<void> {
   await page.screenshot({ path: path.join(shots, `${name}.png`), fullPage: true });
@@ -92,6 +96,13 @@ beforeAll(async () => {
 
   browser = await launchChromium();
   context = await browser.newContext({ viewport: { width: 1280, height: 900 }, acceptDownloads: true });
+  // Every refusal of the content-security policy, as the page itself sees it, across reloads (the
+  // init script and the binding go through the DevTools protocol, which the policy does not govern).
+  await context.exposeFunction('t2iCspViolation', (v: string) => cspViolations.push(v));
+  await context.addInitScript(() => {
+    const report = (globalThis as unknown as { t2iCspViolation(this: void, v: string): void }).t2iCspViolation;
+    document.addEventListener('securitypolicyviolation', (e) => report(`${e.effectiveDirective} refused ${e.blockedURI || '(inline)'}`));
+  });
   page = await context.newPage();
   page.on('request', (r) => requested.push(r.url()));
   page.on('console', (m) => {
@@ -142,9 +153,11 @@ describe('the web page', () => {
     await shot('01-sign-in');
     await checkAccessibility('sign-in');
 
-    await signIn('not a key');
+    // The field has no name: no form submission could ever carry the key.
+    expect(await page.getByLabel('API key', { exact: true }).getAttribute('name')).toBeNull();
+    await signIn(typedKeys[0]!);
     expect(await page.locator('#api-key-error').textContent()).toContain('This is not a t2i API key');
-    await signIn(`t2i_0123abcd_${'0'.repeat(64)}`);
+    await signIn(typedKeys[1]!);
     const refused = page.locator('#api-key-error');
     await expect.poll(() => refused.textContent()).toBe('The API refused this key: The API key is not valid: it is unknown or has been revoked.');
     expect(await page.getByLabel('API key', { exact: true }).getAttribute('aria-invalid')).toBe('true');
@@ -337,6 +350,27 @@ describe('the web page', () => {
     await page.setViewportSize({ width: 1280, height: 900 });
   });
 
+  it('shows why a job failed, in its public words, in the live view and the gallery', async () => {
+    // The test engine's model throws on this prompt at every attempt; the job is retried, then fails.
+    await fillForm({ Prompt: 'a green square [test:fail]', Width: '64', Height: '64', Steps: '2', 'Number of images': '1' });
+    await page.getByRole('button', { name: 'Generate' }).click();
+    await expect.poll(() => page.locator('#live-prompt').textContent()).toBe('a green square [test:fail]');
+    await expect.poll(() => page.locator('#live-phase').textContent(), { timeout: 30_000 }).toBe('Failed');
+    const jobs = (await (await apiFetch('/generated-images?limit=1')).json()) as { items: Array<{ status: string; error: { code: string; message: string } }> };
+    expect(jobs.items[0]).toMatchObject({ status: 'failed', error: { code: 'generation_failed' } });
+    const { message, code } = jobs.items[0]!.error;
+    expect(message).not.toMatch(/test engine|\[test:fail\]/);
+    const error = page.locator('#live-error');
+    expect(await error.textContent()).toBe(`The job failed: ${message} (${code})`);
+    expect(await error.getAttribute('role')).toBe('alert');
+    expect(await page.getByRole('button', { name: 'Cancel' }).isVisible()).toBe(false);
+    const card = page.locator('#gallery-list > li').first();
+    await expect.poll(() => card.getAttribute('data-status')).toBe('failed');
+    expect(await card.locator('.card-error').textContent()).toBe(message);
+    await shot('11-failed');
+    await checkAccessibility('failed');
+  });
+
   it('shows a 429’s message: a tenant over its daily budget', async () => {
     await page.getByRole('button', { name: 'Sign out' }).click();
     await expect.poll(() => page.getByLabel('API key', { exact: true }).isVisible()).toBe(true);
@@ -355,16 +389,45 @@ describe('the web page', () => {
       .toMatch(
         /^This job costs [\d,]+ pixel-steps \(width × height × num_steps\), and 0 of today's 1 are used\. The budget resets at .+ \(00:00 UTC\)\. Try again in (\d+ h( \d+ min)?|\d+ min|\d+ s)\.$/,
       );
-    await shot('11-rate-limited-429');
+    await shot('12-rate-limited-429');
     await checkAccessibility('429');
   });
 
-  it('never put the key in an address, asked no other host, and broke no rule of the content-security policy', () => {
+  it('a key revoked while signed in: the next request signs the page out, saying why, and forgets the key', async () => {
+    await revokeTestKey(config.DATABASE_URL, broke.prefix);
+    await page.getByRole('button', { name: 'Refresh' }).click();
+    await expect.poll(() => page.getByLabel('API key', { exact: true }).isVisible()).toBe(true);
+    expect(await page.locator('#api-key-error').textContent()).toBe(
+      'The API refused the key: The API key is not valid: it is unknown or has been revoked. Sign in with a valid key.',
+    );
+    expect(await page.locator('#app-view').isVisible()).toBe(false);
+    expect(await page.evaluate(() => document.activeElement?.id)).toBe('api-key');
+    expect(await page.evaluate(() => [localStorage.getItem('t2i.apiKey'), sessionStorage.getItem('t2i.apiKey')])).toEqual([null, null]);
+    await shot('13-revoked-401');
+    await checkAccessibility('revoked');
+  });
+
+  it('never put the key in an address or a log, asked no other host, and broke no rule of the content-security policy', async () => {
     expect(requested.length).toBeGreaterThan(10);
     for (const k of [key.key, broke.key]) expect(requested.filter((u) => u.includes(k))).toEqual([]);
+    // Neither the API nor the worker logged a key the page sent, valid or not (the secret part is
+    // what matters: the prefix is public and logs may name it).
+    const logs = procs.map((p) => `${JSON.stringify(p.lines)}\n${p.stderr.join('')}`).join('\n');
+    expect(logs.length).toBeGreaterThan(1000);
+    for (const k of [key.key, broke.key, ...typedKeys.slice(1)]) expect(logs).not.toContain(k.slice(-64));
     expect(requested.filter((u) => !u.startsWith(`${api}/`) && !u.startsWith('blob:'))).toEqual([]);
     // Chromium logs every refused load or script as a console error; the only ones expected are
     // the answers the test provoked: the refused key (401), the API's validation (400), the budget (429).
     expect(consoleErrors.filter((e) => !/^Failed to load resource: the server responded with a status of (400|401|429)\b/.test(e))).toEqual([]);
+    expect(cspViolations).toEqual([]);
+    // And the browser does enforce the policy, and the check above would have seen it: an inline
+    // script added now is refused and reported.
+    await page.evaluate(() => {
+      const script = document.createElement('script');
+      script.textContent = 'document.title = "inline ran"';
+      document.head.append(script);
+    });
+    await expect.poll(() => cspViolations).toEqual(['script-src-elem refused inline']);
+    expect(await page.title()).not.toBe('inline ran');
   });
 });

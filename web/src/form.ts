@@ -91,9 +91,14 @@ export class PromptForm {
     if (!this.models || !this.schedulers) return;
     const m = this.models.models.find((x) => x.id === this.model.value);
     const defaults = m?.model_defaults ?? this.models.request_defaults;
-    byId('f-model-hint').textContent = m
-      ? `Served by ${m.workers} worker${m.workers === 1 ? '' : 's'}${m.providers.length ? ` (${m.providers.join(', ')})` : ''}. Choosing it sets its defaults.`
+    // The API takes no model in a request: a job runs on whichever worker takes it. With one model
+    // served (the usual deployment) that is the one listed; with several, the hint says so.
+    const served = m
+      ? `Served by ${m.workers} worker${m.workers === 1 ? '' : 's'}${m.providers.length ? ` (${m.providers.join(', ')})` : ''}.`
       : 'Jobs wait in the queue until a worker starts.';
+    const several =
+      this.models.models.length > 1 ? ' This server runs several models: a job goes to whichever worker is free, so choosing one sets only its defaults.' : '';
+    byId('f-model-hint').textContent = m ? `${served}${several || ' Choosing it sets its defaults.'}` : served;
     const names = new Set(m?.schedulers.length ? m.schedulers : this.schedulers.schedulers.map((s) => s.name));
     const keep = this.scheduler.value;
     this.scheduler.replaceChildren(...this.schedulers.schedulers.filter((s) => names.has(s.name)).map((s) => h('option', { value: s.name }, s.name)));

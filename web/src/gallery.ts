@@ -106,8 +106,9 @@ export class Gallery {
       if (!job || generation !== this.generation) return;
       try {
         const url = this.urls.make(await this.api().image(job.id, 0, true));
-        if (generation === this.generation)
-          document.getElementById(`g-thumb-${job.id}`)?.replaceChildren(h('img', { src: url, alt: job.prompt, loading: 'lazy' }));
+        // Not loading=lazy: the bytes are in memory already (a blob URL), and a lazy image below
+        // the fold may stay blank in a screenshot or a printout.
+        if (generation === this.generation) document.getElementById(`g-thumb-${job.id}`)?.replaceChildren(h('img', { src: url, alt: job.prompt }));
       } catch {
         // A missing thumbnail leaves the card as it is; the job's facts are there.
       }
