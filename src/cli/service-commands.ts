@@ -245,9 +245,10 @@ export async function demoCommand(argv: string[]): Promise<void> {
     say(`  curl -s ${api}/generated-images/<id> ${h}\n  curl -s ${api}/generated-images/<id>/url ${h}`);
     say(`  curl -s ${api}/usage ${h}\n  curl -s -X DELETE ${api}/generated-images/<id> ${h}`);
     say(`  curl -s ${api}/generated-images ${h.replace('$T2I_KEY', 'not-a-key')}      # 401 problem+json`);
-    // The page is the API's own (dist/web, made by `npm run build:web`, which scripts/demo.sh runs first).
+    // The page is the API's own (dist/web, made by `npm run build:web`, which scripts/demo.sh runs
+    // first; or WEB_DIR, which the API child inherits and reads the same way).
     const { findWebDir } = await import('../api/web.js');
-    if (findWebDir()) {
+    if (process.env.WEB_DIR ?? findWebDir()) {
       say(`\nThe web page: open ${api}/ in a browser and sign in with the key above (it stays in the browser):\n  ${key}`);
     } else {
       say(`\nThe web page is not built, so ${api}/ only says so: run \`npm run build:web\` (scripts/demo.sh does) and start the demo again.`);
