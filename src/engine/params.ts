@@ -114,6 +114,8 @@ export interface Generation {
   timings: Timings;
   /** Human-readable warnings (prompt truncation). */
   warnings: string[];
+  /** The most generations that shared a UNet run with this one, itself included (1: it ran alone). */
+  batchSize?: number;
   latents?: Float32Array;
 }
 

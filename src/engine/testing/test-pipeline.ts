@@ -1,6 +1,7 @@
 import { randomFillSync } from 'node:crypto';
 import sharp from 'sharp';
-import { resolveParams, SD_DEFAULTS, throwIfAborted, type GenerateOptions, type GenerateParams, type Generation } from '../pipeline.js';
+import { resolveParams, SD_DEFAULTS, throwIfAborted, type GenerateParams, type Generation, type ResolvedParams } from '../pipeline.js';
+import type { Member } from '../thread/batcher.js';
 
 /**
  * A test double for the diffusion pipeline, run in the engine thread exactly where the real one
@@ -8,6 +9,9 @@ import { resolveParams, SD_DEFAULTS, throwIfAborted, type GenerateOptions, type 
  * engine: same parameter validation, progress after every "step", cancellation between steps, a
  * real PNG (a flat colour derived from the seed, with one random pixel). Each step waits `stepMs` on a timer, so a job
  * lasts a chosen time without using the CPU. It draws nothing of the prompt.
+ *
+ * It batches as the real pipeline does: generations with the same number of steps share each
+ * step's wait (up to `batchMax`), each with its own progress, cancellation and failure.
  *
  * It is selected only by `t2i worker --test-engine` (and the demo and benchmarks), never by
  * configuration, so a production worker cannot run it by accident.
@@ -19,36 +23,75 @@ import { resolveParams, SD_DEFAULTS, throwIfAborted, type GenerateOptions, type 
  *   [test:oom]    fail a real allocation (an 8 TiB ArrayBuffer), as an exhausted heap would;
  *   [test:fail]   throw an ordinary error from the model (quoting the prompt, as engine errors may).
  * A directive followed by `@N` (e.g. `[test:crash@2]`) acts only on the Nth generation of this
- * thread, so a test can let a restarted engine succeed.
+ * thread, so a test can let a restarted engine succeed. Crash and hang take the whole batch down
+ * with them, as a real one would; oom and fail end only their own generation.
  */
 
 export interface TestPipelineOptions {
   stepMs: number;
+  /** Generations per shared step; 1 (the default) runs them one at a time. */
+  batchMax?: number;
+}
+
+interface TestPlan {
+  p: ResolvedParams;
+  batchKey: string | undefined;
 }
 
 const DIRECTIVE = /\[test:(crash|hang|oom|fail)(?:@(\d+))?\]/;
 
 export class TestPipeline {
   private generations = 0;
+  readonly batching: { max: number };
 
-  constructor(private readonly options: TestPipelineOptions) {}
+  constructor(private readonly options: TestPipelineOptions) {
+    this.batching = { max: Math.max(1, options.batchMax ?? 1) };
+  }
 
-  async generate(params: GenerateParams, options: GenerateOptions = {}): Promise<Generation> {
-    const started = performance.now();
-    const nth = ++this.generations;
+  plan(params: GenerateParams): Promise<TestPlan> {
     const p = resolveParams(params, { ...SD_DEFAULTS, scheduler: 'pndm' });
-    const m = DIRECTIVE.exec(p.prompt);
-    const fault = m && (m[2] === undefined || Number(m[2]) === nth) ? m[1] : undefined;
-    for (let step = 1; step <= p.numSteps; step++) {
-      throwIfAborted(options.signal);
-      if (step === 1) this.misbehave(fault, p.prompt);
+    return Promise.resolve({ p, batchKey: this.batching.max > 1 ? String(p.numSteps) : undefined });
+  }
+
+  async run(members: ReadonlyArray<Member<TestPlan>>): Promise<void> {
+    const started = performance.now();
+    const jobs = members.map((m) => {
+      const nth = ++this.generations;
+      const d = DIRECTIVE.exec(m.plan.p.prompt);
+      return { m, fault: d && (d[2] === undefined || Number(d[2]) === nth) ? d[1] : undefined };
+    });
+    const steps = members[0]?.plan.p.numSteps ?? 0;
+    let active = jobs;
+    for (let step = 1; step <= steps && active.length > 0; step++) {
+      active = active.filter((j) => {
+        try {
+          throwIfAborted(j.m.options.signal);
+          if (step === 1) this.misbehave(j.fault, j.m.plan.p.prompt);
+          return true;
+        } catch (error) {
+          j.m.settle({ error });
+          return false;
+        }
+      });
       if (this.options.stepMs > 0) await new Promise((r) => setTimeout(r, this.options.stepMs));
-      options.onProgress?.({ step, totalSteps: p.numSteps, elapsedMs: performance.now() - started });
+      for (const j of active) j.m.options.onProgress?.({ step, totalSteps: steps, elapsedMs: performance.now() - started });
     }
-    throwIfAborted(options.signal);
-    // A small flat image keeps uploads cheap; its colour makes different seeds distinguishable,
-    // and a random first pixel makes every generation's bytes its own, so a test can tell which
-    // attempt's object a URL serves.
+    for (const { m } of active) {
+      try {
+        throwIfAborted(m.options.signal);
+        m.settle({ generation: await this.picture(m.plan.p, started, active.length) });
+      } catch (error) {
+        m.settle({ error });
+      }
+    }
+  }
+
+  /**
+   * A small flat image keeps uploads cheap; its colour makes different seeds distinguishable,
+   * and a random first pixel makes every generation's bytes its own, so a test can tell which
+   * attempt's object a URL serves.
+   */
+  private async picture(p: ResolvedParams, started: number, batchSize: number): Promise<Generation> {
     const side = 64;
     const rgb = Buffer.alloc(side * side * 3);
     for (let i = 0; i < rgb.length; i += 3) rgb.set([p.seed & 0xff, (p.seed >>> 8) & 0xff, (p.seed >>> 16) & 0xff], i);
@@ -67,6 +110,7 @@ export class TestPipeline {
       scheduler: p.scheduler,
       timings: { encodeMs: 0, denoiseMs: totalMs, decodeMs: 0, totalMs, sessionRunMs: 0 },
       warnings: [],
+      batchSize,
     };
   }
 
