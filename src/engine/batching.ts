@@ -47,6 +47,8 @@ export interface BatchOptions {
   max?: number;
   /** onnxruntime intra-op threads the sessions were opened with (undefined: all cores). */
   threads?: number | undefined;
+  /** Batches of one fixed shape whatever the provider (what GPUs get): tests run that path on CPU. */
+  fixedShape?: boolean;
 }
 
 /** The UNet inputs whose first dimension is the batch. */
@@ -72,7 +74,7 @@ export function batchPolicy(model: Pick<LoadedModel, 'unet' | 'provider'>, optio
       `batching: off, one generation at a time: ${model.unet.file} declares a fixed batch of ${fixed} (sample [${sample?.shape.join(', ') ?? '?'}]); export it with a symbolic batch dimension to batch`,
     );
   }
-  if (model.provider !== 'cpu') {
+  if (model.provider !== 'cpu' || options.fixedShape) {
     return {
       max,
       guided: 'fixed',
