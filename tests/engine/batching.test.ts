@@ -274,7 +274,7 @@ describe('each generation keeps its own cancel and failure', () => {
             plan,
             options: {},
             settle: (r) => {
-              if ('error' in r) reject(r.error);
+              if ('error' in r) reject(new Error('a generation failed', { cause: r.error }));
               else results[i] = r.generation;
               if (Object.keys(results).length === plans.length) resolve(results);
             },
