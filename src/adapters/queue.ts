@@ -183,8 +183,8 @@ export interface QueueConsumer {
   pause(): Promise<void>;
   resume(): Promise<void>;
   /**
-   * Stops taking jobs and waits for the active one; once `graceMs` has passed, tells the active
-   * job to stop (its signal aborts) and waits for it to hand the job back.
+   * Stops taking jobs and waits for the active ones; once `graceMs` has passed, tells them to
+   * stop (their signals abort) and waits for them to hand their jobs back.
    */
   close(graceMs?: number): Promise<void>;
 }
@@ -196,10 +196,11 @@ export interface QueueConsumer {
 export const RELEASED_ERROR_NAME = 'JobReleasedError';
 
 /**
- * A consumer running one job at a time. Lock and stalled-check settings come from the shared
- * configuration: BullMQ runs the stalled check queue-wide, so every worker must use the same.
+ * A consumer running up to `concurrency` jobs at a time (the engine batches them). Lock and
+ * stalled-check settings come from the shared configuration: BullMQ runs the stalled check
+ * queue-wide, so every worker must use the same.
  */
-export function createConsumer(redisUrl: string, s: QueueSettings, handler: JobHandler, onError?: (err: Error) => void): QueueConsumer {
+export function createConsumer(redisUrl: string, s: QueueSettings, handler: JobHandler, onError?: (err: Error) => void, concurrency = 1): QueueConsumer {
   const connection = createRedis(redisUrl);
   const active = new Set<AbortController>();
   const worker = new Worker<GeneratePayload>(
@@ -233,7 +234,7 @@ export function createConsumer(redisUrl: string, s: QueueSettings, handler: JobH
     },
     {
       connection,
-      concurrency: 1,
+      concurrency,
       lockDuration: s.lockMs,
       stalledInterval: s.stalledIntervalMs,
       // A job whose worker died is moved back by the stalled check; after this many stalls it

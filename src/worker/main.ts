@@ -24,9 +24,13 @@ import { resolveModelDir } from './model-source.js';
 
 /**
  * Boots a worker process: loads the model once (before taking any job, as the textbook's
- * Dramatiq middleware did), then consumes one job at a time. If the engine goes down it stops
- * taking jobs, hands the current one back, and restarts the engine; if that keeps failing,
- * `fatal` settles and the process should exit (src/cli/service-commands.ts does, with code 1).
+ * Dramatiq middleware did), then consumes jobs, each through the processor on its own. With
+ * BATCH_MAX above 1 it runs up to twice that many at once: the engine gathers those that can
+ * share UNet runs into batches of up to BATCH_MAX, and the other half of the slots lets the next
+ * batch gather (claims, prompt encoding) while the last one's images are stored. If the engine
+ * goes down it stops taking jobs, hands the current ones back, and restarts the engine; if that
+ * keeps failing, `fatal` settles and the process should exit (src/cli/service-commands.ts does,
+ * with code 1).
  */
 
 export interface RunningWorker {
@@ -68,14 +72,16 @@ export async function startWorker(config: Config = loadConfig(process.env, 'work
   // Set once the consumer exists; the engine cannot go down before it does (no job runs earlier).
   const intake: { consumer?: { pause(): Promise<void>; resume(): Promise<void> } } = {};
   const engineLog = (level: 'debug' | 'info' | 'warn', msg: string) => logger[level]({ component: 'engine' }, msg);
+  const batch = { batchMax: config.BATCH_MAX, batchWaitMs: config.BATCH_WAIT_MS };
   const engineOptions: EngineOptions = overrides.testEngine
-    ? { test: overrides.testEngine, stallMs: config.ENGINE_STALL_MS, log: engineLog }
+    ? { test: overrides.testEngine, stallMs: config.ENGINE_STALL_MS, log: engineLog, ...batch }
     : {
         modelDir: await resolveModelDir(config, logger),
         provider: config.EXECUTION_PROVIDER,
         ...(config.ORT_THREADS ? { threads: config.ORT_THREADS } : {}),
         stallMs: config.ENGINE_STALL_MS,
         log: engineLog,
+        ...batch,
       };
   const engine = await EngineSupervisor.start({
     start: () => Engine.start(engineOptions),
@@ -99,8 +105,18 @@ export async function startWorker(config: Config = loadConfig(process.env, 'work
     },
   });
   const modelName = overrides.testEngine ? 'test-engine' : path.basename(engine.info.modelDir);
+  // What the engine can batch (an export with a fixed batch cannot), not what was asked for.
+  const batchMax = engine.info.batching.max;
+  const concurrency = batchMax > 1 ? 2 * batchMax : 1;
   logger.info(
-    { modelDir: engine.info.modelDir, provider: engine.info.provider, loadMs: Math.round(engine.info.loadMs), testEngine: overrides.testEngine !== undefined },
+    {
+      modelDir: engine.info.modelDir,
+      provider: engine.info.provider,
+      loadMs: Math.round(engine.info.loadMs),
+      testEngine: overrides.testEngine !== undefined,
+      batchMax,
+      concurrency,
+    },
     'model loaded',
   );
   metrics.setModel({
@@ -151,6 +167,7 @@ export async function startWorker(config: Config = loadConfig(process.env, 'work
       });
     },
     (err) => logger.error({ err }, 'queue error'),
+    concurrency,
   );
   intake.consumer = consumer;
   // A job the queue gave up on without our handler deciding (it stalled too often) still has
