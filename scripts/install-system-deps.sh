@@ -44,6 +44,8 @@ want swift-object  command -v swift-object-server
 want swift-container command -v swift-container-server
 want swift-account command -v swift-account-server
 want prometheus    command -v prometheus
+# ip netns and veth pairs for the partition test (tests/reliability/partition.test.ts).
+want iproute2      command -v ip
 # readelf: tests/integration/native-libs.test.ts checks t2i check-libs against it (ldd is in libc-bin).
 want binutils      command -v readelf
 

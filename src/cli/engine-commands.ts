@@ -5,7 +5,7 @@ import { parseArgs } from 'node:util';
 import { PROVIDERS, type ProviderChoice } from '../engine/onnx/runtime.js';
 import type { Progress } from '../engine/pipeline.js';
 import { SCHEDULER_NAMES, isSchedulerName, type SchedulerName } from '../engine/schedulers/index.js';
-import { TEST_VARIANTS, writeOracleModel, writeRandomModel, type TestVariant } from '../engine/testmodels/make.js';
+import type { TestVariant } from '../engine/testmodels/make.js';
 import type { TimestepInput } from '../engine/testmodels/unet-pieces.js';
 import { Engine } from '../engine/thread/engine-host.js';
 import { ClipTokenizer } from '../engine/tokenizer.js';
@@ -20,16 +20,41 @@ export class UsageError extends Error {
 export const DEFAULT_MODELS_DIR = path.resolve('.t2i', 'models');
 
 /**
- * The model to use: --model, else MODEL_DIR, else the oracle test model, which is written on
- * first use so that a fresh checkout can make pictures at once.
+ * The test-model writers, loaded on first use. They build ONNX files with `onnx-proto`, a
+ * development dependency: a production install (the Docker images run `npm ci --omit=dev`)
+ * starts `t2i api`, `t2i worker` and `t2i migrate` without it, and only the commands that write
+ * a test model need it.
  */
-export async function resolveModelDir(flag: string | undefined, log: (msg: string) => void): Promise<string> {
+export async function loadTestModels(): Promise<typeof import('../engine/testmodels/make.js')> {
+  try {
+    return await import('../engine/testmodels/make.js');
+  } catch (err) {
+    const e = err as { code?: unknown; message?: unknown };
+    if (e.code === 'ERR_MODULE_NOT_FOUND' && String(e.message).includes('onnx-proto')) {
+      throw new UsageError(
+        'test models are built with the onnx-proto package, a development dependency this install lacks: install the dev dependencies (`npm ci`), or give --model (or MODEL_DIR) a Stable Diffusion ONNX export',
+      );
+    }
+    throw err;
+  }
+}
+
+/**
+ * The model to use: --model, else MODEL_DIR, else the oracle test model, which is written on
+ * first use so that a fresh checkout can make pictures at once. The fallback is said every
+ * time (`doing`: "drawing with", "tokenizing with"): the oracle draws coloured shapes from a
+ * few words, and someone who forgot MODEL_DIR must not mistake its pictures for a real model's.
+ */
+export async function resolveModelDir(flag: string | undefined, log: (msg: string) => void, doing: string): Promise<string> {
   const chosen = flag ?? process.env.MODEL_DIR;
   if (chosen) return path.resolve(chosen);
   const oracle = path.join(DEFAULT_MODELS_DIR, 'oracle');
+  log(
+    `no --model or MODEL_DIR given: ${doing} the oracle test model (${oracle}), which draws simple shapes from a few words; point --model or MODEL_DIR at a Stable Diffusion ONNX export for real pictures`,
+  );
   if (!existsSync(path.join(oracle, 'model_index.json'))) {
-    log(`no --model or MODEL_DIR given: writing the oracle test model to ${oracle}`);
-    await writeOracleModel(oracle);
+    log(`writing the oracle test model to ${oracle}`);
+    await (await loadTestModels()).writeOracleModel(oracle);
   }
   return oracle;
 }
@@ -106,7 +131,7 @@ export async function generateCommand(argv: string[]): Promise<void> {
     );
   const err = process.stderr;
   const log = (msg: string) => err.write(`${msg}\n`);
-  const modelDir = await resolveModelDir(values.model, log);
+  const modelDir = await resolveModelDir(values.model, log, 'drawing with');
   const threads = int('threads', values.threads);
   const providerChoice = provider(values.provider);
   const params = {
@@ -151,7 +176,7 @@ export async function generateCommand(argv: string[]): Promise<void> {
 
 export async function tokenizeCommand(argv: string[]): Promise<void> {
   const { values, positionals } = parseArgs({ args: argv, allowPositionals: true, options: { model: { type: 'string' } } });
-  const modelDir = await resolveModelDir(values.model, (m) => process.stderr.write(`${m}\n`));
+  const modelDir = await resolveModelDir(values.model, (m) => process.stderr.write(`${m}\n`), 'tokenizing with');
   const tokenizer = await ClipTokenizer.fromDirectory(path.join(modelDir, 'tokenizer'));
   const enc = tokenizer.encode(positionals.join(' '));
   const ids = Array.from(enc.ids.subarray(0, enc.attentionLength));
@@ -177,6 +202,7 @@ export async function makeTestModelsCommand(argv: string[]): Promise<void> {
       'external-data': { type: 'boolean', default: false },
     },
   });
+  const { TEST_VARIANTS, writeOracleModel, writeRandomModel } = await loadTestModels();
   const dir = positionals[0];
   if (!dir)
     throw new UsageError(

@@ -25,7 +25,8 @@ const HELP = `t2i: text-to-image on Stable Diffusion ONNX models
   t2i worker [--test-engine [--test-step-ms N]]
                         a worker: loads MODEL_DIR once, then runs jobs one at a time
                         (--test-engine: the test double instead of a model, for tests only)
-  t2i migrate           applies prisma/migrations to DATABASE_URL
+  t2i migrate [--dir FOLDER]
+                        applies prisma/migrations (or FOLDER) to DATABASE_URL
   t2i doctor [--json]   checks this host or image: Node and onnxruntime, execution providers
                         and their libraries, the model, Postgres, Redis and S3; exits 1 on a problem
   t2i check-libs [DIR|FILE ...] [--require NAME] [--driver-at-runtime]

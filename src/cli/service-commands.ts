@@ -5,8 +5,7 @@ import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { ConfigError, loadConfig } from '../config.js';
 import { applyMigrations } from '../adapters/db/migrate.js';
-import { writeOracleModel } from '../engine/testmodels/make.js';
-import { DEFAULT_MODELS_DIR, UsageError } from './engine-commands.js';
+import { DEFAULT_MODELS_DIR, loadTestModels, UsageError } from './engine-commands.js';
 
 /** The service's commands: api, worker, migrate, and demo (the whole system on local defaults). */
 
@@ -100,9 +99,16 @@ export async function workerCommand(argv: string[]): Promise<number> {
   return exitWith(code);
 }
 
-export async function migrateCommand(): Promise<void> {
+/**
+ * `t2i migrate [--dir FOLDER]` (also `npm run db:migrate`): applies the pending migrations of
+ * prisma/migrations (or FOLDER) to DATABASE_URL. Safe on every deploy or container start: it
+ * does nothing when the database is up to date, and concurrent runs wait for each other.
+ */
+export async function migrateCommand(argv: string[]): Promise<void> {
+  const { values } = parseArgs({ args: argv, options: { dir: { type: 'string' } } });
   const config = configOrExit('any');
-  const { applied } = await applyMigrations(config.DATABASE_URL, { log: (m) => process.stderr.write(`${m}\n`) });
+  const log = (m: string) => process.stderr.write(`${m}\n`);
+  const { applied } = await applyMigrations(config.DATABASE_URL, values.dir ? { migrationsDir: path.resolve(values.dir), log } : { log });
   process.stdout.write(applied.length ? `applied ${applied.join(', ')}\n` : 'database is up to date\n');
 }
 
@@ -164,7 +170,7 @@ export async function demoCommand(argv: string[]): Promise<void> {
   };
   try {
     const modelDir = path.join(DEFAULT_MODELS_DIR, 'oracle');
-    if (!existsSync(path.join(modelDir, 'model_index.json'))) await writeOracleModel(modelDir);
+    if (!existsSync(path.join(modelDir, 'model_index.json'))) await (await loadTestModels()).writeOracleModel(modelDir);
     const env: NodeJS.ProcessEnv = {
       ...process.env,
       ...servicesEnv(services, 't2i-images'),

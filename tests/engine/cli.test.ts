@@ -130,6 +130,27 @@ describe('t2i CLI', () => {
     );
   });
 
+  it('generate without --model or MODEL_DIR says on stderr, every time, that it draws with the oracle test model', async () => {
+    // A folder of its own: the first run must really be the first (it writes .t2i/models/oracle there).
+    const cwd = await mkdtemp(path.join(dir, 'no-model-'));
+    const generate = () =>
+      run(process.execPath, [BIN, 'generate', 'a red circle', '--steps', '1', '--width', '64', '--height', '64', '-o', 'out.png'], {
+        cwd,
+        env: { ...process.env, MODEL_DIR: '' },
+      });
+    const oracleDir = path.join(cwd, '.t2i', 'models', 'oracle');
+    const notice = `no --model or MODEL_DIR given: drawing with the oracle test model (${oracleDir})`;
+    const first = await generate();
+    expect(first.stderr).toContain(notice);
+    expect(first.stderr).toContain(`writing the oracle test model to ${oracleDir}`);
+    expect(existsSync(path.join(oracleDir, 'model_index.json'))).toBe(true);
+    // The model is there now: nothing is written, and the notice is still given.
+    const second = await generate();
+    expect(second.stderr).toContain(notice);
+    expect(second.stderr).not.toContain('writing the oracle test model');
+    expect(second.stdout.trim()).toBe(path.join(cwd, 'out.png'));
+  });
+
   it('explains bad arguments in one line and exits 1', async () => {
     await expect(t2i(['generate', 'x', '--model', 'fixtures/oracle', '--steps', 'many'])).rejects.toMatchObject({
       code: 1,

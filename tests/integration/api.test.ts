@@ -95,6 +95,13 @@ function expectFieldError(res: request.Response, field: string, rule?: string): 
   if (field !== '(body)') expect(body.detail as string).toContain(field);
 }
 
+/** The list route's body. supertest types every body as any; these tests name what they read. */
+interface ListBody {
+  items: Array<{ id: string; created_at: string }>;
+  next_cursor: string | null;
+}
+const listBody = (res: request.Response) => res.body as ListBody;
+
 async function createImage(body: Record<string, unknown> = { prompt: 'a red circle on the left' }) {
   const res = await api().post('/generated-images').send(body);
   expect(res.status, JSON.stringify(res.body)).toBe(201);
@@ -327,8 +334,9 @@ describe('GET /generated-images/{id}/url', () => {
     const res = await api().get(`/generated-images/${id}/url`);
     expect(res.status).toBe(200);
     expect(res.headers['content-type']).toMatch(/^application\/json/);
-    expect(Object.keys(res.body).sort()).toEqual(['expires_at', 'url']);
-    const { url, expires_at } = res.body as { url: string; expires_at: string };
+    const urlBody = res.body as { url: string; expires_at: string };
+    expect(Object.keys(urlBody).sort()).toEqual(['expires_at', 'url']);
+    const { url, expires_at } = urlBody;
     const sevenDays = 7 * 24 * 3600 * 1000;
     expect(Math.abs(Date.parse(expires_at) - (before + sevenDays))).toBeLessThan(60_000);
 
@@ -349,7 +357,7 @@ describe('GET /generated-images', () => {
     const first = await api().get('/generated-images?limit=3');
     expect(first.status).toBe(200);
     // Newest first: the three created last, the very last one leading.
-    const firstIds = (first.body.items as Array<{ id: string }>).map((i) => i.id);
+    const firstIds = listBody(first).items.map((i) => i.id);
     expect(new Set(firstIds)).toEqual(new Set(mine.slice(-3)));
     expect(firstIds[0]).toBe(mine[6]);
 
@@ -361,10 +369,10 @@ describe('GET /generated-images', () => {
         .get('/generated-images')
         .query({ limit: '3', ...(cursor ? { cursor } : {}) });
       expect(res.status).toBe(200);
-      const items = res.body.items as Array<{ id: string; created_at: string }>;
+      const { items, next_cursor } = listBody(res);
       expect(items.length).toBeLessThanOrEqual(3);
       seen.push(...items);
-      cursor = res.body.next_cursor as string | null;
+      cursor = next_cursor;
       if (cursor !== null) expect(items.length).toBe(3);
       expect(++pages).toBeLessThan(1000);
     } while (cursor !== null);
@@ -386,8 +394,8 @@ describe('GET /generated-images', () => {
     while ((await db.generatedImage.count()) < 25) await createImage({ prompt: 'filler' });
     const res = await api().get('/generated-images');
     expect(res.status).toBe(200);
-    expect(res.body.items).toHaveLength(20);
-    expect(typeof res.body.next_cursor).toBe('string');
+    expect(listBody(res).items).toHaveLength(20);
+    expect(typeof listBody(res).next_cursor).toBe('string');
   });
 
   for (const limit of ['0', '-1', '101', 'abc', '2.5', '']) {
@@ -469,8 +477,9 @@ describe('property: arbitrary JSON bodies never make a 5xx', () => {
           .send(JSON.stringify(b) ?? 'null');
         expect(res.status).toBeLessThan(500);
         if (res.status === 201) {
-          expect(res.body.id).toMatch(UUID_RE);
-          expect(res.body.status).toBe('queued');
+          const job = res.body as { id: string; status: string };
+          expect(job.id).toMatch(UUID_RE);
+          expect(job.status).toBe('queued');
         } else {
           expectProblem(res, res.status);
         }

@@ -3,6 +3,7 @@
  * (startWorker, with the oracle test model) on real Postgres, Redis and S3, driven over HTTP
  * with fetch as a user would: submit, poll until done, fetch the URL, look at the picture.
  */
+import pg from 'pg';
 import sharp from 'sharp';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startApi, type RunningApi } from '../../src/api/main.js';
@@ -55,6 +56,9 @@ async function getImage(id: string): Promise<ImageJson> {
   return (await res.json()) as ImageJson;
 }
 
+/** How often waitForDone asks; only completion is waited for this way (ms). */
+const POLL_MS = 100;
+
 /** Polls GET /generated-images/{id} until the job is finished, recording what a user would see on the way. */
 async function waitForDone(id: string, timeoutMs = 90_000): Promise<{ final: ImageJson; seen: ImageJson[] }> {
   const deadline = Date.now() + timeoutMs;
@@ -64,8 +68,74 @@ async function waitForDone(id: string, timeoutMs = 90_000): Promise<{ final: Ima
     seen.push(job);
     if (job.status === 'succeeded' || job.status === 'failed' || job.status === 'canceled') return { final: job, seen };
     if (Date.now() > deadline) throw new Error(`job ${id} still ${job.status} at ${job.progress}% after ${timeoutMs} ms`);
-    await new Promise((r) => setTimeout(r, 20));
+    await new Promise((r) => setTimeout(r, POLL_MS));
   }
+}
+
+/** An advisory lock key of this test's own (the migration runner uses another). */
+const HOLD_LOCK = 731_204;
+
+/**
+ * Holds every job of this file's database right after its first progress write, so that a user's
+ * GET sees it part-way however fast the engine is: a trigger lets a job's first progress write
+ * (0 -> p) through and announces it with NOTIFY (delivered at commit), and makes every later
+ * one, the final `succeeded` write included, wait for an advisory lock the test holds until
+ * release(). The worker is not touched: it just finds its next UPDATE slow.
+ */
+async function holdJobsAfterFirstProgress(databaseUrl: string): Promise<{
+  firstProgress(id: string, timeoutMs: number): Promise<void>;
+  release(): Promise<void>;
+  close(): Promise<void>;
+}> {
+  const client = new pg.Client({ connectionString: databaseUrl });
+  await client.connect();
+  const announced = new Set<string>();
+  const waiters = new Map<string, () => void>();
+  client.on('notification', (n) => {
+    if (n.channel !== 't2i_test_progress' || !n.payload) return;
+    announced.add(n.payload);
+    waiters.get(n.payload)?.();
+  });
+  await client.query(`
+    CREATE FUNCTION t2i_test_hold_progress() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+      IF NEW.progress > OLD.progress THEN
+        IF OLD.progress > 0 THEN
+          PERFORM pg_advisory_xact_lock_shared(${HOLD_LOCK});
+        ELSE
+          PERFORM pg_notify('t2i_test_progress', NEW.id::text);
+        END IF;
+      END IF;
+      RETURN NEW;
+    END $$`);
+  await client.query(`CREATE TRIGGER t2i_test_hold_progress BEFORE UPDATE ON generated_images FOR EACH ROW EXECUTE FUNCTION t2i_test_hold_progress()`);
+  await client.query('LISTEN t2i_test_progress');
+  await client.query(`SELECT pg_advisory_lock(${HOLD_LOCK})`);
+  let held = true;
+  const release = async () => {
+    if (!held) return;
+    held = false;
+    await client.query(`SELECT pg_advisory_unlock(${HOLD_LOCK})`);
+  };
+  return {
+    firstProgress: (id, timeoutMs) =>
+      new Promise<void>((resolve, reject) => {
+        if (announced.has(id)) return resolve();
+        const timer = setTimeout(() => reject(new Error(`job ${id} wrote no progress within ${timeoutMs} ms`)), timeoutMs);
+        waiters.set(id, () => {
+          clearTimeout(timer);
+          resolve();
+        });
+      }),
+    release,
+    close: async () => {
+      // Releasing first: a held job must never outlive the test.
+      await release();
+      await client.query('DROP TRIGGER t2i_test_hold_progress ON generated_images');
+      await client.query('DROP FUNCTION t2i_test_hold_progress()');
+      await client.end();
+    },
+  };
 }
 
 async function download(id: string): Promise<Buffer> {
@@ -86,31 +156,42 @@ async function pixels(png: Buffer): Promise<{ data: Buffer; width: number; heigh
 describe('the textbook session, end to end', () => {
   it('"a red circle on the left": 201, progress climbs to 100, and the URL downloads the expected picture', async () => {
     const prompt = 'a red circle on the left';
-    const created = await post({ prompt, num_steps: 20, seed: 42 });
-    expect(created.status).toBe(201);
-    expect(created.location).toBe(`/generated-images/${created.json.id}`);
-    expect(created.json).toMatchObject({
-      progress: 0,
-      prompt,
-      num_steps: 20,
-      seed: 42,
-      file_name: null,
-      error: null,
-      width: 512,
-      height: 512,
-      scheduler: 'pndm',
-      guidance_scale: 9,
-    });
-    expect(['queued', 'running']).toContain(created.json.status);
+    const hold = await holdJobsAfterFirstProgress(config.DATABASE_URL);
+    let created: Awaited<ReturnType<typeof post>>;
+    let partWay: ImageJson;
+    try {
+      created = await post({ prompt, num_steps: 20, seed: 42 });
+      expect(created.status).toBe(201);
+      expect(created.location).toBe(`/generated-images/${created.json.id}`);
+      expect(created.json).toMatchObject({
+        progress: 0,
+        prompt,
+        num_steps: 20,
+        seed: 42,
+        file_name: null,
+        error: null,
+        width: 512,
+        height: 512,
+        scheduler: 'pndm',
+        guidance_scale: 9,
+      });
+      expect(['queued', 'running']).toContain(created.json.status);
 
-    // Before the job is done, the URL route answers the textbook's 400 (unless the worker was faster than us).
-    const early = await fetch(`${api!.url}/generated-images/${created.json.id}/url`);
-    if (early.status !== 200) {
+      // Before the job is done, the URL route answers the textbook's 400 (the job cannot finish while held).
+      const early = await fetch(`${api!.url}/generated-images/${created.json.id}/url`);
       expect(early.status).toBe(400);
       expect(early.headers.get('content-type')).toMatch(/^application\/problem\+json/);
       expect(((await early.json()) as { detail: string }).detail).toBe('Image is not available yet. Please try again later.');
-    } else {
-      await early.arrayBuffer();
+
+      // The user sees the job part-way through: running, with progress between 0 and 100.
+      await hold.firstProgress(created.json.id, 60_000);
+      partWay = await getImage(created.json.id);
+      expect(partWay.status).toBe('running');
+      expect(partWay.progress).toBeGreaterThan(0);
+      expect(partWay.progress).toBeLessThan(100);
+      expect(partWay.file_name).toBeNull();
+    } finally {
+      await hold.close();
     }
 
     const { final, seen } = await waitForDone(created.json.id);
@@ -127,17 +208,12 @@ describe('the textbook session, end to end', () => {
     expect(finishedAt).toBeGreaterThanOrEqual(startedAt);
 
     // Progress as the user saw it never goes back; status only moves forward.
-    const progress = [created.json.progress, ...seen.map((s) => s.progress)];
+    const progress = [created.json.progress, partWay.progress, ...seen.map((s) => s.progress)];
     for (let i = 1; i < progress.length; i++) expect(progress[i]!, `progress went ${progress.join(' → ')}`).toBeGreaterThanOrEqual(progress[i - 1]!);
     expect(progress.at(-1)).toBe(100);
     for (const p of progress) expect(p >= 0 && p <= 100).toBe(true);
-    // 20 steps on the CPU take far longer than one poll: the user sees the job part-way through.
-    expect(
-      progress.some((p) => p > 0 && p < 100),
-      `progress seen: ${progress.join(', ')}`,
-    ).toBe(true);
     const rank = { queued: 0, running: 1, succeeded: 2, failed: 2, canceled: 2 } as const;
-    const statuses = seen.map((s) => rank[s.status]);
+    const statuses = [partWay, ...seen].map((s) => rank[s.status]);
     for (let i = 1; i < statuses.length; i++) expect(statuses[i]!).toBeGreaterThanOrEqual(statuses[i - 1]!);
     // Only a succeeded job carries a file name.
     for (const s of seen) if (s.status !== 'succeeded') expect(s.file_name).toBeNull();

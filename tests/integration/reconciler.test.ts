@@ -1,6 +1,6 @@
 import { randomUUID } from 'node:crypto';
 import { Queue, UnrecoverableError, Worker } from 'bullmq';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { createImagesRepo } from '../../src/adapters/images-repo.js';
 import { createProducer, createRedis, type ProducerQueue } from '../../src/adapters/queue.js';
 import { createPrismaClient, type Db } from '../../src/adapters/db/client.js';
@@ -25,6 +25,12 @@ beforeAll(async () => {
   repo = createImagesRepo(db);
   producer = createProducer(config.REDIS_URL, queueSettings(config));
   inspect = new Queue(config.QUEUE_NAME, { connection: createRedis(config.REDIS_URL) });
+});
+// The reconciler scans the whole table and queue: each test starts from an empty table and an
+// empty queue, so what one test leaves (a waiting job, a failed row) cannot change another's count.
+beforeEach(async () => {
+  await db.generatedImage.deleteMany({});
+  await inspect.obliterate({ force: true });
 });
 afterAll(async () => {
   await producer?.close();

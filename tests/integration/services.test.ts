@@ -50,24 +50,38 @@ async function eventually(cond: () => boolean | Promise<boolean>, ms: number): P
 // transfer that re-encodes text would be caught by the byte comparison.
 const PNG = Buffer.concat([Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a]), Buffer.from(Array.from({ length: 256 }, (_, i) => (i * 37) & 0xff))]);
 
+/** A minio client for the services' S3 endpoint, path-style as Swift needs. */
+function s3Client(svc: LocalServices, secretKey = svc.s3.secretKey): Minio.Client {
+  return new Minio.Client({
+    endPoint: '127.0.0.1',
+    port: svc.s3.port,
+    useSSL: false,
+    accessKey: svc.s3.accessKey,
+    secretKey,
+    pathStyle: true,
+    region: svc.s3.region,
+  });
+}
+
+async function statusOf(url: string | URL): Promise<number> {
+  const res = await fetch(url);
+  await res.arrayBuffer(); // drain, so the connection is released
+  return res.status;
+}
+
 describe('startServices (postgres + redis + swift s3)', () => {
   let svc: LocalServices;
   let s3: Minio.Client;
+  /** Made in beforeAll with one object, for the tests that read it. */
   const bucket = 't2i-images';
   const key = 'jobs/abc/0.png';
   const startLog: string[] = [];
 
   beforeAll(async () => {
     svc = await startServices({ log: (m) => startLog.push(m) });
-    s3 = new Minio.Client({
-      endPoint: '127.0.0.1',
-      port: svc.s3.port,
-      useSSL: false,
-      accessKey: svc.s3.accessKey,
-      secretKey: svc.s3.secretKey,
-      pathStyle: true,
-      region: svc.s3.region,
-    });
+    s3 = s3Client(svc);
+    await s3.makeBucket(bucket, svc.s3.region);
+    await s3.putObject(bucket, key, PNG, PNG.length, { 'Content-Type': 'image/png' });
   });
 
   afterAll(async () => {
@@ -104,6 +118,15 @@ describe('startServices (postgres + redis + swift s3)', () => {
     } finally {
       await other.end();
     }
+    // The table is in the new database only.
+    const main = new pg.Client({ connectionString: svc.postgres.url });
+    await main.connect();
+    try {
+      const { rows } = await main.query<{ t: string | null }>("SELECT to_regclass('public.t')::text AS t");
+      expect(rows[0]?.t).toBeNull();
+    } finally {
+      await main.end();
+    }
     await expect(createDatabase(svc.postgres.url, 'bad; DROP')).rejects.toThrow(/not a plain identifier/);
   });
 
@@ -120,10 +143,11 @@ describe('startServices (postgres + redis + swift s3)', () => {
   });
 
   it('s3: makeBucket, putObject with a content type, statObject', async () => {
-    await s3.makeBucket(bucket, svc.s3.region);
-    expect(await s3.bucketExists(bucket)).toBe(true);
-    await s3.putObject(bucket, key, PNG, PNG.length, { 'Content-Type': 'image/png' });
-    const stat = await s3.statObject(bucket, key);
+    const own = 't2i-make-bucket';
+    await s3.makeBucket(own, svc.s3.region);
+    expect(await s3.bucketExists(own)).toBe(true);
+    await s3.putObject(own, key, PNG, PNG.length, { 'Content-Type': 'image/png' });
+    const stat = await s3.statObject(own, key);
     expect(stat.size).toBe(PNG.length);
     expect(stat.metaData['content-type']).toBe('image/png');
   });
@@ -138,21 +162,19 @@ describe('startServices (postgres + redis + swift s3)', () => {
 
   it('s3: an altered signature is refused with 403', async () => {
     const url = new URL(await s3.presignedGetObject(bucket, key, 60));
-    const sig = url.searchParams.get('X-Amz-Signature')!;
+    const sig = url.searchParams.get('X-Amz-Signature') ?? '';
     expect(sig).toMatch(/^[0-9a-f]{64}$/);
     const flipped = (sig[0] === '0' ? '1' : '0') + sig.slice(1);
     url.searchParams.set('X-Amz-Signature', flipped);
-    const res = await fetch(url);
-    await res.arrayBuffer();
-    expect(res.status).toBe(403);
+    expect(await statusOf(url)).toBe(403);
   });
 
   it('s3: an expired presigned URL is refused with 403', async () => {
-    const url = await s3.presignedGetObject(bucket, key, 1);
-    await sleep(2_100);
-    const res = await fetch(url);
-    await res.arrayBuffer();
-    expect(res.status).toBe(403);
+    // Signed two minutes ago: valid for 60 s it has expired, valid for 10 minutes it has not,
+    // so the refusal is about expiry and nothing else, without waiting for the clock.
+    const signedAt = new Date(Date.now() - 120_000);
+    expect(await statusOf(await s3.presignedGetObject(bucket, key, 600, {}, signedAt))).toBe(200);
+    expect(await statusOf(await s3.presignedGetObject(bucket, key, 60, {}, signedAt))).toBe(403);
   });
 
   it('s3: anonymous requests are refused like S3 does (403 AccessDenied)', async () => {
@@ -163,21 +185,11 @@ describe('startServices (postgres + redis + swift s3)', () => {
       expect(body).toContain('<Code>AccessDenied</Code>');
     }
     // Swift's own API without a token is refused too.
-    const swift = await fetch(`${svc.s3.endpoint}/v1/AUTH_test/${bucket}/${key}`);
-    await swift.arrayBuffer();
-    expect(swift.status).toBe(401);
+    expect(await statusOf(`${svc.s3.endpoint}/v1/AUTH_test/${bucket}/${key}`)).toBe(401);
   });
 
   it('s3: a client with a wrong secret gets an error', async () => {
-    const bad = new Minio.Client({
-      endPoint: '127.0.0.1',
-      port: svc.s3.port,
-      useSSL: false,
-      accessKey: svc.s3.accessKey,
-      secretKey: `${svc.s3.secretKey}x`,
-      pathStyle: true,
-      region: svc.s3.region,
-    });
+    const bad = s3Client(svc, `${svc.s3.secretKey}x`);
     await expect(bad.statObject(bucket, key)).rejects.toThrow();
     await expect(bad.listBuckets()).rejects.toThrow(/signature|denied|forbidden/i);
   });
@@ -201,32 +213,28 @@ describe('startServices (postgres + redis + swift s3)', () => {
       redis.disconnect();
     }
 
-    const before = svc.postgres.pid;
-    await svc.restartService('postgres');
-    expect(svc.postgres.pid).not.toBe(before);
-    const client = new pg.Client({ connectionString: svc.postgres.url.replace(/\/postgres$/, '/test_isolated_1') });
-    await client.connect();
+    // Postgres keeps its data across a restart.
+    const url = await createDatabase(svc.postgres.url, 'test_restart');
+    const before = new pg.Client({ connectionString: url });
+    await before.connect();
     try {
-      const { rows } = await client.query<{ n: string }>('SELECT count(*) AS n FROM t');
-      expect(rows[0]?.n).toBe('0'); // the table created earlier survived the restart
+      await before.query('CREATE TABLE t (x int)');
+      await before.query('INSERT INTO t VALUES (42)');
     } finally {
-      await client.end();
+      await before.end();
     }
-  });
-
-  it('stop() closes every port, ends every PID, removes the folder, and is idempotent', async () => {
-    const pids = [svc.postgres.pid, svc.redis.pid, ...svc.s3.pids];
-    const ports = [svc.postgres.port, svc.redis.port, svc.s3.port];
-    expect(pids.every(pidAlive)).toBe(true);
-
-    const t0 = performance.now();
-    await svc.stop();
-    console.log(`stop() took ${((performance.now() - t0) / 1000).toFixed(2)} s`);
-    await svc.stop(); // harmless
-
-    for (const port of ports) expect(await portOpen(port), `port ${port} still open`).toBe(false);
-    for (const pid of pids) expect(pidAlive(pid), `pid ${pid} still alive`).toBe(false);
-    expect(existsSync(svc.dir)).toBe(false);
+    const { port, pid } = svc.postgres;
+    await svc.restartService('postgres');
+    expect(svc.postgres.pid).not.toBe(pid);
+    expect(svc.postgres.port).toBe(port);
+    const after = new pg.Client({ connectionString: url });
+    await after.connect();
+    try {
+      const { rows } = await after.query<{ x: number }>('SELECT x FROM t');
+      expect(rows).toEqual([{ x: 42 }]);
+    } finally {
+      await after.end();
+    }
   });
 });
 
@@ -241,6 +249,24 @@ describe('startServices options and failure handling', () => {
     } finally {
       await svc.stop();
     }
+  });
+
+  it('stop() closes every port, ends every PID, removes the folder, and is idempotent', async () => {
+    const svc = await startServices();
+    const pids = [svc.postgres.pid, svc.redis.pid, ...svc.s3.pids];
+    const ports = [svc.postgres.port, svc.redis.port, svc.s3.port];
+    expect(pids.every(pidAlive)).toBe(true);
+    expect(existsSync(svc.dir)).toBe(true);
+
+    const t0 = performance.now();
+    await svc.stop();
+    console.log(`stop() took ${((performance.now() - t0) / 1000).toFixed(2)} s`);
+    await svc.stop(); // harmless
+
+    for (const port of ports) expect(await portOpen(port), `port ${port} still open`).toBe(false);
+    for (const pid of pids) expect(pidAlive(pid), `pid ${pid} still alive`).toBe(false);
+    expect(existsSync(svc.dir)).toBe(false);
+    expect(() => svc.stopService('redis')).toThrow(/stopped with stop\(\)/);
   });
 
   it('freePort returns a port nobody listens on', async () => {
@@ -262,9 +288,9 @@ describe('startServices options and failure handling', () => {
     });
     const line = await new Promise<string>((resolve, reject) => {
       let out = '';
-      child.stdout!.on('data', (d: Buffer) => {
+      child.stdout.on('data', (d: Buffer) => {
         out += d.toString();
-        if (out.includes('\n')) resolve(out.split('\n')[0]!);
+        if (out.includes('\n')) resolve(out.slice(0, out.indexOf('\n')));
       });
       child.once('exit', (c) => reject(new Error(`child exited (${c}) before printing: ${out}`)));
     });

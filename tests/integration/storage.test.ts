@@ -11,6 +11,20 @@ import { freePort, startServices, type LocalServices } from '../../src/dev/servi
 
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 
+/** Resolves once the wall clock is past `t` (ms since the epoch): Swift compares expiry with its clock, the same one. */
+async function clockPasses(t: number): Promise<void> {
+  while (Date.now() <= t) await sleep(t - Date.now() + 1);
+}
+
+/** When a SigV4 presigned URL stops being valid: X-Amz-Date plus X-Amz-Expires seconds. */
+function urlExpiry(url: string): number {
+  const q = new URL(url).searchParams;
+  const m = /^(\d{4})(\d{2})(\d{2})T(\d{2})(\d{2})(\d{2})Z$/.exec(q.get('X-Amz-Date') ?? '');
+  if (!m) throw new Error(`no X-Amz-Date in ${url}`);
+  const [, y, mo, d, h, mi, sec] = m.map(Number) as [number, number, number, number, number, number, number];
+  return Date.UTC(y, mo - 1, d, h, mi, sec) + Number(q.get('X-Amz-Expires')) * 1000;
+}
+
 /** A PNG signature followed by bytes that are not valid UTF-8, so a transfer that re-encodes text is caught. */
 function fakePng(len: number): Buffer {
   return Buffer.concat([Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a]), randomBytes(len)]);
@@ -39,6 +53,7 @@ describe('S3 storage adapter (against Swift)', () => {
       presignTtlSeconds: 600,
     };
     storage = createStorage(base);
+    await storage.ensureBucket();
   });
 
   afterAll(async () => {
@@ -54,12 +69,13 @@ describe('S3 storage adapter (against Swift)', () => {
   });
 
   it('ensureBucket creates a missing bucket; a second call and two concurrent calls succeed', async () => {
-    await expect(storage.stat('images/nothing.png')).resolves.toBeNull();
-    await expect(storage.ping()).rejects.toThrow(/does not exist/);
-    await storage.ensureBucket();
-    await storage.ping();
-    await storage.ensureBucket();
-    await Promise.all([storage.ensureBucket(), storage.ensureBucket()]);
+    const fresh = createStorage({ ...base, bucket: `${base.bucket}-fresh` });
+    await expect(fresh.stat('images/nothing.png')).resolves.toBeNull();
+    await expect(fresh.ping()).rejects.toThrow(/does not exist/);
+    await fresh.ensureBucket();
+    await fresh.ping();
+    await fresh.ensureBucket();
+    await Promise.all([fresh.ensureBucket(), fresh.ensureBucket()]);
 
     // Concurrent creation of a fresh bucket by separate processes (separate clients), the boot race.
     const racers = Array.from({ length: 3 }, () => createStorage({ ...base, bucket: `${base.bucket}-race` }));
@@ -154,8 +170,10 @@ describe('S3 storage adapter (against Swift)', () => {
     });
 
     it('an expired URL is refused with 403', async () => {
-      const { url } = await storage.presignGet(key, 1);
-      await sleep(2_100);
+      const { url, expiresAt } = await storage.presignGet(key, 1);
+      expect(expiresAt.getTime()).toBe(urlExpiry(url));
+      // Waits for the clock itself (at most about 1 s), not for a guessed duration.
+      await clockPasses(expiresAt.getTime());
       expect(await statusOf(url)).toBe(403);
     });
 

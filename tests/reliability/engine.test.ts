@@ -12,7 +12,9 @@ let sys: System;
 const report: Record<string, unknown> = {};
 
 beforeAll(async () => {
-  sys = await startSystem('t2i-engine', { ENGINE_RESTART_BACKOFF_MS: '200', ENGINE_STALL_MS: '1500', JOB_ATTEMPTS: '3' });
+  // A restart waits ENGINE_RESTART_BACKOFF_MS (1 s, then 2 s) before reloading: long enough that
+  // /readyz is read while the engine is down, after the worker's "engine down" line.
+  sys = await startSystem('t2i-engine', { ENGINE_RESTART_BACKOFF_MS: '1000', ENGINE_STALL_MS: '1500', JOB_ATTEMPTS: '3' });
 }, 120_000);
 afterEach(async () => {
   await sys.stopProcesses();
@@ -28,37 +30,6 @@ function metricsUrlOf(w: ServiceProcess): string {
 }
 
 /**
- * Samples /readyz every 50 ms. stop() waits (up to 10 s) until it answers 200 again and says
- * whether it was ever 503 meanwhile.
- */
-function watchReadiness(url: string) {
-  const seen: number[] = [];
-  let on = true;
-  const sample = async () => {
-    const status = await fetch(`${url}/readyz`).then(
-      (r) => r.status,
-      () => 0,
-    );
-    seen.push(status);
-    return status;
-  };
-  const done = (async () => {
-    while (on) {
-      await sample();
-      await new Promise((r) => setTimeout(r, 50));
-    }
-  })();
-  return {
-    async stop() {
-      on = false;
-      await done;
-      const readyAgain = await pollFor(async () => ((await sample()) === 200 ? true : undefined), 10_000, 50).catch(() => false);
-      return { notReady: seen.includes(503), readyAgain };
-    },
-  };
-}
-
-/**
  * A job that takes the engine down, then a queue of ordinary jobs: the worker stops taking jobs
  * while its engine is down, so none of them is lost to it; the poison job fails as
  * engine_crashed after the engine went down twice on it.
@@ -67,12 +38,15 @@ async function engineGoesDown(directive: '[test:crash]' | '[test:hang]', reason:
   const { url } = await sys.startApiProcess();
   // One job at a time, so that every other job runs after the poison one (test 6 is the batched case).
   const w = await sys.startWorkerProcess(`engine-${reason}`, { BATCH_MAX: '1' }, 40);
-  const readiness = watchReadiness(metricsUrlOf(w));
   const poison = await submit(url, { prompt: `poison ${directive}`, num_steps: 5 });
   const others: string[] = [];
   for (let i = 0; i < 6; i++) others.push(await submit(url, { prompt: `ordinary ${i}`, num_steps: 5 }));
+  // Not ready while the engine is down (the restart waits its backoff first), ready once it is back.
+  await w.waitForLine((l) => l.msg === 'engine down; not taking jobs', 30_000);
+  const whileDown = (await fetch(`${metricsUrlOf(w)}/readyz`)).status;
+  await w.waitForLine((l) => l.msg === 'engine restarted; taking jobs again', 30_000);
   await waitTerminal(sys.db, [poison, ...others], 60_000);
-  const ready = await readiness.stop();
+  const afterwards = await pollFor(async () => ((await fetch(`${metricsUrlOf(w)}/readyz`)).status === 200 ? 200 : undefined), 15_000, 100);
   const poisonRow = (await sys.repo.get(poison))!;
   const poisonAttempts = await sys.repo.attempts(poison);
   const otherRows = await sys.db.generatedImage.findMany({ where: { id: { in: others } } });
@@ -85,13 +59,13 @@ async function engineGoesDown(directive: '[test:crash]' | '[test:hang]', reason:
   expect(otherRows.map((r) => r.status)).toEqual(others.map(() => 'succeeded'));
   expect(otherAttempts.map((a) => a.outcome)).toEqual(others.map(() => 'succeeded'));
   expect(restarts).toBe(2);
-  expect(ready).toEqual({ notReady: true, readyAgain: true });
+  expect({ whileDown, afterwards }).toEqual({ whileDown: 503, afterwards: 200 });
   expect(w.running).toBe(true);
   return {
     poison: { status: poisonRow.status, code: poisonRow.errorCode, engineFailures: poisonAttempts.length },
     others: { jobs: others.length, succeeded: otherRows.filter((r) => r.status === 'succeeded').length, attempts: otherAttempts.length },
     engineRestarts: restarts,
-    readyzWas503: ready.notReady,
+    readyzWhileDown: whileDown,
   };
 }
 

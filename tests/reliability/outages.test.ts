@@ -34,6 +34,24 @@ describe('outages, with real processes', () => {
     const statuses = new Map<number, number>();
     const answerMs: number[] = [];
     let running = true;
+    /** Called after every answer (or timeout), so phases can wait for answers instead of sleeping. */
+    const onAnswer = new Set<() => void>();
+    /** Resolves once `n` more POSTs were accepted (201), failing after `timeoutMs`. */
+    const moreAccepted = (n: number, what: string, timeoutMs = 30_000) =>
+      new Promise<void>((resolve, reject) => {
+        const target = accepted.length + n;
+        const check = () => {
+          if (accepted.length < target) return;
+          clearTimeout(timer);
+          onAnswer.delete(check);
+          resolve();
+        };
+        const timer = setTimeout(() => {
+          onAnswer.delete(check);
+          reject(new Error(`${what}: fewer than ${n} POSTs accepted in ${timeoutMs} ms (statuses so far ${JSON.stringify(Object.fromEntries(statuses))})`));
+        }, timeoutMs);
+        onAnswer.add(check);
+      });
     const load = (async () => {
       while (running) {
         const t0 = Date.now();
@@ -51,15 +69,20 @@ describe('outages, with real processes', () => {
           statuses.set(0, (statuses.get(0) ?? 0) + 1); // no answer within 5 s: a hang
         }
         answerMs.push(Date.now() - t0);
+        for (const f of [...onAnswer]) f();
         await new Promise((r) => setTimeout(r, 50));
       }
     })();
+    // Each outage: the system is accepting jobs, the service is down for OUTAGE_MS under the
+    // steady submissions (the scenario itself, hence a fixed duration), and once it is back the
+    // API must accept jobs again, without any process being restarted.
+    const OUTAGE_MS = 3_000;
     const outage = async (name: 'redis' | 'postgres') => {
-      await new Promise((r) => setTimeout(r, 1_500));
+      await moreAccepted(5, `before the ${name} outage`);
       await sys.services.stopService(name);
-      await new Promise((r) => setTimeout(r, 3_000));
+      await new Promise((r) => setTimeout(r, OUTAGE_MS));
       await sys.services.startService(name);
-      await new Promise((r) => setTimeout(r, 3_000));
+      await moreAccepted(5, `after ${name} came back`);
     };
     await outage('redis');
     await outage('postgres');

@@ -62,7 +62,10 @@ afterAll(async () => {
 function spawnIn(host: string, name: string, role: 'api' | 'worker', env: Record<string, string>, args: string[] = []): ServiceProcess {
   const h = net.hosts[host]!;
   const { cmd, args: full } = h.exec(process.execPath, [BIN, role, ...args]);
-  const proc = new ServiceProcess(name, spawn(cmd, full, { env: configEnv(base, { HOST: h.address, WORKER_METRICS_HOST: h.address, ...env }), stdio: ['ignore', 'pipe', 'pipe'] }));
+  const proc = new ServiceProcess(
+    name,
+    spawn(cmd, full, { env: configEnv(base, { HOST: h.address, WORKER_METRICS_HOST: h.address, ...env }), stdio: ['ignore', 'pipe', 'pipe'] }),
+  );
   procs.push(proc);
   return proc;
 }
@@ -91,6 +94,9 @@ describe('a network partition between hosts', () => {
 
     await net.cut('w1');
     const cutAt = Date.now();
+    // Work keeps arriving during the partition; only w2 can take it.
+    const during: string[] = [];
+    for (let i = 0; i < 4; i++) during.push(await submit(url, { prompt: `during the partition ${i}`, num_steps: 5 }));
     const takenOver = await pollFor(async () => {
       const row = await repo.get(id);
       return row && row.attempts >= 2 && row.workerId === 'w2' ? Date.now() : undefined;
@@ -117,17 +123,17 @@ describe('a network partition between hosts', () => {
     }
     expect(rejoinedAt, 'w1 ran a new job after the heal').toBeDefined();
     const rejoinMs = rejoinedAt! - healedAt;
-    await waitTerminal(db, later, 60_000);
+    await waitTerminal(db, [...during, ...later], 60_000);
 
     // One result per job, from rows and objects; w1's attempt at the partitioned job did not count.
-    const counts = await expectEachSucceededOnce({ db, storage }, [id, ...later]);
+    const counts = await expectEachSucceededOnce({ db, storage }, [id, ...during, ...later]);
     const attempts = await repo.attempts(id);
     expect(attempts.filter((a) => a.workerId === 'w1').every((a) => a.outcome !== 'succeeded')).toBe(true);
     expect(attempts.filter((a) => a.outcome === 'succeeded').map((a) => a.workerId)).toEqual(['w2']);
     expect(takeoverMs).toBeLessThanOrEqual(TAKEOVER_BOUND_MS);
     expect(rejoinMs).toBeLessThanOrEqual(REJOIN_BOUND_MS);
     report.partition = {
-      jobsSubmitted: 1 + later.length,
+      jobsSubmitted: counts.jobs,
       lost: counts.lost,
       resultsPerJob: counts.maxResultsPerJob,
       staleWorkerOutcome: stale.outcome,

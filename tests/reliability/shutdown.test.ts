@@ -63,7 +63,8 @@ describe('shutdown, with real processes', () => {
     const c = await submit(url, { prompt: 'impatient', num_steps: 50 });
     await pollFor(async () => ((await sys.repo.get(c))?.status === 'running' ? true : undefined), 20_000);
     next.kill('SIGTERM');
-    await new Promise((r) => setTimeout(r, 100));
+    // The second signal must find the first one handled: the worker says so when it starts closing.
+    await next.waitForLine((l) => l.msg === 'shutting down', 5_000);
     const t2 = Date.now();
     next.kill('SIGTERM');
     const exit3 = await next.exited;

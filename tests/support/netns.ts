@@ -19,7 +19,7 @@ export interface Host {
   netns: string;
   address: string;
   /** The command prefix that runs a program inside this host. */
-  exec(cmd: string, args: string[]): { cmd: string; args: string[] };
+  exec: (cmd: string, args: string[]) => { cmd: string; args: string[] };
 }
 
 export interface Network {
@@ -46,7 +46,9 @@ async function ip(...args: string[]): Promise<void> {
  */
 export async function createNetwork(hostNames: string[]): Promise<Network> {
   if (process.getuid?.() !== 0) {
-    throw new Error('network namespaces need root: run the tests as root (CI does); this test cannot be skipped, because the partition it checks can only be made this way');
+    throw new Error(
+      'network namespaces need root: run the tests as root (CI does); this test cannot be skipped, because the partition it checks can only be made this way',
+    );
   }
   const id = randomBytes(2).toString('hex');
   const subnet = `10.${200 + (randomBytes(1)[0]! % 50)}.${randomBytes(1)[0]! % 250}`;
@@ -77,7 +79,11 @@ export async function createNetwork(hostNames: string[]): Promise<Network> {
       await ip('-n', netns, 'link', 'set', 'lo', 'up');
       hosts[name] = { name, netns, address, exec: (cmd, args) => ({ cmd: 'ip', args: ['netns', 'exec', netns, cmd, ...args] }) };
     }
-    const host = (name: string) => hosts[name] ?? (() => { throw new Error(`no host ${name}`); })();
+    const host = (name: string) =>
+      hosts[name] ??
+      (() => {
+        throw new Error(`no host ${name}`);
+      })();
     return {
       gateway: `${subnet}.254`,
       hosts,

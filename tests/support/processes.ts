@@ -25,6 +25,10 @@ export class ServiceProcess {
   readonly stderr: string[] = [];
   private partial = '';
   readonly exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
+  /** Set on 'close': the process is gone and its output is read to the end. */
+  private outputClosed = false;
+  /** Called with each new log line, and with undefined once the output has closed. */
+  private readonly lineWaiters = new Set<(line: LogLine | undefined) => void>();
 
   constructor(
     readonly name: string,
@@ -33,6 +37,10 @@ export class ServiceProcess {
     proc.stdout!.on('data', (chunk: Buffer) => this.onData(chunk.toString()));
     proc.stderr!.on('data', (chunk: Buffer) => this.stderr.push(chunk.toString()));
     this.exited = new Promise((resolve) => proc.once('exit', (code, signal) => resolve({ code, signal })));
+    proc.once('close', () => {
+      this.outputClosed = true;
+      for (const w of [...this.lineWaiters]) w(undefined);
+    });
   }
 
   private onData(text: string): void {
@@ -40,11 +48,15 @@ export class ServiceProcess {
     this.partial = parts.pop() ?? '';
     for (const line of parts) {
       if (!line.trim()) continue;
+      let parsed: LogLine;
       try {
-        this.lines.push(JSON.parse(line) as LogLine);
+        parsed = JSON.parse(line) as LogLine;
       } catch {
         this.stderr.push(line);
+        continue;
       }
+      this.lines.push(parsed);
+      for (const w of [...this.lineWaiters]) w(parsed);
     }
   }
 
@@ -66,16 +78,34 @@ export class ServiceProcess {
     return Number(m?.[1] ?? 0) * 1024;
   }
 
-  /** Waits for a log line matching `pred`, failing with the process's output on timeout. */
-  async waitForLine(pred: (l: LogLine) => boolean, timeoutMs = 30_000): Promise<LogLine> {
-    const deadline = Date.now() + timeoutMs;
-    for (;;) {
-      const hit = this.lines.find(pred);
-      if (hit) return hit;
-      if (!this.running) throw new Error(`${this.name} exited before the expected log line:\n${this.output()}`);
-      if (Date.now() > deadline) throw new Error(`${this.name}: expected log line not seen in ${timeoutMs} ms:\n${this.output()}`);
-      await new Promise((r) => setTimeout(r, 25));
-    }
+  /**
+   * Resolves with the first log line matching `pred`, as soon as it is read; fails with the
+   * process's output if it exits first (checked once all its output is read) or on timeout.
+   */
+  waitForLine(pred: (l: LogLine) => boolean, timeoutMs = 30_000): Promise<LogLine> {
+    const hit = this.lines.find(pred);
+    if (hit) return Promise.resolve(hit);
+    if (this.outputClosed) return Promise.reject(new Error(`${this.name} exited before the expected log line:\n${this.output()}`));
+    return new Promise((resolve, reject) => {
+      const done = () => {
+        clearTimeout(timer);
+        this.lineWaiters.delete(waiter);
+      };
+      const waiter = (line: LogLine | undefined) => {
+        if (line === undefined) {
+          done();
+          reject(new Error(`${this.name} exited before the expected log line:\n${this.output()}`));
+        } else if (pred(line)) {
+          done();
+          resolve(line);
+        }
+      };
+      const timer = setTimeout(() => {
+        done();
+        reject(new Error(`${this.name}: expected log line not seen in ${timeoutMs} ms:\n${this.output()}`));
+      }, timeoutMs);
+      this.lineWaiters.add(waiter);
+    });
   }
 
   output(): string {

@@ -2,9 +2,10 @@ import { mkdtemp, readdir, readFile, rm } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { Writable } from 'node:stream';
+import { pino } from 'pino';
 import { afterAll, describe, expect, it } from 'vitest';
 import { loadConfig } from '../../src/config.js';
-import { createLogger, createProcessLogger, scrubSecrets, type LogLevel } from '../../src/core/logger.js';
+import { createLogger, createProcessLogger, scrubSecrets, type Logger, type LogLevel } from '../../src/core/logger.js';
 
 /** Log lines written to a captured stream, parsed. */
 function capture(level: LogLevel = 'info', extra: { secrets?: string[] } = {}) {
@@ -17,6 +18,25 @@ function capture(level: LogLevel = 'info', extra: { secrets?: string[] } = {}) {
   });
   const logger = createLogger({ name: 'test', level, pretty: false, destination, ...extra });
   return { logger, lines, json: () => lines.map((l) => JSON.parse(l) as Record<string, unknown>) };
+}
+
+/** pino-roll's stream (a SonicBoom, 'write' after each write reached the file, plus pino-roll's 'cleanup-complete'): the events the rotation test waits on. */
+interface RotatingFile {
+  on(event: 'cleanup-complete', listener: () => void): unknown;
+  once(event: 'write' | 'close', listener: () => void): unknown;
+  end(): void;
+}
+
+/**
+ * The rotating file stream inside a process logger: createProcessLogger gives stdout and the
+ * file each a stream of pino's multistream (reached through pino's exported stream symbol), and
+ * the one that is not `stdout` is the file.
+ */
+function rotatingFileOf(logger: Logger, stdout: Writable): RotatingFile {
+  const multi = (logger as unknown as Record<symbol, { streams?: { stream: unknown }[] }>)[pino.symbols.streamSym];
+  const file = multi?.streams?.map((s) => s.stream).find((s) => s !== stdout);
+  if (!file) throw new Error('createProcessLogger made no second stream for LOG_FILE');
+  return file as RotatingFile;
 }
 
 const SECRET = 'sup3r-s3cret/key+value';
@@ -117,18 +137,45 @@ describe('rotating log file (LOG_FILE)', () => {
       },
     });
     const logger = await createProcessLogger(config, 'api', destination);
+    const file = rotatingFileOf(logger, destination);
+    const cleanups: Array<() => void> = [];
+    file.on('cleanup-complete', () => cleanups.splice(0).forEach((f) => f()));
     for (let i = 0; i < 60; i++) {
+      // One write per line, each awaited: pino-roll checks the size after each write that
+      // reached the file, so the file rolls about every 1 KiB instead of once for a burst.
+      const written = new Promise<void>((resolve) => file.once('write', () => resolve()));
       logger.debug({ i, secret: `${SECRET}` }, `line ${i} with some padding to fill the file quickly ............`);
-      // pino-roll checks the size after each write it flushed.
-      await new Promise((r) => setTimeout(r, 2));
+      await written;
     }
     logger.warn({}, 'a warning');
-    await new Promise<void>((resolve) => logger.flush(() => resolve()));
-    await new Promise((r) => setTimeout(r, 100));
+    // Closing the file writes what is buffered and starts no further roll.
+    await new Promise<void>((resolve) => {
+      file.once('close', () => resolve());
+      file.end();
+    });
+    // Each roll then removes the files past the retention and emits 'cleanup-complete': the
+    // folder is looked at again after each, until the retention holds (or the deadline passes).
+    const logFiles = async () =>
+      (await readdir(dir)).filter((f) => /^api\.\d+\.log$/.test(f)).sort((a, b) => Number(a.split('.')[1]) - Number(b.split('.')[1]));
+    const deadline = Date.now() + 10_000;
+    let files: string[];
+    for (;;) {
+      // Listen before looking, so a clean-up that ends while the folder is read is not missed.
+      let timer: NodeJS.Timeout | undefined;
+      const nextCleanup = new Promise<void>((resolve) => {
+        timer = setTimeout(resolve, Math.max(0, deadline - Date.now()));
+        cleanups.push(resolve);
+      });
+      files = await logFiles();
+      const late = Date.now() >= deadline;
+      if (files.length > 3 && !late) await nextCleanup;
+      clearTimeout(timer);
+      if (files.length <= 3) break;
+      if (late) throw new Error(`still ${files.length} log files 10 s after the last write: ${files.join(', ')}`);
+    }
 
     // stdout at warn only; the file at debug.
     expect(stdoutLines.map((l) => (JSON.parse(l) as { msg: string }).msg)).toEqual(['a warning']);
-    const files = (await readdir(dir)).filter((f) => /^api\.\d+\.log$/.test(f)).sort((a, b) => Number(a.split('.')[1]) - Number(b.split('.')[1]));
     // Rotated at 1 KiB: many files were written, but only the current one and 2 more are kept.
     expect(files.length).toBe(3);
     expect(Number(files.at(-1)!.split('.')[1])).toBeGreaterThan(3);

@@ -7,10 +7,37 @@ import { createWorkerMetrics } from '../../src/worker/metrics.js';
 
 /** Metric modules without services: registries per instance, the /metrics token, queue-depth timeouts. */
 
+/** A unit-test fake: the only request these tests send to a job route asks for an unknown id. */
+function fakeRepo(): ImagesRepo {
+  const unused = (name: string) => async (): Promise<never> => {
+    throw new Error(`fake repo: ${name} is not used by the metrics tests`);
+  };
+  return {
+    get: async () => null,
+    create: unused('create'),
+    list: unused('list'),
+    startAttempt: unused('startAttempt'),
+    setProgress: unused('setProgress'),
+    succeed: unused('succeed'),
+    fail: unused('fail'),
+    failAny: unused('failAny'),
+    requestCancel: unused('requestCancel'),
+    finishCanceled: unused('finishCanceled'),
+    release: unused('release'),
+    findStale: unused('findStale'),
+    markSuperseded: unused('markSuperseded'),
+    attempts: unused('attempts'),
+    ping: async () => undefined,
+  };
+}
+
+/** A unit-test fake of an empty queue. */
+const fakeQueue: JobQueue = { enqueue: async () => undefined, remove: async () => false, depth: async () => 0 };
+
 function app(token?: string) {
   const images = new ImagesService({
-    repo: { get: async () => null } as unknown as ImagesRepo,
-    queue: { enqueue: async () => undefined, remove: async () => false, depth: async () => 0 } as unknown as JobQueue,
+    repo: fakeRepo(),
+    queue: fakeQueue,
     storage: { presignGet: async () => ({ url: '', expiresAt: new Date() }) },
   });
   return buildApp({ images, logger: createLogger({ name: 'api', level: 'silent' }), bodyLimit: 65_536, metrics: createApiMetrics(), metricsToken: token });

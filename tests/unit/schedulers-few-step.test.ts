@@ -25,6 +25,24 @@ describe('trailing spacing for turbo models', () => {
     }
   });
 
+  it('gives exactly n finite timesteps for every n from 1 to 150, for every scheduler that has a timestep_spacing (n = 61 once gave an extra -1 and NaN)', () => {
+    const bad: string[] = [];
+    for (const name of SCHEDULER_NAMES) {
+      if (name === 'pndm' || name === 'lcm') continue;
+      const s = createScheduler(name, { ...SD, timestep_spacing: 'trailing' });
+      for (let n = 1; n <= 150; n++) {
+        s.setTimesteps(n);
+        const ts = Array.from(s.timesteps);
+        if (ts.length !== n || ts.some((t) => !Number.isFinite(t) || t < 0) || !Number.isFinite(s.initNoiseSigma))
+          bad.push(`${name} n=${n}: ${ts.length} timesteps`);
+        const x = new Float32Array(4).fill(1);
+        const scaled = s.scaleModelInput(x, ts.at(-1)!);
+        if (!Array.from(scaled).every(Number.isFinite)) bad.push(`${name} n=${n}: non-finite model input at the last step`);
+      }
+    }
+    expect(bad).toEqual([]);
+  });
+
   it('starts at the largest training noise level (sigma 14.6146)', () => {
     const s = createScheduler('euler_ancestral', { ...SD, timestep_spacing: 'trailing' });
     s.setTimesteps(1);

@@ -12,6 +12,7 @@
  * timesteps must match exactly and sigmas to about one float32 ulp.
  */
 import { describe, expect, it } from 'vitest';
+import { DdimScheduler } from '../../src/engine/schedulers/ddim.js';
 import { DpmSolverMultistepScheduler } from '../../src/engine/schedulers/dpm-solver.js';
 import { EulerAncestralScheduler } from '../../src/engine/schedulers/euler-ancestral.js';
 import { EulerDiscreteScheduler } from '../../src/engine/schedulers/euler.js';
@@ -82,6 +83,71 @@ function dpmLoop(s: DpmSolverMultistepScheduler, steps = 10): Float32Array {
   return sample;
 }
 
+/** VP coefficients of a k-diffusion sigma: alpha = 1 / sqrt(sigma^2 + 1), sigma_t = sigma * alpha, lambda = -log sigma. */
+function vpOf(sigma: number): { alpha: number; sigma: number; lambda: number } {
+  const alpha = 1 / Math.sqrt(sigma * sigma + 1);
+  return { alpha, sigma: sigma * alpha, lambda: -Math.log(sigma) };
+}
+
+/** A model given as its data prediction x0(lambda), element by element (it ignores the sample). */
+interface X0Model {
+  x0(lambda: number, k: number): number;
+  /** An antiderivative of e^lambda * x0(lambda), for the exact solution of the diffusion ODE. */
+  integral(lambda: number, k: number): number;
+}
+
+const constantX0 = (target: Float32Array): X0Model => ({ x0: (_l, k) => target[k]!, integral: (l, k) => Math.exp(l) * target[k]! });
+
+/** x0(lambda) = a + b * lambda, with a and b from the deterministic fixtures. */
+function linearX0(): X0Model {
+  const a = dummyNoiseDeter();
+  const b = scale(dummySampleDeter(), 0.3);
+  return { x0: (l, k) => a[k]! + b[k]! * l, integral: (l, k) => Math.exp(l) * (a[k]! + b[k]! * (l - 1)) };
+}
+
+/** The epsilon a model with data prediction x0 answers at sigma: (x - alpha * x0) / sigma_t. */
+function epsilonFor(model: X0Model, x: Float32Array, sigma: number): Float32Array {
+  const v = vpOf(sigma);
+  return x.map((xk, k) => (xk - v.alpha * model.x0(v.lambda, k)) / v.sigma);
+}
+
+/** A DPM-Solver++ loop over a model given by x0(lambda); step i is at the scheduler's sigma i. */
+function dpmLoopWith(s: DpmSolverMultistepScheduler, steps: number, start: Float32Array, model: X0Model): Float32Array {
+  s.setTimesteps(steps);
+  const sig = s.sigmas;
+  let x = start;
+  Array.from(s.timesteps).forEach((t, i) => (x = s.step(epsilonFor(model, x, sig[i]!), t, x)));
+  return x;
+}
+
+/**
+ * Each step's error against the exact solution of the diffusion ODE from that step's own input:
+ * x_t = (sigma_t / sigma_s) x_s + sigma_t * integral of e^lambda x0(lambda) from lambda_s to lambda_t.
+ * Relative to max(1, |exact|), largest over the elements.
+ */
+function localErrors(config: SchedulerConfig, steps: number, model: X0Model): number[] {
+  const s = new DpmSolverMultistepScheduler(config);
+  s.setTimesteps(steps);
+  const sig = s.sigmas;
+  let x = dummySampleDeter();
+  return Array.from(s.timesteps, (t, i) => {
+    const from = vpOf(sig[i]!);
+    const to = vpOf(sig[i + 1]!);
+    const out = s.step(epsilonFor(model, x, sig[i]!), t, x);
+    const exact = Array.from(x, (xk, k) => (to.sigma / from.sigma) * xk + to.sigma * (model.integral(to.lambda, k) - model.integral(from.lambda, k)));
+    x = out;
+    return maxRelErr(out, exact);
+  });
+}
+
+/** Largest |a - b| / max(1, |b|). */
+function maxRelErr(a: ArrayLike<number>, b: ArrayLike<number>): number {
+  expect(a.length).toBe(b.length);
+  let m = 0;
+  for (let i = 0; i < a.length; i++) m = Math.max(m, Math.abs(a[i]! - b[i]!) / Math.max(1, Math.abs(b[i]!)));
+  return m;
+}
+
 function expectSumMean(x: Float32Array, sum: number | null, mean: number, sumTol = 1e-2, meanTol = 1e-3): void {
   if (sum !== null) expect(Math.abs(absSum(x) - sum)).toBeLessThan(sumTol);
   expect(Math.abs(absMean(x) - mean)).toBeLessThan(meanTol);
@@ -138,7 +204,7 @@ describe('EulerDiscreteScheduler (diffusers test_scheduler_euler.py)', () => {
     const ts = s.timesteps;
     expect(ts.length).toBe(50);
     // float32 values of linspace(0, 999, 50) reversed, exactly as diffusers stores them.
-    expect(Array.from(ts.subarray(0, 4))).toEqual([999.0, 978.6122436523438, 958.2244873046875, 937.8367309570312]);
+    expect(Array.from(ts.subarray(0, 4))).toEqual([999.0, 978.6122436523438, 958.2244873046875, 937.83673095703125]);
     expect(Array.from(ts.subarray(47))).toEqual([40.775508880615234, 20.387754440307617, 0.0]);
     const sig = s.sigmas;
     expect(sig.length).toBe(51);
@@ -170,9 +236,9 @@ describe('EulerDiscreteScheduler (diffusers test_scheduler_euler.py)', () => {
     // numpy's float32 log and JavaScript's Math.log can differ in the last bit, which moves
     // these fractional timesteps by up to ~4e-5.
     const expected = [
-      999.0, 961.7327880859375, 921.0420532226562, 876.313720703125, 826.7905883789062, 771.5519409179688, 709.5297241210938, 639.61474609375, 560.975341796875,
-      473.7489013671875, 380.1317443847656, 285.3175354003906, 197.0806121826172, 123.39511108398438, 69.25687408447266, 34.69736099243164, 15.481610298156738,
-      5.991831302642822, 1.7829495668411255, 0.0,
+      999.0, 961.7327880859375, 921.04205322265625, 876.313720703125, 826.79058837890625, 771.5519409179688, 709.5297241210938, 639.61474609375,
+      560.975341796875, 473.7489013671875, 380.1317443847656, 285.3175354003906, 197.0806121826172, 123.39511108398438, 69.25687408447266, 34.69736099243164,
+      15.481610298156738, 5.991831302642822, 1.7829495668411255, 0.0,
     ];
     const ts = s.timesteps;
     expect(ts.length).toBe(20);
@@ -291,13 +357,26 @@ describe('DpmSolverMultistepScheduler (diffusers test_scheduler_dpm_multi.py)', 
     expectSumMean(sample, 318.4111, 0.4146);
   });
 
-  it('runs full loops from 1 to 999 steps, with as many timesteps as steps', () => {
-    for (const n of [1, 2, 3, 5, 10, 50, 100, 999]) {
-      const s = new DpmSolverMultistepScheduler(DPM_TEST);
-      const out = dpmLoop(s, n);
-      expect(s.timesteps.length).toBe(n);
-      expect(out.every(Number.isFinite), `n=${n}`).toBe(true);
-    }
+  it('lands on the exact ODE solution of a model that always predicts the same x0, from 1 to 999 steps', () => {
+    // With x0 constant, every x0 difference is zero and each step is the exact exponential
+    // integrator: x_i = alpha_i * T + sigma_i * eps for the eps of the starting sample. So the
+    // end is T when the last sigma is 0 (SD 1.5's final_sigmas_type "zero") and
+    // alpha_min * T + sigma_min * eps with diffusers' test config ("sigma_min").
+    const target = dummyNoiseDeter();
+    for (const config of [SD15, DPM_TEST])
+      for (const n of [1, 2, 3, 5, 10, 50, 100, 999]) {
+        const s = new DpmSolverMultistepScheduler(config);
+        const start = dummySampleDeter();
+        const out = dpmLoopWith(s, n, start, constantX0(target));
+        expect(s.timesteps.length).toBe(n);
+        const first = vpOf(s.sigmas[0]!);
+        const last = vpOf(s.sigmas[n]!);
+        const expected = Array.from(start, (x, k) => last.alpha * target[k]! + last.sigma * ((x - first.alpha * target[k]!) / first.sigma));
+        // Float32 rounding only: recovering x0 = (x - sigma_t * eps) / alpha from a float32 eps
+        // divides its rounding (2^-24 relative) by alpha, 0.0064 at the test config's top sigma.
+        const tolerance = 2 ** -23 / first.alpha;
+        expect(maxRelErr(out, expected), `final sigma ${String(config.final_sigmas_type ?? 'zero')}, n=${n}`).toBeLessThan(tolerance);
+      }
   });
 
   it('keeps the duplicated timestep diffusers produces for 1000 steps (test_duplicated_timesteps)', () => {
@@ -310,12 +389,46 @@ describe('DpmSolverMultistepScheduler (diffusers test_scheduler_dpm_multi.py)', 
     expect(new Set(ts).size).toBe(999);
   });
 
-  it('third order and heun variants stay finite', () => {
-    for (const solver_order of [1, 2, 3])
+  it('first order is DDIM (Lu et al. 2022): the same samples as DdimScheduler on the same timesteps', () => {
+    // DPM-Solver++(1) is DDIM with eta 0. Trailing spacing gives both the same timesteps, and a
+    // final sigma of 0 is DDIM's set_alpha_to_one. DDIM itself is checked against diffusers'
+    // numbers in schedulers-ddpm-family.test.ts.
+    for (const n of [10, 25])
       for (const solver_type of ['midpoint', 'heun'] as const) {
-        const out = dpmLoop(new DpmSolverMultistepScheduler({ ...DPM_TEST, solver_order, solver_type }));
-        expect(out.every(Number.isFinite)).toBe(true);
+        const ddim = new DdimScheduler({ ...DPM_TEST, clip_sample: false, set_alpha_to_one: true, timestep_spacing: 'trailing' });
+        ddim.setTimesteps(n);
+        let x = dummySampleDeter();
+        for (const t of ddim.timesteps) x = ddim.step(dummyModel(x, t), t, x);
+        const dpm = new DpmSolverMultistepScheduler({ ...DPM_TEST, solver_order: 1, solver_type, final_sigmas_type: 'zero', timestep_spacing: 'trailing' });
+        dpm.setTimesteps(n);
+        expect(Array.from(dpm.timesteps)).toEqual(Array.from(ddim.timesteps));
+        let y = dummySampleDeter();
+        for (const t of dpm.timesteps) y = dpm.step(dummyModel(y, t), t, y);
+        expect(maxRelErr(y, x), `n=${n}, ${solver_type}`).toBeLessThan(1e-6);
       }
+  });
+
+  it('second order (heun) and third order are exact, after their warm-up steps, when x0 is linear in lambda', () => {
+    // The multistep differences recover the slope of x0(lambda) exactly, and heun's coefficient
+    // is the exact integral of the linear term; the first step (and for third order the second)
+    // runs at a lower order and is not exact.
+    const x0 = linearX0();
+    for (const [solver_order, solver_type] of [
+      [2, 'heun'],
+      [3, 'heun'],
+      [3, 'midpoint'],
+    ] as const) {
+      const errs = localErrors({ ...DPM_TEST, solver_order, solver_type }, 25, x0);
+      const exactFrom = solver_order - 1;
+      expect(Math.max(...errs.slice(exactFrom)), `order ${solver_order} ${solver_type}: ${errs.join(', ')}`).toBeLessThan(2e-6);
+      // The warm-up step is first order: it misses the slope, which proves the check can fail.
+      expect(errs[0]).toBeGreaterThan(1e-4);
+    }
+  });
+
+  it('second order midpoint only approximates the linear term (a control for the exactness check above)', () => {
+    const errs = localErrors({ ...DPM_TEST, solver_order: 2, solver_type: 'midpoint' }, 25, linearX0());
+    for (const [i, e] of errs.slice(1).entries()) expect(e, `step ${i + 1}`).toBeGreaterThan(1e-5);
   });
 
   it('SD 1.5 config, 20 steps: linspace timesteps rounded half to even (499.5 -> 500)', () => {

@@ -218,7 +218,7 @@ export function float32Values(values: ArrayLike<number>): Float64Array {
  * The Euler schedulers' timesteps, descending, as the float32 values diffusers stores.
  * linspace: evenly spaced over [0, T-1], fractional in general (e.g. 978.6122 for 50 steps).
  * leading: multiples of floor(T/n) plus steps_offset. trailing: T - 1 downwards in steps of
- * T/n, rounded half to even.
+ * T/n, rounded half to even, exactly n of them.
  */
 export function eulerTimesteps(spacing: TimestepSpacing, numTrain: number, n: number, stepsOffset: number): Float64Array {
   let ts: Float64Array;
@@ -228,7 +228,12 @@ export function eulerTimesteps(spacing: TimestepSpacing, numTrain: number, n: nu
     const ratio = Math.floor(numTrain / n);
     ts = Float64Array.from({ length: n }, (_, i) => (n - 1 - i) * ratio + stepsOffset);
   } else {
-    ts = npArange(numTrain, 0, -numTrain / n).map((t) => roundHalfEven(t) - 1);
+    // As in spacedTimesteps (ddim.ts): for some n (e.g. T = 1000, n = 61) numpy's arange yields
+    // an extra element ~1e-13 that diffusers turns into timestep -1, an extra step the caller did
+    // not ask for (and, past the end of the sigma table, a NaN here). Only the first n are kept.
+    ts = npArange(numTrain, 0, -numTrain / n)
+      .slice(0, n)
+      .map((t) => roundHalfEven(t) - 1);
   }
   return float32Values(ts);
 }
