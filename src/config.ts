@@ -104,6 +104,12 @@ export const envSchema = z.object({
   BATCH_MAX: int(1, 64).default(2),
   /** Longest the first job in line waits for others to share its batch, counted from its arrival at the engine. */
   BATCH_WAIT_MS: int(0, 10_000).default(20),
+  /**
+   * Sessions of the model in one worker, each in its own thread with its own copy of the model;
+   * each gets an equal share of the cores unless ORT_THREADS says otherwise. On a CPU worker with
+   * the memory for it, 2 sessions of 1 thread do more work per CPU second than 1 of 2 threads.
+   */
+  ENGINE_SESSIONS: int(1, 16).default(1),
   /** Port of the worker's Prometheus /metrics endpoint. */
   WORKER_METRICS_PORT: int(0, 65535).default(9191),
   /** Address the worker's metrics endpoint listens on; 0.0.0.0 inside a container. */

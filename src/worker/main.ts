@@ -14,6 +14,7 @@ import { queueSettings, storageOptions } from '../core/wiring.js';
 import { SCHEDULER_NAMES } from '../engine/schedulers/types.js';
 import type { TestPipelineOptions } from '../engine/testing/test-pipeline.js';
 import { Engine, type EngineOptions } from '../engine/thread/engine-host.js';
+import { EnginePool } from '../engine/thread/engine-pool.js';
 import { EngineSupervisor } from './engine.js';
 import { buildHealthApp } from './health.js';
 import { createWorkerMetrics } from './metrics.js';
@@ -27,7 +28,8 @@ import { resolveModelDir } from './model-source.js';
  * Dramatiq middleware did), then consumes jobs, each through the processor on its own. With
  * BATCH_MAX above 1 it runs up to twice that many at once: the engine gathers those that can
  * share UNet runs into batches of up to BATCH_MAX, and the other half of the slots lets the next
- * batch gather (claims, prompt encoding) while the last one's images are stored. If the engine
+ * batch gather (claims, prompt encoding) while the last one's images are stored; ENGINE_SESSIONS
+ * multiplies that by its sessions. If the engine
  * goes down it stops taking jobs, hands the current ones back, and restarts the engine; if that
  * keeps failing, `fatal` settles and the process should exit (src/cli/service-commands.ts does,
  * with code 1).
@@ -84,7 +86,7 @@ export async function startWorker(config: Config = loadConfig(process.env, 'work
         ...batch,
       };
   const engine = await EngineSupervisor.start({
-    start: () => Engine.start(engineOptions),
+    start: () => (config.ENGINE_SESSIONS > 1 ? EnginePool.start(engineOptions, config.ENGINE_SESSIONS) : Engine.start(engineOptions)),
     maxRestarts: config.ENGINE_MAX_RESTARTS,
     backoffMs: config.ENGINE_RESTART_BACKOFF_MS,
     log: logger.child({ component: 'engine' }),
@@ -105,9 +107,9 @@ export async function startWorker(config: Config = loadConfig(process.env, 'work
     },
   });
   const modelName = overrides.testEngine ? 'test-engine' : path.basename(engine.info.modelDir);
-  // What the engine can batch (an export with a fixed batch cannot), not what was asked for.
+  // What the engine can batch (an export with a fixed batch cannot), not what was asked for, per session.
   const batchMax = engine.info.batching.max;
-  const concurrency = batchMax > 1 ? 2 * batchMax : 1;
+  const concurrency = config.ENGINE_SESSIONS * (batchMax > 1 ? 2 * batchMax : 1);
   logger.info(
     {
       modelDir: engine.info.modelDir,
@@ -115,6 +117,7 @@ export async function startWorker(config: Config = loadConfig(process.env, 'work
       loadMs: Math.round(engine.info.loadMs),
       testEngine: overrides.testEngine !== undefined,
       batchMax,
+      sessions: config.ENGINE_SESSIONS,
       concurrency,
     },
     'model loaded',
