@@ -99,9 +99,10 @@ export const envSchema = z.object({
   /**
    * Most jobs one UNet run takes at once (same size, steps, scheduler and guidance on or off);
    * 1 runs one job at a time. A worker then holds up to twice this many jobs, so the next batch
-   * is ready while the last one's images are stored. Default measured by `npm run bench`.
+   * is ready while the last one's images are stored. `npm run bench` measured no gain on CPU, hence 1;
+   * on a GPU see docs/performance.md.
    */
-  BATCH_MAX: int(1, 64).default(2),
+  BATCH_MAX: int(1, 64).default(1),
   /** Longest the first job in line waits for others to share its batch, counted from its arrival at the engine. */
   BATCH_WAIT_MS: int(0, 10_000).default(20),
   /**

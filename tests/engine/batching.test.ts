@@ -141,6 +141,13 @@ describe('a batched image is byte-identical to the same generation run alone', (
     expect((await sameAsAlone(soloI, batchedI, reqs)).map((g) => g.batchSize)).toEqual([3, 3, 3]);
   });
 
+  it('an fp16 export (float16 inputs and outputs)', async () => {
+    const fp16 = await randomModel('fp16', { fp16: true, unetChannels: 32 });
+    const [solo, batched] = [await engine(fp16, 1), await engine(fp16, 4)];
+    const out = await sameAsAlone(solo, batched, requests({ ...BASE, scheduler: 'euler_ancestral', guidanceScale: 7 }, 3));
+    expect(out.map((g) => g.batchSize)).toEqual([3, 3, 3]);
+  });
+
   it("SDXL's text_embeds and time_ids, and LCM's per-generation guidance embedding (timestep_cond)", async () => {
     const xl = await randomModel('sdxl', { variant: 'sdxl', unetChannels: 32 });
     const [soloX, batchedX] = [await engine(xl, 1), await engine(xl, 4)];
