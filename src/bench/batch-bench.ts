@@ -62,8 +62,13 @@ export async function runBatchBench(out: (line: string) => void, dir: string, ro
   out(
     `\n4. batching: random SD-1.5-shaped model ${JSON.stringify(BATCH_MODEL)}, ${RUN.width}x${RUN.height}, ${RUN.numSteps} steps, guidance ${RUN.guidanceScale}`,
   );
+  const batch = await batchSizes(out, modelDir, rounds);
+  await secondSession(out, modelDir, rounds, batch);
+}
+
+/** Section 4; returns the batch size it would make the default. */
+async function batchSizes(out: (line: string) => void, modelDir: string, rounds: number): Promise<number> {
   const engines = new Map<number, Engine>();
-  let batch = 1;
   try {
     // A wait longer than any round: each engine's batch leaves exactly when it is full.
     for (const size of SIZES) engines.set(size, await Engine.start({ modelDir, provider: 'cpu', batchMax: size, batchWaitMs: 600_000 }));
@@ -106,11 +111,10 @@ export async function runBatchBench(out: (line: string) => void, dir: string, ro
     out(
       `   default BATCH_MAX = smallest batch within ${Math.round((1 - NEAR_BEST) * 100)}% of the best images per CPU second (${f2(best)}): ${chosen}; src/config.ts says ${configured} ${chosen === configured ? 'OK' : 'DIFFERS'}`,
     );
-    batch = chosen;
+    return chosen;
   } finally {
     await Promise.all([...engines.values()].map((e) => e.close()));
   }
-  await secondSession(out, modelDir, rounds, batch);
 }
 
 async function secondSession(out: (line: string) => void, modelDir: string, rounds: number, batch: number): Promise<void> {
