@@ -292,7 +292,7 @@ function createAttempt(deps: ProcessorDeps) {
       }
       // Earlier attempts of this job may have stored objects before they were taken over.
       if (attempt > 1) await removeOtherAttempts(imageId, key, log);
-      log.info({ dbAttempt: attempt, durationMs, seed: generation.seed, outcome: 'succeeded' }, 'job succeeded');
+      log.info({ dbAttempt: attempt, durationMs, seed: generation.seed, batchSize: generation.batchSize, outcome: 'succeeded' }, 'job succeeded');
       return 'succeeded';
     } finally {
       clearTimeout(deadline);
