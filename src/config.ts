@@ -1,3 +1,4 @@
+import { isIP } from 'node:net';
 import { z } from 'zod';
 
 /**
@@ -78,8 +79,8 @@ export const envSchema = z.object({
     .default('t2i-images'),
   /** Region the S3 server expects in signatures (MinIO and most local servers: us-east-1). */
   STORAGE_REGION: z.string().min(1).default('us-east-1'),
-  /** Lifetime of presigned image URLs, in seconds: S3 allows 7 days at most. */
-  PRESIGN_TTL_SECONDS: int(1, SEVEN_DAYS_S).default(SEVEN_DAYS_S),
+  /** Lifetime of presigned image URLs, in seconds (default 1 hour): anyone holding a URL can fetch the image until then. At most 7 days (S3's limit). */
+  PRESIGN_TTL_SECONDS: int(1, SEVEN_DAYS_S).default(3600),
 
   // --- API
   /** Address the API listens on; 0.0.0.0 inside a container. */
@@ -88,6 +89,51 @@ export const envSchema = z.object({
   PORT: int(0, 65535).default(8000),
   /** Largest accepted request body. */
   BODY_LIMIT_BYTES: int(1_024, 10_485_760).default(65_536),
+  /**
+   * required: every request to /generated-images and /usage needs an API key (`t2i keys create`).
+   * off: no keys, everyone is the tenant "anonymous"; the API refuses to start so unless HOST is a loopback address.
+   */
+  AUTH: z.enum(['required', 'off']).default('required'),
+  /** Browser origins allowed to call the API (CORS), comma-separated, e.g. https://app.example.com; CORS is off when unset. */
+  CORS_ORIGINS: z
+    .string()
+    .transform((v) => v.split(',').map((o) => o.trim()))
+    .pipe(z.array(z.string().regex(/^https?:\/\/[^/\s,*]+$/, 'must be origins such as https://app.example.com, comma-separated (no path, no *)')))
+    .optional(),
+  /**
+   * Which proxies to believe about the client's address (X-Forwarded-For), for rate limits and
+   * logs: false (none, the default), a number of hops, or the proxies' addresses or CIDRs,
+   * comma-separated. true believes anyone, so clients could pick their own address: avoid it.
+   */
+  TRUST_PROXY: z
+    .string()
+    .default('false')
+    .refine(isTrustProxy, 'must be true, false, a number of hops, or IP addresses / CIDRs separated by commas')
+    .transform(parseTrustProxy),
+
+  // --- Rate limits and quotas
+  /** Requests per API key per RATE_LIMIT_WINDOW_MS, counted in Redis across every API process; 0 = no limit. */
+  RATE_LIMIT_MAX: int(0, 10_000_000).default(600),
+  /** The rate limit's window. */
+  RATE_LIMIT_WINDOW_MS: int(1_000, 86_400_000).default(60_000),
+  /** Failed authentications (missing, malformed, unknown or revoked keys) per client address per AUTH_FAILURE_WINDOW_MS; past it, every request from the address that needs a key gets 429 until the window ends. */
+  AUTH_FAILURE_LIMIT: int(1, 10_000_000).default(30),
+  /** The window of AUTH_FAILURE_LIMIT. */
+  AUTH_FAILURE_WINDOW_MS: int(1_000, 86_400_000).default(600_000),
+  /** Jobs a tenant may have queued or running at once; 0 = no limit. A tenant's own limit (`t2i tenants set`) wins. */
+  TENANT_MAX_IN_FLIGHT: int(0, 10_000_000).default(100),
+  /**
+   * Compute a tenant may ask for per UTC day, in pixel-steps (width x height x num_steps); 0 = no
+   * limit. Default 13,107,200,000 = 1,000 images of 512x512 at 50 steps. A tenant's own limit
+   * (`t2i tenants set`) wins.
+   */
+  TENANT_DAILY_PIXEL_STEPS: int(0, 1e15).default(13_107_200_000),
+
+  // --- Retention
+  /** Finished jobs older than this many days lose their image objects and prompts (the row stays, for accounting); 0 = keep forever. */
+  RETENTION_DAYS: int(0, 36_500).default(30),
+  /** How often each worker runs the retention sweeper. */
+  SWEEP_INTERVAL_MS: int(1_000, 86_400_000).default(3_600_000),
 
   // --- Worker
   /** A Stable Diffusion ONNX export (diffusers/optimum layout). */
@@ -165,7 +211,7 @@ export const envSchema = z.object({
   LOG_FILE_RETENTION: int(1, 10_000).default(14),
 
   // --- Metrics and error reporting
-  /** Bearer token Prometheus must send to GET /metrics (API and worker); /metrics is open when unset. */
+  /** Bearer token Prometheus must send to GET /metrics: without it the API serves no /metrics, and the worker's (on its internal port) is open. */
   METRICS_TOKEN: z.string().min(16, 'must be at least 16 characters').optional(),
   /** Sentry DSN; errors are reported only when set. */
   SENTRY_DSN: z.string().url('must be a Sentry DSN URL').optional(),
@@ -205,6 +251,12 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env, role: Role = 'a
   if (role === 'worker' && cleaned.MODEL_DIR === undefined && cleaned.MODEL_URI === undefined) {
     issues.push('MODEL_DIR: required by the worker (or MODEL_URI, a model export in S3)');
   }
+  // Secure by default: an API without keys must not be reachable from other machines.
+  if (role === 'api' && result.success && result.data.AUTH === 'off' && !isLoopbackHost(result.data.HOST)) {
+    issues.push(
+      `AUTH: "off" is only allowed when HOST is a loopback address (127.0.0.1, ::1, localhost), not "${result.data.HOST}"; create API keys with \`t2i keys create\` instead`,
+    );
+  }
   if (issues.length > 0) throw new ConfigError(issues);
   return result.data!;
 }
@@ -235,6 +287,37 @@ export function parseEndpoint(endpoint: string): { host: string; port: number; u
   const useSSL = url.protocol === 'https:';
   const port = url.port ? Number(url.port) : useSSL ? 443 : 80;
   return { host: url.hostname, port, useSSL, url: `${url.protocol}//${url.host}` };
+}
+
+/** Fastify's trustProxy: false, true, a hop count, or the addresses of trusted proxies. */
+export type TrustProxy = boolean | number | string[];
+
+function parseTrustProxy(v: string): TrustProxy {
+  const t = v.trim().toLowerCase();
+  if (t === 'false') return false;
+  if (t === 'true') return true;
+  if (/^\d+$/.test(t)) return Number(t);
+  return t.split(',').map((x) => x.trim());
+}
+
+function isTrustProxy(v: string): boolean {
+  const t = v.trim().toLowerCase();
+  if (t === 'false' || t === 'true' || /^\d{1,2}$/.test(t)) return true;
+  return t.split(',').every((entry) => {
+    const [addr, bits, ...rest] = entry.trim().split('/');
+    const family = isIP(addr ?? '');
+    if (family === 0 || rest.length > 0) return false;
+    return bits === undefined || (/^\d{1,3}$/.test(bits) && Number(bits) <= (family === 4 ? 32 : 128));
+  });
+}
+
+/** True for addresses only this machine can reach: 127.0.0.0/8, ::1 and localhost. */
+export function isLoopbackHost(host: string): boolean {
+  const h = host
+    .trim()
+    .toLowerCase()
+    .replace(/^\[|\]$/g, '');
+  return h === 'localhost' || h === '::1' || /^127\.\d{1,3}\.\d{1,3}\.\d{1,3}$/.test(h) || h === '::ffff:127.0.0.1';
 }
 
 function isEndpoint(v: string): boolean {

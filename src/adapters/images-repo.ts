@@ -1,7 +1,7 @@
-import type { Db, GeneratedImage } from './db/client.js';
+import { Prisma, type Db, type GeneratedImage } from './db/client.js';
 import { translateDbError } from './db/errors.js';
 import { translateErrors } from './translate.js';
-import type { AttemptOutcome, ImageRecord, ImagesRepo, NewImage } from '../core/images.js';
+import type { AttemptOutcome, ImageRecord, ImagesRepo, NewImage, QuotaLimits } from '../core/images.js';
 import { failure, isFailureCode, type Failure } from '../core/failures.js';
 
 /**
@@ -16,6 +16,7 @@ import { failure, isFailureCode, type Failure } from '../core/failures.js';
 function toRecord(row: GeneratedImage): ImageRecord {
   return {
     id: row.id,
+    tenantId: row.tenantId,
     status: row.status,
     prompt: row.prompt,
     negativePrompt: row.negativePrompt,
@@ -38,6 +39,36 @@ function toRecord(row: GeneratedImage): ImageRecord {
     finishedAt: row.finishedAt,
     cancelRequestedAt: row.cancelRequestedAt,
     generationMs: row.generationMs,
+    pixelSteps: Number(row.pixelSteps),
+    queuePriority: row.queuePriority,
+    deletedAt: row.deletedAt,
+  };
+}
+
+/** BullMQ's lowest priority (PRIORITY_LIMIT); priorities are ranks, capped here. */
+const MAX_PRIORITY = 2 ** 21 - 1;
+
+/**
+ * What counts against a tenant's quotas, from its rows: jobs queued or running, and the
+ * pixel-steps of jobs created since `dayStart`, except those canceled before any attempt began
+ * (they used nothing). Deleted jobs still count: their rows stay as tombstones for this.
+ */
+const usageOf = (tenantId: string, dayStart: Date) => Prisma.sql`
+  SELECT count(*) FILTER (WHERE status IN ('queued', 'running'))::int AS in_flight,
+         COALESCE(sum(pixel_steps) FILTER (WHERE created_at >= ${dayStart} AND NOT (status = 'canceled' AND attempts = 0)), 0)::bigint AS used,
+         count(*) FILTER (WHERE created_at >= ${dayStart})::int AS jobs
+    FROM generated_images
+   WHERE tenant_id = ${tenantId}::uuid AND (status IN ('queued', 'running') OR created_at >= ${dayStart})`;
+
+type UsageRow = { in_flight: number; used: bigint; jobs: number };
+const NO_DAY = new Date('9999-12-31T00:00:00Z');
+type LimitsRow = { max_in_flight: number | null; daily_pixel_steps: bigint | null };
+
+/** A tenant's own limit where set, else the configured default (0 = none). */
+function limitsOf(row: LimitsRow | undefined, defaults: Pick<QuotaLimits, 'maxInFlight' | 'dailyPixelSteps'>) {
+  return {
+    maxInFlight: row?.max_in_flight ?? defaults.maxInFlight,
+    dailyPixelSteps: row?.daily_pixel_steps === null || row?.daily_pixel_steps === undefined ? defaults.dailyPixelSteps : Number(row.daily_pixel_steps),
   };
 }
 
@@ -48,35 +79,127 @@ export function createImagesRepo(db: Db): ImagesRepo {
          WHERE image_id = ${id}::uuid AND attempt = ${attempt} AND outcome IS NULL`;
 
   const repo: ImagesRepo = {
-    async create(data: NewImage) {
-      const row = await db.generatedImage.create({
-        data: {
-          id: data.id,
-          prompt: data.prompt,
-          negativePrompt: data.negativePrompt,
-          numSteps: data.numSteps,
-          guidanceScale: data.guidanceScale,
-          seed: BigInt(data.seed),
-          width: data.width,
-          height: data.height,
-          scheduler: data.scheduler,
-        },
+    async create(data: NewImage, quota: QuotaLimits) {
+      // The tenant's row lock serializes its submissions across every API process, so two
+      // requests can never both take the last slot or the last of the budget.
+      return db.$transaction(async (tx) => {
+        const tenant = await tx.$queryRaw<LimitsRow[]>`
+          SELECT max_in_flight, daily_pixel_steps FROM tenants WHERE id = ${data.tenantId}::uuid FOR UPDATE`;
+        if (!tenant[0]) throw new Error(`tenant ${data.tenantId} does not exist`);
+        const limits = limitsOf(tenant[0], quota);
+        // Without a budget, today's jobs need not be summed (a busy tenant has many): counting from
+        // a day that never comes leaves only the jobs in flight, which the priority needs.
+        const since = limits.dailyPixelSteps > 0 ? quota.dayStart : NO_DAY;
+        const [u] = await tx.$queryRaw<UsageRow[]>(usageOf(data.tenantId, since));
+        const inFlight = u?.in_flight ?? 0;
+        const used = Number(u?.used ?? 0);
+        if (limits.maxInFlight > 0 && inFlight >= limits.maxInFlight) return { exceeded: 'in_flight' as const, limit: limits.maxInFlight, used: inFlight };
+        if (limits.dailyPixelSteps > 0 && used + data.pixelSteps > limits.dailyPixelSteps) {
+          return { exceeded: 'daily_pixel_steps' as const, limit: limits.dailyPixelSteps, used };
+        }
+        const row = await tx.generatedImage.create({
+          data: {
+            id: data.id,
+            tenantId: data.tenantId,
+            prompt: data.prompt,
+            negativePrompt: data.negativePrompt,
+            numSteps: data.numSteps,
+            guidanceScale: data.guidanceScale,
+            seed: BigInt(data.seed),
+            width: data.width,
+            height: data.height,
+            scheduler: data.scheduler,
+            pixelSteps: BigInt(data.pixelSteps),
+            // Its rank among the tenant's jobs in flight: the tenant's k-th job waits behind
+            // every other tenant's (k-1)-th, not behind whole backlogs.
+            queuePriority: Math.min(inFlight + 1, MAX_PRIORITY),
+          },
+        });
+        return { record: toRecord(row) };
       });
-      return toRecord(row);
     },
 
-    async get(id) {
-      const row = await db.generatedImage.findUnique({ where: { id } });
+    async get(id, tenantId) {
+      const row =
+        tenantId === undefined
+          ? await db.generatedImage.findUnique({ where: { id } })
+          : await db.generatedImage.findFirst({ where: { id, tenantId, deletedAt: null } });
       return row ? toRecord(row) : null;
     },
 
-    async list({ limit, before }) {
+    async list({ tenantId, limit, before }) {
       const rows = await db.generatedImage.findMany({
-        where: before ? { OR: [{ createdAt: { lt: before.createdAt } }, { createdAt: before.createdAt, id: { lt: before.id } }] } : {},
+        where: {
+          tenantId,
+          deletedAt: null,
+          ...(before ? { OR: [{ createdAt: { lt: before.createdAt } }, { createdAt: before.createdAt, id: { lt: before.id } }] } : {}),
+        },
         orderBy: [{ createdAt: 'desc' }, { id: 'desc' }],
         take: limit,
       });
       return rows.map(toRecord);
+    },
+
+    async usage(tenantId, defaults) {
+      const [tenant] = await db.$queryRaw<LimitsRow[]>`SELECT max_in_flight, daily_pixel_steps FROM tenants WHERE id = ${tenantId}::uuid`;
+      const [u] = await db.$queryRaw<UsageRow[]>(usageOf(tenantId, defaults.dayStart));
+      return { inFlight: u?.in_flight ?? 0, pixelStepsToday: Number(u?.used ?? 0), jobsToday: u?.jobs ?? 0, limits: limitsOf(tenant, defaults) };
+    },
+
+    async markDeleted(id) {
+      // Prompts go now; a queued job is canceled and a running one told to stop. file_name stays
+      // until the objects are removed (clearObjects), so a removal that fails is retried by the sweeper.
+      const rows = await db.$queryRaw<Array<{ id: string }>>`
+        UPDATE generated_images
+           SET deleted_at = COALESCE(deleted_at, now()), prompt = '', negative_prompt = NULL,
+               cancel_requested_at = CASE WHEN status IN ('queued', 'running') THEN COALESCE(cancel_requested_at, now()) ELSE cancel_requested_at END,
+               status = CASE WHEN status = 'queued' THEN 'canceled'::job_status ELSE status END,
+               finished_at = CASE WHEN status = 'queued' THEN now() ELSE finished_at END,
+               updated_at = now()
+         WHERE id = ${id}::uuid
+     RETURNING id`;
+      return rows.length === 1;
+    },
+
+    async clearObjects(id) {
+      await db.generatedImage.updateMany({ where: { id, deletedAt: { not: null } }, data: { fileName: null } });
+    },
+
+    async findExpired({ finishedBefore, limit }) {
+      const rows = await db.generatedImage.findMany({
+        where: { deletedAt: null, finishedAt: { lt: finishedBefore }, status: { in: ['succeeded', 'failed', 'canceled'] } },
+        orderBy: { finishedAt: 'asc' },
+        take: limit,
+        select: { id: true },
+      });
+      return rows.map((r) => r.id);
+    },
+
+    async findDeletedWithObjects({ limit }) {
+      const rows = await db.generatedImage.findMany({
+        where: { deletedAt: { not: null }, fileName: { not: null } },
+        orderBy: { deletedAt: 'asc' },
+        take: limit,
+        select: { id: true },
+      });
+      return rows.map((r) => r.id);
+    },
+
+    async unfairPriorities(limit) {
+      // Each queued job's rank among its tenant's jobs in flight (running ones first, then by
+      // age), where it differs from the priority it was queued with.
+      const rows = await db.$queryRaw<Array<{ id: string; rank: bigint }>>`
+        SELECT id, rank FROM (
+          SELECT id, status, queue_priority,
+                 row_number() OVER (PARTITION BY tenant_id ORDER BY (status = 'running') DESC, created_at, id) AS rank
+            FROM generated_images WHERE status IN ('queued', 'running')) ranked
+         WHERE status = 'queued' AND queue_priority <> LEAST(rank, ${MAX_PRIORITY})
+         ORDER BY rank LIMIT ${limit}`;
+      return rows.map((r) => ({ id: r.id, priority: Math.min(Number(r.rank), MAX_PRIORITY) }));
+    },
+
+    async setPriority(id, priority) {
+      await db.generatedImage.updateMany({ where: { id, status: 'queued' }, data: { queuePriority: priority } });
     },
 
     async startAttempt(id, workerId) {

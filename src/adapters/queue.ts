@@ -11,6 +11,9 @@ import { asError, translateErrors } from './translate.js';
 
 export { UnrecoverableError };
 
+/** BullMQ's lowest priority (its PRIORITY_LIMIT, 2^21 - 1); 1 is the highest we use. */
+const PRIORITY_LIMIT = 2 ** 21 - 1;
+
 export interface RedisOptions {
   /** Fail commands at once while disconnected instead of buffering them (API: answer 503 fast). */
   failFast?: boolean;
@@ -94,7 +97,17 @@ function translateRedisError(err: unknown): Error {
 export interface ProducerQueue {
   /** Resolves once connected (commands fail fast while disconnected, so wait at start-up). */
   ready(timeoutMs?: number): Promise<void>;
-  enqueue(imageId: string): Promise<void>;
+  /**
+   * Adds the job at a priority: BullMQ runs priority 1 first and equal priorities in the order
+   * they were added. Every job gets one (>= 1): jobs without a priority would go to BullMQ's wait
+   * list, which workers empty before they look at prioritized jobs at all.
+   */
+  enqueue(imageId: string, priority: number): Promise<void>;
+  /**
+   * Moves a waiting job to another priority (behind the jobs already there); an active job only
+   * records it. False when Redis has no such job.
+   */
+  changePriority(imageId: string, priority: number): Promise<boolean>;
   /** The BullMQ job's state, or null when Redis has no such job. */
   jobState(imageId: string): Promise<{ state: QueueJobState; failedReason?: string } | null>;
   /** Removes a job that no worker holds; false when it is locked by one (or absent). */
@@ -129,8 +142,14 @@ export function createProducer(redisUrl: string, s: QueueSettings): ProducerQueu
           });
         });
       },
-      async enqueue(imageId) {
-        await queue.add(GENERATE_JOB.name, { imageId }, { jobId: imageId });
+      async enqueue(imageId, priority) {
+        await queue.add(GENERATE_JOB.name, { imageId }, { jobId: imageId, priority: Math.min(Math.max(1, Math.round(priority)), PRIORITY_LIMIT) });
+      },
+      async changePriority(imageId, priority) {
+        const job = await queue.getJob(imageId);
+        if (!job) return false;
+        await job.changePriority({ priority: Math.min(Math.max(1, Math.round(priority)), PRIORITY_LIMIT) });
+        return true;
       },
       async jobState(imageId) {
         const job = await queue.getJob(imageId);

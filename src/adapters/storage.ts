@@ -48,6 +48,8 @@ export interface ImageStorage {
   /** A presigned GET URL for the PUBLIC endpoint when one is configured (users outside the services' network), else the internal one. ttlSeconds defaults to presignTtlSeconds and is capped at 7 days. No network call. */
   presignGet(key: string, ttlSeconds?: number): Promise<{ url: string; expiresAt: Date }>;
   remove(key: string): Promise<void>;
+  /** Removes every object of a job (each attempt stores its own, under images/<id>/). */
+  removeImageObjects(imageId: string): Promise<void>;
   /** Cheap reachability check for readiness probes (bucketExists with a short timeout). */
   ping(): Promise<void>;
 }
@@ -181,7 +183,7 @@ export function createStorage(opts: StorageOptions): ImageStorage {
     }
   };
 
-  return {
+  const storage: ImageStorage = {
     bucket,
 
     async ensureBucket() {
@@ -278,6 +280,11 @@ export function createStorage(opts: StorageOptions): ImageStorage {
       }
     },
 
+    async removeImageObjects(imageId) {
+      const prefix = objectKeyFor(imageId, 1).replace(/[^/]+$/, '');
+      for (const key of await storage.list(prefix)) await storage.remove(key);
+    },
+
     async ping() {
       const signal = AbortSignal.timeout(PING_TIMEOUT_MS);
       let exists: boolean;
@@ -297,6 +304,7 @@ export function createStorage(opts: StorageOptions): ImageStorage {
       }
     },
   };
+  return storage;
 }
 
 function hintFor(code: string | undefined, url: string): string {

@@ -2,9 +2,13 @@ import Fastify, { type FastifyBaseLogger, type FastifyError, type FastifyInstanc
 import type { Logger } from 'pino';
 import { DependencyUnavailableError, ProblemError, ValidationError } from '../core/errors.js';
 import type { ErrorReporter } from '../core/reporting.js';
+import type { AccountsService } from '../core/accounts.js';
 import type { ImageRecord, ImagesService } from '../core/images.js';
 import { createImageBody, fieldErrors, listQuery } from '../core/params.js';
 import { readiness } from '../core/lifecycle.js';
+import type { TrustProxy } from '../config.js';
+import { principalOf, registerAuth, type RateLimitOptions } from './auth.js';
+import { registerEdges, requestIdOf } from './edges.js';
 import { registerApiMetrics, type ApiMetrics } from './metrics.js';
 import { sendProblem } from './problem.js';
 
@@ -15,13 +19,23 @@ import { sendProblem } from './problem.js';
 
 export interface AppDeps {
   images: ImagesService;
+  /** Tells who sent a request (API keys); every /generated-images and /usage route is scoped to that tenant. */
+  accounts: AccountsService;
+  /** AUTH: 'off' makes every caller the anonymous tenant (main.ts allows it on loopback only). Default 'required'. */
+  auth?: 'required' | 'off';
+  /** Per-key and per-address limits (Redis-backed); none when absent. */
+  rateLimits?: RateLimitOptions;
+  /** CORS_ORIGINS: browser origins allowed to call the API; CORS is off when absent. */
+  corsOrigins?: string[] | undefined;
+  /** TRUST_PROXY: which proxies' X-Forwarded-For gives the client address. Default: none. */
+  trustProxy?: TrustProxy;
   logger: Logger;
   bodyLimit: number;
   /** Readiness of what the API depends on; the route answers 503 listing what is down. */
   checks?: Record<string, () => Promise<void>>;
   /** Request metrics and GET /metrics (src/api/metrics.ts); none when absent. */
   metrics?: ApiMetrics;
-  /** Bearer token GET /metrics requires (METRICS_TOKEN); open when unset. */
+  /** Bearer token GET /metrics requires (METRICS_TOKEN); without one the API serves no /metrics (its port is public). */
   metricsToken?: string | undefined;
   /** Where 5xx errors are reported (Sentry); client errors never are. */
   reporter?: ErrorReporter;
@@ -44,11 +58,17 @@ export function imageJson(r: ImageRecord) {
     // Why the job failed (or why its last attempt did): a stable code and a public message.
     error: r.errorCode ? { code: r.errorCode, message: r.error ?? '' } : null,
     attempts: r.attempts,
+    // What the job counts against the daily budget (width x height x num_steps).
+    pixel_steps: r.pixelSteps,
     cancel_requested_at: r.cancelRequestedAt?.toISOString() ?? null,
     created_at: r.createdAt.toISOString(),
     started_at: r.startedAt?.toISOString() ?? null,
     finished_at: r.finishedAt?.toISOString() ?? null,
   };
+}
+
+function trustHops(n: number) {
+  return (_address: string, hop: number) => hop < n;
 }
 
 export function buildApp(deps: AppDeps): FastifyInstance {
@@ -57,9 +77,12 @@ export function buildApp(deps: AppDeps): FastifyInstance {
     // eslint-disable-next-line @typescript-eslint/no-unnecessary-type-assertion
     loggerInstance: deps.logger as FastifyBaseLogger,
     bodyLimit: deps.bodyLimit,
-    // Request ids on every line the request logs; honour a caller's X-Request-Id.
-    requestIdHeader: 'x-request-id',
-    genReqId: () => crypto.randomUUID(),
+    // Request ids on every line the request logs: a caller's X-Request-Id only when short and plain.
+    requestIdHeader: false,
+    genReqId: requestIdOf,
+    // The client address rate limits and logs use: the socket's, unless proxies are trusted.
+    // A hop count as the function Fastify's types ask for (trust the n addresses nearest to us).
+    trustProxy: typeof deps.trustProxy === 'number' ? trustHops(deps.trustProxy) : (deps.trustProxy ?? false),
     return503OnClosing: true,
     routerOptions: { ignoreTrailingSlash: true },
     // Errors the router raises before any route or hook runs; Fastify's default answers them as plain JSON.
@@ -77,6 +100,7 @@ export function buildApp(deps: AppDeps): FastifyInstance {
   // "must be a JSON object" (400) instead of the 415 a wrong content type deserves.
   app.removeContentTypeParser('text/plain');
 
+  registerEdges(app, { corsOrigins: deps.corsOrigins });
   if (deps.metrics) registerApiMetrics(app, deps.metrics, { token: deps.metricsToken });
 
   // Tags only: the route pattern, never the URL (ids, query strings), and no body. An error text
@@ -131,33 +155,62 @@ export function buildApp(deps: AppDeps): FastifyInstance {
     return sendProblem(reply, 500, 'Internal Server Error', 'The server failed to handle the request; it has been logged.');
   });
 
-  app.post('/generated-images', async (request, reply) => {
-    const body = request.body;
-    if (typeof body !== 'object' || body === null || Array.isArray(body)) {
-      throw new ValidationError([{ field: '(body)', rule: 'type', message: 'must be a JSON object' }]);
-    }
-    // reportInput: zod 4 leaves `input` off issues otherwise, and fieldErrors would call every wrongly typed field "required".
-    const parsed = createImageBody.safeParse(body, { reportInput: true });
-    if (!parsed.success) throw new ValidationError(fieldErrors(parsed.error));
-    const record = await deps.images.create(parsed.data);
-    return reply.status(201).header('location', `/generated-images/${record.id}`).send(imageJson(record));
+  // Everything a tenant can see or do: behind the auth hook, and scoped to the caller's tenant.
+  // Another tenant's job answers exactly as an unknown id does (404).
+  void app.register(async (scope) => {
+    await registerAuth(scope, { accounts: deps.accounts, mode: deps.auth ?? 'required', rateLimits: deps.rateLimits });
+    const tenant = (request: FastifyRequest) => principalOf(request).tenantId;
+
+    scope.post('/generated-images', async (request, reply) => {
+      const body = request.body;
+      if (typeof body !== 'object' || body === null || Array.isArray(body)) {
+        throw new ValidationError([{ field: '(body)', rule: 'type', message: 'must be a JSON object' }]);
+      }
+      // reportInput: zod 4 leaves `input` off issues otherwise, and fieldErrors would call every wrongly typed field "required".
+      const parsed = createImageBody.safeParse(body, { reportInput: true });
+      if (!parsed.success) throw new ValidationError(fieldErrors(parsed.error));
+      const record = await deps.images.create(tenant(request), parsed.data);
+      return reply.status(201).header('location', `/generated-images/${record.id}`).send(imageJson(record));
+    });
+
+    scope.get('/generated-images', async (request) => {
+      const parsed = listQuery.safeParse(request.query, { reportInput: true });
+      if (!parsed.success) throw new ValidationError(fieldErrors(parsed.error));
+      const { items, nextCursor } = await deps.images.list(tenant(request), parsed.data.limit, parsed.data.cursor);
+      return { items: items.map(imageJson), next_cursor: nextCursor };
+    });
+
+    scope.get<{ Params: { id: string } }>('/generated-images/:id', async (request) => imageJson(await deps.images.get(tenant(request), request.params.id)));
+
+    scope.get<{ Params: { id: string } }>('/generated-images/:id/url', async (request) => {
+      const { url, expiresAt } = await deps.images.url(tenant(request), request.params.id);
+      return { url, expires_at: expiresAt.toISOString() };
+    });
+
+    scope.post<{ Params: { id: string } }>('/generated-images/:id/cancel', async (request) =>
+      imageJson(await deps.images.cancel(tenant(request), request.params.id)),
+    );
+
+    // Removes the image objects and the prompts; the job is gone for its owner (404 afterwards).
+    scope.delete<{ Params: { id: string } }>('/generated-images/:id', async (request, reply) => {
+      await deps.images.delete(tenant(request), request.params.id);
+      return reply.status(204).send();
+    });
+
+    scope.get('/usage', async (request) => {
+      const p = principalOf(request);
+      const u = await deps.images.usage(p.tenantId);
+      const budget = u.limits.dailyPixelSteps;
+      return {
+        tenant: p.tenantName,
+        day: u.day.toISOString().slice(0, 10),
+        resets_at: u.resetsAt.toISOString(),
+        pixel_steps: { used: u.pixelStepsToday, limit: budget || null, remaining: budget ? Math.max(0, budget - u.pixelStepsToday) : null },
+        in_flight: { used: u.inFlight, limit: u.limits.maxInFlight || null },
+        jobs_today: u.jobsToday,
+      };
+    });
   });
-
-  app.get('/generated-images', async (request) => {
-    const parsed = listQuery.safeParse(request.query, { reportInput: true });
-    if (!parsed.success) throw new ValidationError(fieldErrors(parsed.error));
-    const { items, nextCursor } = await deps.images.list(parsed.data.limit, parsed.data.cursor);
-    return { items: items.map(imageJson), next_cursor: nextCursor };
-  });
-
-  app.get<{ Params: { id: string } }>('/generated-images/:id', async (request) => imageJson(await deps.images.get(request.params.id)));
-
-  app.get<{ Params: { id: string } }>('/generated-images/:id/url', async (request) => {
-    const { url, expiresAt } = await deps.images.url(request.params.id);
-    return { url, expires_at: expiresAt.toISOString() };
-  });
-
-  app.post<{ Params: { id: string } }>('/generated-images/:id/cancel', async (request) => imageJson(await deps.images.cancel(request.params.id)));
 
   app.get('/healthz', async () => ({ status: 'ok' }));
 

@@ -1,9 +1,11 @@
+import { createAccountsRepo } from '../adapters/accounts-repo.js';
 import { createImagesRepo } from '../adapters/images-repo.js';
-import { checkRedis, createProducer } from '../adapters/queue.js';
+import { checkRedis, createProducer, createRedis } from '../adapters/queue.js';
 import { withTimeout } from '../core/lifecycle.js';
 import { createErrorReporter } from '../adapters/sentry.js';
 import { createStorage } from '../adapters/storage.js';
-import { loadConfig, type Config } from '../config.js';
+import { isLoopbackHost, loadConfig, type Config } from '../config.js';
+import { AccountsService } from '../core/accounts.js';
 import { createPrismaClient } from '../adapters/db/client.js';
 import { ImagesService } from '../core/images.js';
 import { createProcessLogger, type Logger } from '../core/logger.js';
@@ -28,7 +30,15 @@ export interface ApiOverrides {
 }
 
 export async function startApi(config: Config = loadConfig(process.env, 'api'), overrides: ApiOverrides = {}): Promise<RunningApi> {
+  // Also checked by loadConfig for the api role; repeated here for configurations made otherwise.
+  if (config.AUTH === 'off' && !isLoopbackHost(config.HOST)) {
+    throw new Error(
+      `AUTH=off is only allowed when HOST is a loopback address (127.0.0.1, ::1, localhost), not "${config.HOST}": anyone who can reach the API could use it`,
+    );
+  }
   const logger = overrides.logger ?? (await createProcessLogger(config, 'api'));
+  if (config.AUTH === 'off') logger.warn({}, 'AUTH=off: requests need no API key; every caller is the tenant "anonymous"');
+  if (!config.METRICS_TOKEN) logger.warn({}, 'METRICS_TOKEN is not set: the API serves no /metrics');
   const reporter = overrides.reporter ?? createErrorReporter(config, 'api');
   // Refuse to run on a Redis that may evict queue keys.
   await checkRedis(config.REDIS_URL);
@@ -36,10 +46,32 @@ export async function startApi(config: Config = loadConfig(process.env, 'api'), 
   const producer = createProducer(config.REDIS_URL, queueSettings(config));
   const storage = createStorage(storageOptions(config));
   await Promise.all([storage.ensureBucket(), producer.ready()]);
+  // Rate-limit counters: their own fail-fast connection, so an outage skips limits at once instead of queueing commands.
+  const limitsRedis = createRedis(config.REDIS_URL, { failFast: true });
+  limitsRedis.on('error', () => undefined);
   const repo = createImagesRepo(db);
-  const images = new ImagesService({ repo, queue: producer, storage, maxQueueDepth: config.MAX_QUEUE_DEPTH, log: logger });
+  const images = new ImagesService({
+    repo,
+    queue: producer,
+    storage,
+    maxQueueDepth: config.MAX_QUEUE_DEPTH,
+    maxPixelSteps: config.MAX_PIXEL_STEPS,
+    quotas: { maxInFlight: config.TENANT_MAX_IN_FLIGHT, dailyPixelSteps: config.TENANT_DAILY_PIXEL_STEPS },
+    log: logger,
+  });
   const app = buildApp({
     images,
+    accounts: new AccountsService(createAccountsRepo(db), logger),
+    auth: config.AUTH,
+    rateLimits: {
+      redis: limitsRedis,
+      // Per deployment (the queue name is), so deployments sharing a Redis do not share counters.
+      namespace: `t2i:${config.QUEUE_NAME}:rate:`,
+      perKey: { max: config.RATE_LIMIT_MAX, windowMs: config.RATE_LIMIT_WINDOW_MS },
+      authFailures: { max: config.AUTH_FAILURE_LIMIT, windowMs: config.AUTH_FAILURE_WINDOW_MS },
+    },
+    corsOrigins: config.CORS_ORIGINS,
+    trustProxy: config.TRUST_PROXY,
     logger,
     bodyLimit: config.BODY_LIMIT_BYTES,
     metrics: createApiMetrics(),
@@ -52,6 +84,7 @@ export async function startApi(config: Config = loadConfig(process.env, 'api'), 
     // Bounded, so a Redis or Postgres that went away cannot hold the process open.
     await Promise.allSettled([
       withTimeout(producer.close(), 5_000, 'closing the queue connection'),
+      Promise.resolve(limitsRedis.disconnect()),
       withTimeout(db.$disconnect(), 5_000, 'disconnecting from Postgres'),
       overrides.reporter ? undefined : reporter.close(),
     ]);

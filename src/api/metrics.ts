@@ -82,7 +82,10 @@ function byteLength(payload: unknown): number | undefined {
   return undefined;
 }
 
-/** Adds the hooks that measure every request, and GET /metrics (behind a bearer token when given). */
+/**
+ * Adds the hooks that measure every request, and GET /metrics behind the bearer token. The API's
+ * port faces users, so without a token there is no /metrics route at all (404, like any unknown path).
+ */
 export function registerApiMetrics(app: FastifyInstance, metrics: ApiMetrics, opts: { token?: string | undefined } = {}): void {
   const sizes = new WeakMap<FastifyRequest, number>();
 
@@ -102,7 +105,7 @@ export function registerApiMetrics(app: FastifyInstance, metrics: ApiMetrics, op
     metrics.responseSize.observe(labels, Number.isFinite(sent) ? sent : 0);
   });
 
-  registerMetricsRoute(app, metrics.registry, opts.token);
+  if (opts.token) registerMetricsRoute(app, metrics.registry, opts.token);
 }
 
 /** GET /metrics for a registry, behind a bearer token when one is given (API and worker alike). */

@@ -1,4 +1,5 @@
 import type { FastifyReply } from 'fastify';
+import { redactApiKeys } from '../core/api-keys.js';
 
 /**
  * Every error body the HTTP servers send (the API and the worker's health server) is one shape:
@@ -13,8 +14,12 @@ export function problemType(status: number, title: string): string {
 }
 
 export function sendProblem(reply: FastifyReply, status: number, title: string, detail: string, extra: Record<string, unknown> = {}) {
-  return reply
-    .status(status)
-    .type(PROBLEM_TYPE)
-    .send({ type: problemType(status, title), title, status, detail, ...extra });
+  return (
+    reply
+      .status(status)
+      .type(PROBLEM_TYPE)
+      // A detail or a field name may quote what the client sent (an id, a path, a body's keys):
+      // never an API key's secret.
+      .send({ type: problemType(status, title), title, status, detail: redactApiKeys(detail), ...(JSON.parse(redactApiKeys(JSON.stringify(extra))) as object) })
+  );
 }

@@ -6,12 +6,14 @@ import { Queue } from 'bullmq';
 import Fastify from 'fastify';
 import pg from 'pg';
 import { pino } from 'pino';
+import { createAccountsRepo } from '../adapters/accounts-repo.js';
 import { createImagesRepo } from '../adapters/images-repo.js';
 import { createConsumer, createRedis, UnrecoverableError } from '../adapters/queue.js';
 import { createStorage, objectKeyFor } from '../adapters/storage.js';
 import { loadConfig } from '../config.js';
 import { createPrismaClient } from '../adapters/db/client.js';
 import { applyMigrations } from '../adapters/db/migrate.js';
+import { AccountsService } from '../core/accounts.js';
 import { queueSettings, storageOptions } from '../core/wiring.js';
 import { freePort, servicesEnv, startServices, type LocalServices } from '../dev/services.js';
 import type { GenerateParams, Generation } from '../engine/pipeline.js';
@@ -141,14 +143,14 @@ interface CannonRound {
   durationS: number;
 }
 
-async function cannon(url: string, connections: number, durationSec: number): Promise<CannonRound> {
+async function cannon(url: string, connections: number, durationSec: number, auth: Record<string, string> = {}): Promise<CannonRound> {
   const latencies: number[] = [];
   const result = await new Promise<autocannon.Result>((resolve, reject) => {
     const instance = autocannon(
       {
         url: `${url}/generated-images`,
         method: 'POST',
-        headers: { 'content-type': 'application/json' },
+        headers: { ...auth, 'content-type': 'application/json' },
         body: BODY,
         connections,
         duration: durationSec,
@@ -248,6 +250,10 @@ export async function runServiceBench(options: ServiceBenchOptions = {}): Promis
       ...servicesEnv(services, 't2i-bench'),
       // Throughput of accepted submissions: back-pressure would turn the later ones into 503s.
       MAX_QUEUE_DEPTH: '0',
+      // Likewise the per-key rate limit and the tenant's quotas (the path still authenticates every request).
+      RATE_LIMIT_MAX: '0',
+      TENANT_MAX_IN_FLIGHT: '0',
+      TENANT_DAILY_PIXEL_STEPS: '0',
       HOST: '127.0.0.1',
       PORT: String(apiPort),
       LOG_LEVEL: logLevel,
@@ -255,6 +261,9 @@ export async function runServiceBench(options: ServiceBenchOptions = {}): Promis
     };
     const config = loadConfig(env, 'api');
     const qs = queueSettings(config);
+    const keyDb = createPrismaClient(services.postgres.url, { poolMax: 1 });
+    const auth = { authorization: `Bearer ${(await new AccountsService(createAccountsRepo(keyDb)).createKey('bench')).key}` };
+    await keyDb.$disconnect();
     out(`            queue "${qs.queueName}", DATABASE_POOL_MAX=${config.DATABASE_POOL_MAX} (API), bucket ${config.STORAGE_BUCKET}`);
 
     const db = new pg.Client({ connectionString: services.postgres.url });
@@ -270,7 +279,7 @@ export async function runServiceBench(options: ServiceBenchOptions = {}): Promis
     const reset = async () => {
       await adminQueue.obliterate({ force: true });
       if (await adminQueue.isPaused()) await adminQueue.resume();
-      await db.query('TRUNCATE generated_images');
+      await db.query('TRUNCATE job_attempts, generated_images');
     };
 
     const barePort = await freePort();
@@ -282,7 +291,7 @@ export async function runServiceBench(options: ServiceBenchOptions = {}): Promis
 
     // ---------------------------------------------------------------------------------------
     out(`\n1. accepted POST /generated-images per second (autocannon, ${connections} connections, ${durationSec} s rounds)`);
-    await cannon(api.url, connections, warmupSec);
+    await cannon(api.url, connections, warmupSec, auth);
     await cannon(bare.url, connections, warmupSec);
     await reset();
     const real: CannonRound[] = [];
@@ -290,7 +299,7 @@ export async function runServiceBench(options: ServiceBenchOptions = {}): Promis
     const line = (name: string, r: CannonRound) =>
       `${pad(name, 5)} ${pad(r.rps.toFixed(0), 6)} req/s  p50 ${pad(ms(r.p50), 9)} p99 ${pad(ms(r.p99), 9)} 2xx ${pad(String(r.ok), 7)} non-2xx ${r.non2xx}  errors ${r.errors}  timeouts ${r.timeouts}`;
     for (let i = 0; i < rounds; i++) {
-      const r = await cannon(api.url, connections, durationSec);
+      const r = await cannon(api.url, connections, durationSec, auth);
       real.push(r);
       const queued = await adminQueue.getJobCounts('waiting', 'prioritized');
       await reset();
@@ -398,7 +407,7 @@ export async function runServiceBench(options: ServiceBenchOptions = {}): Promis
     await consumer.worker.waitUntilReady();
 
     const post = async (): Promise<string> => {
-      const r = await fetch(`${api.url}/generated-images`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: BODY });
+      const r = await fetch(`${api.url}/generated-images`, { method: 'POST', headers: { ...auth, 'content-type': 'application/json' }, body: BODY });
       if (r.status !== 201) throw new Error(`POST answered ${r.status}: ${await r.text()}`);
       return ((await r.json()) as { id: string }).id;
     };

@@ -27,6 +27,12 @@ const HELP = `t2i: text-to-image on Stable Diffusion ONNX models
                         (--test-engine: the test double instead of a model, for tests only)
   t2i migrate [--dir FOLDER]
                         applies prisma/migrations (or FOLDER) to DATABASE_URL
+  t2i keys create --tenant NAME [--name LABEL] [--json]
+                        a new API key for the tenant (created if new), shown only this once
+  t2i keys list [--tenant NAME] [--json]    keys by prefix, tenant, name, last use, revocation
+  t2i keys revoke PREFIX                    the key stops working at once
+  t2i tenants list | set NAME [--max-in-flight N|default] [--daily-pixel-steps N|default]
+                        a tenant's own quotas instead of TENANT_MAX_IN_FLIGHT, TENANT_DAILY_PIXEL_STEPS
   t2i doctor [--json]   checks this host or image: Node and onnxruntime, execution providers
                         and their libraries, the model, Postgres, Redis and S3; exits 1 on a problem
   t2i check-libs [DIR|FILE ...] [--require NAME] [--driver-at-runtime]
@@ -106,6 +112,8 @@ const commands: Record<string, (argv: string[]) => Promise<void | number>> = {
   worker: workerCommand,
   migrate: migrateCommand,
   demo: demoCommand,
+  keys: async (argv) => (await import('./keys.js')).keysCommand(argv),
+  tenants: async (argv) => (await import('./keys.js')).tenantsCommand(argv),
   doctor: async (argv) => (await import('./doctor.js')).doctorCommand(argv),
   'check-libs': async (argv) => (await import('./check-libs.js')).checkLibsCommand(argv),
   models: async (argv) => (await import('./models.js')).modelsCommand(argv),

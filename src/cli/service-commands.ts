@@ -143,6 +143,21 @@ async function waitFor(url: string, timeoutMs: number, procs: ChildProcess[]): P
   throw new Error(`${url} did not answer within ${timeoutMs / 1000} s`);
 }
 
+/** A key for the demo's tenant, through the same service `t2i keys create` uses. */
+async function createDemoKey(databaseUrl: string): Promise<string> {
+  const [{ createPrismaClient }, { createAccountsRepo }, { AccountsService }] = await Promise.all([
+    import('../adapters/db/client.js'),
+    import('../adapters/accounts-repo.js'),
+    import('../core/accounts.js'),
+  ]);
+  const db = createPrismaClient(databaseUrl, { poolMax: 1 });
+  try {
+    return (await new AccountsService(createAccountsRepo(db)).createKey('demo', 'demo')).key;
+  } finally {
+    await db.$disconnect();
+  }
+}
+
 /**
  * The whole system on embedded defaults: throwaway Postgres, Redis and S3 (OpenStack Swift) in a
  * temp folder, the oracle model, the API on :8000 and one worker; then it submits a prompt,
@@ -182,20 +197,29 @@ export async function demoCommand(argv: string[]): Promise<void> {
       LOG_LEVEL: process.env.LOG_LEVEL ?? 'warn',
     };
     await applyMigrations(services.postgres.url, { log: (m) => process.stderr.write(`[migrate] ${m}\n`) });
+    // The API needs a key, as in production: make one the way `t2i keys create` does.
+    const key = await createDemoKey(services.postgres.url);
+    const auth = { authorization: `Bearer ${key}` };
     procs.push(child('api', ['api'], env), child('worker', ['worker'], env));
     const api = `http://127.0.0.1:${values.port}`;
     await waitFor(`${api}/healthz`, 60_000, procs);
     await waitFor(`http://127.0.0.1:${values['metrics-port']}/healthz`, 60_000, procs);
     say(`API on ${api}, worker metrics on http://127.0.0.1:${values['metrics-port']}, model ${modelDir}`);
+    say(`\nAPI key of the tenant "demo" (made like \`t2i keys create --tenant demo\`, shown only once):\n  ${key}`);
+    say(`\n$ export T2I_KEY=${key}`);
 
     const body = { prompt: values.prompt, num_steps: 30 };
-    say(`\n$ curl -X POST ${api}/generated-images -H 'content-type: application/json' -d '${JSON.stringify(body)}'`);
-    const created = await fetch(`${api}/generated-images`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) });
+    say(`$ curl -X POST ${api}/generated-images -H "Authorization: Bearer $T2I_KEY" -H 'content-type: application/json' -d '${JSON.stringify(body)}'`);
+    const created = await fetch(`${api}/generated-images`, {
+      method: 'POST',
+      headers: { ...auth, 'content-type': 'application/json' },
+      body: JSON.stringify(body),
+    });
     const job = (await created.json()) as { id: string; status: string; progress: number };
     say(`${created.status} ${JSON.stringify(job)}`);
     let last = -1;
     for (;;) {
-      const r = (await (await fetch(`${api}/generated-images/${job.id}`)).json()) as {
+      const r = (await (await fetch(`${api}/generated-images/${job.id}`, { headers: auth })).json()) as {
         status: string;
         progress: number;
         file_name: string | null;
@@ -212,12 +236,14 @@ export async function demoCommand(argv: string[]): Promise<void> {
       if (r.status === 'failed' || r.status === 'canceled') throw new Error(`the demo job ended ${r.status}: ${r.error}`);
       await new Promise((res) => setTimeout(res, 100));
     }
-    const url = (await (await fetch(`${api}/generated-images/${job.id}/url`)).json()) as { url: string; expires_at: string };
+    const url = (await (await fetch(`${api}/generated-images/${job.id}/url`, { headers: auth })).json()) as { url: string; expires_at: string };
     say(`\nimage URL (valid until ${url.expires_at}):\n${url.url}\n`);
-    say(
-      `try it yourself:\n  curl -s -X POST ${api}/generated-images -H 'content-type: application/json' -d '{"prompt": "a blue square at the top", "num_steps": 20}'`,
-    );
-    say(`  curl -s ${api}/generated-images/<id>\n  curl -s ${api}/generated-images/<id>/url`);
+    const h = '-H "Authorization: Bearer $T2I_KEY"';
+    say(`try it yourself (after the export above):`);
+    say(`  curl -s -X POST ${api}/generated-images ${h} -H 'content-type: application/json' -d '{"prompt": "a blue square at the top", "num_steps": 20}'`);
+    say(`  curl -s ${api}/generated-images/<id> ${h}\n  curl -s ${api}/generated-images/<id>/url ${h}`);
+    say(`  curl -s ${api}/usage ${h}\n  curl -s -X DELETE ${api}/generated-images/<id> ${h}`);
+    say(`  curl -s ${api}/generated-images ${h.replace('$T2I_KEY', 'not-a-key')}      # 401 problem+json`);
     if (values.exit) return;
     say('\nrunning until Ctrl-C ...');
     await untilSignal(async () => undefined);

@@ -64,6 +64,34 @@ export class ServiceUnavailableError extends ProblemError {
   }
 }
 
+/** Over a tenant's quota: what was exceeded, its limit and use, and when it resets (Retry-After). */
+export class QuotaExceededError extends ProblemError {
+  override name = 'QuotaExceededError';
+  constructor(
+    detail: string,
+    extra: { quota: 'in_flight' | 'daily_pixel_steps'; limit: number; used: number; requested?: number; resets_at: string | null },
+    retryAfterSeconds: number,
+  ) {
+    super(429, 'Quota exceeded', detail, extra, { 'retry-after': String(retryAfterSeconds) });
+  }
+}
+
+/** Too many requests for a key (or too many failed authentications from an address). */
+export class RateLimitedError extends ProblemError {
+  override name = 'RateLimitedError';
+  constructor(detail: string, headers: Record<string, string>) {
+    super(429, 'Too Many Requests', detail, {}, headers);
+  }
+}
+
+/** No usable API key. The detail says what to send, never what was sent. */
+export class UnauthorizedError extends ProblemError {
+  override name = 'UnauthorizedError';
+  constructor(detail: string) {
+    super(401, 'Unauthorized', detail, {}, { 'www-authenticate': 'Bearer realm="t2i"' });
+  }
+}
+
 export type Dependency = 'database' | 'job queue' | 'storage';
 
 /**

@@ -1,6 +1,6 @@
 import { randomUUID } from 'node:crypto';
 import { randomSeed } from '../engine/random.js';
-import { ConflictError, ImageNotAvailableError, NotFoundError, ServiceUnavailableError, ValidationError } from './errors.js';
+import { ConflictError, ImageNotAvailableError, NotFoundError, QuotaExceededError, ServiceUnavailableError, ValidationError } from './errors.js';
 import type { Failure, FailureCode } from './failures.js';
 import { pixelSteps, type CreateImageBody } from './params.js';
 
@@ -13,6 +13,8 @@ export type JobStatus = 'queued' | 'running' | 'succeeded' | 'failed' | 'cancele
 
 export interface ImageRecord {
   id: string;
+  /** The tenant that owns the job: nothing about it is visible to any other. */
+  tenantId: string;
   status: JobStatus;
   prompt: string;
   negativePrompt: string | null;
@@ -37,9 +39,41 @@ export interface ImageRecord {
   finishedAt: Date | null;
   cancelRequestedAt: Date | null;
   generationMs: number | null;
+  /** What the job was charged against the daily budget: width x height x num_steps. */
+  pixelSteps: number;
+  /** The BullMQ priority it is queued with (its rank among its tenant's jobs in flight). */
+  queuePriority: number;
+  /** When the job was deleted or expired; the API no longer shows it. */
+  deletedAt: Date | null;
 }
 
-export type NewImage = Pick<ImageRecord, 'id' | 'prompt' | 'negativePrompt' | 'numSteps' | 'guidanceScale' | 'seed' | 'width' | 'height' | 'scheduler'>;
+export type NewImage = Pick<
+  ImageRecord,
+  'id' | 'tenantId' | 'prompt' | 'negativePrompt' | 'numSteps' | 'guidanceScale' | 'seed' | 'width' | 'height' | 'scheduler' | 'pixelSteps'
+>;
+
+/** Per-tenant quotas (a tenant's own limits in its row win); 0 means no limit. */
+export interface Quotas {
+  /** Jobs queued or running at once. */
+  maxInFlight: number;
+  /** Pixel-steps per UTC day. */
+  dailyPixelSteps: number;
+}
+
+export interface QuotaLimits extends Quotas {
+  /** Start of the current UTC day: jobs created since count against today's budget. */
+  dayStart: Date;
+}
+
+export type CreateResult = { record: ImageRecord } | { exceeded: 'in_flight' | 'daily_pixel_steps'; limit: number; used: number };
+
+export interface TenantUsage {
+  inFlight: number;
+  pixelStepsToday: number;
+  jobsToday: number;
+  /** The limits that apply to this tenant (0 = none). */
+  limits: Quotas;
+}
 
 /**
  * How an attempt ended (job_attempts.outcome): `retried` failed and goes back to the queue,
@@ -50,10 +84,31 @@ export type NewImage = Pick<ImageRecord, 'id' | 'prompt' | 'negativePrompt' | 'n
 export type AttemptOutcome = 'succeeded' | 'failed' | 'retried' | 'released' | 'engine_failed' | 'superseded' | 'canceled' | 'lost';
 
 export interface ImagesRepo {
-  create(data: NewImage): Promise<ImageRecord>;
-  get(id: string): Promise<ImageRecord | null>;
-  /** Newest first, strictly older than `before` when given. */
-  list(q: { limit: number; before?: { createdAt: Date; id: string } }): Promise<ImageRecord[]>;
+  /**
+   * Inserts the job unless the tenant is over a quota (checked and inserted under the tenant's
+   * lock, so concurrent submissions on any API process cannot overshoot). The job is queued with
+   * priority = 1 + the tenant's jobs already in flight.
+   */
+  create(data: NewImage, quota: QuotaLimits): Promise<CreateResult>;
+  /** With a tenant: only that tenant's job, and not a deleted one (the API's view). Without: any row (workers). */
+  get(id: string, tenantId?: string): Promise<ImageRecord | null>;
+  /** A tenant's jobs (not deleted), newest first, strictly older than `before` when given. */
+  list(q: { tenantId: string; limit: number; before?: { createdAt: Date; id: string } }): Promise<ImageRecord[]>;
+  usage(tenantId: string, defaults: QuotaLimits): Promise<TenantUsage>;
+  /**
+   * Deletes the job's content: blanks its prompts, marks it deleted, cancels it if queued and asks
+   * a running attempt to stop. The row stays as a tombstone (tenant, size, pixel-steps, times).
+   */
+  markDeleted(id: string): Promise<boolean>;
+  /** Forgets a deleted job's object name once its objects are gone. */
+  clearObjects(id: string): Promise<void>;
+  /** Live jobs that finished before the cutoff (the retention sweeper deletes them). */
+  findExpired(q: { finishedBefore: Date; limit: number }): Promise<string[]>;
+  /** Deleted jobs that still name an object (its removal failed or an attempt finished after the delete). */
+  findDeletedWithObjects(q: { limit: number }): Promise<string[]>;
+  /** Queued jobs whose priority is no longer their rank among their tenant's jobs in flight, with the rank. */
+  unfairPriorities(limit: number): Promise<Array<{ id: string; priority: number }>>;
+  setPriority(id: string, priority: number): Promise<void>;
   /** Claims the next attempt; null when the job is already finished or canceled. */
   startAttempt(id: string, workerId: string): Promise<{ record: ImageRecord; attempt: number } | null>;
   /**
@@ -98,26 +153,48 @@ export interface ImagesRepo {
 }
 
 export interface JobQueue {
-  enqueue(imageId: string): Promise<void>;
+  /** Adds the job at a priority (1 runs first; equal priorities run in the order they were added). */
+  enqueue(imageId: string, priority: number): Promise<void>;
   /** Removes a queued job no worker holds; false otherwise. */
   remove(imageId: string): Promise<boolean>;
   /** Jobs waiting to run (waiting + delayed + prioritized), for back-pressure. */
   depth(): Promise<number>;
 }
 
-export interface ImageUrls {
+export interface ImageObjects {
   presignGet(key: string): Promise<{ url: string; expiresAt: Date }>;
+  /** Removes every object any attempt of the job stored. */
+  removeImageObjects(imageId: string): Promise<void>;
 }
 
 export interface ImagesServiceDeps {
   repo: ImagesRepo;
   queue: JobQueue;
-  storage: ImageUrls;
+  storage: ImageObjects;
+  /** Quotas of every tenant without limits of its own; none when absent. */
+  quotas?: Quotas;
   /** Past this many waiting jobs, submissions get 503 with Retry-After. 0 = no limit. */
   maxQueueDepth?: number;
   /** Largest width x height x num_steps of one request (MAX_PIXEL_STEPS); no limit when absent. */
   maxPixelSteps?: number;
   log?: { warn: (obj: object, msg: string) => void };
+}
+
+/** Start of the UTC day of `now`, and of the next one (when daily budgets reset). */
+export function utcDay(now = new Date()): { start: Date; next: Date } {
+  const start = new Date(Date.UTC(now.getUTCFullYear(), now.getUTCMonth(), now.getUTCDate()));
+  return { start, next: new Date(start.getTime() + 86_400_000) };
+}
+
+/**
+ * Deletes a job's content: the row becomes a tombstone without prompts, then every object of
+ * the job is removed. If storage fails, the row still names its object and the retention
+ * sweeper removes it later; the job is gone for its owner either way.
+ */
+export async function purgeImage(deps: { repo: ImagesRepo; storage: Pick<ImageObjects, 'removeImageObjects'> }, id: string): Promise<void> {
+  await deps.repo.markDeleted(id);
+  await deps.storage.removeImageObjects(id);
+  await deps.repo.clearObjects(id);
 }
 
 /** How long a measured queue depth is trusted: one Redis round trip per second, not per POST. */
@@ -153,7 +230,7 @@ export class ImagesService {
    * queued and the caller still gets its job: the workers' reconciler enqueues rows that have no
    * job behind them, so nothing is lost and the client has no reason to submit twice.
    */
-  async create(body: CreateImageBody): Promise<ImageRecord> {
+  async create(tenantId: string, body: CreateImageBody): Promise<ImageRecord> {
     const cost = pixelSteps(body);
     const max = this.deps.maxPixelSteps;
     if (max !== undefined && cost > max) {
@@ -166,19 +243,27 @@ export class ImagesService {
       ]);
     }
     await this.checkBackPressure();
-    const record = await this.deps.repo.create({
-      id: randomUUID(),
-      prompt: body.prompt,
-      negativePrompt: body.negative_prompt,
-      numSteps: body.num_steps,
-      guidanceScale: body.guidance_scale,
-      seed: body.seed ?? randomSeed(),
-      width: body.width,
-      height: body.height,
-      scheduler: body.scheduler,
-    });
+    const day = utcDay();
+    const created = await this.deps.repo.create(
+      {
+        id: randomUUID(),
+        tenantId,
+        prompt: body.prompt,
+        negativePrompt: body.negative_prompt,
+        numSteps: body.num_steps,
+        guidanceScale: body.guidance_scale,
+        seed: body.seed ?? randomSeed(),
+        width: body.width,
+        height: body.height,
+        scheduler: body.scheduler,
+        pixelSteps: cost,
+      },
+      { ...this.quotas(), dayStart: day.start },
+    );
+    if ('exceeded' in created) throw quotaError(created, cost, day.next);
+    const { record } = created;
     try {
-      await this.deps.queue.enqueue(record.id);
+      await this.deps.queue.enqueue(record.id, record.queuePriority);
     } catch (err) {
       this.deps.log?.warn({ err, imageId: record.id }, 'enqueue failed after the row was committed; the reconciler will enqueue it');
     }
@@ -190,8 +275,8 @@ export class ImagesService {
    * one is flagged and stops between denoising steps. A job that already succeeded or failed
    * cannot be canceled (409).
    */
-  async cancel(id: string): Promise<ImageRecord> {
-    const before = await this.get(id);
+  async cancel(tenantId: string, id: string): Promise<ImageRecord> {
+    const before = await this.get(tenantId, id);
     if (before.status === 'succeeded' || before.status === 'failed') {
       throw new ConflictError(`The job already ${before.status}; there is nothing to cancel.`);
     }
@@ -200,21 +285,42 @@ export class ImagesService {
     return after;
   }
 
-  async get(id: string): Promise<ImageRecord> {
-    const record = UUID.test(id) ? await this.deps.repo.get(id) : null;
+  /**
+   * The caller's job. Another tenant's job, a deleted one and an unknown id all answer the same
+   * 404, from the same single query, so nothing tells them apart.
+   */
+  async get(tenantId: string, id: string): Promise<ImageRecord> {
+    const record = UUID.test(id) ? await this.deps.repo.get(id, tenantId) : null;
     if (!record) throw new NotFoundError(`No generated image has the id "${id}".`);
     return record;
   }
 
-  async list(limit: number, cursor?: string): Promise<{ items: ImageRecord[]; nextCursor: string | null }> {
+  /** Deletes the caller's job: its image objects and its prompts (the row stays as a tombstone for accounting). */
+  async delete(tenantId: string, id: string): Promise<void> {
+    const record = await this.get(tenantId, id);
+    await purgeImage(this.deps, id);
+    if (record.status === 'queued') await this.deps.queue.remove(id).catch(() => false);
+  }
+
+  async usage(tenantId: string): Promise<TenantUsage & { day: Date; resetsAt: Date }> {
+    const day = utcDay();
+    const usage = await this.deps.repo.usage(tenantId, { ...this.quotas(), dayStart: day.start });
+    return { ...usage, day: day.start, resetsAt: day.next };
+  }
+
+  private quotas(): Quotas {
+    return this.deps.quotas ?? { maxInFlight: 0, dailyPixelSteps: 0 };
+  }
+
+  async list(tenantId: string, limit: number, cursor?: string): Promise<{ items: ImageRecord[]; nextCursor: string | null }> {
     const before = cursor === undefined ? undefined : decodeCursor(cursor);
-    const items = await this.deps.repo.list({ limit, ...(before ? { before } : {}) });
+    const items = await this.deps.repo.list({ tenantId, limit, ...(before ? { before } : {}) });
     const last = items.at(-1);
     return { items, nextCursor: items.length === limit && last ? encodeCursor(last) : null };
   }
 
-  async url(id: string): Promise<{ url: string; expiresAt: Date }> {
-    const record = await this.get(id);
+  async url(tenantId: string, id: string): Promise<{ url: string; expiresAt: Date }> {
+    const record = await this.get(tenantId, id);
     switch (record.status) {
       case 'succeeded':
         if (!record.fileName) throw new Error(`image ${id} succeeded without a stored object`);
@@ -227,6 +333,24 @@ export class ImagesService {
         throw new ImageNotAvailableError('Image is not available yet. Please try again later.', record.status);
     }
   }
+}
+
+function quotaError(e: Extract<CreateResult, { exceeded: string }>, cost: number, nextDay: Date): QuotaExceededError {
+  const n = (v: number) => v.toLocaleString('en-US');
+  if (e.exceeded === 'in_flight') {
+    return new QuotaExceededError(
+      `You have ${n(e.used)} jobs queued or running, the most this account may have at once (${n(e.limit)}). Submit again when one of them finishes or is canceled.`,
+      { quota: 'in_flight', limit: e.limit, used: e.used, resets_at: null },
+      // No fixed reset: a slot frees when a job ends. A short wait is a reasonable next try.
+      10,
+    );
+  }
+  const retryAfter = Math.max(1, Math.ceil((nextDay.getTime() - Date.now()) / 1000));
+  return new QuotaExceededError(
+    `This job costs ${n(cost)} pixel-steps (width × height × num_steps), and ${n(e.used)} of today's ${n(e.limit)} are used. The budget resets at ${nextDay.toISOString()} (00:00 UTC).`,
+    { quota: 'daily_pixel_steps', limit: e.limit, used: e.used, requested: cost, resets_at: nextDay.toISOString() },
+    retryAfter,
+  );
 }
 
 /** Opaque keyset cursor: the last item's creation time (microseconds are not kept by JS Dates) and id. */

@@ -1,6 +1,7 @@
 import { pino, type DestinationStream, type Level, type Logger, type StreamEntry } from 'pino';
 import PinoPretty from 'pino-pretty';
 import type { Config } from '../config.js';
+import { redactApiKeys } from './api-keys.js';
 
 /**
  * One logger configuration for every process: JSON lines when stdout is not a terminal,
@@ -50,11 +51,12 @@ const PROMPT_KEYS = ['prompt', 'negativePrompt', 'negative_prompt'];
 const DEBUG = 20;
 
 /**
- * Blanks secrets in a text: presigned URL signatures and credentials, and every literal secret
- * given (as written, JSON-escaped, and URL-encoded). Used on log lines and on error reports.
+ * Blanks secrets in a text: presigned URL signatures and credentials, the secret of any API key,
+ * and every literal secret given (as written, JSON-escaped, and URL-encoded). Used on log lines and on error reports.
  */
 export function scrubSecrets(text: string, secrets: readonly string[] = []): string {
-  let out = text.replace(SIGNED_QUERY, `$1${REDACTED}`);
+  // An API key a client put in the wrong place (a query string, a path) keeps only its public prefix.
+  let out = redactApiKeys(text.replace(SIGNED_QUERY, `$1${REDACTED}`), REDACTED);
   for (const secret of secrets) {
     // Short values would blank ordinary words: only secrets of some length are searched for.
     if (secret.length < 6) continue;

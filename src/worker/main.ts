@@ -20,6 +20,7 @@ import { buildHealthApp } from './health.js';
 import { createWorkerMetrics } from './metrics.js';
 import { createProcessor } from './processor.js';
 import { createReconciler } from './reconciler.js';
+import { createSweeper } from './sweeper.js';
 import { SHUTDOWN_TIMEOUTS_MS } from './shutdown.js';
 import { resolveModelDir } from './model-source.js';
 
@@ -191,6 +192,8 @@ export async function startWorker(config: Config = loadConfig(process.env, 'work
     runningGraceMs: Math.max(60_000, 4 * config.JOB_LOCK_MS),
   });
   reconciler.start(config.RECONCILE_INTERVAL_MS);
+  const sweeper = createSweeper({ repo, storage, log: logger.child({ component: 'sweeper' }), retentionDays: config.RETENTION_DAYS });
+  sweeper.start(config.SWEEP_INTERVAL_MS);
 
   const health = buildHealthApp({
     registry: metrics.registry,
@@ -217,7 +220,10 @@ export async function startWorker(config: Config = loadConfig(process.env, 'work
         // Every step runs even if one before it failed or timed out (Redis or Postgres unreachable);
         // the consumer stops before the clients it uses are closed.
         const results = [
-          ...(await Promise.allSettled([withTimeout(reconciler.stop(), SHUTDOWN_TIMEOUTS_MS.cleanup, 'stopping the reconciler')])),
+          ...(await Promise.allSettled([
+            withTimeout(reconciler.stop(), SHUTDOWN_TIMEOUTS_MS.cleanup, 'stopping the reconciler'),
+            withTimeout(sweeper.stop(), SHUTDOWN_TIMEOUTS_MS.cleanup, 'stopping the sweeper'),
+          ])),
           ...(await Promise.allSettled([
             withTimeout(consumer.close(config.SHUTDOWN_GRACE_MS), config.SHUTDOWN_GRACE_MS + SHUTDOWN_TIMEOUTS_MS.release, 'closing the queue consumer'),
           ])),

@@ -16,31 +16,41 @@ import { failureFromQueueReason } from '../core/failures.js';
  *   row queued or running, job failed     -> mark the row failed with the queue's reason
  *   anything else (waiting, active, delayed) is in flight and left alone.
  *
+ * It also keeps scheduling fair (docs/operations.md "Fair scheduling"): a job is queued with
+ * priority = its rank among its tenant's jobs in flight, and ranks fall as that tenant's earlier
+ * jobs finish. Each pass gives every queued job whose rank changed its current rank (front of
+ * each tenant's line first), so a tenant with a long backlog keeps taking turns with newcomers
+ * instead of being pushed behind them.
+ *
  * Every worker may run one; all repairs are idempotent or conditional, so several can overlap.
  */
 
 export interface ReconcilerDeps {
   repo: ImagesRepo;
-  queue: Pick<ProducerQueue, 'jobState' | 'enqueue' | 'remove'>;
+  queue: Pick<ProducerQueue, 'jobState' | 'enqueue' | 'remove' | 'changePriority'>;
   log: { info(obj: object, msg: string): void; warn(obj: object, msg: string): void };
   /** A queued row untouched this long is checked. */
   queuedGraceMs: number;
   /** A running row untouched this long is checked (more than a lock period plus a step). */
   runningGraceMs: number;
   batch?: number;
+  /** Most priorities corrected per pass. */
+  priorityBatch?: number;
 }
 
 export interface ReconcileSummary {
   checked: number;
   requeued: number;
   failed: number;
+  /** Queued jobs moved to their tenant rank's priority. */
+  reprioritized: number;
 }
 
 export function createReconciler(deps: ReconcilerDeps) {
   async function repair(row: ImageRecord, summary: ReconcileSummary): Promise<void> {
     const job = await deps.queue.jobState(row.id);
     if (!job) {
-      await deps.queue.enqueue(row.id);
+      await deps.queue.enqueue(row.id, row.queuePriority);
       summary.requeued++;
       deps.log.warn({ imageId: row.id, status: row.status }, 'reconciler: job missing from the queue; enqueued again');
       return;
@@ -54,7 +64,7 @@ export function createReconciler(deps: ReconcilerDeps) {
     }
     if (job.state === 'completed' && row.status === 'queued') {
       if (await deps.queue.remove(row.id)) {
-        await deps.queue.enqueue(row.id);
+        await deps.queue.enqueue(row.id, row.queuePriority);
         summary.requeued++;
         deps.log.warn({ imageId: row.id }, 'reconciler: queue had completed a job whose row is still queued; enqueued again');
       }
@@ -62,7 +72,7 @@ export function createReconciler(deps: ReconcilerDeps) {
   }
 
   async function runOnce(now = new Date()): Promise<ReconcileSummary> {
-    const summary: ReconcileSummary = { checked: 0, requeued: 0, failed: 0 };
+    const summary: ReconcileSummary = { checked: 0, requeued: 0, failed: 0, reprioritized: 0 };
     const rows = await deps.repo.findStale({
       queuedBefore: new Date(now.getTime() - deps.queuedGraceMs),
       runningBefore: new Date(now.getTime() - deps.runningGraceMs),
@@ -71,6 +81,14 @@ export function createReconciler(deps: ReconcilerDeps) {
     for (const row of rows) {
       summary.checked++;
       await repair(row, summary);
+    }
+    for (const { id, priority } of await deps.repo.unfairPriorities(deps.priorityBatch ?? 1_000)) {
+      // The queue first: the row records what the queue has. A job that is gone or already
+      // running keeps its row as it is (the repairs above handle missing jobs).
+      if (await deps.queue.changePriority(id, priority)) {
+        await deps.repo.setPriority(id, priority);
+        summary.reprioritized++;
+      }
     }
     return summary;
   }
@@ -84,7 +102,7 @@ export function createReconciler(deps: ReconcilerDeps) {
       timer = setInterval(() => {
         running = running.then(() =>
           runOnce().then(
-            (s) => s.requeued + s.failed > 0 && deps.log.info(s, 'reconciler repaired jobs'),
+            (s) => s.requeued + s.failed + s.reprioritized > 0 && deps.log.info(s, 'reconciler repaired jobs'),
             (err: unknown) => deps.log.warn({ err }, 'reconciler pass failed'),
           ),
         );

@@ -1,7 +1,8 @@
 /**
  * The HTTP API in-process, on real adapters: Postgres through Prisma, BullMQ on Redis, S3
- * (Swift) through minio. Requests go over a real socket with supertest; no worker runs, so
- * jobs stay queued unless a test moves a row on itself in the database.
+ * (Swift) through minio. Requests go over a real socket with supertest, with one tenant's API
+ * key (tests/integration/isolation.test.ts covers the others); no worker runs, so jobs stay
+ * queued unless a test moves a row on itself in the database.
  */
 import { randomUUID } from 'node:crypto';
 import { Queue } from 'bullmq';
@@ -12,16 +13,19 @@ import { pino } from 'pino';
 import sharp from 'sharp';
 import request from 'supertest';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { createAccountsRepo } from '../../src/adapters/accounts-repo.js';
 import { createImagesRepo } from '../../src/adapters/images-repo.js';
 import { createProducer, type ProducerQueue } from '../../src/adapters/queue.js';
 import { createStorage, objectKeyFor, type ImageStorage } from '../../src/adapters/storage.js';
 import { buildApp } from '../../src/api/app.js';
 import type { Config } from '../../src/config.js';
 import { createPrismaClient, type Db } from '../../src/adapters/db/client.js';
+import { AccountsService } from '../../src/core/accounts.js';
 import { ImagesService } from '../../src/core/images.js';
 import { GENERATION_LIMITS } from '../../src/engine/pipeline.js';
 import { failure } from '../../src/core/failures.js';
 import { queueSettings, storageOptions } from '../../src/core/wiring.js';
+import { createTestKey } from '../support/accounts.js';
 import { isolatedConfig } from '../support/system.js';
 
 const UUID_RE = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
@@ -34,9 +38,11 @@ let storage: ImageStorage;
 let app: FastifyInstance;
 let redis: Redis;
 let inspectQueue: Queue;
+let auth: { authorization: string };
 
 beforeAll(async () => {
   config = await isolatedConfig();
+  ({ auth } = await createTestKey(config.DATABASE_URL));
   db = createPrismaClient(config.DATABASE_URL);
   producer = createProducer(config.REDIS_URL, queueSettings(config));
   storage = createStorage(storageOptions(config));
@@ -46,6 +52,7 @@ beforeAll(async () => {
   const images = new ImagesService({ repo, queue: producer, storage, log: logger });
   app = buildApp({
     images,
+    accounts: new AccountsService(createAccountsRepo(db)),
     logger,
     bodyLimit: config.BODY_LIMIT_BYTES,
     checks: { postgres: () => repo.ping(), redis: async () => void (await producer.counts()), storage: () => storage.ping() },
@@ -63,7 +70,11 @@ afterAll(async () => {
   await db?.$disconnect();
 });
 
-const api = () => request(app.server);
+/** Requests with the tenant's key, as its client sends them. */
+const api = () => {
+  const r = request(app.server);
+  return { get: (p: string) => r.get(p).set(auth), post: (p: string) => r.post(p).set(auth), delete: (p: string) => r.delete(p).set(auth) };
+};
 
 /** Every error the API sends: problem+json with type, title, status (matching the response) and a detail. */
 function expectProblem(res: request.Response, status: number): Record<string, unknown> {
@@ -323,7 +334,7 @@ describe('GET /generated-images/{id}/url', () => {
     expect(body.detail).toMatch(/cancel/i);
   });
 
-  it('a succeeded job → 200 {url, expires_at}; the URL downloads the PNG; it expires in about 7 days', async () => {
+  it('a succeeded job → 200 {url, expires_at}; the URL downloads the PNG; it expires in about 1 hour (PRESIGN_TTL_SECONDS)', async () => {
     const { id } = await createImage();
     const png = await tinyPng();
     const key = objectKeyFor(id, 1);
@@ -337,8 +348,8 @@ describe('GET /generated-images/{id}/url', () => {
     const urlBody = res.body as { url: string; expires_at: string };
     expect(Object.keys(urlBody).sort()).toEqual(['expires_at', 'url']);
     const { url, expires_at } = urlBody;
-    const sevenDays = 7 * 24 * 3600 * 1000;
-    expect(Math.abs(Date.parse(expires_at) - (before + sevenDays))).toBeLessThan(60_000);
+    expect(config.PRESIGN_TTL_SECONDS).toBe(3600);
+    expect(Math.abs(Date.parse(expires_at) - (before + 3600 * 1000))).toBeLessThan(60_000);
 
     const download = await fetch(url);
     expect(download.status).toBe(200);
@@ -439,6 +450,30 @@ describe('other routes', () => {
     expect(mine.headers['x-request-id']).toBe('req-123');
     const generated = await api().get('/nope');
     expect(generated.headers['x-request-id']).toMatch(UUID_RE);
+  });
+
+  it('replaces an X-Request-Id that is long or not plain with its own', async () => {
+    for (const odd of ['x'.repeat(65), 'a b', 'tab\there', '{"json":1}', '../../etc', '-starts-with-dash']) {
+      const res = await api().get('/healthz').set('x-request-id', odd);
+      expect(res.headers['x-request-id'], odd).toMatch(UUID_RE);
+    }
+    const longest = `r${'1'.repeat(63)}`;
+    expect((await api().get('/healthz').set('x-request-id', longest)).headers['x-request-id']).toBe(longest);
+  });
+
+  it('sends security headers on every answer, errors included, and no CORS headers when CORS_ORIGINS is unset', async () => {
+    for (const res of [await api().get('/healthz'), await api().get('/nope'), await request(app.server).get('/generated-images')]) {
+      expect(res.headers['x-content-type-options']).toBe('nosniff');
+      expect(res.headers['x-frame-options']).toBe('SAMEORIGIN');
+      expect(res.headers['content-security-policy']).toContain("default-src 'none'");
+      expect(res.headers['strict-transport-security']).toMatch(/max-age=\d+/);
+      expect(res.headers['access-control-allow-origin']).toBeUndefined();
+    }
+    const preflight = await request(app.server)
+      .options('/generated-images')
+      .set('origin', 'https://app.example.com')
+      .set('access-control-request-method', 'POST');
+    expect(preflight.headers['access-control-allow-origin']).toBeUndefined();
   });
 });
 

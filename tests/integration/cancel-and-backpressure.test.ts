@@ -2,6 +2,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { pino } from 'pino';
 import { startApi, type RunningApi } from '../../src/api/main.js';
 import { startWorker, type RunningWorker } from '../../src/worker/main.js';
+import { createTestKey } from '../support/accounts.js';
 import { isolatedConfig } from '../support/system.js';
 
 /**
@@ -21,9 +22,12 @@ const DEPTH_CACHE_MS = 1_000;
 let queuedOnly: RunningApi | undefined;
 let withWorker: RunningApi | undefined;
 let worker: RunningWorker | undefined;
+/** A tenant's key on each of the two systems. */
+const auth: { queuedOnly?: Record<string, string>; withWorker?: Record<string, string> } = {};
 
 beforeAll(async () => {
   const [configA, configB] = await Promise.all([isolatedConfig(SETTINGS), isolatedConfig(SETTINGS)]);
+  [auth.queuedOnly, auth.withWorker] = (await Promise.all([createTestKey(configA.DATABASE_URL), createTestKey(configB.DATABASE_URL)])).map((k) => k.auth);
   [queuedOnly, withWorker, worker] = await Promise.all([
     startApi(configA, { logger: silent }),
     startApi(configB, { logger: silent }),
@@ -46,22 +50,30 @@ interface JobJson {
   finished_at: string | null;
 }
 
-const client = (api: () => RunningApi | undefined) => {
+const client = (api: () => RunningApi | undefined, key: () => Record<string, string> | undefined) => {
   const base = () => {
     const a = api();
     if (!a) throw new Error('the API did not start (see beforeAll)');
     return a.url;
   };
+  // The tenant's API key on every request, as its client sends it.
+  const headers = () => key() ?? {};
   return {
     post: (body: object) =>
-      fetch(`${base()}/generated-images`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) }),
-    cancel: (id: string) => fetch(`${base()}/generated-images/${id}/cancel`, { method: 'POST' }),
-    get: async (id: string) => (await (await fetch(`${base()}/generated-images/${id}`)).json()) as JobJson,
-    url: (path: string) => fetch(`${base()}${path}`),
+      fetch(`${base()}/generated-images`, { method: 'POST', headers: { ...headers(), 'content-type': 'application/json' }, body: JSON.stringify(body) }),
+    cancel: (id: string) => fetch(`${base()}/generated-images/${id}/cancel`, { method: 'POST', headers: headers() }),
+    get: async (id: string) => (await (await fetch(`${base()}/generated-images/${id}`, { headers: headers() })).json()) as JobJson,
+    url: (path: string) => fetch(`${base()}${path}`, { headers: headers() }),
   };
 };
-const noWorker = client(() => queuedOnly);
-const running = client(() => withWorker);
+const noWorker = client(
+  () => queuedOnly,
+  () => auth.queuedOnly,
+);
+const running = client(
+  () => withWorker,
+  () => auth.withWorker,
+);
 
 /** Resolves once performance.now() (the in-process API's clock) is past `t`. */
 async function clockPasses(t: number): Promise<void> {

@@ -161,9 +161,27 @@ describe('applyMigrations', () => {
       const { rows } = await c.query<{ conname: string }>(
         `SELECT conname FROM pg_constraint WHERE conrelid = 'generated_images'::regclass AND contype = 'c' ORDER BY conname`,
       );
-      expect(rows.map((r) => r.conname)).toEqual(['generated_images_num_steps_check', 'generated_images_progress_check', 'generated_images_seed_check']);
+      expect(rows.map((r) => r.conname)).toEqual([
+        'generated_images_num_steps_check',
+        'generated_images_pixel_steps_check',
+        'generated_images_progress_check',
+        'generated_images_queue_priority_check',
+        'generated_images_seed_check',
+      ]);
+      const tenant = (await c.query<{ id: string }>(`INSERT INTO tenants (name) VALUES ('checks') RETURNING id`)).rows[0]!.id;
       const insert = (over: Record<string, unknown>) => {
-        const row = { prompt: 'p', num_steps: 1, guidance_scale: 7.5, seed: 0, width: 64, height: 64, scheduler: 'euler', ...over };
+        const row = {
+          tenant_id: tenant,
+          pixel_steps: 4096,
+          prompt: 'p',
+          num_steps: 1,
+          guidance_scale: 7.5,
+          seed: 0,
+          width: 64,
+          height: 64,
+          scheduler: 'euler',
+          ...over,
+        };
         const keys = Object.keys(row);
         return c.query(`INSERT INTO generated_images (${keys.join(', ')}) VALUES (${keys.map((_, i) => `$${i + 1}`).join(', ')})`, Object.values(row));
       };
@@ -173,7 +191,38 @@ describe('applyMigrations', () => {
       await expect(insert({ num_steps: 0 })).rejects.toThrow(/generated_images_num_steps_check/);
       await expect(insert({ seed: '4294967296' })).rejects.toThrow(/generated_images_seed_check/);
       await expect(insert({ seed: -1 })).rejects.toThrow(/generated_images_seed_check/);
+      await expect(insert({ pixel_steps: 0 })).rejects.toThrow(/generated_images_pixel_steps_check/);
+      await expect(insert({ queue_priority: 0 })).rejects.toThrow(/generated_images_queue_priority_check/);
+      await expect(insert({ queue_priority: 2 ** 21 })).rejects.toThrow(/generated_images_queue_priority_check/);
+      // Every job has an owner that exists.
+      await expect(insert({ tenant_id: '00000000-0000-4000-8000-000000000000' })).rejects.toThrow(/generated_images_tenant_id_fkey/);
     });
+  });
+
+  it('gives jobs made before accounts existed to a "legacy" tenant, charged what they asked for', async () => {
+    const url = await freshDb();
+    const dir = tempMigrations();
+    const accounts = readMigrations(dir).find((m) => m.name.endsWith('_accounts_quotas_retention'))!;
+    const held = mkdtempSync(join(tmpdir(), 't2i-held-'));
+    tempDirs.push(held);
+    cpSync(join(dir, accounts.name), join(held, accounts.name), { recursive: true });
+    rmSync(join(dir, accounts.name), { recursive: true });
+    await applyMigrations(url, { migrationsDir: dir });
+    await withClient(url, (c) =>
+      c.query(`INSERT INTO generated_images (prompt, num_steps, guidance_scale, seed, width, height, scheduler) VALUES ('old', 20, 7.5, 1, 512, 256, 'ddim')`),
+    );
+    cpSync(join(held, accounts.name), join(dir, accounts.name), { recursive: true });
+    expect((await applyMigrations(url, { migrationsDir: dir })).applied).toEqual([accounts.name]);
+    await withClient(url, async (c) => {
+      const { rows } = await c.query<{ name: string; pixel_steps: string; queue_priority: number }>(
+        `SELECT t.name, g.pixel_steps::text, g.queue_priority FROM generated_images g JOIN tenants t ON t.id = g.tenant_id`,
+      );
+      expect(rows).toEqual([{ name: 'legacy', pixel_steps: String(512 * 256 * 20), queue_priority: 1 }]);
+    });
+    // A database without jobs gets no such tenant.
+    const empty = await freshDb();
+    await applyMigrations(empty);
+    expect(await withClient(empty, async (c) => (await c.query<{ n: number }>('SELECT count(*)::int AS n FROM tenants')).rows[0]!.n)).toBe(0);
   });
 
   it('serialises concurrent runs with the advisory lock: the migration is applied once', async () => {
@@ -269,11 +318,13 @@ describe('applyMigrations', () => {
 describe('createPrismaClient (generated client over @prisma/adapter-pg)', () => {
   let db: Db;
   let url: string;
+  let tenantId: string;
 
   beforeAll(async () => {
     url = await freshDb();
     await applyMigrations(url);
     db = createPrismaClient(url, { poolMax: 3 });
+    tenantId = (await db.tenant.create({ data: { name: 'schema-test' } })).id;
   });
 
   afterAll(async () => {
@@ -291,6 +342,8 @@ describe('createPrismaClient (generated client over @prisma/adapter-pg)', () => 
         width: 512,
         height: 512,
         scheduler: 'euler_a',
+        tenantId,
+        pixelSteps: 512n * 512n * 20n,
       },
     });
     expect(created.id).toMatch(/^[0-9a-f-]{36}$/);
@@ -307,7 +360,7 @@ describe('createPrismaClient (generated client over @prisma/adapter-pg)', () => 
 
   it('fences updates on attempts: a conditional update matches once, a stale one matches nothing', async () => {
     const job = await db.generatedImage.create({
-      data: { prompt: 'p', numSteps: 4, guidanceScale: 1, seed: 1n, width: 64, height: 64, scheduler: 'ddim' },
+      data: { prompt: 'p', numSteps: 4, guidanceScale: 1, seed: 1n, width: 64, height: 64, scheduler: 'ddim', tenantId, pixelSteps: 64n * 64n * 4n },
     });
     const start = await db.generatedImage.updateMany({
       where: { id: job.id, attempts: 0, status: 'queued' },
@@ -335,7 +388,7 @@ describe('createPrismaClient (generated client over @prisma/adapter-pg)', () => 
   it('surfaces the CHECK constraints as errors', async () => {
     await expect(
       db.generatedImage.create({
-        data: { prompt: 'p', numSteps: 0, guidanceScale: 1, seed: 1n, width: 64, height: 64, scheduler: 'ddim' },
+        data: { prompt: 'p', numSteps: 0, guidanceScale: 1, seed: 1n, width: 64, height: 64, scheduler: 'ddim', tenantId, pixelSteps: 1n },
       }),
     ).rejects.toThrow(/num_steps_check/);
   });

@@ -1,7 +1,8 @@
 /**
  * The textbook's session against the running system: the API process (startApi) and a worker
  * (startWorker, with the oracle test model) on real Postgres, Redis and S3, driven over HTTP
- * with fetch as a user would: submit, poll until done, fetch the URL, look at the picture.
+ * with fetch as a user would, with an API key: submit, poll until done, fetch the URL, look at
+ * the picture.
  */
 import pg from 'pg';
 import sharp from 'sharp';
@@ -10,6 +11,7 @@ import { startApi, type RunningApi } from '../../src/api/main.js';
 import type { Config } from '../../src/config.js';
 import { guidedTargetLatent, oracleImage } from '../../src/engine/testmodels/oracle-spec.js';
 import { startWorker, type RunningWorker } from '../../src/worker/main.js';
+import { createTestKey } from '../support/accounts.js';
 import { isolatedConfig } from '../support/system.js';
 import { centroidOf, meanAbs } from '../support/pixels.js';
 
@@ -35,9 +37,11 @@ interface ImageJson {
 let config: Config;
 let api: RunningApi | undefined;
 let worker: RunningWorker | undefined;
+let auth: { authorization: string };
 
 beforeAll(async () => {
   config = await isolatedConfig();
+  ({ auth } = await createTestKey(config.DATABASE_URL));
   [api, worker] = await Promise.all([startApi(config), startWorker(config)]);
 });
 
@@ -46,12 +50,16 @@ afterAll(async () => {
 });
 
 async function post(body: unknown): Promise<{ status: number; location: string | null; json: ImageJson }> {
-  const res = await fetch(`${api!.url}/generated-images`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) });
+  const res = await fetch(`${api!.url}/generated-images`, {
+    method: 'POST',
+    headers: { ...auth, 'content-type': 'application/json' },
+    body: JSON.stringify(body),
+  });
   return { status: res.status, location: res.headers.get('location'), json: (await res.json()) as ImageJson };
 }
 
 async function getImage(id: string): Promise<ImageJson> {
-  const res = await fetch(`${api!.url}/generated-images/${id}`);
+  const res = await fetch(`${api!.url}/generated-images/${id}`, { headers: auth });
   expect(res.status).toBe(200);
   return (await res.json()) as ImageJson;
 }
@@ -139,7 +147,7 @@ async function holdJobsAfterFirstProgress(databaseUrl: string): Promise<{
 }
 
 async function download(id: string): Promise<Buffer> {
-  const res = await fetch(`${api!.url}/generated-images/${id}/url`);
+  const res = await fetch(`${api!.url}/generated-images/${id}/url`, { headers: auth });
   expect(res.status).toBe(200);
   const { url } = (await res.json()) as { url: string; expires_at: string };
   const file = await fetch(url);
@@ -178,7 +186,7 @@ describe('the textbook session, end to end', () => {
       expect(['queued', 'running']).toContain(created.json.status);
 
       // Before the job is done, the URL route answers the textbook's 400 (the job cannot finish while held).
-      const early = await fetch(`${api!.url}/generated-images/${created.json.id}/url`);
+      const early = await fetch(`${api!.url}/generated-images/${created.json.id}/url`, { headers: auth });
       expect(early.status).toBe(400);
       expect(early.headers.get('content-type')).toMatch(/^application\/problem\+json/);
       expect(((await early.json()) as { detail: string }).detail).toBe('Image is not available yet. Please try again later.');
@@ -218,10 +226,11 @@ describe('the textbook session, end to end', () => {
     // Only a succeeded job carries a file name.
     for (const s of seen) if (s.status !== 'succeeded') expect(s.file_name).toBeNull();
 
-    const urlRes = await fetch(`${api!.url}/generated-images/${created.json.id}/url`);
+    const urlRes = await fetch(`${api!.url}/generated-images/${created.json.id}/url`, { headers: auth });
     expect(urlRes.status).toBe(200);
     const { url, expires_at } = (await urlRes.json()) as { url: string; expires_at: string };
-    expect(Date.parse(expires_at)).toBeGreaterThan(Date.now() + 6.9 * 24 * 3600 * 1000);
+    // Valid for PRESIGN_TTL_SECONDS (1 hour by default), not the textbook's 7 days.
+    expect(Math.abs(Date.parse(expires_at) - (Date.now() + config.PRESIGN_TTL_SECONDS * 1000))).toBeLessThan(60_000);
     const file = await fetch(url);
     expect(file.status).toBe(200);
     const png = Buffer.from(await file.arrayBuffer());

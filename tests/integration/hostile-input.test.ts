@@ -4,14 +4,17 @@ import { pino } from 'pino';
 import request from 'supertest';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createPrismaClient, type Db } from '../../src/adapters/db/client.js';
+import { createAccountsRepo } from '../../src/adapters/accounts-repo.js';
 import { createImagesRepo } from '../../src/adapters/images-repo.js';
 import { createProducer, type ProducerQueue } from '../../src/adapters/queue.js';
 import { createStorage } from '../../src/adapters/storage.js';
 import { buildApp } from '../../src/api/app.js';
 import type { Config } from '../../src/config.js';
+import { AccountsService } from '../../src/core/accounts.js';
 import { ImagesService } from '../../src/core/images.js';
 import { queueSettings, storageOptions } from '../../src/core/wiring.js';
 import { hostileBodies } from '../support/fuzz.js';
+import { createTestKey } from '../support/accounts.js';
 import { isolatedConfig } from '../support/system.js';
 
 /**
@@ -24,15 +27,18 @@ let config: Config;
 let db: Db;
 let producer: ProducerQueue;
 let app: FastifyInstance;
+let auth: { authorization: string };
 
 beforeAll(async () => {
   config = await isolatedConfig();
+  ({ auth } = await createTestKey(config.DATABASE_URL));
   db = createPrismaClient(config.DATABASE_URL);
   producer = createProducer(config.REDIS_URL, queueSettings(config));
   const storage = createStorage(storageOptions(config));
   const logger = pino({ level: 'silent' });
   app = buildApp({
     images: new ImagesService({ repo: createImagesRepo(db), queue: producer, storage, maxPixelSteps: config.MAX_PIXEL_STEPS, log: logger }),
+    accounts: new AccountsService(createAccountsRepo(db)),
     logger,
     bodyLimit: config.BODY_LIMIT_BYTES,
   });
@@ -45,7 +51,7 @@ afterAll(async () => {
   await db?.$disconnect();
 });
 
-const post = (body: string) => request(app.server).post('/generated-images').set('content-type', 'application/json').send(body);
+const post = (body: string) => request(app.server).post('/generated-images').set(auth).set('content-type', 'application/json').send(body);
 
 interface Problem {
   status: number;

@@ -12,6 +12,7 @@
  * the labels the expression selects on, which is what an empty-because-misspelt alert would lack.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
+import { randomUUID } from 'node:crypto';
 import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { createServer } from 'node:net';
 import os from 'node:os';
@@ -23,6 +24,7 @@ import { startApi, type RunningApi } from '../../src/api/main.js';
 import type { Config } from '../../src/config.js';
 import { createLogger } from '../../src/core/logger.js';
 import { startWorker, type RunningWorker } from '../../src/worker/main.js';
+import { createTestKey } from '../support/accounts.js';
 import { isolatedConfig } from '../support/system.js';
 
 const ROOT = fileURLToPath(new URL('../../', import.meta.url));
@@ -88,15 +90,16 @@ class Prometheus {
     readonly stderr: string[],
   ) {}
 
-  static async start(targets: { api: string; worker: string }): Promise<Prometheus> {
+  static async start(targets: { api: string; worker: string }, metricsToken: string): Promise<Prometheus> {
     const dir = await mkdtemp(path.join(os.tmpdir(), 't2i-prometheus-'));
     const port = await freePort();
     const config = {
       global: { scrape_interval: '1s', scrape_timeout: '1s', evaluation_interval: '1s' },
       rule_files: [ALERTS],
       scrape_configs: [
-        { job_name: 'api', static_configs: [{ targets: [targets.api] }] },
-        { job_name: 'worker', static_configs: [{ targets: [targets.worker] }] },
+        // METRICS_TOKEN, as deploy/prometheus/prometheus.yml gives it (the API serves no /metrics without one).
+        { job_name: 'api', authorization: { credentials: metricsToken }, static_configs: [{ targets: [targets.api] }] },
+        { job_name: 'worker', authorization: { credentials: metricsToken }, static_configs: [{ targets: [targets.worker] }] },
       ],
     };
     // JSON is YAML.
@@ -209,12 +212,15 @@ let prom: Prometheus | undefined;
 let workerLogs: ReturnType<typeof captureLogs>;
 let apiLogs: ReturnType<typeof captureLogs>;
 const jobIds: string[] = [];
-const AUTH_SECRET = 'Bearer do-not-log-this-token-1234567890';
+const METRICS_TOKEN = `metrics-${randomUUID()}`;
+const SCRAPE = { headers: { authorization: `Bearer ${METRICS_TOKEN}` } };
+/** The tenant's key, which no log line may contain. */
+let key: string;
 
 async function request(method: string, url: string, body?: unknown): Promise<{ status: number; json: Record<string, unknown> }> {
   const res = await fetch(`${api!.url}${url}`, {
     method,
-    headers: { authorization: AUTH_SECRET, ...(body === undefined ? {} : { 'content-type': 'application/json' }) },
+    headers: { authorization: `Bearer ${key}`, ...(body === undefined ? {} : { 'content-type': 'application/json' }) },
     ...(body === undefined ? {} : { body: JSON.stringify(body) }),
   });
   const text = await res.text();
@@ -246,12 +252,13 @@ async function someRequests(): Promise<void> {
 }
 
 beforeAll(async () => {
-  config = await isolatedConfig();
+  config = await isolatedConfig({ METRICS_TOKEN });
+  ({ key } = await createTestKey(config.DATABASE_URL));
   const secrets = [config.STORAGE_SECRET_KEY, config.STORAGE_ACCESS_KEY];
   workerLogs = captureLogs('worker', 'info', secrets);
   apiLogs = captureLogs('api', 'info', secrets);
   [api, worker] = await Promise.all([startApi(config, { logger: apiLogs.logger }), startWorker(config, { logger: workerLogs.logger })]);
-  prom = await Prometheus.start({ api: new URL(api.url).host, worker: new URL(worker.metricsUrl).host });
+  prom = await Prometheus.start({ api: new URL(api.url).host, worker: new URL(worker.metricsUrl).host }, METRICS_TOKEN);
 
   // Counters must be seen before they move: rate() ignores what happened before a series' first scrape.
   await until('both targets to be scraped', 30_000, async () => {
@@ -285,7 +292,7 @@ afterAll(async () => {
 
 describe('metrics endpoints', () => {
   it('API: request counts by method, route pattern and status class, durations, sizes and process metrics', async () => {
-    const text = await (await fetch(`${api!.url}/metrics`)).text();
+    const text = await (await fetch(`${api!.url}/metrics`, SCRAPE)).text();
     expect(text).toContain('# TYPE http_requests_total counter');
     expect(text).toMatch(/http_requests_total\{method="POST",route="\/generated-images",status_class="2xx"\} 3/);
     expect(text).toMatch(/http_requests_total\{method="POST",route="\/generated-images",status_class="4xx"\} 2/);
@@ -303,7 +310,7 @@ describe('metrics endpoints', () => {
   });
 
   it('worker: jobs by outcome, durations, queue wait, steps, queue depth by state and worker info', async () => {
-    const text = await (await fetch(`${worker!.metricsUrl}/metrics`)).text();
+    const text = await (await fetch(`${worker!.metricsUrl}/metrics`, SCRAPE)).text();
     expect(text).toMatch(/t2i_jobs_finished_total\{outcome="succeeded"\} 3/);
     expect(text).toMatch(/t2i_jobs_finished_total\{outcome="failed"\} 0/);
     expect(text).toMatch(/t2i_job_retries_total 0/);
@@ -343,7 +350,8 @@ describe('logs', () => {
     const all = [...workerLogs.lines, ...apiLogs.lines].join('\n');
     expect(all).not.toContain('zanzibarquokka');
     expect(all).not.toContain('a blue square');
-    expect(all).not.toContain('do-not-log-this-token');
+    expect(all).not.toContain(key);
+    expect(all).not.toContain(key.slice(13));
     expect(all).not.toContain('X-Amz-Signature=');
     expect(all).not.toContain(config.STORAGE_SECRET_KEY);
     // Request lines carry the request id.

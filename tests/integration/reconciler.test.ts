@@ -8,6 +8,7 @@ import type { ImagesRepo } from '../../src/core/images.js';
 import { queueSettings } from '../../src/core/wiring.js';
 import { createReconciler } from '../../src/worker/reconciler.js';
 import type { Config } from '../../src/config.js';
+import { createTenant, insertJob } from '../support/accounts.js';
 import { isolatedConfig } from '../support/system.js';
 
 /** The reconciler against real Postgres and a real BullMQ queue. */
@@ -18,11 +19,13 @@ let db: Db;
 let repo: ImagesRepo;
 let producer: ProducerQueue;
 let inspect: Queue;
+let tenantId: string;
 
 beforeAll(async () => {
   config = await isolatedConfig();
   db = createPrismaClient(config.DATABASE_URL);
   repo = createImagesRepo(db);
+  tenantId = await createTenant(db);
   producer = createProducer(config.REDIS_URL, queueSettings(config));
   inspect = new Queue(config.QUEUE_NAME, { connection: createRedis(config.REDIS_URL) });
 });
@@ -40,7 +43,7 @@ afterAll(async () => {
 
 async function row(status: 'queued' | 'running' = 'queued'): Promise<string> {
   const id = randomUUID();
-  await repo.create({ id, prompt: 'p', negativePrompt: null, numSteps: 5, guidanceScale: 9, seed: 1, width: 64, height: 64, scheduler: 'pndm' });
+  await insertJob(repo, { id, tenantId, prompt: 'p', negativePrompt: null, numSteps: 5, guidanceScale: 9, seed: 1, width: 64, height: 64, scheduler: 'pndm' });
   if (status === 'running') await repo.startAttempt(id, 'dead-worker');
   // Make it look untouched for a minute.
   await db.$executeRaw`UPDATE generated_images SET updated_at = now() - interval '1 minute' WHERE id = ${id}::uuid`;
@@ -55,7 +58,8 @@ describe('reconciler', () => {
     expect(await producer.jobState(id)).toBeNull();
     const summary = await reconciler().runOnce();
     expect(summary).toMatchObject({ requeued: 1 });
-    expect((await producer.jobState(id))?.state).toBe('waiting');
+    // Every job is queued with a priority (its tenant rank): BullMQ calls such a waiting job "prioritized".
+    expect((await producer.jobState(id))?.state).toBe('prioritized');
     // A second pass finds the job in flight and does nothing.
     await db.$executeRaw`UPDATE generated_images SET updated_at = now() - interval '1 minute' WHERE id = ${id}::uuid`;
     expect((await reconciler().runOnce()).requeued).toBe(0);
@@ -64,12 +68,13 @@ describe('reconciler', () => {
   it('enqueues a running row whose job Redis lost', async () => {
     const id = await row('running');
     await reconciler().runOnce();
-    expect((await producer.jobState(id))?.state).toBe('waiting');
+    // Every job is queued with a priority (its tenant rank): BullMQ calls such a waiting job "prioritized".
+    expect((await producer.jobState(id))?.state).toBe('prioritized');
   });
 
   it('marks failed a row whose job the queue failed for good', async () => {
     const id = await row('running');
-    await producer.enqueue(id);
+    await producer.enqueue(id, 1);
     // A consumer that gives up on it, as BullMQ does when a job stalls too often.
     const worker = new Worker(
       config.QUEUE_NAME,
@@ -92,13 +97,65 @@ describe('reconciler', () => {
 
   it('leaves fresh rows and rows with live jobs alone', async () => {
     const fresh = randomUUID();
-    await repo.create({ id: fresh, prompt: 'p', negativePrompt: null, numSteps: 5, guidanceScale: 9, seed: 1, width: 64, height: 64, scheduler: 'pndm' });
+    await insertJob(repo, {
+      id: fresh,
+      tenantId,
+      prompt: 'p',
+      negativePrompt: null,
+      numSteps: 5,
+      guidanceScale: 9,
+      seed: 1,
+      width: 64,
+      height: 64,
+      scheduler: 'pndm',
+    });
     const waiting = await row();
-    await producer.enqueue(waiting);
-    const before = await inspect.getJobCounts('waiting');
+    await producer.enqueue(waiting, 1);
+    const before = await inspect.getJobCounts('waiting', 'prioritized');
     const summary = await reconciler().runOnce();
     expect(summary.requeued + summary.failed).toBe(0);
     expect(await producer.jobState(fresh)).toBeNull();
-    expect(await inspect.getJobCounts('waiting')).toEqual(before);
+    expect(await inspect.getJobCounts('waiting', 'prioritized')).toEqual(before);
+  });
+
+  it("keeps each queued job at its rank among its tenant's jobs in flight (fair scheduling), in the queue and in the row", async () => {
+    const tenant = await createTenant(db);
+    const ids: string[] = [];
+    for (let i = 0; i < 5; i++) {
+      const job = await insertJob(repo, {
+        id: randomUUID(),
+        tenantId: tenant,
+        prompt: `fair ${i}`,
+        negativePrompt: null,
+        numSteps: 1,
+        guidanceScale: 9,
+        seed: 1,
+        width: 64,
+        height: 64,
+        scheduler: 'pndm',
+      });
+      // Queued behind the tenant's own earlier jobs: priority = 1 + jobs already in flight.
+      expect(job.queuePriority).toBe(i + 1);
+      await producer.enqueue(job.id, job.queuePriority);
+    }
+    // The first two finish and the third starts: the last two are now second and third in line.
+    const rows = await db.generatedImage.findMany({ where: { tenantId: tenant }, orderBy: { createdAt: 'asc' }, select: { id: true } });
+    ids.push(...rows.map((r) => r.id));
+    await db.generatedImage.updateMany({ where: { id: { in: ids.slice(0, 2) } }, data: { status: 'succeeded', finishedAt: new Date() } });
+    await db.generatedImage.update({ where: { id: ids[2]! }, data: { status: 'running', attempts: 1 } });
+    expect((await inspect.getJob(ids[3]!))?.priority).toBe(4);
+
+    await reconciler().runOnce();
+    for (const [id, rank] of [
+      [ids[3]!, 2],
+      [ids[4]!, 3],
+    ] as const) {
+      expect((await inspect.getJob(id))?.priority, id).toBe(rank);
+      expect((await repo.get(id))?.queuePriority).toBe(rank);
+      expect(await producer.jobState(id)).toMatchObject({ state: 'prioritized' });
+    }
+    // Nothing of this tenant's is left to correct.
+    const left = await repo.unfairPriorities(10_000);
+    expect(left.filter((m) => ids.includes(m.id))).toEqual([]);
   });
 });

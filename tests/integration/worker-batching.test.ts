@@ -8,15 +8,18 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startApi, type RunningApi } from '../../src/api/main.js';
 import { createLogger } from '../../src/core/logger.js';
 import { startWorker, type RunningWorker } from '../../src/worker/main.js';
+import { createTestKey } from '../support/accounts.js';
 import { isolatedConfig } from '../support/system.js';
 
 let api: RunningApi | undefined;
 let worker: RunningWorker | undefined;
+let auth: { authorization: string };
 /** The worker's log, one JSON object per line. */
 const lines: Array<Record<string, unknown>> = [];
 
 beforeAll(async () => {
   const config = await isolatedConfig({ BATCH_MAX: '3', BATCH_WAIT_MS: '5000' });
+  ({ auth } = await createTestKey(config.DATABASE_URL));
   const destination = new Writable({
     write(chunk: Buffer, _enc, cb) {
       for (const line of chunk.toString().split('\n').filter(Boolean)) lines.push(JSON.parse(line) as Record<string, unknown>);
@@ -35,7 +38,11 @@ afterAll(async () => {
 });
 
 async function submit(body: object): Promise<string> {
-  const res = await fetch(`${api!.url}/generated-images`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) });
+  const res = await fetch(`${api!.url}/generated-images`, {
+    method: 'POST',
+    headers: { ...auth, 'content-type': 'application/json' },
+    body: JSON.stringify(body),
+  });
   expect(res.status).toBe(201);
   return ((await res.json()) as { id: string }).id;
 }
@@ -44,7 +51,7 @@ async function submit(body: object): Promise<string> {
 async function picture(id: string): Promise<Buffer> {
   const deadline = Date.now() + 90_000;
   for (;;) {
-    const job = (await (await fetch(`${api!.url}/generated-images/${id}`)).json()) as { status: string; progress: number };
+    const job = (await (await fetch(`${api!.url}/generated-images/${id}`, { headers: auth })).json()) as { status: string; progress: number };
     if (job.status === 'succeeded') {
       expect(job.progress).toBe(100);
       break;
@@ -53,7 +60,7 @@ async function picture(id: string): Promise<Buffer> {
     if (Date.now() > deadline) throw new Error(`job ${id} still ${job.status}`);
     await new Promise((r) => setTimeout(r, 100));
   }
-  const { url } = (await (await fetch(`${api!.url}/generated-images/${id}/url`)).json()) as { url: string };
+  const { url } = (await (await fetch(`${api!.url}/generated-images/${id}/url`, { headers: auth })).json()) as { url: string };
   return Buffer.from(await (await fetch(url)).arrayBuffer());
 }
 

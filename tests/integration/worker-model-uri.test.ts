@@ -18,6 +18,7 @@ import type { Config } from '../../src/config.js';
 import { createLogger } from '../../src/core/logger.js';
 import { sha256File } from '../../src/core/model-cache.js';
 import { startWorker } from '../../src/worker/main.js';
+import { createTestKey } from '../support/accounts.js';
 import { isolatedConfig } from '../support/system.js';
 
 const run = promisify(execFile);
@@ -26,6 +27,7 @@ const modelUri = `s3://t2i-models-${randomUUID().slice(0, 8)}/oracle-sd/`;
 const cacheDir = mkdtempSync(path.join(os.tmpdir(), 't2i-worker-cache-'));
 let config: Config;
 let api: RunningApi | undefined;
+let auth: { authorization: string };
 
 function capture() {
   const lines: Record<string, unknown>[] = [];
@@ -47,6 +49,7 @@ beforeAll(async () => {
   };
   await run(process.execPath, [path.resolve('bin/t2i.js'), 'models', 'push', services.oracleModelDir, modelUri], { env: { ...process.env, ...s3 } });
   config = await isolatedConfig({ MODEL_DIR: '', MODEL_URI: modelUri, MODEL_CACHE_DIR: cacheDir });
+  ({ auth } = await createTestKey(config.DATABASE_URL));
   api = await startApi(config, { logger: createLogger({ name: 'api', level: 'silent' }) });
 }, 120_000);
 
@@ -58,19 +61,19 @@ afterAll(async () => {
 async function generate(prompt: string): Promise<Buffer> {
   const res = await fetch(`${api!.url}/generated-images`, {
     method: 'POST',
-    headers: { 'content-type': 'application/json' },
+    headers: { ...auth, 'content-type': 'application/json' },
     body: JSON.stringify({ prompt, num_steps: 4, seed: 7, width: 64, height: 64 }),
   });
   expect(res.status).toBe(201);
   const { id } = (await res.json()) as { id: string };
   const deadline = Date.now() + 60_000;
   for (;;) {
-    const job = (await (await fetch(`${api!.url}/generated-images/${id}`)).json()) as { status: string; error: string | null };
+    const job = (await (await fetch(`${api!.url}/generated-images/${id}`, { headers: auth })).json()) as { status: string; error: string | null };
     if (job.status === 'succeeded') break;
     if (job.status === 'failed' || job.status === 'canceled' || Date.now() > deadline) throw new Error(`job ${id}: ${job.status} ${job.error}`);
     await new Promise((r) => setTimeout(r, 50));
   }
-  const { url } = (await (await fetch(`${api!.url}/generated-images/${id}/url`)).json()) as { url: string };
+  const { url } = (await (await fetch(`${api!.url}/generated-images/${id}/url`, { headers: auth })).json()) as { url: string };
   return Buffer.from(await (await fetch(url)).arrayBuffer());
 }
 

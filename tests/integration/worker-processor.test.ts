@@ -11,6 +11,7 @@ import type { GenerateParams, Generation, Progress } from '../../src/engine/pipe
 import { Engine } from '../../src/engine/thread/engine-host.js';
 import { createProcessor, JobReleasedError, type JobLog, type ProcessorDeps } from '../../src/worker/processor.js';
 import { CuttableProxy } from '../support/processes.js';
+import { createTenant, insertJob } from '../support/accounts.js';
 import { isolatedConfig } from '../support/system.js';
 
 /**
@@ -26,6 +27,7 @@ const silent: JobLog = { info() {}, warn() {}, error() {}, debug() {} };
 let config: Config;
 let db: Db;
 let repo: ImagesRepo;
+let tenantId: string;
 let storage: ImageStorage;
 let proxy: CuttableProxy;
 let proxiedStorage: ImageStorage;
@@ -35,6 +37,7 @@ beforeAll(async () => {
   config = await isolatedConfig();
   db = createPrismaClient(config.DATABASE_URL);
   repo = createImagesRepo(db);
+  tenantId = await createTenant(db);
   storage = createStorage(storageOptions(config));
   await storage.ensureBucket();
   proxy = new CuttableProxy(Number(new URL(config.STORAGE_ENDPOINT).port));
@@ -52,7 +55,7 @@ afterAll(async () => {
 
 async function newJob(prompt = 'a red circle', steps = 10): Promise<string> {
   const id = randomUUID();
-  await repo.create({ id, prompt, negativePrompt: null, numSteps: steps, guidanceScale: 9, seed: 1, width: 512, height: 512, scheduler: 'pndm' });
+  await insertJob(repo, { id, tenantId, prompt, negativePrompt: null, numSteps: steps, guidanceScale: 9, seed: 1, width: 512, height: 512, scheduler: 'pndm' });
   return id;
 }
 
@@ -193,7 +196,18 @@ describe('worker job handler', () => {
   it('parameters the model rejects fail the job at once with invalid_for_model and the reason, unrecoverably', async () => {
     // 500 is no multiple of 8: the engine's own check rejects it.
     const id = randomUUID();
-    await repo.create({ id, prompt: 'x', negativePrompt: null, numSteps: 2, guidanceScale: 9, seed: 1, width: 500, height: 512, scheduler: 'pndm' });
+    await insertJob(repo, {
+      id,
+      tenantId,
+      prompt: 'x',
+      negativePrompt: null,
+      numSteps: 2,
+      guidanceScale: 9,
+      seed: 1,
+      width: 500,
+      height: 512,
+      scheduler: 'pndm',
+    });
     const run = processor(await testEngine());
     await expect(run({ imageId: id, attempt: 1, maxAttempts: 3, log: silent })).rejects.toMatchObject({ name: 'UnrecoverableError' });
     const row = (await repo.get(id))!;

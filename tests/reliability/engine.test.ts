@@ -38,9 +38,9 @@ async function engineGoesDown(directive: '[test:crash]' | '[test:hang]', reason:
   const { url } = await sys.startApiProcess();
   // One job at a time, so that every other job runs after the poison one (test 6 is the batched case).
   const w = await sys.startWorkerProcess(`engine-${reason}`, { BATCH_MAX: '1' }, 40);
-  const poison = await submit(url, { prompt: `poison ${directive}`, num_steps: 5 });
+  const poison = await submit(url, { prompt: `poison ${directive}`, num_steps: 5 }, sys.auth);
   const others: string[] = [];
-  for (let i = 0; i < 6; i++) others.push(await submit(url, { prompt: `ordinary ${i}`, num_steps: 5 }));
+  for (let i = 0; i < 6; i++) others.push(await submit(url, { prompt: `ordinary ${i}`, num_steps: 5 }, sys.auth));
   // Not ready while the engine is down (the restart waits its backoff first), ready once it is back.
   await w.waitForLine((l) => l.msg === 'engine down; not taking jobs', 30_000);
   const whileDown = (await fetch(`${metricsUrlOf(w)}/readyz`)).status;
@@ -81,7 +81,7 @@ describe('the engine, with real processes', () => {
   it('3. past ENGINE_MAX_RESTARTS the worker exits with code 1 for its supervisor, handing its job back first', async () => {
     const { url } = await sys.startApiProcess();
     const w = await sys.startWorkerProcess('engine-give-up', { ENGINE_MAX_RESTARTS: '0' }, 40);
-    const id = await submit(url, { prompt: 'poison [test:crash]', num_steps: 5 });
+    const id = await submit(url, { prompt: 'poison [test:crash]', num_steps: 5 }, sys.auth);
     const t0 = Date.now();
     const exit = await w.exited;
     expect(exit.code).toBe(1);
@@ -90,15 +90,15 @@ describe('the engine, with real processes', () => {
     expect((await sys.repo.attempts(id)).map((a) => a.outcome)).toEqual(['engine_failed']);
     report.engineGiveUp = { exitCode: exit.code, exitMs: Date.now() - t0, job: (await sys.repo.get(id))?.status };
     // Leave no poison job queued for the next test's worker (which may batch it with its own).
-    expect((await fetch(`${url}/generated-images/${id}/cancel`, { method: 'POST' })).status).toBe(200);
+    expect((await fetch(`${url}/generated-images/${id}/cancel`, { method: 'POST', headers: sys.auth })).status).toBe(200);
   });
 
   it('4. an allocation failure fails its job with out_of_memory, not retried; the worker stays ready and runs the next job', async () => {
     const { url } = await sys.startApiProcess();
     const w = await sys.startWorkerProcess('engine-oom', {}, 10);
-    const oom = await submit(url, { prompt: 'too big [test:oom]', num_steps: 5 });
+    const oom = await submit(url, { prompt: 'too big [test:oom]', num_steps: 5 }, sys.auth);
     await waitTerminal(sys.db, [oom], 30_000);
-    const job = (await (await fetch(`${url}/generated-images/${oom}`)).json()) as {
+    const job = (await (await fetch(`${url}/generated-images/${oom}`, { headers: sys.auth })).json()) as {
       status: string;
       attempts: number;
       error: { code: string; message: string };
@@ -106,7 +106,7 @@ describe('the engine, with real processes', () => {
     expect(job).toMatchObject({ status: 'failed', attempts: 1, error: { code: 'out_of_memory' } });
     expect(job.error.message).not.toMatch(/ArrayBuffer|allocation failed/);
     expect((await fetch(`${metricsUrlOf(w)}/readyz`)).status).toBe(200);
-    const next = await submit(url, { prompt: 'small', num_steps: 5 });
+    const next = await submit(url, { prompt: 'small', num_steps: 5 }, sys.auth);
     await waitTerminal(sys.db, [next], 30_000);
     expect((await sys.repo.get(next))?.status).toBe('succeeded');
     expect(await metricValue(metricsUrlOf(w), 't2i_engine_restarts_total{reason="out_of_memory"}')).toBe(0);
@@ -119,10 +119,13 @@ describe('the engine, with real processes', () => {
     await sys.startWorkerProcess('engine-deadline', { JOB_TIMEOUT_MS: '1000' }, 40);
     // 100 steps of 40 ms is 4 s, past the 1 s deadline.
     const t0 = Date.now();
-    const id = await submit(url, { prompt: 'slow', num_steps: 100 });
+    const id = await submit(url, { prompt: 'slow', num_steps: 100 }, sys.auth);
     await waitTerminal(sys.db, [id], 30_000);
     const elapsed = Date.now() - t0;
-    const job = (await (await fetch(`${url}/generated-images/${id}`)).json()) as { status: string; error: { code: string; message: string } };
+    const job = (await (await fetch(`${url}/generated-images/${id}`, { headers: sys.auth })).json()) as {
+      status: string;
+      error: { code: string; message: string };
+    };
     expect(job).toMatchObject({ status: 'failed', error: { code: 'timed_out', message: 'The job took longer than its time limit of 1 s.' } });
     const attempts = await sys.repo.attempts(id);
     expect(attempts.map((a) => [a.outcome, a.errorCode])).toEqual([
@@ -136,8 +139,8 @@ describe('the engine, with real processes', () => {
   it('6. a batch that takes the engine down hands every job back unblamed; each then runs alone, so only the poison job fails', async () => {
     const { url } = await sys.startApiProcess();
     const w = await sys.startWorkerProcess('engine-batch', { BATCH_MAX: '3', BATCH_WAIT_MS: '1000' }, 40);
-    const poison = await submit(url, { prompt: 'poison [test:crash]', num_steps: 5 });
-    const others = [await submit(url, { prompt: 'ordinary 1', num_steps: 5 }), await submit(url, { prompt: 'ordinary 2', num_steps: 5 })];
+    const poison = await submit(url, { prompt: 'poison [test:crash]', num_steps: 5 }, sys.auth);
+    const others = [await submit(url, { prompt: 'ordinary 1', num_steps: 5 }, sys.auth), await submit(url, { prompt: 'ordinary 2', num_steps: 5 }, sys.auth)];
     await waitTerminal(sys.db, [poison, ...others], 60_000);
     expect(await sys.repo.get(poison)).toMatchObject({ status: 'failed', errorCode: 'engine_crashed' });
     // Released with the batch (not counted), then taken down twice alone. A job handed back can

@@ -7,6 +7,7 @@ import { startWorker } from '../../src/worker/main.js';
 import { loadConfig, type Config } from '../../src/config.js';
 import { createPrismaClient, type Db } from '../../src/adapters/db/client.js';
 import { freePort, servicesEnv, type LocalServices } from '../../src/dev/services.js';
+import { createTestKey } from '../support/accounts.js';
 import { configEnv, saveReport, spawnService, startOwnSystem, testEngineArgs, type ServiceProcess } from '../support/processes.js';
 
 /**
@@ -26,12 +27,16 @@ const HEAP_JOBS_PER_ROUND = 500;
 let services: LocalServices;
 let base: Config;
 let db: Db;
+let auth: { authorization: string };
 const procs: ServiceProcess[] = [];
+/** Submissions at these rates must not be refused for being too many: limits have their own tests. */
+const NO_LIMITS = { RATE_LIMIT_MAX: '0', TENANT_MAX_IN_FLIGHT: '0', TENANT_DAILY_PIXEL_STEPS: '0' };
 const report: Record<string, unknown> = {};
 
 beforeAll(async () => {
-  ({ services, config: base } = await startOwnSystem('t2i-soak', { MAX_QUEUE_DEPTH: '0', LOG_LEVEL: 'warn' }));
+  ({ services, config: base } = await startOwnSystem('t2i-soak', { MAX_QUEUE_DEPTH: '0', ...NO_LIMITS, LOG_LEVEL: 'warn' }));
   db = createPrismaClient(base.DATABASE_URL);
+  ({ auth } = await createTestKey(base.DATABASE_URL));
 }, 120_000);
 
 afterEach(async () => {
@@ -72,7 +77,7 @@ describe('bad input and long runs, with real processes', () => {
       fc.asyncProperty(bodies, async (body) => {
         const r = await fetch(`${url}/generated-images`, {
           method: 'POST',
-          headers: { 'content-type': 'application/json' },
+          headers: { ...auth, 'content-type': 'application/json' },
           body,
           signal: AbortSignal.timeout(5_000),
         });
@@ -110,7 +115,7 @@ describe('bad input and long runs, with real processes', () => {
     const submitOne = (i: number) =>
       fetch(`${url}/generated-images`, {
         method: 'POST',
-        headers: { 'content-type': 'application/json' },
+        headers: { ...auth, 'content-type': 'application/json' },
         body: JSON.stringify({ prompt: `soak ${i}`, num_steps: 4, width: 64, height: 64 }),
         signal: AbortSignal.timeout(5_000),
       });
@@ -203,6 +208,7 @@ describe('bad input and long runs, with real processes', () => {
       {
         ...servicesEnv(services, 't2i-heap'),
         MAX_QUEUE_DEPTH: '0',
+        ...NO_LIMITS,
         HOST: '127.0.0.1',
         PORT: '0',
         WORKER_METRICS_PORT: '0',
@@ -222,7 +228,7 @@ describe('bad input and long runs, with real processes', () => {
             Array.from({ length: 10 }, async () => {
               const r = await fetch(`${api.url}/generated-images`, {
                 method: 'POST',
-                headers: { 'content-type': 'application/json' },
+                headers: { ...auth, 'content-type': 'application/json' },
                 body: JSON.stringify({ prompt: 'heap', num_steps: 4, width: 64, height: 64 }),
               });
               expect(r.status).toBe(201);

@@ -58,7 +58,7 @@ describe('outages, with real processes', () => {
         try {
           const r = await fetch(`${url}/generated-images`, {
             method: 'POST',
-            headers: { 'content-type': 'application/json' },
+            headers: { ...sys.auth, 'content-type': 'application/json' },
             body: JSON.stringify({ prompt: 'restart test', num_steps: 5 }),
             signal: AbortSignal.timeout(5_000),
           });
@@ -113,7 +113,7 @@ describe('outages, with real processes', () => {
     await sys.startWorkerProcess('reconcile-a');
     await sys.services.stopService('redis');
     const ids: string[] = [];
-    for (let i = 0; i < 3; i++) ids.push(await submit(url, { prompt: `redis down ${i}`, num_steps: 3 }));
+    for (let i = 0; i < 3; i++) ids.push(await submit(url, { prompt: `redis down ${i}`, num_steps: 3 }, sys.auth));
     for (const id of ids) expect((await sys.repo.get(id))?.status).toBe('queued');
     const back = Date.now();
     await sys.services.startService('redis');
@@ -133,16 +133,16 @@ describe('outages, with real processes', () => {
       const w = await sys.startWorkerProcess('storage-a', { STORAGE_ENDPOINT: `http://127.0.0.1:${proxy.port}` });
       // A short outage: attempts fail, a retry succeeds.
       proxy.sever();
-      const recovering = await submit(url, { prompt: 'storage blip', num_steps: 2 });
+      const recovering = await submit(url, { prompt: 'storage blip', num_steps: 2 }, sys.auth);
       await w.waitForLine((l) => l.jobId === recovering && l.code === 'storage_unavailable', 20_000);
       proxy.restore();
       await waitTerminal(sys.db, [recovering], 30_000);
       await expectEachSucceededOnce(sys, [recovering]);
       // A long outage: every attempt fails and the job says why, in public words.
       proxy.sever();
-      const doomed = await submit(url, { prompt: 'storage gone', num_steps: 2 });
+      const doomed = await submit(url, { prompt: 'storage gone', num_steps: 2 }, sys.auth);
       await waitTerminal(sys.db, [doomed], 30_000);
-      const job = (await (await fetch(`${url}/generated-images/${doomed}`)).json()) as {
+      const job = (await (await fetch(`${url}/generated-images/${doomed}`, { headers: sys.auth })).json()) as {
         status: string;
         file_name: string | null;
         error: { code: string; message: string };
@@ -152,7 +152,7 @@ describe('outages, with real processes', () => {
         file_name: null,
         error: { code: 'storage_unavailable', message: 'The image was generated but could not be stored.' },
       });
-      const shown = JSON.stringify(job) + (await (await fetch(`${url}/generated-images/${doomed}/url`)).text());
+      const shown = JSON.stringify(job) + (await (await fetch(`${url}/generated-images/${doomed}/url`, { headers: sys.auth })).text());
       expect(shown).not.toMatch(new RegExp(`127\\.0\\.0\\.1|:${proxy.port}|ECONN|STORAGE_|storage:`));
       // The operator sees the details in the worker's log.
       expect(w.lines.some((l) => l.jobId === doomed && JSON.stringify(l).includes(`127.0.0.1:${proxy.port}`))).toBe(true);

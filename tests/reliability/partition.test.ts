@@ -9,6 +9,7 @@ import { loadConfig, type Config } from '../../src/config.js';
 import type { ImagesRepo } from '../../src/core/images.js';
 import { storageOptions } from '../../src/core/wiring.js';
 import { servicesEnv, startServices, type LocalServices } from '../../src/dev/services.js';
+import { createTestKey } from '../support/accounts.js';
 import { createNetwork, type Network } from '../support/netns.js';
 import { configEnv, saveReport, ServiceProcess, testEngineArgs } from '../support/processes.js';
 import { expectEachSucceededOnce, FAST, pollFor, submit, waitTerminal } from '../support/reliability.js';
@@ -36,6 +37,8 @@ let db: Db;
 let repo: ImagesRepo;
 let storage: ImageStorage;
 const procs: ServiceProcess[] = [];
+/** A tenant's API key, for every request the test sends. */
+let auth: { authorization: string };
 const report: Record<string, unknown> = {};
 
 beforeAll(async () => {
@@ -43,6 +46,7 @@ beforeAll(async () => {
   const svc = net.hosts.svc!;
   services = await startServices({ host: svc.address, wrap: svc.exec });
   await applyMigrations(services.postgres.url);
+  ({ auth } = await createTestKey(services.postgres.url));
   base = loadConfig({ ...servicesEnv(services, 't2i-partition'), ...FAST, WORKER_METRICS_PORT: '9191', PORT: '8000' }, 'any');
   db = createPrismaClient(base.DATABASE_URL, { connectionTimeoutMillis: 1_000 });
   repo = createImagesRepo(db);
@@ -87,7 +91,7 @@ describe('a network partition between hosts', () => {
     await w1.waitForLine((l) => l.msg === 'worker ready', 60_000);
 
     // The job starts on w1 alone, so we know where it runs.
-    const id = await submit(url, { prompt: 'partition', num_steps: STEPS, seed: 11 });
+    const id = await submit(url, { prompt: 'partition', num_steps: STEPS, seed: 11 }, auth);
     await pollFor(async () => ((await repo.get(id))?.progress ?? 0) >= 5 || undefined, 30_000);
     const w2 = spawnIn('w2', 'w2', 'worker', { WORKER_ID: 'w2' }, testEngineArgs(FAST_STEP_MS));
     await w2.waitForLine((l) => l.msg === 'worker ready', 60_000);
@@ -96,7 +100,7 @@ describe('a network partition between hosts', () => {
     const cutAt = Date.now();
     // Work keeps arriving during the partition; only w2 can take it.
     const during: string[] = [];
-    for (let i = 0; i < 4; i++) during.push(await submit(url, { prompt: `during the partition ${i}`, num_steps: 5 }));
+    for (let i = 0; i < 4; i++) during.push(await submit(url, { prompt: `during the partition ${i}`, num_steps: 5 }, auth));
     const takenOver = await pollFor(async () => {
       const row = await repo.get(id);
       return row && row.attempts >= 2 && row.workerId === 'w2' ? Date.now() : undefined;
@@ -116,7 +120,7 @@ describe('a network partition between hosts', () => {
     let rejoinedAt: number | undefined;
     const rejoinDeadline = Date.now() + REJOIN_BOUND_MS + 15_000;
     while (rejoinedAt === undefined && Date.now() < rejoinDeadline) {
-      later.push(await submit(url, { prompt: `after the heal ${later.length}`, num_steps: 2 }));
+      later.push(await submit(url, { prompt: `after the heal ${later.length}`, num_steps: 2 }, auth));
       await new Promise((r) => setTimeout(r, 500));
       const started = w1.lines.find((l) => l.msg === 'generation started' && later.includes(String(l.jobId)));
       if (started) rejoinedAt = Date.now();

@@ -31,7 +31,7 @@ describe('shutdown, with real processes', () => {
     const { url } = await sys.startApiProcess();
     // Grace longer than the job: the job finishes, then the worker exits cleanly (code 0).
     const patient = await sys.startWorkerProcess('term-long', { SHUTDOWN_GRACE_MS: '20000' });
-    const a = await submit(url, { prompt: 'finish me', num_steps: 30 });
+    const a = await submit(url, { prompt: 'finish me', num_steps: 30 }, sys.auth);
     await pollFor(async () => ((await sys.repo.get(a))?.progress ?? 0) > 10 || undefined, 20_000);
     const t0 = Date.now();
     patient.kill('SIGTERM');
@@ -44,7 +44,7 @@ describe('shutdown, with real processes', () => {
 
     // Grace shorter than the job: handed back, run again by the next worker.
     const hasty = await sys.startWorkerProcess('term-short', { SHUTDOWN_GRACE_MS: '300' });
-    const b = await submit(url, { prompt: 'hand me back', num_steps: 50 });
+    const b = await submit(url, { prompt: 'hand me back', num_steps: 50 }, sys.auth);
     await pollFor(async () => ((await sys.repo.get(b))?.progress ?? 0) > 5 || undefined, 20_000);
     const t1 = Date.now();
     hasty.kill('SIGTERM');
@@ -60,7 +60,7 @@ describe('shutdown, with real processes', () => {
     expect((await sys.repo.attempts(b)).map((x) => x.outcome)).toEqual(['released', 'succeeded']);
 
     // A second signal does not wait for anything: exit 130.
-    const c = await submit(url, { prompt: 'impatient', num_steps: 50 });
+    const c = await submit(url, { prompt: 'impatient', num_steps: 50 }, sys.auth);
     await pollFor(async () => ((await sys.repo.get(c))?.status === 'running' ? true : undefined), 20_000);
     next.kill('SIGTERM');
     // The second signal must find the first one handled: the worker says so when it starts closing.
@@ -82,7 +82,7 @@ describe('shutdown, with real processes', () => {
     const { url } = await sys.startApiProcess();
     const env = { SHUTDOWN_GRACE_MS: '300' };
     const w = await sys.startWorkerProcess('term-redis', env);
-    const id = await submit(url, { prompt: 'redis goes away', num_steps: 100 });
+    const id = await submit(url, { prompt: 'redis goes away', num_steps: 100 }, sys.auth);
     await pollFor(async () => ((await sys.repo.get(id))?.progress ?? 0) > 5 || undefined, 20_000);
     await sys.services.stopService('redis');
     const t0 = Date.now();

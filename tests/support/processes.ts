@@ -4,7 +4,7 @@ import { createServer, type Server, type Socket, connect } from 'node:net';
 import path from 'node:path';
 import { loadConfig, type Config } from '../../src/config.js';
 import { applyMigrations } from '../../src/adapters/db/migrate.js';
-import { servicesEnv, startServices, type LocalServices } from '../../src/dev/services.js';
+import { freePort, servicesEnv, startServices, type LocalServices } from '../../src/dev/services.js';
 
 /**
  * Real API and worker processes for failure tests: started with `node bin/t2i.js api|worker`
@@ -244,4 +244,19 @@ export function saveReport(part: Record<string, unknown>): void {
   }
   writeFileSync(file, JSON.stringify({ ...existing, ...part }, null, 2));
   console.log(`reliability figures:\n${JSON.stringify(part, null, 2)}`);
+}
+
+/** `t2i api` for `config` on a free port, logging at info; resolves once it listens. */
+export async function startApiProcess(config: Config, overrides: Record<string, string> = {}, name = 'api'): Promise<{ proc: ServiceProcess; url: string }> {
+  const port = await freePort();
+  const proc = spawnService(name, 'api', configEnv(config, { PORT: String(port), LOG_LEVEL: 'info', ...overrides }));
+  await proc.waitForLine((l) => l.msg === 'api listening');
+  return { proc, url: `http://127.0.0.1:${port}` };
+}
+
+/** `t2i worker --test-engine` for `config`, logging at info; resolves once it takes jobs. */
+export async function startWorkerProcess(config: Config, id: string, stepMs: number, overrides: Record<string, string> = {}): Promise<ServiceProcess> {
+  const proc = spawnService(id, 'worker', configEnv(config, { WORKER_ID: id, LOG_LEVEL: 'info', ...overrides }), testEngineArgs(stepMs));
+  await proc.waitForLine((l) => l.msg === 'worker ready');
+  return proc;
 }

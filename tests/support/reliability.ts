@@ -6,6 +6,7 @@ import type { Config } from '../../src/config.js';
 import type { ImagesRepo } from '../../src/core/images.js';
 import { storageOptions } from '../../src/core/wiring.js';
 import { freePort, type LocalServices } from '../../src/dev/services.js';
+import { createTestKey } from './accounts.js';
 import { configEnv, spawnService, startOwnSystem, testEngineArgs, type ServiceProcess } from './processes.js';
 
 /**
@@ -30,6 +31,11 @@ export const FAST = {
   PROGRESS_INTERVAL_MS: '100',
   SHUTDOWN_GRACE_MS: '10000',
   MAX_QUEUE_DEPTH: '0',
+  // These tests are about failures, not limits (tests/integration/rate-limits.test.ts and
+  // quotas.test.ts have those): nothing may be refused for being too many.
+  RATE_LIMIT_MAX: '0',
+  TENANT_MAX_IN_FLIGHT: '0',
+  TENANT_DAILY_PIXEL_STEPS: '0',
   LOG_LEVEL: 'info',
 } as const;
 
@@ -40,6 +46,8 @@ export interface System {
   repo: ImagesRepo;
   storage: ImageStorage;
   procs: ServiceProcess[];
+  /** The Authorization header of a tenant's API key, for every request a test sends. */
+  auth: { authorization: string };
   startApiProcess(overrides?: Record<string, string>): Promise<{ proc: ServiceProcess; url: string }>;
   startWorkerProcess(id: string, overrides?: Record<string, string>, stepMs?: number): Promise<ServiceProcess>;
   /** Stops every process a test started (a failed test must not leave workers consuming the next test's jobs). */
@@ -53,6 +61,7 @@ export async function startSystem(bucket: string, env: Record<string, string> = 
   const repo = createImagesRepo(db);
   const storage = createStorage(storageOptions(base));
   await storage.ensureBucket();
+  const { auth } = await createTestKey(base.DATABASE_URL);
   const procs: ServiceProcess[] = [];
   return {
     services,
@@ -61,6 +70,7 @@ export async function startSystem(bucket: string, env: Record<string, string> = 
     repo,
     storage,
     procs,
+    auth,
     async startApiProcess(overrides = {}) {
       const port = await freePort();
       const proc = spawnService('api', 'api', configEnv(base, { PORT: String(port), ...overrides }));
@@ -85,10 +95,10 @@ export async function startSystem(bucket: string, env: Record<string, string> = 
   };
 }
 
-export async function submit(url: string, body: object): Promise<string> {
+export async function submit(url: string, body: object, auth: { authorization: string }): Promise<string> {
   const r = await fetch(`${url}/generated-images`, {
     method: 'POST',
-    headers: { 'content-type': 'application/json' },
+    headers: { ...auth, 'content-type': 'application/json' },
     body: JSON.stringify(body),
     signal: AbortSignal.timeout(5_000),
   });

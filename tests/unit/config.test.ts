@@ -37,7 +37,7 @@ describe('loadConfig', () => {
       JOB_KEEP_FAILED: 10_000,
       STORAGE_BUCKET: 't2i-images',
       STORAGE_REGION: 'us-east-1',
-      PRESIGN_TTL_SECONDS: 7 * 24 * 3600,
+      PRESIGN_TTL_SECONDS: 3600,
       HOST: '127.0.0.1',
       PORT: 8000,
       BODY_LIMIT_BYTES: 65_536,
@@ -46,7 +46,17 @@ describe('loadConfig', () => {
       WORKER_METRICS_HOST: '127.0.0.1',
       PROGRESS_INTERVAL_MS: 500,
       LOG_LEVEL: 'info',
+      AUTH: 'required',
+      TRUST_PROXY: false,
+      RATE_LIMIT_MAX: 600,
+      RATE_LIMIT_WINDOW_MS: 60_000,
+      AUTH_FAILURE_LIMIT: 30,
+      AUTH_FAILURE_WINDOW_MS: 600_000,
+      TENANT_MAX_IN_FLIGHT: 100,
+      TENANT_DAILY_PIXEL_STEPS: 13_107_200_000,
+      RETENTION_DAYS: 30,
     });
+    expect(c.CORS_ORIGINS).toBeUndefined();
     for (const optional of ['STORAGE_PUBLIC_ENDPOINT', 'MODEL_DIR', 'ORT_THREADS', 'WORKER_ID', 'LOG_PRETTY'] as const) {
       expect(c[optional], optional).toBeUndefined();
     }
@@ -154,6 +164,54 @@ describe('parseEndpoint', () => {
   });
 });
 
+describe('accounts and edges', () => {
+  it('requires API keys unless AUTH=off, and refuses AUTH=off for the API on an address other machines reach', () => {
+    expect(loadConfig({ ...MINIMAL }, 'api').AUTH).toBe('required');
+    for (const host of ['127.0.0.1', '127.0.0.2', '::1', '[::1]', 'localhost']) {
+      expect(loadConfig({ ...MINIMAL, AUTH: 'off', HOST: host }, 'api').AUTH, host).toBe('off');
+    }
+    for (const host of ['0.0.0.0', '::', '10.0.0.5', 'api.example.com']) {
+      expect(configError({ ...MINIMAL, AUTH: 'off', HOST: host }, 'api').issues, host).toEqual([
+        expect.stringMatching(/^AUTH: "off" is only allowed when HOST is a loopback address/),
+      ]);
+    }
+    // A worker serves no API: its AUTH does not matter.
+    expect(loadConfig({ ...MINIMAL, AUTH: 'off', HOST: '0.0.0.0' }, 'any').AUTH).toBe('off');
+    expect(configError({ ...MINIMAL, AUTH: 'maybe' }).issues[0]).toMatch(/^AUTH:/);
+  });
+
+  it('reads CORS_ORIGINS as a list of origins, refusing paths and wildcards', () => {
+    expect(loadConfig({ ...MINIMAL, CORS_ORIGINS: 'https://app.example.com, http://localhost:3000' }).CORS_ORIGINS).toEqual([
+      'https://app.example.com',
+      'http://localhost:3000',
+    ]);
+    for (const bad of ['*', 'https://app.example.com/', 'app.example.com', 'https://a.example.com/path', 'https://*.example.com']) {
+      expect(configError({ ...MINIMAL, CORS_ORIGINS: bad }).issues[0], bad).toMatch(/^CORS_ORIGINS/);
+    }
+  });
+
+  it('reads TRUST_PROXY as false, true, a hop count or addresses and CIDRs', () => {
+    expect(loadConfig({ ...MINIMAL, TRUST_PROXY: 'true' }).TRUST_PROXY).toBe(true);
+    expect(loadConfig({ ...MINIMAL, TRUST_PROXY: '2' }).TRUST_PROXY).toBe(2);
+    expect(loadConfig({ ...MINIMAL, TRUST_PROXY: '10.0.0.0/8, 192.168.1.4,::1' }).TRUST_PROXY).toEqual(['10.0.0.0/8', '192.168.1.4', '::1']);
+    for (const bad of ['yes', '10.0.0.0/33', 'proxy.example.com', '1.2.3.4/8/9']) {
+      expect(configError({ ...MINIMAL, TRUST_PROXY: bad }).issues[0], bad).toMatch(/^TRUST_PROXY: /);
+    }
+  });
+
+  it('bounds the limits, quotas and retention; 0 turns a limit off', () => {
+    expect(loadConfig({ ...MINIMAL, RATE_LIMIT_MAX: '0', TENANT_MAX_IN_FLIGHT: '0', TENANT_DAILY_PIXEL_STEPS: '0', RETENTION_DAYS: '0' })).toMatchObject({
+      RATE_LIMIT_MAX: 0,
+      TENANT_MAX_IN_FLIGHT: 0,
+      TENANT_DAILY_PIXEL_STEPS: 0,
+      RETENTION_DAYS: 0,
+    });
+    expect(configError({ ...MINIMAL, AUTH_FAILURE_LIMIT: '0' }).issues[0]).toMatch(/^AUTH_FAILURE_LIMIT:/);
+    expect(configError({ ...MINIMAL, RATE_LIMIT_WINDOW_MS: '10' }).issues[0]).toMatch(/^RATE_LIMIT_WINDOW_MS:/);
+    expect(configError({ ...MINIMAL, RETENTION_DAYS: '-1' }).issues[0]).toMatch(/^RETENTION_DAYS:/);
+  });
+});
+
 describe('.env.example', () => {
   const text = readFileSync(fileURLToPath(new URL('../../.env.example', import.meta.url)), 'utf8');
   const lines = text.split('\n');
@@ -207,6 +265,7 @@ describe('.env.example', () => {
       [
         'DATABASE_URL',
         'HOST',
+        'METRICS_TOKEN',
         'MODEL_DIR',
         'REDIS_URL',
         'STORAGE_ACCESS_KEY',

@@ -89,6 +89,15 @@ describe('logger', () => {
     expect(scrubSecrets('"url":"/generated-images/1/url"')).toBe('"url":"/generated-images/1/url"');
   });
 
+  it('blanks the secret of an API key wherever it appears, keeping its public prefix', () => {
+    const { logger, lines } = capture('info');
+    const key = `t2i_0a1b2c3d_${'9f'.repeat(32)}`;
+    logger.info({ url: `/generated-images?api_key=${key}` }, `a client sent ${key} in the wrong place`);
+    const text = lines.join('\n');
+    expect(text).not.toContain('9f'.repeat(32));
+    expect(text).toContain('t2i_0a1b2c3d_[redacted]');
+  });
+
   it('logs prompts at debug level only', () => {
     const atInfo = capture('info');
     atInfo.logger.info({ prompt: 'a castle in the Loire valley', negativePrompt: 'ugly', steps: 3 }, 'started');

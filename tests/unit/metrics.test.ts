@@ -1,11 +1,15 @@
 import { describe, expect, it } from 'vitest';
 import { buildApp } from '../../src/api/app.js';
 import { createApiMetrics } from '../../src/api/metrics.js';
+import { AccountsService, type AccountsRepo } from '../../src/core/accounts.js';
 import { ImagesService, type ImagesRepo, type JobQueue } from '../../src/core/images.js';
 import { createLogger } from '../../src/core/logger.js';
 import { createWorkerMetrics } from '../../src/worker/metrics.js';
 
-/** Metric modules without services: registries per instance, the /metrics token, queue-depth timeouts. */
+/** Metric modules without services (fake repositories that know no job and no key): registries per instance, the /metrics token, queue-depth timeouts. */
+
+const TOKEN = 'a-long-metrics-token-123';
+const SCRAPE = { authorization: `Bearer ${TOKEN}` };
 
 /** A unit-test fake: the only request these tests send to a job route asks for an unknown id. */
 function fakeRepo(): ImagesRepo {
@@ -16,6 +20,13 @@ function fakeRepo(): ImagesRepo {
     get: async () => null,
     create: unused('create'),
     list: unused('list'),
+    usage: unused('usage'),
+    markDeleted: unused('markDeleted'),
+    clearObjects: unused('clearObjects'),
+    findExpired: unused('findExpired'),
+    findDeletedWithObjects: unused('findDeletedWithObjects'),
+    unfairPriorities: unused('unfairPriorities'),
+    setPriority: unused('setPriority'),
     startAttempt: unused('startAttempt'),
     setProgress: unused('setProgress'),
     succeed: unused('succeed'),
@@ -34,13 +45,38 @@ function fakeRepo(): ImagesRepo {
 /** A unit-test fake of an empty queue. */
 const fakeQueue: JobQueue = { enqueue: async () => undefined, remove: async () => false, depth: async () => 0 };
 
-function app(token?: string) {
+/** A unit-test fake of the accounts store that knows no key: job routes answer 401. */
+function fakeAccountsRepo(): AccountsRepo {
+  const unused = (name: string) => async (): Promise<never> => {
+    throw new Error(`fake accounts repo: ${name} is not used by the metrics tests`);
+  };
+  return {
+    keyByHash: async () => null,
+    ensureTenant: unused('ensureTenant'),
+    insertKey: unused('insertKey'),
+    listKeys: unused('listKeys'),
+    revokeKey: unused('revokeKey'),
+    touchKey: unused('touchKey'),
+    setTenantLimits: unused('setTenantLimits'),
+    listTenants: unused('listTenants'),
+  };
+}
+
+/** `null`: no METRICS_TOKEN. */
+function app(token: string | null = TOKEN) {
   const images = new ImagesService({
     repo: fakeRepo(),
     queue: fakeQueue,
-    storage: { presignGet: async () => ({ url: '', expiresAt: new Date() }) },
+    storage: { presignGet: async () => ({ url: '', expiresAt: new Date() }), removeImageObjects: async () => undefined },
   });
-  return buildApp({ images, logger: createLogger({ name: 'api', level: 'silent' }), bodyLimit: 65_536, metrics: createApiMetrics(), metricsToken: token });
+  return buildApp({
+    images,
+    accounts: new AccountsService(fakeAccountsRepo()),
+    logger: createLogger({ name: 'api', level: 'silent' }),
+    bodyLimit: 65_536,
+    metrics: createApiMetrics(),
+    metricsToken: token ?? undefined,
+  });
 }
 
 describe('API metrics', () => {
@@ -49,8 +85,8 @@ describe('API metrics', () => {
     await a.inject({ method: 'GET', url: '/healthz' });
     await a.inject({ method: 'GET', url: '/healthz' });
     await b.inject({ method: 'GET', url: '/generated-images/00000000-0000-4000-8000-000000000000' });
-    const ta = (await a.inject({ method: 'GET', url: '/metrics' })).body;
-    const tb = (await b.inject({ method: 'GET', url: '/metrics' })).body;
+    const ta = (await a.inject({ method: 'GET', url: '/metrics', headers: SCRAPE })).body;
+    const tb = (await b.inject({ method: 'GET', url: '/metrics', headers: SCRAPE })).body;
     expect(ta).toMatch(/http_requests_total\{method="GET",route="\/healthz",status_class="2xx"\} 2/);
     expect(tb).not.toContain('route="/healthz"');
     expect(tb).toMatch(/http_requests_total\{method="GET",route="\/generated-images\/:id",status_class="4xx"\} 1/);
@@ -58,12 +94,20 @@ describe('API metrics', () => {
   });
 
   it('asks for the bearer token when METRICS_TOKEN is set', async () => {
-    const a = app('a-long-metrics-token-123');
+    const a = app(TOKEN);
     expect((await a.inject({ method: 'GET', url: '/metrics' })).statusCode).toBe(401);
     expect((await a.inject({ method: 'GET', url: '/metrics', headers: { authorization: 'Bearer wrong-token-of-same-len' } })).statusCode).toBe(401);
     const ok = await a.inject({ method: 'GET', url: '/metrics', headers: { authorization: 'Bearer a-long-metrics-token-123' } });
     expect(ok.statusCode).toBe(200);
     expect(ok.headers['content-type']).toMatch(/^text\/plain; version=0\.0\.4/);
+    await a.close();
+  });
+
+  it('serves no /metrics on the API without METRICS_TOKEN: its port faces users', async () => {
+    const a = app(null);
+    const res = await a.inject({ method: 'GET', url: '/metrics' });
+    expect(res.statusCode).toBe(404);
+    expect(res.body).not.toContain('http_requests_total');
     await a.close();
   });
 });
