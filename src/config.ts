@@ -1,5 +1,6 @@
 import { isIP } from 'node:net';
 import { z } from 'zod';
+import { HostAllowlist } from './core/ssrf.js';
 
 /**
  * The one environment schema, parsed once at boot by each process. Every variable is listed
@@ -134,6 +135,59 @@ export const envSchema = z.object({
   RETENTION_DAYS: int(0, 36_500).default(30),
   /** How often each worker runs the retention sweeper. */
   SWEEP_INTERVAL_MS: int(1_000, 86_400_000).default(3_600_000),
+
+  // --- Live events (SSE and WebSocket)
+  /** A job's event log in Redis (status, progress, previews) expires this long after its last event; the job row stays the record. */
+  EVENTS_RETENTION_SECONDS: int(60, SEVEN_DAYS_S).default(3_600),
+  /** Interval of heartbeats on event streams (SSE comment lines, WebSocket pings), so proxies keep quiet streams open. */
+  EVENTS_HEARTBEAT_MS: int(100, 300_000).default(15_000),
+  /** Shortest interval between two live previews of a job (500 = at most 2 per second); 0 turns previews off. */
+  PREVIEW_INTERVAL_MS: int(0, 60_000)
+    .refine((v) => v === 0 || v >= 500, 'must be 0 (off) or at least 500 (previews are sent at most twice a second)')
+    .default(500),
+
+  // --- OpenAI-compatible API
+  /** How long POST /v1/images/generations waits for its images before answering 504 (the job goes on; its id is in the answer). */
+  OPENAI_WAIT_MS: int(1_000, 3_600_000).default(300_000),
+
+  // --- Webhooks
+  /**
+   * Secret webhooks are signed with (Standard Webhooks: "whsec_" and base64 of at least 24 random
+   * bytes; make one with `openssl rand -base64 32`); receivers verify with it. Never logged.
+   * Unset: this server sends no webhooks, and jobs that ask for one are refused.
+   */
+  WEBHOOK_SECRET: z
+    .string()
+    .regex(/^whsec_[A-Za-z0-9+/]{32,}={0,2}$/, 'must be whsec_ followed by base64 of at least 24 bytes')
+    .optional(),
+  /**
+   * Destinations webhooks may reach although they are loopback, private or otherwise refused:
+   * host names, IP addresses or CIDR ranges, comma-separated (for private deployments and tests).
+   */
+  WEBHOOK_ALLOWED_HOSTS: z
+    .string()
+    .default('')
+    .transform((v) =>
+      v
+        .split(',')
+        .map((x) => x.trim())
+        .filter(Boolean),
+    )
+    .refine(isAllowlist, 'must be host names, IP addresses or CIDR ranges, comma-separated'),
+  /** DNS servers (host:port, comma-separated) webhook hosts are resolved with; the system resolver when unset. */
+  WEBHOOK_DNS_SERVERS: z
+    .string()
+    .regex(/^[^,\s]+(,[^,\s]+)*$/, 'must be host:port entries separated by commas')
+    .transform((v) => v.split(','))
+    .optional(),
+  /** Longest one webhook attempt may take (connect, send, read at most 64 KiB of the answer). */
+  WEBHOOK_TIMEOUT_MS: int(100, 60_000).default(10_000),
+  /** Attempts per webhook before it is given up. */
+  WEBHOOK_MAX_ATTEMPTS: int(1, 30).default(8),
+  /** Wait after a failed webhook attempt; doubled after each further one, at most 6 hours. */
+  WEBHOOK_BACKOFF_MS: int(10, 3_600_000).default(5_000),
+  /** How often each worker looks for webhooks that are due. */
+  WEBHOOK_POLL_MS: int(50, 60_000).default(1_000),
 
   // --- Worker
   /** A Stable Diffusion ONNX export (diffusers/optimum layout). */
@@ -287,6 +341,15 @@ export function parseEndpoint(endpoint: string): { host: string; port: number; u
   const useSSL = url.protocol === 'https:';
   const port = url.port ? Number(url.port) : useSSL ? 443 : 80;
   return { host: url.hostname, port, useSSL, url: `${url.protocol}//${url.host}` };
+}
+
+function isAllowlist(entries: string[]): boolean {
+  try {
+    new HostAllowlist(entries);
+    return true;
+  } catch {
+    return false;
+  }
 }
 
 /** Fastify's trustProxy: false, true, a hop count, or the addresses of trusted proxies. */

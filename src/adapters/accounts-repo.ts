@@ -13,6 +13,7 @@ type KeyRow = {
   createdAt: Date;
   lastUsedAt: Date | null;
   revokedAt: Date | null;
+  webhookUrl: string | null;
   tenant: { name: string };
 };
 
@@ -26,6 +27,7 @@ function toKey(r: KeyRow): ApiKeyInfo {
     createdAt: r.createdAt,
     lastUsedAt: r.lastUsedAt,
     revokedAt: r.revokedAt,
+    webhookUrl: r.webhookUrl,
   };
 }
 
@@ -42,6 +44,7 @@ const KEY_SELECT = {
   createdAt: true,
   lastUsedAt: true,
   revokedAt: true,
+  webhookUrl: true,
   tenant: { select: { name: true } },
 } as const;
 
@@ -52,9 +55,9 @@ export function createAccountsRepo(db: Db): AccountsRepo {
       return toTenant(await db.tenant.upsert({ where: { name }, create: { name }, update: {} }));
     },
 
-    async insertKey({ tenantId, prefix, hash, name }) {
+    async insertKey({ tenantId, prefix, hash, name, webhookUrl = null }) {
       const rows = await db.$queryRaw<Array<{ id: string }>>`
-        INSERT INTO api_keys (tenant_id, prefix, key_hash, name) VALUES (${tenantId}::uuid, ${prefix}, ${hash}, ${name})
+        INSERT INTO api_keys (tenant_id, prefix, key_hash, name, webhook_url) VALUES (${tenantId}::uuid, ${prefix}, ${hash}, ${name}, ${webhookUrl})
         ON CONFLICT (prefix) DO NOTHING RETURNING id`;
       const id = rows[0]?.id;
       if (!id) return false;

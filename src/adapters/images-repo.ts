@@ -1,7 +1,7 @@
 import { Prisma, type Db, type GeneratedImage } from './db/client.js';
 import { translateDbError } from './db/errors.js';
 import { translateErrors } from './translate.js';
-import type { AttemptOutcome, ImageRecord, ImagesRepo, NewImage, QuotaLimits } from '../core/images.js';
+import type { AttemptOutcome, CreateResult, IdempotencyClaim, ImageRecord, ImagesRepo, NewImage, QuotaLimits } from '../core/images.js';
 import { failure, isFailureCode, type Failure } from '../core/failures.js';
 
 /**
@@ -39,6 +39,8 @@ function toRecord(row: GeneratedImage): ImageRecord {
     finishedAt: row.finishedAt,
     cancelRequestedAt: row.cancelRequestedAt,
     generationMs: row.generationMs,
+    numImages: row.numImages,
+    webhookUrl: row.webhookUrl,
     pixelSteps: Number(row.pixelSteps),
     queuePriority: row.queuePriority,
     deletedAt: row.deletedAt,
@@ -79,13 +81,22 @@ export function createImagesRepo(db: Db): ImagesRepo {
          WHERE image_id = ${id}::uuid AND attempt = ${attempt} AND outcome IS NULL`;
 
   const repo: ImagesRepo = {
-    async create(data: NewImage, quota: QuotaLimits) {
+    async create(data: NewImage, quota: QuotaLimits, key?: IdempotencyClaim) {
       // The tenant's row lock serializes its submissions across every API process, so two
-      // requests can never both take the last slot or the last of the budget.
-      return db.$transaction(async (tx) => {
+      // requests can never both take the last slot or the last of the budget, nor both claim
+      // one Idempotency-Key.
+      return db.$transaction(async (tx): Promise<CreateResult> => {
         const tenant = await tx.$queryRaw<LimitsRow[]>`
           SELECT max_in_flight, daily_pixel_steps FROM tenants WHERE id = ${data.tenantId}::uuid FOR UPDATE`;
         if (!tenant[0]) throw new Error(`tenant ${data.tenantId} does not exist`);
+        if (key) {
+          // A live key gives back what it was used for, whatever the quotas say now.
+          const [live] = await tx.$queryRaw<Array<{ fingerprint: string; image_id: string }>>`
+            SELECT fingerprint, image_id::text FROM idempotency_keys
+             WHERE tenant_id = ${data.tenantId}::uuid AND key = ${key.key}
+               AND created_at >= now() - make_interval(secs => ${key.ttlMs / 1000})`;
+          if (live) return { existing: { fingerprint: live.fingerprint, imageId: live.image_id } };
+        }
         const limits = limitsOf(tenant[0], quota);
         // Without a budget, today's jobs need not be summed (a busy tenant has many): counting from
         // a day that never comes leaves only the jobs in flight, which the priority needs.
@@ -96,6 +107,12 @@ export function createImagesRepo(db: Db): ImagesRepo {
         if (limits.maxInFlight > 0 && inFlight >= limits.maxInFlight) return { exceeded: 'in_flight' as const, limit: limits.maxInFlight, used: inFlight };
         if (limits.dailyPixelSteps > 0 && used + data.pixelSteps > limits.dailyPixelSteps) {
           return { exceeded: 'daily_pixel_steps' as const, limit: limits.dailyPixelSteps, used };
+        }
+        if (key) {
+          // No live key (checked under the lock): a new one, or an expired one taken over.
+          await tx.$executeRaw`
+            INSERT INTO idempotency_keys (tenant_id, key, fingerprint, image_id) VALUES (${data.tenantId}::uuid, ${key.key}, ${key.fingerprint}, ${data.id}::uuid)
+            ON CONFLICT (tenant_id, key) DO UPDATE SET fingerprint = EXCLUDED.fingerprint, image_id = EXCLUDED.image_id, created_at = now()`;
         }
         const row = await tx.generatedImage.create({
           data: {
@@ -113,10 +130,16 @@ export function createImagesRepo(db: Db): ImagesRepo {
             // Its rank among the tenant's jobs in flight: the tenant's k-th job waits behind
             // every other tenant's (k-1)-th, not behind whole backlogs.
             queuePriority: Math.min(inFlight + 1, MAX_PRIORITY),
+            numImages: data.numImages ?? 1,
+            webhookUrl: data.webhookUrl ?? null,
           },
         });
         return { record: toRecord(row) };
       });
+    },
+
+    async sweepIdempotencyKeys(before) {
+      return (await db.idempotencyKey.deleteMany({ where: { createdAt: { lt: before } } })).count;
     },
 
     async get(id, tenantId) {

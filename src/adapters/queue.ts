@@ -90,7 +90,7 @@ function isRedisUnavailable(err: unknown): boolean {
   return false;
 }
 
-function translateRedisError(err: unknown): Error {
+export function translateRedisError(err: unknown): Error {
   return isRedisUnavailable(err) ? new DependencyUnavailableError('job queue', { cause: err }) : asError(err);
 }
 
@@ -113,6 +113,11 @@ export interface ProducerQueue {
   /** Removes a job that no worker holds; false when it is locked by one (or absent). */
   remove(imageId: string): Promise<boolean>;
   depth(): Promise<number>;
+  /**
+   * How many waiting jobs a worker will take before this one (0: it is next), or null when the
+   * job is not waiting (running, delayed for a retry, finished or unknown).
+   */
+  position(imageId: string): Promise<number | null>;
   counts(): Promise<Record<'waiting' | 'active' | 'delayed' | 'failed' | 'completed' | 'prioritized', number>>;
   close(): Promise<void>;
 }
@@ -168,6 +173,17 @@ export function createProducer(redisUrl: string, s: QueueSettings): ProducerQueu
       async depth() {
         const c = await queue.getJobCounts('waiting', 'delayed', 'prioritized');
         return (c.waiting ?? 0) + (c.delayed ?? 0) + (c.prioritized ?? 0);
+      },
+      async position(imageId) {
+        // Workers take from the right end of the wait list (RPOPLPUSH), then, when it is empty,
+        // the lowest score of the prioritized set: what is ahead of a job follows from where it is.
+        const client = connection;
+        const waitKey = queue.toKey('wait');
+        const [index, length] = await Promise.all([client.lpos(waitKey, imageId), client.llen(waitKey)]);
+        if (typeof index === 'number') return length - 1 - index;
+        const prioritizedKey = queue.toKey('prioritized');
+        const rank = await client.zrank(prioritizedKey, imageId);
+        return rank === null ? null : length + rank;
       },
       async counts() {
         const c = await queue.getJobCounts('waiting', 'active', 'delayed', 'failed', 'completed', 'prioritized');

@@ -97,6 +97,6 @@ export function createErrorReporter(config: Config, component: 'api' | 'worker')
     release: config.SENTRY_RELEASE ?? `t2i@${packageVersion()}`,
     environment: config.SENTRY_ENVIRONMENT,
     component,
-    secrets: [config.STORAGE_SECRET_KEY, config.STORAGE_ACCESS_KEY, config.METRICS_TOKEN ?? ''],
+    secrets: [config.STORAGE_SECRET_KEY, config.STORAGE_ACCESS_KEY, config.METRICS_TOKEN ?? '', config.WEBHOOK_SECRET ?? ''],
   });
 }

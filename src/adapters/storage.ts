@@ -43,6 +43,8 @@ export interface ImageStorage {
   putPng(key: string, png: Buffer, opts?: { signal?: AbortSignal }): Promise<{ etag: string; size: number }>;
   /** Keys under a prefix (at most 1,000: enough for one job's attempts). */
   list(prefix: string): Promise<string[]>;
+  /** The object's bytes (images are small: a 2048 x 2048 PNG is at most 12 MB). */
+  read(key: string): Promise<Buffer>;
   /** null when the object does not exist; other errors throw. */
   stat(key: string): Promise<{ size: number; etag: string; contentType: string | undefined } | null>;
   /** A presigned GET URL for the PUBLIC endpoint when one is configured (users outside the services' network), else the internal one. ttlSeconds defaults to presignTtlSeconds and is capped at 7 days. No network call. */
@@ -69,13 +71,15 @@ const IDLE_TIMEOUT_MS = 30_000;
  * attempt that wakes up late can never overwrite the image of the attempt that won; the job row
  * names the winner's key.
  */
-export function objectKeyFor(imageId: string, attempt: number): string {
+export function objectKeyFor(imageId: string, attempt: number, index = 0): string {
   // The id becomes part of a path: refuse anything that could name another object.
   if (!/^[A-Za-z0-9_-]{1,200}$/.test(imageId)) {
     throw new Error(`objectKeyFor: image id "${imageId.slice(0, 80)}" must be 1-200 letters, digits, _ or -`);
   }
   if (!Number.isInteger(attempt) || attempt < 1) throw new Error(`objectKeyFor: attempt must be a positive integer, got ${attempt}`);
-  return `images/${imageId}/${attempt}.png`;
+  if (!Number.isInteger(index) || index < 0) throw new Error(`objectKeyFor: index must be a whole number, got ${index}`);
+  // Image 0 keeps the one-image name; the others of a job of several lie beside it.
+  return index === 0 ? `images/${imageId}/${attempt}.png` : `images/${imageId}/${attempt}-${index}.png`;
 }
 
 /** A failed storage operation: what was attempted, on which object, and a hint at the fix. Never carries credentials. */
@@ -242,6 +246,17 @@ export function createStorage(opts: StorageOptions): ImageStorage {
         return keys;
       } catch (err) {
         throw fail('list', prefix, err);
+      }
+    },
+
+    async read(key) {
+      try {
+        const stream = await s3.getObject(bucket, key);
+        const chunks: Buffer[] = [];
+        for await (const chunk of stream) chunks.push(chunk as Buffer);
+        return Buffer.concat(chunks);
+      } catch (err) {
+        throw fail('read', key, err);
       }
     },
 

@@ -1,14 +1,22 @@
 import Fastify, { type FastifyBaseLogger, type FastifyError, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
 import type { Logger } from 'pino';
-import { DependencyUnavailableError, ProblemError, ValidationError } from '../core/errors.js';
+import { DependencyUnavailableError, ProblemError } from '../core/errors.js';
 import type { ErrorReporter } from '../core/reporting.js';
 import type { AccountsService } from '../core/accounts.js';
-import type { ImageRecord, ImagesService } from '../core/images.js';
-import { createImageBody, fieldErrors, listQuery } from '../core/params.js';
+import type { ImagesService } from '../core/images.js';
+import { imageJson } from '../core/image-json.js';
+import { createImageBody, listQuery, type CreateImageBody } from '../core/params.js';
 import { readiness } from '../core/lifecycle.js';
 import type { TrustProxy } from '../config.js';
 import { principalOf, registerAuth, type RateLimitOptions } from './auth.js';
+import { discoveryRoutes, type DiscoveryOptions } from './discovery.js';
 import { registerEdges, requestIdOf } from './edges.js';
+import { eventRoutes, type EventRoutesOptions } from './events.js';
+import { idempotencyKeyOf } from './idempotency.js';
+import { openAiRoutes, type OpenAiRoutesOptions } from './openai.js';
+import { registerOpenApi } from './openapi.js';
+import { jobRouteSchemas, problems, usageSchema } from './schemas.js';
+import { webhookRoutes, type WebhookRoutesOptions } from './webhooks.js';
 import { registerApiMetrics, type ApiMetrics } from './metrics.js';
 import { sendProblem } from './problem.js';
 
@@ -39,32 +47,14 @@ export interface AppDeps {
   metricsToken?: string | undefined;
   /** Where 5xx errors are reported (Sentry); client errors never are. */
   reporter?: ErrorReporter;
-}
-
-export function imageJson(r: ImageRecord) {
-  return {
-    id: r.id,
-    status: r.status,
-    progress: r.progress,
-    prompt: r.prompt,
-    negative_prompt: r.negativePrompt,
-    num_steps: r.numSteps,
-    guidance_scale: r.guidanceScale,
-    seed: r.seed,
-    width: r.width,
-    height: r.height,
-    scheduler: r.scheduler,
-    file_name: r.fileName,
-    // Why the job failed (or why its last attempt did): a stable code and a public message.
-    error: r.errorCode ? { code: r.errorCode, message: r.error ?? '' } : null,
-    attempts: r.attempts,
-    // What the job counts against the daily budget (width x height x num_steps).
-    pixel_steps: r.pixelSteps,
-    cancel_requested_at: r.cancelRequestedAt?.toISOString() ?? null,
-    created_at: r.createdAt.toISOString(),
-    started_at: r.startedAt?.toISOString() ?? null,
-    finished_at: r.finishedAt?.toISOString() ?? null,
-  };
+  /** Live job events over SSE and WebSocket (src/api/events.ts); the routes are absent without it. */
+  events?: Omit<EventRoutesOptions, 'tenantOf'>;
+  /** Webhook delivery records (src/api/webhooks.ts); the route is absent without them. */
+  webhooks?: Omit<WebhookRoutesOptions, 'images' | 'tenantOf'>;
+  /** The OpenAI-compatible routes (src/api/openai.ts); absent without them. */
+  openai?: Omit<OpenAiRoutesOptions, 'images' | 'principalOf'>;
+  /** GET /models and /schedulers (src/api/discovery.ts); absent without them. */
+  discovery?: DiscoveryOptions;
 }
 
 function trustHops(n: number) {
@@ -100,6 +90,8 @@ export function buildApp(deps: AppDeps): FastifyInstance {
   // "must be a JSON object" (400) instead of the 415 a wrong content type deserves.
   app.removeContentTypeParser('text/plain');
 
+  // Before every route: the document is made from the routes' schemas as they are added.
+  registerOpenApi(app);
   registerEdges(app, { corsOrigins: deps.corsOrigins });
   if (deps.metrics) registerApiMetrics(app, deps.metrics, { token: deps.metricsToken });
 
@@ -161,67 +153,90 @@ export function buildApp(deps: AppDeps): FastifyInstance {
     await registerAuth(scope, { accounts: deps.accounts, mode: deps.auth ?? 'required', rateLimits: deps.rateLimits });
     const tenant = (request: FastifyRequest) => principalOf(request).tenantId;
 
-    scope.post('/generated-images', async (request, reply) => {
-      const body = request.body;
-      if (typeof body !== 'object' || body === null || Array.isArray(body)) {
-        throw new ValidationError([{ field: '(body)', rule: 'type', message: 'must be a JSON object' }]);
-      }
-      // reportInput: zod 4 leaves `input` off issues otherwise, and fieldErrors would call every wrongly typed field "required".
-      const parsed = createImageBody.safeParse(body, { reportInput: true });
-      if (!parsed.success) throw new ValidationError(fieldErrors(parsed.error));
-      const record = await deps.images.create(tenant(request), parsed.data);
+    const schemas = jobRouteSchemas(createImageBody, listQuery);
+
+    scope.post('/generated-images', { schema: schemas.create }, async (request, reply) => {
+      const p = principalOf(request);
+      const { record, replayed } = await deps.images.submit(p.tenantId, request.body as CreateImageBody, {
+        idempotencyKey: idempotencyKeyOf(request),
+        route: 'generated-images',
+        defaultWebhookUrl: p.webhookUrl,
+      });
+      if (replayed) reply.header('idempotent-replayed', 'true');
       return reply.status(201).header('location', `/generated-images/${record.id}`).send(imageJson(record));
     });
 
-    scope.get('/generated-images', async (request) => {
-      const parsed = listQuery.safeParse(request.query, { reportInput: true });
-      if (!parsed.success) throw new ValidationError(fieldErrors(parsed.error));
-      const { items, nextCursor } = await deps.images.list(tenant(request), parsed.data.limit, parsed.data.cursor);
+    scope.get('/generated-images', { schema: schemas.list }, async (request) => {
+      const q = request.query as { limit: number; cursor?: string };
+      const { items, nextCursor } = await deps.images.list(tenant(request), q.limit, q.cursor);
       return { items: items.map(imageJson), next_cursor: nextCursor };
     });
 
-    scope.get<{ Params: { id: string } }>('/generated-images/:id', async (request) => imageJson(await deps.images.get(tenant(request), request.params.id)));
+    scope.get<{ Params: { id: string } }>('/generated-images/:id', { schema: schemas.get }, async (request) =>
+      imageJson(await deps.images.get(tenant(request), request.params.id)),
+    );
 
-    scope.get<{ Params: { id: string } }>('/generated-images/:id/url', async (request) => {
-      const { url, expiresAt } = await deps.images.url(tenant(request), request.params.id);
-      return { url, expires_at: expiresAt.toISOString() };
+    scope.get<{ Params: { id: string } }>('/generated-images/:id/url', { schema: schemas.url }, async (request) => {
+      const images = await deps.images.urls(tenant(request), request.params.id);
+      const { url, expiresAt } = images[0]!;
+      // `url` is image 0 (the textbook's answer, unchanged for one image); a job of several lists them all in `images`.
+      return {
+        url,
+        expires_at: expiresAt.toISOString(),
+        ...(images.length > 1 ? { images: images.map((i) => ({ index: i.index, seed: i.seed, url: i.url })) } : {}),
+      };
     });
 
-    scope.post<{ Params: { id: string } }>('/generated-images/:id/cancel', async (request) =>
+    scope.post<{ Params: { id: string } }>('/generated-images/:id/cancel', { schema: schemas.cancel }, async (request) =>
       imageJson(await deps.images.cancel(tenant(request), request.params.id)),
     );
 
     // Removes the image objects and the prompts; the job is gone for its owner (404 afterwards).
-    scope.delete<{ Params: { id: string } }>('/generated-images/:id', async (request, reply) => {
+    scope.delete<{ Params: { id: string } }>('/generated-images/:id', { schema: schemas.delete }, async (request, reply) => {
       await deps.images.delete(tenant(request), request.params.id);
       return reply.status(204).send();
     });
 
-    scope.get('/usage', async (request) => {
-      const p = principalOf(request);
-      const u = await deps.images.usage(p.tenantId);
-      const budget = u.limits.dailyPixelSteps;
-      return {
-        tenant: p.tenantName,
-        day: u.day.toISOString().slice(0, 10),
-        resets_at: u.resetsAt.toISOString(),
-        pixel_steps: { used: u.pixelStepsToday, limit: budget || null, remaining: budget ? Math.max(0, budget - u.pixelStepsToday) : null },
-        in_flight: { used: u.inFlight, limit: u.limits.maxInFlight || null },
-        jobs_today: u.jobsToday,
-      };
-    });
+    scope.get(
+      '/usage',
+      { schema: { tags: ['jobs'], summary: "Your tenant's usage today and its limits", response: { 200: usageSchema, ...problems(401, 429, 503) } } },
+      async (request) => {
+        const p = principalOf(request);
+        const u = await deps.images.usage(p.tenantId);
+        const budget = u.limits.dailyPixelSteps;
+        return {
+          tenant: p.tenantName,
+          day: u.day.toISOString().slice(0, 10),
+          resets_at: u.resetsAt.toISOString(),
+          pixel_steps: { used: u.pixelStepsToday, limit: budget || null, remaining: budget ? Math.max(0, budget - u.pixelStepsToday) : null },
+          in_flight: { used: u.inFlight, limit: u.limits.maxInFlight || null },
+          jobs_today: u.jobsToday,
+        };
+      },
+    );
+
+    // The client API's areas, each a plugin of its own, in the same scope: every stream,
+    // webhook record and OpenAI call is the caller's tenant's.
+    if (deps.events) await scope.register(eventRoutes, { ...deps.events, tenantOf: tenant });
+    if (deps.webhooks) await scope.register(webhookRoutes, { images: deps.images, tenantOf: tenant, ...deps.webhooks });
+    if (deps.openai) await scope.register(openAiRoutes, { images: deps.images, principalOf, ...deps.openai });
+    if (deps.discovery) await scope.register(discoveryRoutes, deps.discovery);
   });
 
-  app.get('/healthz', async () => ({ status: 'ok' }));
+  // Public probes, in a plugin of their own so the OpenAPI generator (registered first) sees them.
+  void app.register(async (app) => {
+    const schemas = jobRouteSchemas(createImageBody, listQuery);
+    app.get('/healthz', { schema: schemas.healthz }, async () => ({ status: 'ok' as const }));
 
-  app.get('/readyz', async (request, reply) => {
-    const { ok, checks, errors } = await readiness(deps.checks ?? {});
-    if (!ok) {
-      // Which dependency is down is public; why (hosts, ports, driver messages) is logged only.
-      request.log.warn({ errors }, 'not ready');
-      return sendProblem(reply, 503, 'Service Unavailable', `Not ready: ${Object.keys(errors).join(', ')} unreachable.`, { checks });
-    }
-    return { status: 'ready', checks };
+    app.get('/readyz', { schema: schemas.readyz }, async (request, reply) => {
+      const { ok, checks, errors } = await readiness(deps.checks ?? {});
+      if (!ok) {
+        // Which dependency is down is public; why (hosts, ports, driver messages) is logged only.
+        request.log.warn({ errors }, 'not ready');
+        return sendProblem(reply, 503, 'Service Unavailable', `Not ready: ${Object.keys(errors).join(', ')} unreachable.`, { checks });
+      }
+      return { status: 'ready' as const, checks };
+    });
   });
 
   return app;

@@ -1,5 +1,11 @@
 import { createAccountsRepo } from '../adapters/accounts-repo.js';
 import { createImagesRepo } from '../adapters/images-repo.js';
+import { createJobEventStore, eventSink } from '../adapters/job-events.js';
+import { followJob } from '../core/job-event-stream.js';
+import { webhookClientFromConfig } from '../adapters/webhook-http.js';
+import { createWebhookRepo } from '../adapters/webhooks-repo.js';
+import { createFleetRegistry } from '../adapters/fleet.js';
+import { servedModels } from '../core/fleet.js';
 import { checkRedis, createProducer, createRedis } from '../adapters/queue.js';
 import { withTimeout } from '../core/lifecycle.js';
 import { createErrorReporter } from '../adapters/sentry.js';
@@ -10,7 +16,7 @@ import { createPrismaClient } from '../adapters/db/client.js';
 import { ImagesService } from '../core/images.js';
 import { createProcessLogger, type Logger } from '../core/logger.js';
 import type { ErrorReporter } from '../core/reporting.js';
-import { queueSettings, storageOptions } from '../core/wiring.js';
+import { eventStoreOptions, queueSettings, storageOptions } from '../core/wiring.js';
 import { buildApp } from './app.js';
 import { createApiMetrics } from './metrics.js';
 
@@ -50,6 +56,9 @@ export async function startApi(config: Config = loadConfig(process.env, 'api'), 
   const limitsRedis = createRedis(config.REDIS_URL, { failFast: true });
   limitsRedis.on('error', () => undefined);
   const repo = createImagesRepo(db);
+  const eventStore = createJobEventStore(config.REDIS_URL, eventStoreOptions(config));
+  const events = eventSink(eventStore, logger);
+  const webhookClient = config.WEBHOOK_SECRET ? webhookClientFromConfig(config, 't2i') : undefined;
   const images = new ImagesService({
     repo,
     queue: producer,
@@ -58,7 +67,25 @@ export async function startApi(config: Config = loadConfig(process.env, 'api'), 
     maxPixelSteps: config.MAX_PIXEL_STEPS,
     quotas: { maxInFlight: config.TENANT_MAX_IN_FLIGHT, dailyPixelSteps: config.TENANT_DAILY_PIXEL_STEPS },
     log: logger,
+    events,
+    // The same check a send makes, so a refused URL is a 400 now rather than a failed delivery later.
+    ...(webhookClient ? { checkWebhookUrl: (url: string) => webhookClient.check(url) } : {}),
   });
+  // Follows a job of a tenant: another tenant's job is a 404, as everywhere.
+  const follow = (tenantId: string, id: string, lastEventId: string | null) =>
+    followJob(
+      {
+        log: eventStore.log,
+        getJob: (jobId) => images.get(tenantId, jobId),
+        result: (record) => images.result(record),
+        position: (jobId) => producer.position(jobId),
+        logger,
+      },
+      id,
+      lastEventId,
+    );
+  const fleet = createFleetRegistry(config.REDIS_URL, config.QUEUE_NAME);
+  const models = async () => servedModels(await withTimeout(fleet.members(), 2_000, 'reading the fleet'));
   const app = buildApp({
     images,
     accounts: new AccountsService(createAccountsRepo(db), logger),
@@ -78,6 +105,10 @@ export async function startApi(config: Config = loadConfig(process.env, 'api'), 
     metricsToken: config.METRICS_TOKEN,
     reporter,
     checks: { postgres: () => repo.ping(), redis: async () => void (await producer.counts()), storage: () => storage.ping() },
+    webhooks: { deliveries: createWebhookRepo(db) },
+    events: { heartbeatMs: config.EVENTS_HEARTBEAT_MS, follow },
+    openai: { follow: (tenantId, id) => follow(tenantId, id, null), readImage: (key) => storage.read(key), models, waitMs: config.OPENAI_WAIT_MS },
+    discovery: { models, maxPixelSteps: config.MAX_PIXEL_STEPS },
   });
   app.addHook('onClose', async () => {
     // A reporter the caller gave stays the caller's to close.
@@ -85,6 +116,12 @@ export async function startApi(config: Config = loadConfig(process.env, 'api'), 
     await Promise.allSettled([
       withTimeout(producer.close(), 5_000, 'closing the queue connection'),
       Promise.resolve(limitsRedis.disconnect()),
+      Promise.resolve(fleet.close()),
+      withTimeout(
+        events.flush().then(() => eventStore.close()),
+        5_000,
+        'closing the event connections',
+      ),
       withTimeout(db.$disconnect(), 5_000, 'disconnecting from Postgres'),
       overrides.reporter ? undefined : reporter.close(),
     ]);

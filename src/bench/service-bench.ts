@@ -59,7 +59,7 @@ const CONSTANT_REPLY = { id: '00000000-0000-0000-0000-000000000000', status: 'qu
 const out = (line: string) => process.stdout.write(`${line}\n`);
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 
-function quantile(xs: number[], q: number): number {
+export function quantile(xs: number[], q: number): number {
   if (xs.length === 0) return NaN;
   const sorted = Float64Array.from(xs).sort();
   return sorted[Math.min(sorted.length - 1, Math.max(0, Math.ceil(q * sorted.length) - 1))]!;
@@ -86,7 +86,7 @@ export async function runBareServer(port: number): Promise<void> {
   });
 }
 
-interface Child {
+export interface Child {
   name: string;
   url: string;
   proc: ChildProcess;
@@ -94,7 +94,7 @@ interface Child {
   stop(): Promise<void>;
 }
 
-async function startChild(name: string, args: string[], env: NodeJS.ProcessEnv, url: string): Promise<Child> {
+export async function startChild(name: string, args: string[], env: NodeJS.ProcessEnv, url: string): Promise<Child> {
   // stdout (JSON log lines) to /dev/null: the process pays for producing its logs, not for a reader.
   const proc = spawn(process.execPath, [BIN, ...args], { env, stdio: ['ignore', 'ignore', 'pipe'] });
   let tail = '';

@@ -5,10 +5,14 @@ import { ConfigError, loadConfig } from '../config.js';
 import { AccountsService, type ApiKeyInfo } from '../core/accounts.js';
 import { parsePrefix } from '../core/api-keys.js';
 import { UsageError } from './engine-commands.js';
+import { webhookClientFromConfig } from '../adapters/webhook-http.js';
+import { tenantSigningSecret } from '../core/webhooks.js';
 
 /**
  * `t2i keys create --tenant NAME [--name LABEL] [--json]`, `t2i keys list [--tenant NAME] [--json]`,
- * `t2i keys revoke PREFIX`: API keys in the database at DATABASE_URL. A key is printed once, at
+ * `t2i keys revoke PREFIX`: API keys in the database at DATABASE_URL. `--webhook-url URL` gives a
+ * key a default webhook for jobs that name none; `t2i keys webhook-secret --tenant NAME` prints the
+ * secret the tenant's receivers verify webhooks with (derived from WEBHOOK_SECRET, stored nowhere). A key is printed once, at
  * creation; the database keeps only its hash, so a lost key is revoked and replaced, not recovered.
  *
  * `t2i tenants list [--json]`, `t2i tenants set NAME [--max-in-flight N|default]
@@ -30,6 +34,7 @@ function keyJson(k: ApiKeyInfo) {
     created_at: k.createdAt.toISOString(),
     last_used_at: k.lastUsedAt?.toISOString() ?? null,
     revoked_at: k.revokedAt?.toISOString() ?? null,
+    webhook_url: k.webhookUrl,
   };
 }
 
@@ -51,6 +56,18 @@ async function withAccounts<T>(fn: (accounts: AccountsService) => Promise<T>): P
 }
 
 const out = (s: string) => process.stdout.write(`${s}\n`);
+
+/** A key's default webhook is checked as a job's is (scheme, host, every address it resolves to). */
+async function checkDefaultWebhook(url: string): Promise<void> {
+  const config = loadConfig(process.env, 'any');
+  if (!config.WEBHOOK_SECRET) throw new UsageError('--webhook-url needs WEBHOOK_SECRET: without it this deployment sends no webhooks');
+  try {
+    await webhookClientFromConfig(config, 't2i').check(url);
+  } catch (err) {
+    if ((err as Error).name === 'WebhookUrlError') throw new UsageError(`--webhook-url ${(err as Error).message}`);
+    throw err;
+  }
+}
 
 /** A limit as given on the command line: a whole number, or "default" (the configured one). */
 function limitArg(name: string, v: string | undefined, max: number): number | null | undefined {
@@ -105,10 +122,12 @@ export async function keysCommand(argv: string[]): Promise<number> {
   const { values, positionals } = parseArgs({
     args: rest,
     allowPositionals: true,
-    options: { tenant: { type: 'string' }, name: { type: 'string' }, json: { type: 'boolean', default: false } },
+    options: { tenant: { type: 'string' }, name: { type: 'string' }, 'webhook-url': { type: 'string' }, json: { type: 'boolean', default: false } },
   });
-  if (sub !== 'create' && sub !== 'list' && sub !== 'revoke') {
-    throw new UsageError('use `t2i keys create --tenant NAME [--name LABEL]`, `t2i keys list [--tenant NAME]` or `t2i keys revoke PREFIX`');
+  if (sub !== 'create' && sub !== 'list' && sub !== 'revoke' && sub !== 'webhook-secret') {
+    throw new UsageError(
+      'use `t2i keys create --tenant NAME [--name LABEL] [--webhook-url URL]`, `t2i keys list [--tenant NAME]`, `t2i keys revoke PREFIX` or `t2i keys webhook-secret --tenant NAME`',
+    );
   }
   if (values.tenant !== undefined && !TENANT_NAME.test(values.tenant)) {
     throw new UsageError(`--tenant must be 1-63 letters, digits, ".", "_" or "-", starting with a letter or digit; got "${values.tenant}"`);
@@ -121,7 +140,9 @@ export async function keysCommand(argv: string[]): Promise<number> {
       case 'create': {
         if (!values.tenant) throw new UsageError('keys create needs --tenant NAME');
         if (positionals.length > 0) throw new UsageError(`unexpected argument "${positionals[0]}"`);
-        const { key, info } = await accounts.createKey(values.tenant, values.name ?? null);
+        const webhookUrl = values['webhook-url'] ?? null;
+        if (webhookUrl !== null) await checkDefaultWebhook(webhookUrl);
+        const { key, info } = await accounts.createKey(values.tenant, values.name ?? null, webhookUrl);
         if (values.json) {
           out(JSON.stringify({ key, ...keyJson(info) }));
         } else {
@@ -130,6 +151,16 @@ export async function keysCommand(argv: string[]): Promise<number> {
           out('It is shown only now: store it somewhere safe (the server keeps only its hash).');
           out(`Send it as "Authorization: Bearer <key>"; revoke it with \`t2i keys revoke ${info.prefix}\`.`);
         }
+        return 0;
+      }
+      case 'webhook-secret': {
+        // The tenant's webhook signing secret, for its receivers: derived from WEBHOOK_SECRET, stored nowhere.
+        if (!values.tenant) throw new UsageError('keys webhook-secret needs --tenant NAME');
+        const master = loadConfig(process.env, 'any').WEBHOOK_SECRET;
+        if (!master) throw new UsageError('WEBHOOK_SECRET is not set: this deployment sends no webhooks');
+        const tenant = (await accounts.listTenants()).find((t) => t.name === values.tenant);
+        if (!tenant) throw new UsageError(`no tenant is named "${values.tenant}"`);
+        out(tenantSigningSecret(master, tenant.id));
         return 0;
       }
       case 'list': {

@@ -18,6 +18,9 @@ const HELP = `t2i: text-to-image on Stable Diffusion ONNX models
   t2i bench service [--rounds N] [--duration S] [--warmup S] [--connections C] [--jobs N]
                         [--log-level L]   API throughput beside bare Fastify, and queue-path
                         overhead per job, on local throwaway services
+  t2i bench stream [--jobs N] [--steps N] [--step-ms MS] [--subscribers N]
+                        live events: worker step -> SSE client latency (p50, p99) through a
+                        second API instance, on local throwaway services
 
   t2i demo [--prompt TEXT] [--port 8000] [--metrics-port 9191] [--exit]
                         the whole system on local throwaway services, until Ctrl-C
@@ -63,11 +66,14 @@ async function bench(argv: string[]): Promise<void> {
       jobs: { type: 'string' },
       'log-level': { type: 'string' },
       'bare-server': { type: 'string' },
+      steps: { type: 'string' },
+      'step-ms': { type: 'string' },
+      subscribers: { type: 'string' },
     },
   });
   const which = positionals[0] ?? 'engine';
-  if (positionals.length > 1 || (which !== 'engine' && which !== 'service')) {
-    throw new UsageError(`unknown benchmark "${positionals.join(' ')}": use \`t2i bench\` (engine) or \`t2i bench service\``);
+  if (positionals.length > 1 || (which !== 'engine' && which !== 'service' && which !== 'stream')) {
+    throw new UsageError(`unknown benchmark "${positionals.join(' ')}": use \`t2i bench\` (engine), \`t2i bench service\` or \`t2i bench stream\``);
   }
   const num = (name: string, v: string | undefined): number | undefined => {
     if (v === undefined) return undefined;
@@ -78,6 +84,17 @@ async function bench(argv: string[]): Promise<void> {
   if (values['bare-server']) {
     const { runBareServer } = await import('../bench/service-bench.js');
     return runBareServer(num('bare-server', values['bare-server'])!);
+  }
+  if (which === 'stream') {
+    const { runStreamBench } = await import('../bench/stream-bench.js');
+    const opts = {
+      jobs: num('jobs', values.jobs),
+      steps: num('steps', values.steps),
+      stepMs: num('step-ms', values['step-ms']),
+      subscribers: num('subscribers', values.subscribers),
+    };
+    await runStreamBench(Object.fromEntries(Object.entries(opts).filter(([, v]) => v !== undefined)));
+    return;
   }
   if (which === 'service') {
     const { runServiceBench } = await import('../bench/service-bench.js');

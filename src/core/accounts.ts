@@ -23,6 +23,8 @@ export interface ApiKeyInfo {
   createdAt: Date;
   lastUsedAt: Date | null;
   revokedAt: Date | null;
+  /** The key's default webhook URL, or null. */
+  webhookUrl: string | null;
 }
 
 /** Who sent a request: the tenant everything it sees and does is scoped to, and the key it used. */
@@ -32,13 +34,15 @@ export interface Principal {
   /** Absent when authentication is off (AUTH=off): everyone is the anonymous tenant. */
   keyId?: string;
   keyPrefix?: string;
+  /** Where jobs made with this key send their webhook when they name none. */
+  webhookUrl?: string | null;
 }
 
 export interface AccountsRepo {
   /** The tenant of that name, created if missing. */
   ensureTenant(name: string): Promise<Tenant>;
   /** Stores a key's hash and prefix; false when the prefix is taken (the caller draws another). */
-  insertKey(k: { tenantId: string; prefix: string; hash: string; name: string | null }): Promise<ApiKeyInfo | false>;
+  insertKey(k: { tenantId: string; prefix: string; hash: string; name: string | null; webhookUrl?: string | null }): Promise<ApiKeyInfo | false>;
   /** The key with this hash, revoked or not; null when none has it. */
   keyByHash(hash: string): Promise<ApiKeyInfo | null>;
   listKeys(tenantName?: string): Promise<ApiKeyInfo[]>;
@@ -64,13 +68,16 @@ export class AccountsService {
     private readonly log?: { warn(obj: object, msg: string): void },
   ) {}
 
-  /** Creates a key for the tenant (and the tenant if new). The returned `key` is the only copy. */
-  async createKey(tenantName: string, name: string | null = null): Promise<{ key: string; info: ApiKeyInfo }> {
+  /**
+   * Creates a key for the tenant (and the tenant if new). The returned `key` is the only copy.
+   * `webhookUrl` is the key's default webhook (the caller checks it first).
+   */
+  async createKey(tenantName: string, name: string | null = null, webhookUrl: string | null = null): Promise<{ key: string; info: ApiKeyInfo }> {
     const tenant = await this.repo.ensureTenant(tenantName);
     // A random 32-bit prefix collides rarely; draw again when it does.
     for (let i = 0; i < 5; i++) {
       const k = generateApiKey();
-      const info = await this.repo.insertKey({ tenantId: tenant.id, prefix: k.prefix, hash: k.hash, name });
+      const info = await this.repo.insertKey({ tenantId: tenant.id, prefix: k.prefix, hash: k.hash, name, webhookUrl });
       if (info) return { key: k.key, info };
     }
     throw new Error('could not find a free key prefix after 5 tries');
@@ -108,7 +115,10 @@ export class AccountsService {
       // Bookkeeping only: a failed write must not fail the request.
       this.repo.touchKey(key.id).catch((err: unknown) => this.log?.warn({ err, keyPrefix: key.prefix }, 'could not record the key as used'));
     }
-    return { ok: true, principal: { tenantId: key.tenantId, tenantName: key.tenantName, keyId: key.id, keyPrefix: key.prefix } };
+    return {
+      ok: true,
+      principal: { tenantId: key.tenantId, tenantName: key.tenantName, keyId: key.id, keyPrefix: key.prefix, webhookUrl: key.webhookUrl },
+    };
   }
 
   /** The principal of every request when authentication is off. */

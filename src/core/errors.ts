@@ -57,6 +57,14 @@ export class ConflictError extends ProblemError {
   }
 }
 
+/** An Idempotency-Key sent again with a different request: the client must use a new key for a new request. */
+export class IdempotencyConflictError extends ProblemError {
+  override name = 'IdempotencyConflictError';
+  constructor() {
+    super(422, 'Idempotency key reused', 'This Idempotency-Key was used in the last 24 hours with a different request body; send a new key for a new request.');
+  }
+}
+
 export class ServiceUnavailableError extends ProblemError {
   override name = 'ServiceUnavailableError';
   constructor(detail: string, retryAfterSeconds = 5) {

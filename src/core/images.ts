@@ -1,7 +1,18 @@
 import { randomUUID } from 'node:crypto';
+import { IDEMPOTENCY_TTL_MS, requestFingerprint } from './idempotency.js';
 import { randomSeed } from '../engine/random.js';
-import { ConflictError, ImageNotAvailableError, NotFoundError, QuotaExceededError, ServiceUnavailableError, ValidationError } from './errors.js';
+import { imageSeed } from '../engine/params.js';
+import {
+  ConflictError,
+  IdempotencyConflictError,
+  ImageNotAvailableError,
+  NotFoundError,
+  QuotaExceededError,
+  ServiceUnavailableError,
+  ValidationError,
+} from './errors.js';
 import type { Failure, FailureCode } from './failures.js';
+import type { JobEventSink } from './job-events.js';
 import { pixelSteps, type CreateImageBody } from './params.js';
 
 /**
@@ -45,12 +56,17 @@ export interface ImageRecord {
   queuePriority: number;
   /** When the job was deleted or expired; the API no longer shows it. */
   deletedAt: Date | null;
+  /** Images the job makes (1..4); image k has seed + k (mod 2^32). */
+  numImages: number;
+  /** Where the job's outcome is POSTed; null for none. */
+  webhookUrl: string | null;
 }
 
 export type NewImage = Pick<
   ImageRecord,
   'id' | 'tenantId' | 'prompt' | 'negativePrompt' | 'numSteps' | 'guidanceScale' | 'seed' | 'width' | 'height' | 'scheduler' | 'pixelSteps'
->;
+> &
+  Partial<Pick<ImageRecord, 'numImages' | 'webhookUrl'>>;
 
 /** Per-tenant quotas (a tenant's own limits in its row win); 0 means no limit. */
 export interface Quotas {
@@ -65,7 +81,18 @@ export interface QuotaLimits extends Quotas {
   dayStart: Date;
 }
 
-export type CreateResult = { record: ImageRecord } | { exceeded: 'in_flight' | 'daily_pixel_steps'; limit: number; used: number };
+/** An Idempotency-Key a submission claims: the tenant's key, what the request was, how long a key holds. */
+export interface IdempotencyClaim {
+  key: string;
+  fingerprint: string;
+  ttlMs: number;
+}
+
+export type CreateResult =
+  | { record: ImageRecord }
+  | { exceeded: 'in_flight' | 'daily_pixel_steps'; limit: number; used: number }
+  /** The Idempotency-Key was used within its time: what it was used for. */
+  | { existing: { fingerprint: string; imageId: string } };
 
 export interface TenantUsage {
   inFlight: number;
@@ -87,9 +114,13 @@ export interface ImagesRepo {
   /**
    * Inserts the job unless the tenant is over a quota (checked and inserted under the tenant's
    * lock, so concurrent submissions on any API process cannot overshoot). The job is queued with
-   * priority = 1 + the tenant's jobs already in flight.
+   * priority = 1 + the tenant's jobs already in flight. With an Idempotency-Key, the key is
+   * claimed in the same transaction first: a key of the tenant used within its time gives back
+   * what it was used for instead (a replay is never refused for quota); an expired key is taken over.
    */
-  create(data: NewImage, quota: QuotaLimits): Promise<CreateResult>;
+  create(data: NewImage, quota: QuotaLimits, key?: IdempotencyClaim): Promise<CreateResult>;
+  /** Deletes idempotency keys created before `before`; returns how many. */
+  sweepIdempotencyKeys(before: Date): Promise<number>;
   /** With a tenant: only that tenant's job, and not a deleted one (the API's view). Without: any row (workers). */
   get(id: string, tenantId?: string): Promise<ImageRecord | null>;
   /** A tenant's jobs (not deleted), newest first, strictly older than `before` when given. */
@@ -178,6 +209,24 @@ export interface ImagesServiceDeps {
   /** Largest width x height x num_steps of one request (MAX_PIXEL_STEPS); no limit when absent. */
   maxPixelSteps?: number;
   log?: { warn: (obj: object, msg: string) => void };
+  /** Where job events go for live streams (src/core/job-events.ts); nowhere when absent. */
+  events?: JobEventSink;
+  /**
+   * Checks a webhook URL as a send will (scheme, host, every address it resolves to); throws a
+   * WebhookUrlError (src/core/ssrf.ts). Absent: this server sends no webhooks, and jobs asking
+   * for one are refused.
+   */
+  checkWebhookUrl?: (url: string) => Promise<void>;
+}
+
+/** What a submission asks for beyond the generation parameters. */
+export interface SubmitOptions {
+  /** The client's Idempotency-Key, validated. */
+  idempotencyKey?: string | undefined;
+  /** Which route the body came to: the same key on another route is another request. */
+  route: string;
+  /** The webhook URL of the caller's API key, for a body that names none. */
+  defaultWebhookUrl?: string | null | undefined;
 }
 
 /** Start of the UTC day of `now`, and of the next one (when daily budgets reset). */
@@ -231,6 +280,16 @@ export class ImagesService {
    * job behind them, so nothing is lost and the client has no reason to submit twice.
    */
   async create(tenantId: string, body: CreateImageBody): Promise<ImageRecord> {
+    return (await this.submit(tenantId, body, { route: 'generated-images' })).record;
+  }
+
+  /**
+   * Validates what the schema cannot (compute budget, webhook URL), applies back-pressure and
+   * the tenant's quotas, and creates the job, once per Idempotency-Key of the tenant: the same
+   * key and body within 24 hours give back the job the first request created (`replayed`),
+   * another body gets 422.
+   */
+  async submit(tenantId: string, body: CreateImageBody, opts: SubmitOptions): Promise<{ record: ImageRecord; replayed: boolean }> {
     const cost = pixelSteps(body);
     const max = this.deps.maxPixelSteps;
     if (max !== undefined && cost > max) {
@@ -242,8 +301,17 @@ export class ImagesService {
         },
       ]);
     }
+    // The key's default applies when the body names none (it was checked when the key was made,
+    // and is checked again at every send).
+    const webhookUrl = body.webhook_url ?? opts.defaultWebhookUrl ?? null;
+    if (body.webhook_url !== null) await this.checkWebhook(body.webhook_url);
+    else if (webhookUrl !== null && !this.deps.checkWebhookUrl)
+      throw new ValidationError([
+        { field: 'webhook_url', rule: 'not_enabled', message: 'is not available: this server sends no webhooks (the API key has a default webhook URL)' },
+      ]);
     await this.checkBackPressure();
     const day = utcDay();
+    const fingerprint = opts.idempotencyKey === undefined ? undefined : requestFingerprint(opts.route, body);
     const created = await this.deps.repo.create(
       {
         id: randomUUID(),
@@ -257,17 +325,46 @@ export class ImagesService {
         height: body.height,
         scheduler: body.scheduler,
         pixelSteps: cost,
+        numImages: body.num_images,
+        webhookUrl,
       },
       { ...this.quotas(), dayStart: day.start },
+      opts.idempotencyKey === undefined ? undefined : { key: opts.idempotencyKey, fingerprint: fingerprint!, ttlMs: IDEMPOTENCY_TTL_MS },
     );
+    if ('existing' in created) {
+      if (created.existing.fingerprint !== fingerprint) throw new IdempotencyConflictError();
+      return { record: await this.get(tenantId, created.existing.imageId), replayed: true };
+    }
     if ('exceeded' in created) throw quotaError(created, cost, day.next);
-    const { record } = created;
+    await this.enqueueNew(created.record);
+    return { record: created.record, replayed: false };
+  }
+
+  private async checkWebhook(url: string): Promise<void> {
+    const check = this.deps.checkWebhookUrl;
+    if (!check) throw new ValidationError([{ field: 'webhook_url', rule: 'not_enabled', message: 'is not available: this server sends no webhooks' }]);
+    try {
+      await check(url);
+    } catch (err) {
+      const e = err as { name?: string; rule?: string; message?: string };
+      if (e.name !== 'WebhookUrlError') throw err;
+      throw new ValidationError([{ field: 'webhook_url', rule: e.rule ?? 'url', message: e.message ?? 'is not allowed' }]);
+    }
+  }
+
+  /**
+   * After the row is committed. If enqueueing fails, the row stays queued and the caller still
+   * gets its job: the workers' reconciler enqueues rows that have no job behind them, so nothing
+   * is lost and the client has no reason to submit twice.
+   */
+  private async enqueueNew(record: ImageRecord): Promise<void> {
+    // Logged before it is enqueued, so a worker's `running` can never come before it.
+    await this.deps.events?.publish(record.id, { type: 'status', status: 'queued', attempt: 0 });
     try {
       await this.deps.queue.enqueue(record.id, record.queuePriority);
     } catch (err) {
       this.deps.log?.warn({ err, imageId: record.id }, 'enqueue failed after the row was committed; the reconciler will enqueue it');
     }
-    return record;
   }
 
   /**
@@ -282,6 +379,7 @@ export class ImagesService {
     }
     const after = (await this.deps.repo.requestCancel(id)) ?? before;
     if (after.status === 'canceled') await this.deps.queue.remove(id).catch(() => false);
+    if (after.status === 'canceled' && before.status !== 'canceled') void this.deps.events?.publish(id, { type: 'canceled' });
     return after;
   }
 
@@ -317,6 +415,24 @@ export class ImagesService {
     const items = await this.deps.repo.list({ tenantId, limit, ...(before ? { before } : {}) });
     const last = items.at(-1);
     return { items, nextCursor: items.length === limit && last ? encodeCursor(last) : null };
+  }
+
+  /** What a finished job's `done` event (and its webhook) carries: its image URL, and every image's when it made several. */
+  async result(record: ImageRecord): Promise<{ url: string; expires_at: string; images: Array<{ index: number; seed: number; url: string }> }> {
+    const images = await this.urls(record.tenantId, record.id);
+    return { url: images[0]!.url, expires_at: images[0]!.expiresAt.toISOString(), images: images.map(({ index, seed, url }) => ({ index, seed, url })) };
+  }
+
+  /** Presigned URLs of every image of the caller's succeeded job, image 0 first (errors as url()). */
+  async urls(tenantId: string, id: string): Promise<Array<{ index: number; seed: number; url: string; expiresAt: Date }>> {
+    const first = await this.url(tenantId, id);
+    const record = await this.get(tenantId, id);
+    const out = [{ index: 0, seed: record.seed, ...first }];
+    for (let k = 1; k < record.numImages; k++) {
+      const signed = await this.deps.storage.presignGet(siblingImageKey(record.fileName!, k));
+      out.push({ index: k, seed: imageSeed(record.seed, k), ...signed });
+    }
+    return out;
   }
 
   async url(tenantId: string, id: string): Promise<{ url: string; expiresAt: Date }> {
@@ -365,4 +481,12 @@ export function decodeCursor(cursor: string): { createdAt: Date; id: string } {
     throw new ValidationError([{ field: 'cursor', rule: 'format', message: 'is not a cursor this API returned' }]);
   }
   return { createdAt, id };
+}
+
+/**
+ * Where image k of a job of several is stored, from the key of image 0 (file_name): beside it,
+ * `images/<id>/<attempt>-<k>.png` (src/adapters/storage.ts objectKeyFor makes the same names).
+ */
+export function siblingImageKey(fileName: string, index: number): string {
+  return index === 0 ? fileName : fileName.replace(/\.png$/, `-${index}.png`);
 }

@@ -35,6 +35,8 @@ export const REDACT_PATHS = [
   '*.STORAGE_ACCESS_KEY',
   'METRICS_TOKEN',
   '*.METRICS_TOKEN',
+  'WEBHOOK_SECRET',
+  '*.WEBHOOK_SECRET',
   'SENTRY_DSN',
   '*.SENTRY_DSN',
   'password',
@@ -162,7 +164,7 @@ export async function createProcessLogger(config: Config, name: string, destinat
     level: config.LOG_LEVEL,
     pretty: config.LOG_PRETTY,
     file,
-    secrets: [config.STORAGE_SECRET_KEY, config.STORAGE_ACCESS_KEY, config.METRICS_TOKEN ?? ''],
+    secrets: [config.STORAGE_SECRET_KEY, config.STORAGE_ACCESS_KEY, config.METRICS_TOKEN ?? '', config.WEBHOOK_SECRET ?? ''],
     destination,
   });
 }

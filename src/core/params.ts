@@ -1,8 +1,11 @@
 import { z } from 'zod';
-import { GENERATION_DEFAULTS, GENERATION_LIMITS } from '../engine/pipeline.js';
+import { GENERATION_DEFAULTS, GENERATION_LIMITS, MAX_IMAGES } from '../engine/pipeline.js';
+
+export { MAX_IMAGES };
 import { MAX_SEED } from '../engine/random.js';
 import { SCHEDULER_NAMES } from '../engine/schedulers/types.js';
 import type { FieldError } from './errors.js';
+import { MAX_WEBHOOK_URL_LENGTH } from './ssrf.js';
 
 /**
  * What a client may ask for, in the textbook's snake_case. Strict: unknown fields are
@@ -57,6 +60,14 @@ export const createImageBody = z.strictObject({
   width: side.default(GENERATION_DEFAULTS.width),
   height: side.default(GENERATION_DEFAULTS.height),
   scheduler: z.enum(SCHEDULER_NAMES).default('pndm'),
+  /** Images from one request, 1..4: image k has seed + k (mod 2^32), generated together (one UNet batch where the model allows). */
+  num_images: z.number().int().min(1).max(MAX_IMAGES).default(1),
+  /** Where the outcome is POSTed, signed (Standard Webhooks). Checked against SSRF here and again when sent. */
+  webhook_url: z
+    .string()
+    .max(MAX_WEBHOOK_URL_LENGTH, { message: `must be at most ${MAX_WEBHOOK_URL_LENGTH} characters` })
+    .nullable()
+    .default(null),
 });
 
 export type CreateImageBody = z.infer<typeof createImageBody>;

@@ -1,6 +1,7 @@
 import type { Config } from '../config.js';
 import type { QueueSettings } from './jobs.js';
 import type { StorageOptions } from '../adapters/storage.js';
+import type { JobEventStoreOptions } from '../adapters/job-events.js';
 
 /** Settings objects for the adapters, derived from the one Config. */
 
@@ -27,4 +28,11 @@ export function storageOptions(c: Config): StorageOptions {
     region: c.STORAGE_REGION,
     presignTtlSeconds: c.PRESIGN_TTL_SECONDS,
   };
+}
+
+/** Events kept per job log: previews at 2 per second for 10 minutes, plus a step event each. */
+const EVENTS_PER_JOB = 2_000;
+
+export function eventStoreOptions(c: Config): JobEventStoreOptions {
+  return { namespace: `t2i:events:${c.QUEUE_NAME}`, maxLen: EVENTS_PER_JOB, ttlMs: c.EVENTS_RETENTION_SECONDS * 1000 };
 }

@@ -58,6 +58,20 @@ export interface GenerateParams {
    * optimum. The 9-channel inpainting UNet always starts from noise and takes no strength.
    */
   strength?: number | null;
+  /**
+   * Images from one request, 1..MAX_IMAGES (default 1), text-to-image only: image k is its own
+   * generation seeded seed + k (mod 2^32), so each is, byte for byte, the image a request with
+   * that seed alone gives (several-images.ts; batched only as batching.ts allows).
+   */
+  numImages?: number;
+}
+
+/** Most images one request makes. */
+export const MAX_IMAGES = 4;
+
+/** The seed of image k of a request seeded `seed`. */
+export function imageSeed(seed: number, k: number): number {
+  return (seed + k) % 2 ** 32;
 }
 
 /** Defaults a model directory implies (see variant.ts), used for the parameters a request leaves out. */
@@ -114,9 +128,14 @@ export interface Generation {
   timings: Timings;
   /** Human-readable warnings (prompt truncation). */
   warnings: string[];
-  /** The most generations that shared a UNet run with this one, itself included (1: it ran alone). */
+  /**
+   * The most generations that shared a UNet run with this one, itself included (1: it ran
+   * alone); for a request of several images, with any of them (its own images count).
+   */
   batchSize?: number;
   latents?: Float32Array;
+  /** Images 1.. of a request for several (numImages), with their seeds; image 0 is `png` and `seed`. */
+  more?: Array<{ png: Buffer; seed: number }>;
 }
 
 /** Thrown for parameters that can never work; the message says which and why. */
@@ -141,6 +160,8 @@ export interface ResolvedParams {
   scheduler: SchedulerName;
   /** null unless an input image is given. */
   strength: number | null;
+  /** Images the request asks for; the pipeline runs each as a generation of its own, seed + k (several-images.ts). */
+  numImages: number;
 }
 
 /**
@@ -183,6 +204,10 @@ export function resolveParams(p: GenerateParams, defaults: ModelDefaults, imageS
   if (strength !== null && !(Number.isFinite(strength) && strength >= 0 && strength <= 1)) {
     invalid(`\`strength\` has to be a number from 0 to 1 but is ${strength}`);
   }
+  const numImages = p.numImages ?? 1;
+  if (!Number.isInteger(numImages) || numImages < 1 || numImages > MAX_IMAGES)
+    invalid(`\`num_images\` has to be an integer from 1 to ${MAX_IMAGES} but is ${numImages}`);
+  if (numImages > 1 && (p.image || p.mask)) invalid('`num_images` above 1 is for text-to-image only; leave out `image` and `mask`, or ask for one image');
   return {
     prompt: p.prompt,
     negativePrompt: p.negativePrompt ?? '',
@@ -194,5 +219,6 @@ export function resolveParams(p: GenerateParams, defaults: ModelDefaults, imageS
     height,
     scheduler,
     strength,
+    numImages,
   };
 }

@@ -9,6 +9,7 @@ import { latentPreview } from './preview.js';
 import { encodePrompt } from './prompt.js';
 import { NumpyRandomState } from './random.js';
 import { createScheduler, type Scheduler } from './schedulers/index.js';
+import { gatherImages, imagesOf } from './several-images.js';
 import { addTimeIds, Denoiser, guidanceEmbedding, type UnetConditioning } from './unet.js';
 import { decodeLatents, encodeImage } from './vae.js';
 
@@ -34,7 +35,8 @@ export * from './params.js';
  * Several generations that agree on size, timesteps and guidance layout can run that loop
  * together, sharing each step's UNet run (src/engine/batching.ts says when that leaves every
  * byte as it would be alone). Everything else stays each generation's own: its prompt encoding,
- * generator, scheduler, guidance scale, progress, cancellation and failure.
+ * generator, scheduler, guidance scale, progress, cancellation and failure. A request for several
+ * images is several such generations, one per seed (several-images.ts).
  */
 
 type Mode = 'txt2img' | 'img2img' | 'inpaint' | 'inpaint-legacy';
@@ -93,13 +95,26 @@ export class StableDiffusionPipeline {
     this.batching = batchPolicy(model, batch);
   }
 
+  /**
+   * One request: its generations (one per image, several-images.ts) share UNet runs as far as
+   * the batching rule lets them, else run one after another.
+   */
   async generate(params: GenerateParams, options: GenerateOptions = {}): Promise<Generation> {
     const started = performance.now();
     const plan = await this.plan(params);
+    const images = imagesOf(plan);
     return new Promise<Generation>((resolve, reject) => {
       const settle = (r: { generation: Generation } | { error: unknown }) =>
         'error' in r ? reject(r.error instanceof Error ? r.error : new Error(String(r.error))) : resolve(r.generation);
-      this.run([{ plan, options, started, settle }]).catch(reject);
+      const members = gatherImages(images.length, { options, settle }).map((m, k): BatchMember => ({
+        plan: images[k]!,
+        ...m,
+        ...(images.length === 1 ? { started } : {}),
+      }));
+      const size = plan.batchKey === undefined ? 1 : this.batching.max;
+      void (async () => {
+        for (let i = 0; i < members.length; i += size) await this.run(members.slice(i, i + size));
+      })().catch(reject);
     });
   }
 

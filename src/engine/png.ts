@@ -64,3 +64,22 @@ export function readPngText(png: Buffer): Record<string, string> {
   }
   return out;
 }
+
+/** Longer side of a live preview, in pixels. */
+export const PREVIEW_MAX_SIDE = 128;
+
+/**
+ * A latent preview (RGB at 1/8 scale, see preview.ts) as a small WebP for live streams: scaled
+ * so its longer side is PREVIEW_MAX_SIDE (a 512x512 generation's 64x64 latents become 128x128),
+ * lossy, a few kilobytes.
+ */
+export async function encodePreviewWebp(rgb: Uint8Array, width: number, height: number): Promise<{ data: Buffer; width: number; height: number }> {
+  const scale = PREVIEW_MAX_SIDE / Math.max(width, height);
+  const w = Math.max(1, Math.round(width * scale));
+  const h = Math.max(1, Math.round(height * scale));
+  const data = await sharp(rgb, { raw: { width, height, channels: 3 } })
+    .resize(w, h, { kernel: 'cubic' })
+    .webp({ quality: 70 })
+    .toBuffer();
+  return { data, width: w, height: h };
+}

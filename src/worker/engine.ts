@@ -11,27 +11,37 @@ import type { GenerateParams, Generation, Progress } from '../engine/pipeline.js
  * thread that could not be stopped), `onGiveUp` says the process should exit so its supervisor
  * (Kubernetes, compose, systemd) starts a fresh one.
  *
- * A batch that takes the engine down does not say which of its generations did it. Each of them
- * is handed back without blame (the processor counts an engine failure only against a generation
- * that ran alone), and is remembered here: the next time this worker gets it, it runs alone, so a
- * poison job soon fails by itself and the others go through.
+ * A batch that takes the engine down does not say which of its jobs did it. Each of them is
+ * handed back without blame (the processor counts an engine failure only against a job that ran
+ * alone: its own images, if it asked for several, are not others), and is remembered here: the
+ * next time this worker gets it, it runs alone, so a poison job soon fails by itself and the
+ * others go through.
  */
 
 /** What the supervisor needs of an engine (src/engine/thread/engine-host.ts's Engine). */
 export interface SupervisedEngine {
   readonly info: EngineInfo;
   readonly alive: boolean;
-  generate(params: GenerateParams, run: { onProgress?: (p: Progress) => void; signal?: AbortSignal; log?: EngineLog; alone?: boolean }): Promise<Generation>;
+  /** `alone`: in a batch of its own (its own images only), as a suspect of an earlier fall. */
+  generate(params: GenerateParams, run: EngineRun & { alone?: boolean }): Promise<Generation>;
   onDown(listener: (err: DownError) => void): void;
   close(): Promise<void>;
 }
 
 export type EngineLog = (level: 'debug' | 'info' | 'warn', msg: string) => void;
 
+/** How a worker runs one generation: progress (with a latent preview every `previewEvery` steps), cancellation, its log lines. */
+export interface EngineRun {
+  onProgress?: (p: Progress) => void;
+  previewEvery?: number;
+  signal?: AbortSignal;
+  log?: EngineLog;
+}
+
 export interface DownError extends Error {
   reason: string;
   unkillable: boolean;
-  /** How many generations ran together when the engine went down (0: this one was waiting). */
+  /** How many jobs' generations ran together when the engine went down (0: this one was waiting). */
   batchSize?: number;
 }
 
@@ -97,7 +107,7 @@ export class EngineSupervisor {
     engine.onDown((err) => this.onEngineDown(engine, err));
   }
 
-  async generate(params: GenerateParams, run: { onProgress?: (p: Progress) => void; signal?: AbortSignal; log?: EngineLog }): Promise<Generation> {
+  async generate(params: GenerateParams, run: EngineRun): Promise<Generation> {
     const engine = this.engine;
     if (!engine || !engine.alive || this.restarting) throw new EngineUnavailableError('the engine is restarting');
     const key = createHash('sha256').update(JSON.stringify(params)).digest('base64');

@@ -2,6 +2,17 @@ import { hostname } from 'node:os';
 import path from 'node:path';
 import { createPrismaClient } from '../adapters/db/client.js';
 import { createImagesRepo } from '../adapters/images-repo.js';
+import { createJobEventStore, eventSink } from '../adapters/job-events.js';
+import { webhookClientFromConfig } from '../adapters/webhook-http.js';
+import { createSigner } from '../adapters/webhook-signing.js';
+import { createWebhookRepo } from '../adapters/webhooks-repo.js';
+import { createFleetRegistry } from '../adapters/fleet.js';
+import type { FleetMember } from '../core/fleet.js';
+import { imageSeed, SD_DEFAULTS } from '../engine/params.js';
+import { imageJson } from '../core/image-json.js';
+import { siblingImageKey } from '../core/images.js';
+import { createWebhookDispatcher } from '../core/webhooks.js';
+import { encodePreviewWebp } from '../engine/png.js';
 import { checkRedis, createConsumer, createProducer, UnrecoverableError } from '../adapters/queue.js';
 import { createErrorReporter } from '../adapters/sentry.js';
 import { createStorage, objectKeyFor } from '../adapters/storage.js';
@@ -10,7 +21,7 @@ import { withTimeout } from '../core/lifecycle.js';
 import { createProcessLogger, type Logger } from '../core/logger.js';
 import { failureFromQueueReason } from '../core/failures.js';
 import { packageVersion, type ErrorReporter } from '../core/reporting.js';
-import { queueSettings, storageOptions } from '../core/wiring.js';
+import { eventStoreOptions, queueSettings, storageOptions } from '../core/wiring.js';
 import { SCHEDULER_NAMES } from '../engine/schedulers/types.js';
 import type { TestPipelineOptions } from '../engine/testing/test-pipeline.js';
 import { Engine, type EngineOptions } from '../engine/thread/engine-host.js';
@@ -58,6 +69,11 @@ export interface WorkerOverrides {
    */
   testEngine?: TestPipelineOptions;
 }
+
+/** A worker's announcement of its model lives this long unless renewed (every third of it). */
+const FLEET_TTL_MS = 30_000;
+/** Leaving the fleet at shutdown is a courtesy (the announcement expires anyway): never wait long for it. */
+const FLEET_WITHDRAW_TIMEOUT_MS = 2_000;
 
 /** Longest a scrape waits for queue depth from Redis; Prometheus' own scrape timeout is 10 s by default. */
 const QUEUE_COUNTS_TIMEOUT_MS = 1_000;
@@ -140,10 +156,16 @@ export async function startWorker(config: Config = loadConfig(process.env, 'work
   const storage = createStorage(storageOptions(config));
   await Promise.all([storage.ensureBucket(), queue.ready()]);
   const repo = createImagesRepo(db);
+  const eventStore = createJobEventStore(config.REDIS_URL, eventStoreOptions(config));
+  // The first WebP encode initialises libvips' codec (tens of ms): pay it now, not on a job's first preview.
+  if (config.PREVIEW_INTERVAL_MS > 0) await encodePreviewWebp(new Uint8Array(8 * 8 * 3), 8, 8);
+  const events = eventSink(eventStore, logger);
   const process_ = createProcessor({
     repo,
     storage,
     engine,
+    events,
+    ...(config.PREVIEW_INTERVAL_MS > 0 ? { previews: { intervalMs: config.PREVIEW_INTERVAL_MS, encode: encodePreviewWebp } } : {}),
     objectKeyFor,
     workerId,
     modelName,
@@ -178,13 +200,18 @@ export async function startWorker(config: Config = loadConfig(process.env, 'work
   // a row that says running: record the reason now rather than at the next reconcile.
   consumer.worker.on('failed', (job, err) => {
     if (!job?.finishedOn) return;
-    void repo.failAny(job.data.imageId, failureFromQueueReason(err.message)).catch((e: unknown) => logger.warn({ err: e }, 'could not mark a failed job'));
+    const f = failureFromQueueReason(err.message);
+    void repo.failAny(job.data.imageId, f).then(
+      (changed) => changed && void events.publish(job.data.imageId, { type: 'failed', error: f }),
+      (e: unknown) => logger.warn({ err: e }, 'could not mark a failed job'),
+    );
   });
   void consumer.worker.run();
 
   const reconciler = createReconciler({
     repo,
     queue,
+    events,
     log: logger.child({ component: 'reconciler' }),
     queuedGraceMs: config.RECONCILE_QUEUED_AFTER_MS,
     // A running job writes progress (updated_at) at least every few seconds; one silent for
@@ -194,6 +221,58 @@ export async function startWorker(config: Config = loadConfig(process.env, 'work
   reconciler.start(config.RECONCILE_INTERVAL_MS);
   const sweeper = createSweeper({ repo, storage, log: logger.child({ component: 'sweeper' }), retentionDays: config.RETENTION_DAYS });
   sweeper.start(config.SWEEP_INTERVAL_MS);
+
+  // Webhooks: sent only by workers that have the signing secret (API and workers share it).
+  const dispatcher = config.WEBHOOK_SECRET
+    ? createWebhookDispatcher({
+        repo: createWebhookRepo(db),
+        sender: webhookClientFromConfig(config, `t2i-webhooks/${packageVersion()}`),
+        sign: createSigner(config.WEBHOOK_SECRET),
+        buildData: async (imageId) => {
+          const record = await repo.get(imageId);
+          if (!record) return { id: imageId };
+          const data: Record<string, unknown> = imageJson(record);
+          if (record.status === 'succeeded' && record.fileName) {
+            const images = [];
+            for (let k = 0; k < record.numImages; k++) {
+              const { url, expiresAt } = await storage.presignGet(siblingImageKey(record.fileName, k));
+              images.push({ index: k, seed: imageSeed(record.seed, k), url, expires_at: expiresAt.toISOString() });
+            }
+            Object.assign(data, { url: images[0]!.url, expires_at: images[0]!.expires_at, images });
+          }
+          return data;
+        },
+        maxAttempts: config.WEBHOOK_MAX_ATTEMPTS,
+        backoffMs: config.WEBHOOK_BACKOFF_MS,
+        maxBackoffMs: 6 * 3600 * 1000,
+        concurrency: 8,
+        log: logger.child({ component: 'webhooks' }),
+      })
+    : undefined;
+  dispatcher?.start(config.WEBHOOK_POLL_MS);
+
+  // What this worker serves, for GET /models and /schedulers on the API: renewed well within its time to live.
+  const fleet = createFleetRegistry(config.REDIS_URL, config.QUEUE_NAME);
+  const defaults = engine.info.defaults ?? SD_DEFAULTS;
+  const member: FleetMember = {
+    workerId,
+    model: modelName,
+    variant: engine.info.variant ?? null,
+    provider: engine.info.provider,
+    defaults: {
+      num_steps: defaults.numSteps,
+      guidance_scale: defaults.guidanceScale,
+      width: defaults.width,
+      height: defaults.height,
+      scheduler: engine.info.defaultScheduler ?? defaults.scheduler ?? 'pndm',
+    },
+    schedulers: SCHEDULER_NAMES,
+    since: new Date().toISOString(),
+  };
+  const announce = () => fleet.announce(member, FLEET_TTL_MS).catch((err: unknown) => logger.warn({ err }, 'could not announce this worker to the fleet'));
+  await announce();
+  const announcer = setInterval(() => void announce(), FLEET_TTL_MS / 3);
+  announcer.unref();
 
   const health = buildHealthApp({
     registry: metrics.registry,
@@ -224,13 +303,25 @@ export async function startWorker(config: Config = loadConfig(process.env, 'work
             withTimeout(reconciler.stop(), SHUTDOWN_TIMEOUTS_MS.cleanup, 'stopping the reconciler'),
             withTimeout(sweeper.stop(), SHUTDOWN_TIMEOUTS_MS.cleanup, 'stopping the sweeper'),
           ])),
+          // Alongside the consumer, within its time: a webhook send cut short is sent again once
+          // its lease lapses, and an announcement that is not withdrawn expires by itself.
           ...(await Promise.allSettled([
             withTimeout(consumer.close(config.SHUTDOWN_GRACE_MS), config.SHUTDOWN_GRACE_MS + SHUTDOWN_TIMEOUTS_MS.release, 'closing the queue consumer'),
+            withTimeout(dispatcher?.stop() ?? Promise.resolve(), config.SHUTDOWN_GRACE_MS + SHUTDOWN_TIMEOUTS_MS.release, 'stopping webhook deliveries'),
+            (async () => {
+              clearInterval(announcer);
+              await withTimeout(fleet.withdraw(workerId), FLEET_WITHDRAW_TIMEOUT_MS, 'leaving the fleet').finally(() => fleet.close());
+            })(),
           ])),
           ...(await Promise.allSettled([
             withTimeout(engine.close(), SHUTDOWN_TIMEOUTS_MS.cleanup, 'closing the engine'),
             withTimeout(db.$disconnect(), SHUTDOWN_TIMEOUTS_MS.cleanup, 'disconnecting from Postgres'),
             withTimeout(queue.close(), SHUTDOWN_TIMEOUTS_MS.cleanup, 'closing the queue connection'),
+            withTimeout(
+              events.flush().then(() => eventStore.close()),
+              SHUTDOWN_TIMEOUTS_MS.cleanup,
+              'publishing the last job events',
+            ),
             withTimeout(health.close(), SHUTDOWN_TIMEOUTS_MS.cleanup, 'closing the health server'),
             // A reporter the caller gave stays the caller's to close.
             overrides.reporter ? reporter.flush() : reporter.close(),

@@ -2,7 +2,9 @@ import type { ImagesRepo } from '../core/images.js';
 import { failure, type Failure } from '../core/failures.js';
 import { scrubSecrets } from '../core/logger.js';
 import type { ReportContext } from '../core/reporting.js';
+import { eventTime, type JobEventSink, type StoredEvent } from '../core/job-events.js';
 import type { GenerateParams, Generation, Progress } from '../engine/pipeline.js';
+import type { Preview } from '../engine/preview.js';
 import type { SchedulerName } from '../engine/schedulers/types.js';
 
 /**
@@ -31,10 +33,20 @@ export interface ProcessorDeps {
     list(prefix: string): Promise<string[]>;
   };
   engine: {
-    generate(params: GenerateParams, run: { onProgress?: (p: Progress) => void; signal?: AbortSignal; log?: EngineLog }): Promise<Generation>;
+    generate(
+      params: GenerateParams,
+      run: { onProgress?: (p: Progress) => void; previewEvery?: number; signal?: AbortSignal; log?: EngineLog },
+    ): Promise<Generation>;
   };
-  /** Where attempt `attempt` of a job stores its image. */
-  objectKeyFor(imageId: string, attempt: number): string;
+  /** Where the job's events go for live streams (status, progress, previews, outcome); nowhere when absent. */
+  events?: JobEventSink;
+  /**
+   * Live previews from the engine's latent preview, at most one per `intervalMs`, encoded small
+   * (src/engine/png.ts encodePreviewWebp). None when absent.
+   */
+  previews?: { intervalMs: number; encode(rgb: Uint8Array, width: number, height: number): Promise<{ data: Buffer; width: number; height: number }> };
+  /** Where attempt `attempt` of a job stores its image `index` (0 unless the job makes several). */
+  objectKeyFor(imageId: string, attempt: number, index?: number): string;
   workerId: string;
   modelName: string;
   /** Shortest interval between progress writes. */
@@ -167,11 +179,16 @@ export function createProcessor(deps: ProcessorDeps) {
 
 function createAttempt(deps: ProcessorDeps) {
   const maxEngineFailures = deps.maxEngineFailures ?? 2;
+  const publish = (imageId: string, e: StoredEvent, at?: number) => void deps.events?.publish(imageId, e, at);
 
   /** Records a failed attempt and returns the error that tells the queue what to do. */
   const failed = async (job: JobInput, attempt: number, f: Failure, cause: unknown, neverRetry = false): Promise<AttemptFailedError> => {
     const final = neverRetry || job.attempt >= job.maxAttempts;
-    await deps.repo.fail(job.imageId, attempt, f, final).catch((err: unknown) => job.log.error({ err }, 'could not record the failure'));
+    const recorded = await deps.repo.fail(job.imageId, attempt, f, final).catch((err: unknown) => {
+      job.log.error({ err }, 'could not record the failure');
+      return false;
+    });
+    if (recorded) publish(job.imageId, final ? { type: 'failed', error: f } : { type: 'status', status: 'queued', attempt, error: f });
     return new AttemptFailedError(f, final, { cause });
   };
 
@@ -181,6 +198,7 @@ function createAttempt(deps: ProcessorDeps) {
     if (!claimed) {
       // Canceled while its previous attempt's worker was gone: end it as canceled now.
       if (await deps.repo.finishCanceled(imageId)) {
+        publish(imageId, { type: 'canceled' });
         log.info({ outcome: 'canceled' }, 'job was canceled before it could run');
         return 'canceled';
       }
@@ -189,6 +207,7 @@ function createAttempt(deps: ProcessorDeps) {
       return 'skipped';
     }
     const { record, attempt } = claimed;
+    publish(imageId, { type: 'status', status: 'running', attempt });
     seen.scheduler = record.scheduler;
     // Prompts are user data: an error text that quotes one must not carry it to the error tracker.
     seen.secrets.push(record.prompt, ...(record.negativePrompt ? [record.negativePrompt] : []));
@@ -214,11 +233,14 @@ function createAttempt(deps: ProcessorDeps) {
     let lastWrite = Number.NEGATIVE_INFINITY;
     let writing: Promise<unknown> = Promise.resolve();
     let lastElapsedMs: number | undefined;
+    let firstStepAt: number | undefined;
+    let lastPreview = Number.NEGATIVE_INFINITY;
     const onProgress = (p: Progress) => {
       // Step time from the engine; without it, the gap since the previous step (the first one would include encoding).
       const stepMs = p.stepMs ?? (lastElapsedMs === undefined ? undefined : p.elapsedMs - lastElapsedMs);
       lastElapsedMs = p.elapsedMs;
       if (stepMs !== undefined) deps.metrics?.step(stepMs / 1000);
+      if (deps.events) streamProgress(p);
       const now = performance.now();
       if (p.step >= p.totalSteps || now - lastWrite < deps.progressIntervalMs) return;
       lastWrite = now;
@@ -234,6 +256,29 @@ function createAttempt(deps: ProcessorDeps) {
       );
     };
 
+    /** Every step to the job's live stream; a preview too when one is due. */
+    const streamProgress = (p: Progress) => {
+      const now = performance.now();
+      // The mean step time since the first step: prompt encoding (before step 1) is not a step.
+      firstStepAt ??= now - (p.stepMs ?? 0);
+      const perStep = p.step > 0 ? (now - firstStepAt) / p.step : 0;
+      publish(imageId, {
+        type: 'progress',
+        attempt,
+        step: p.step,
+        total: p.totalSteps,
+        percent: Math.floor((p.step / p.totalSteps) * 100),
+        eta_ms: Math.round(perStep * (p.totalSteps - p.step)),
+      });
+      const previews = deps.previews;
+      if (!previews || !p.preview || p.step >= p.totalSteps || now - lastPreview < previews.intervalMs) return;
+      lastPreview = now;
+      // Encoded off the ordered path: progress events do not wait behind the WebP encoder. The
+      // preview keeps the time of its step, and may arrive after the next step's progress.
+      const at = eventTime();
+      void previewEvent(p.preview, p, attempt, (rgb, w, h) => previews.encode(rgb, w, h), log).then((e) => e && publish(imageId, e, at));
+    };
+
     try {
       let generation: Generation;
       try {
@@ -247,9 +292,13 @@ function createAttempt(deps: ProcessorDeps) {
             width: record.width,
             height: record.height,
             scheduler: record.scheduler as SchedulerName,
+            ...(record.numImages > 1 ? { numImages: record.numImages } : {}),
           },
           {
             onProgress,
+            // The engine's latent preview costs a 4x3 matrix over the latents (no model run): ask for
+            // it at every step and keep what the interval allows.
+            ...(deps.previews && deps.events ? { previewEvery: 1 } : {}),
             // The engine thread's lines about this generation, with this job's id, attempt and worker on them.
             log: (level, msg) => logEngineLine(log, level, msg),
             signal: stop.signal,
@@ -273,10 +322,14 @@ function createAttempt(deps: ProcessorDeps) {
       // A cancel, takeover or deadline seen at the last progress write still wins over storing the result.
       if (stop.signal.aborted && stopReason() !== 'shutdown') return await stopped(job, attempt, stopReason());
 
-      const key = deps.objectKeyFor(imageId, attempt);
+      // Image 0 is the one file_name names; the others of a job of several lie beside it.
+      const pngs = [generation.png, ...(generation.more ?? []).map((m) => m.png)];
+      const keys = pngs.map((_, k) => deps.objectKeyFor(imageId, attempt, k));
+      const key = keys[0]!;
       try {
-        await deps.storage.putPng(key, generation.png, { signal: stop.signal });
+        for (const [k, png] of pngs.entries()) await deps.storage.putPng(keys[k]!, png, { signal: stop.signal });
       } catch (err) {
+        await removeAll(keys, log);
         if (stop.signal.aborted && stopReason() !== 'shutdown') return await stopped(job, attempt, stopReason());
         throw await failed(job, attempt, failure('storage_unavailable'), err);
       }
@@ -286,12 +339,13 @@ function createAttempt(deps: ProcessorDeps) {
       if (!ok) {
         // Another attempt owns the row now (this worker stalled past its lock): its result stands,
         // and this attempt's object must not outlive it.
-        await deps.storage.remove(key).catch((err: unknown) => log.warn({ err }, 'could not remove the superseded object'));
+        await removeAll(keys, log);
         log.warn({ dbAttempt: attempt, durationMs, outcome: 'superseded' }, 'job was taken over by another attempt; result discarded');
         return 'superseded';
       }
+      publish(imageId, { type: 'succeeded' });
       // Earlier attempts of this job may have stored objects before they were taken over.
-      if (attempt > 1) await removeOtherAttempts(imageId, key, log);
+      if (attempt > 1) await removeOtherAttempts(imageId, keys, log);
       log.info({ dbAttempt: attempt, durationMs, seed: generation.seed, batchSize: generation.batchSize, outcome: 'succeeded' }, 'job succeeded');
       return 'succeeded';
     } finally {
@@ -300,20 +354,25 @@ function createAttempt(deps: ProcessorDeps) {
     }
   };
 
-  async function removeOtherAttempts(imageId: string, keep: string, log: JobLog): Promise<void> {
-    const prefix = keep.slice(0, keep.lastIndexOf('/') + 1);
+  async function removeOtherAttempts(imageId: string, keep: string[], log: JobLog): Promise<void> {
+    const prefix = keep[0]!.slice(0, keep[0]!.lastIndexOf('/') + 1);
     try {
-      for (const key of await deps.storage.list(prefix)) if (key !== keep) await deps.storage.remove(key);
+      for (const key of await deps.storage.list(prefix)) if (!keep.includes(key)) await deps.storage.remove(key);
     } catch (err) {
       log.warn({ err }, 'could not remove the objects of earlier attempts');
     }
+  }
+
+  /** An attempt's objects that must not outlive it (a failed upload of several, a superseded attempt). */
+  async function removeAll(keys: string[], log: JobLog): Promise<void> {
+    for (const key of keys) await deps.storage.remove(key).catch((err: unknown) => log.warn({ err }, 'could not remove an object of this attempt'));
   }
 
   /** Ends an attempt that was stopped between steps (or during its upload), as its reason says. */
   async function stopped(job: JobInput, attempt: number, reason: StopReason): Promise<JobOutcome> {
     switch (reason) {
       case 'canceled':
-        await deps.repo.finishCanceled(job.imageId, attempt);
+        if (await deps.repo.finishCanceled(job.imageId, attempt)) publish(job.imageId, { type: 'canceled' });
         job.log.info({ dbAttempt: attempt, outcome: 'canceled' }, 'job canceled between steps');
         return 'canceled';
       case 'superseded':
@@ -326,7 +385,7 @@ function createAttempt(deps: ProcessorDeps) {
         throw await failed(job, attempt, failure('timed_out', limit), new Error(`attempt aborted after ${ms} ms`));
       }
       case 'shutdown':
-        await deps.repo.release(job.imageId, attempt, 'shutdown');
+        if ((await deps.repo.release(job.imageId, attempt, 'shutdown')) === 'released') publish(job.imageId, { type: 'status', status: 'queued', attempt });
         throw new JobReleasedError('worker shutting down: job handed back to the queue');
     }
   }
@@ -337,10 +396,38 @@ function createAttempt(deps: ProcessorDeps) {
     const result = await deps.repo.release(job.imageId, attempt, blamed ? 'engine' : 'shutdown', maxEngineFailures);
     if (result === 'failed') {
       const f = failure('engine_crashed');
+      publish(job.imageId, { type: 'failed', error: f });
       throw new AttemptFailedError(f, true, { cause: err });
     }
     if (result === 'not_owned') return 'superseded';
+    publish(job.imageId, { type: 'status', status: 'queued', attempt });
     throw new JobReleasedError(`the engine went down (${(err as Error).message}): job handed back to the queue`);
+  }
+}
+
+/** A preview event, encoded off the engine thread; null (skipped) if encoding fails. */
+async function previewEvent(
+  preview: Preview,
+  p: Progress,
+  attempt: number,
+  encode: NonNullable<ProcessorDeps['previews']>['encode'],
+  log: JobLog,
+): Promise<StoredEvent | null> {
+  try {
+    const img = await encode(preview.rgb, preview.width, preview.height);
+    return {
+      type: 'preview',
+      attempt,
+      step: p.step,
+      total: p.totalSteps,
+      content_type: 'image/webp',
+      width: img.width,
+      height: img.height,
+      data: img.data.toString('base64'),
+    };
+  } catch (err) {
+    log.warn({ err }, 'could not encode a preview');
+    return null;
   }
 }
 

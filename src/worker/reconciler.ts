@@ -1,6 +1,8 @@
 import type { ImageRecord, ImagesRepo } from '../core/images.js';
 import type { ProducerQueue } from '../adapters/queue.js';
 import { failureFromQueueReason } from '../core/failures.js';
+import type { JobEventSink } from '../core/job-events.js';
+import { IDEMPOTENCY_TTL_MS } from '../core/idempotency.js';
 
 /**
  * Makes Postgres and the queue agree again after anything that split them: Redis down while a
@@ -23,12 +25,15 @@ import { failureFromQueueReason } from '../core/failures.js';
  * instead of being pushed behind them.
  *
  * Every worker may run one; all repairs are idempotent or conditional, so several can overlap.
+ * Each pass also deletes Idempotency-Keys past their 24 hours (they no longer hold anyway).
  */
 
 export interface ReconcilerDeps {
   repo: ImagesRepo;
   queue: Pick<ProducerQueue, 'jobState' | 'enqueue' | 'remove' | 'changePriority'>;
   log: { info(obj: object, msg: string): void; warn(obj: object, msg: string): void };
+  /** Where a job it fails is announced to live streams; nowhere when absent. */
+  events?: JobEventSink;
   /** A queued row untouched this long is checked. */
   queuedGraceMs: number;
   /** A running row untouched this long is checked (more than a lock period plus a step). */
@@ -56,7 +61,9 @@ export function createReconciler(deps: ReconcilerDeps) {
       return;
     }
     if (job.state === 'failed') {
-      if (await deps.repo.failAny(row.id, failureFromQueueReason(job.failedReason))) {
+      const f = failureFromQueueReason(job.failedReason);
+      if (await deps.repo.failAny(row.id, f)) {
+        void deps.events?.publish(row.id, { type: 'failed', error: f });
         summary.failed++;
         deps.log.warn({ imageId: row.id, reason: job.failedReason }, 'reconciler: queue failed the job; row marked failed');
       }
@@ -90,6 +97,7 @@ export function createReconciler(deps: ReconcilerDeps) {
         summary.reprioritized++;
       }
     }
+    await deps.repo.sweepIdempotencyKeys(new Date(now.getTime() - IDEMPOTENCY_TTL_MS));
     return summary;
   }
 

@@ -26,6 +26,7 @@ import { GENERATION_LIMITS } from '../../src/engine/pipeline.js';
 import { failure } from '../../src/core/failures.js';
 import { queueSettings, storageOptions } from '../../src/core/wiring.js';
 import { createTestKey } from '../support/accounts.js';
+import { responseChecker } from '../support/openapi.js';
 import { isolatedConfig } from '../support/system.js';
 
 const UUID_RE = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
@@ -39,6 +40,8 @@ let app: FastifyInstance;
 let redis: Redis;
 let inspectQueue: Queue;
 let auth: { authorization: string };
+/** Every answer these tests receive, checked against the OpenAPI document at the end. */
+const answers: Array<{ method: string; url: string; routed: boolean; status: number; type: string | null; payload: string }> = [];
 
 beforeAll(async () => {
   config = await isolatedConfig();
@@ -56,6 +59,18 @@ beforeAll(async () => {
     logger,
     bodyLimit: config.BODY_LIMIT_BYTES,
     checks: { postgres: () => repo.ping(), redis: async () => void (await producer.counts()), storage: () => storage.ping() },
+  });
+  // Added before the routes' plugins load, so it sees every answer.
+  app.addHook('onSend', async (request, reply, payload) => {
+    const type = reply.getHeader('content-type');
+    answers.push({
+      method: request.method,
+      url: request.url,
+      routed: request.routeOptions.url !== undefined,
+      status: reply.statusCode,
+      type: typeof type === 'string' ? type : null,
+      payload: typeof payload === 'string' ? payload : '',
+    });
   });
   await app.ready();
   redis = new Redis(config.REDIS_URL, { maxRetriesPerRequest: null });
@@ -522,4 +537,17 @@ describe('property: arbitrary JSON bodies never make a 5xx', () => {
       { numRuns: 300 },
     );
   }, 120_000);
+});
+
+describe('the OpenAPI document', () => {
+  it('documents every answer these tests received', () => {
+    const checker = responseChecker(app.swagger());
+    for (const a of answers) {
+      const body = a.type?.includes('json') && a.payload ? (JSON.parse(a.payload) as unknown) : undefined;
+      if (a.routed) checker.check(a.method, a.url, a.status, a.type, body);
+      else checker.checkUnrouted(a.method, a.url, a.status, a.type, body);
+    }
+    expect(answers.length).toBeGreaterThan(100);
+    checker.expectNoMismatch();
+  });
 });

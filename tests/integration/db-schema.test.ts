@@ -162,6 +162,7 @@ describe('applyMigrations', () => {
         `SELECT conname FROM pg_constraint WHERE conrelid = 'generated_images'::regclass AND contype = 'c' ORDER BY conname`,
       );
       expect(rows.map((r) => r.conname)).toEqual([
+        'generated_images_num_images_check',
         'generated_images_num_steps_check',
         'generated_images_pixel_steps_check',
         'generated_images_progress_check',
@@ -196,6 +197,37 @@ describe('applyMigrations', () => {
       await expect(insert({ queue_priority: 2 ** 21 })).rejects.toThrow(/generated_images_queue_priority_check/);
       // Every job has an owner that exists.
       await expect(insert({ tenant_id: '00000000-0000-4000-8000-000000000000' })).rejects.toThrow(/generated_images_tenant_id_fkey/);
+      await insert({ num_images: 4 });
+      await expect(insert({ num_images: 0 })).rejects.toThrow(/generated_images_num_images_check/);
+      await expect(insert({ num_images: 5 })).rejects.toThrow(/generated_images_num_images_check/);
+    });
+  });
+
+  it('has the webhook trigger the schema comment promises: a job with a webhook that ends queues exactly one delivery', async () => {
+    const url = await freshDb();
+    await applyMigrations(url);
+    await withClient(url, async (c) => {
+      const { rows } = await c.query<{ tgname: string }>(`SELECT tgname FROM pg_trigger WHERE tgrelid = 'generated_images'::regclass AND NOT tgisinternal`);
+      expect(rows.map((r) => r.tgname)).toEqual(['generated_images_webhook']);
+      const tenant = (await c.query<{ id: string }>(`INSERT INTO tenants (name) VALUES ('hooks') RETURNING id`)).rows[0]!.id;
+      const insert = async (webhook: string | null) =>
+        (
+          await c.query<{ id: string }>(
+            `INSERT INTO generated_images (tenant_id, pixel_steps, prompt, num_steps, guidance_scale, seed, width, height, scheduler, webhook_url)
+             VALUES ($1, 4096, 'p', 1, 7.5, 0, 64, 64, 'euler', $2) RETURNING id`,
+            [tenant, webhook],
+          )
+        ).rows[0]!.id;
+      const hooked = await insert('https://example.com/hook');
+      const plain = await insert(null);
+      for (const id of [hooked, plain]) {
+        await c.query(`UPDATE generated_images SET status = 'running' WHERE id = $1`, [id]);
+        await c.query(`UPDATE generated_images SET status = 'succeeded' WHERE id = $1`, [id]);
+        // Setting the same status again is not a new outcome.
+        await c.query(`UPDATE generated_images SET status = 'succeeded' WHERE id = $1`, [id]);
+      }
+      const deliveries = await c.query(`SELECT image_id, event_type, url, status FROM webhook_deliveries`);
+      expect(deliveries.rows).toEqual([{ image_id: hooked, event_type: 'image.succeeded', url: 'https://example.com/hook', status: 'pending' }]);
     });
   });
 
@@ -203,16 +235,23 @@ describe('applyMigrations', () => {
     const url = await freshDb();
     const dir = tempMigrations();
     const accounts = readMigrations(dir).find((m) => m.name.endsWith('_accounts_quotas_retention'))!;
+    // The accounts migration and those after it (which may build on its tables) come later.
+    const later = readMigrations(dir)
+      .map((m) => m.name)
+      .filter((n) => n >= accounts.name);
     const held = mkdtempSync(join(tmpdir(), 't2i-held-'));
     tempDirs.push(held);
-    cpSync(join(dir, accounts.name), join(held, accounts.name), { recursive: true });
-    rmSync(join(dir, accounts.name), { recursive: true });
+    for (const name of later) {
+      cpSync(join(dir, name), join(held, name), { recursive: true });
+      rmSync(join(dir, name), { recursive: true });
+    }
     await applyMigrations(url, { migrationsDir: dir });
     await withClient(url, (c) =>
       c.query(`INSERT INTO generated_images (prompt, num_steps, guidance_scale, seed, width, height, scheduler) VALUES ('old', 20, 7.5, 1, 512, 256, 'ddim')`),
     );
-    cpSync(join(held, accounts.name), join(dir, accounts.name), { recursive: true });
-    expect((await applyMigrations(url, { migrationsDir: dir })).applied).toEqual([accounts.name]);
+    for (const name of later) cpSync(join(held, name), join(dir, name), { recursive: true });
+    expect((await applyMigrations(url, { migrationsDir: dir })).applied).toEqual(later);
+    expect(later[0]).toBe(accounts.name);
     await withClient(url, async (c) => {
       const { rows } = await c.query<{ name: string; pixel_steps: string; queue_priority: number }>(
         `SELECT t.name, g.pixel_steps::text, g.queue_priority FROM generated_images g JOIN tenants t ON t.id = g.tenant_id`,

@@ -112,13 +112,44 @@ const ROUTES: Array<{ route: string; call: (who: Who, id: string) => Promise<Ans
   { route: 'POST /generated-images/:id/cancel', call: (w, id) => call('POST', `/generated-images/${id}/cancel`, headersOf[w]) },
   { route: 'DELETE /generated-images/:id', call: (w, id) => call('DELETE', `/generated-images/${id}`, headersOf[w]) },
   { route: 'GET /usage', call: (w) => call('GET', '/usage', headersOf[w]) },
+  // The client API (issue 12): live events, webhook deliveries, the OpenAI routes, discovery.
+  { route: 'GET /generated-images/:id/events', call: (w, id) => call('GET', `/generated-images/${id}/events`, headersOf[w]) },
+  { route: 'GET /events', call: (w) => call('GET', '/events', headersOf[w]) },
+  { route: 'GET /generated-images/:id/webhook-deliveries', call: (w, id) => call('GET', `/generated-images/${id}/webhook-deliveries`, headersOf[w]) },
+  {
+    route: 'POST /v1/images/generations',
+    call: (w) => call('POST', '/v1/images/generations', headersOf[w], { prompt: `openai by ${w}`, size: '64x64', num_steps: 1 }),
+  },
+  { route: 'GET /v1/models', call: (w) => call('GET', '/v1/models', headersOf[w]) },
+  { route: 'GET /v1/models/:model', call: (w) => call('GET', '/v1/models/test-engine', headersOf[w]) },
+  { route: 'GET /models', call: (w) => call('GET', '/models', headersOf[w]) },
+  { route: 'GET /schedulers', call: (w) => call('GET', '/schedulers', headersOf[w]) },
 ];
-/** Routes anyone may call: probes and the token-guarded /metrics. */
-const PUBLIC = ['GET /healthz', 'GET /readyz', 'GET /metrics'];
+/** Routes anyone may call: probes, the token-guarded /metrics, and the API's contract and its docs page. */
+const PUBLIC = [
+  'GET /healthz',
+  'GET /readyz',
+  'GET /metrics',
+  'GET /openapi.json',
+  // The docs page (@fastify/swagger-ui) and its static assets (also a /docs/* wildcard).
+  'GET /docs',
+  'GET /docs/json',
+  'GET /docs/yaml',
+  'GET /docs/static/index.html',
+  'GET /docs/static/swagger-initializer.js',
+];
 
 function problem(a: Answer): { title: string; status: number; detail: string } {
   expect(a.headers.get('content-type')).toMatch(/^application\/problem\+json/);
   return JSON.parse(a.text) as { title: string; status: number; detail: string };
+}
+
+/** The OpenAI routes answer errors in OpenAI's shape (their clients read no other); the same facts. */
+function errorOf(route: string, a: Answer): { status: number; title?: string; type?: string; code?: string | null; detail?: string } {
+  if (!route.includes(' /v1/')) return problem(a);
+  expect(a.headers.get('content-type')).toMatch(/^application\/json/);
+  const e = (JSON.parse(a.text) as { error: { message: string; type: string; code: string | null } }).error;
+  return { status: a.status, type: e.type, code: e.code, detail: e.message };
 }
 
 /** Header names, and the values that could tell two answers apart (not dates, ids or counters). */
@@ -127,6 +158,11 @@ function headerShape(h: Headers): Record<string, string> {
   for (const [k, v] of h) out[k] = ['date', 'x-request-id', 'ratelimit-remaining', 'ratelimit-reset'].includes(k) ? '*' : v;
   return out;
 }
+
+/** A collaborator the route listing never calls. */
+const unused = async (): Promise<never> => {
+  throw new Error('not called by the route listing');
+};
 
 describe('the isolation matrix', () => {
   it('covers every route of the app except the public probes', async () => {
@@ -139,6 +175,11 @@ describe('the isolation matrix', () => {
       bodyLimit: 65_536,
       metrics: createApiMetrics(),
       metricsToken: 'a-metrics-token-of-some-length',
+      // Every optional area, so that their routes are listed too (none is called here).
+      events: { follow: unused, heartbeatMs: 15_000 },
+      webhooks: { deliveries: { forImage: unused } },
+      openai: { follow: unused, readImage: unused, models: unused, waitMs: 1_000 },
+      discovery: { models: unused, maxPixelSteps: 1 },
     });
     await app.ready();
     // printRoutes draws a tree: each level indents by 4 and names the next path segment.
@@ -170,8 +211,8 @@ describe('the isolation matrix', () => {
         seen.push({ who, route, answer: a });
         expect(a.status, `${who} ${route}`).toBe(401);
         expect(a.headers.get('www-authenticate')).toBe('Bearer realm="t2i"');
-        const p = problem(a);
-        expect(p).toMatchObject({ status: 401, title: 'Unauthorized' });
+        const p = errorOf(route, a);
+        expect(p, route).toMatchObject(route.includes(' /v1/') ? { status: 401, code: 'invalid_api_key' } : { status: 401, title: 'Unauthorized' });
         expect(a.text).not.toContain(jobId);
         expect(a.text).not.toContain(owner.prefix);
       }
@@ -196,7 +237,7 @@ describe('the isolation matrix', () => {
       // Same body once the id asked for is blanked, same headers (the ids have the same length).
       expect(foreign.text.replaceAll(jobId, '<id>')).toBe(missing.text.replaceAll(missingId, '<id>'));
       expect(headerShape(foreign.headers)).toEqual(headerShape(missing.headers));
-      expect(problem(foreign)).toMatchObject({ status: 404, title: 'Not Found' });
+      expect(errorOf(route, foreign)).toMatchObject({ status: 404, title: 'Not Found' });
     }
     // It changed nothing: the job is still the owner's, succeeded, with its prompt and image.
     const row = await db.generatedImage.findUniqueOrThrow({ where: { id: jobId } });

@@ -19,6 +19,7 @@ function fakeRepo(): ImagesRepo {
   return {
     get: async () => null,
     create: unused('create'),
+    sweepIdempotencyKeys: unused('sweepIdempotencyKeys'),
     list: unused('list'),
     usage: unused('usage'),
     markDeleted: unused('markDeleted'),

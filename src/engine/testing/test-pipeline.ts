@@ -1,17 +1,20 @@
 import { randomFillSync } from 'node:crypto';
 import sharp from 'sharp';
 import { resolveParams, SD_DEFAULTS, throwIfAborted, type GenerateParams, type Generation, type ResolvedParams } from '../pipeline.js';
+import type { Preview } from '../preview.js';
 import type { Member } from '../thread/batcher.js';
 
 /**
  * A test double for the diffusion pipeline, run in the engine thread exactly where the real one
  * runs (thread/engine-thread.ts), for load, soak and failure tests of everything around the
  * engine: same parameter validation, progress after every "step", cancellation between steps, a
- * real PNG (a flat colour derived from the seed, with one random pixel). Each step waits `stepMs` on a timer, so a job
+ * real PNG (a flat colour derived from the seed, with one random pixel), latent previews when asked
+ * (the same flat colour, brightening step by step). Each step waits `stepMs` on a timer, so a job
  * lasts a chosen time without using the CPU. It draws nothing of the prompt.
  *
  * It batches as the real pipeline does: generations with the same number of steps share each
- * step's wait (up to `batchMax`), each with its own progress, cancellation and failure.
+ * step's wait (up to `batchMax`), each with its own progress, cancellation and failure; a request
+ * for several images is several generations, seeds seed + k, as there (several-images.ts).
  *
  * It is selected only by `t2i worker --test-engine` (and the demo and benchmarks), never by
  * configuration, so a production worker cannot run it by accident.
@@ -23,8 +26,9 @@ import type { Member } from '../thread/batcher.js';
  *   [test:oom]    fail a real allocation (an 8 TiB ArrayBuffer), as an exhausted heap would;
  *   [test:fail]   throw an ordinary error from the model (quoting the prompt, as engine errors may).
  * A directive followed by `@N` (e.g. `[test:crash@2]`) acts only on the Nth generation of this
- * thread, so a test can let a restarted engine succeed. Crash and hang take the whole batch down
- * with them, as a real one would; oom and fail end only their own generation.
+ * thread (each image of a request counts), so a test can let a restarted engine succeed. Crash
+ * and hang take the whole batch down with them, as a real one would; oom and fail end only their
+ * own generation (and with it its request).
  */
 
 export interface TestPipelineOptions {
@@ -74,7 +78,17 @@ export class TestPipeline {
         }
       });
       if (this.options.stepMs > 0) await new Promise((r) => setTimeout(r, this.options.stepMs));
-      for (const j of active) j.m.options.onProgress?.({ step, totalSteps: steps, elapsedMs: performance.now() - started });
+      for (const { m } of active) {
+        const { p } = m.plan;
+        const every = m.options.previewEvery ?? 0;
+        const wantPreview = every > 0 && (step % every === 0 || step === steps);
+        m.options.onProgress?.({
+          step,
+          totalSteps: steps,
+          elapsedMs: performance.now() - started,
+          ...(wantPreview ? { preview: flatPreview(p.width / 8, p.height / 8, p.seed, step / steps) } : {}),
+        });
+      }
     }
     for (const { m } of active) {
       try {
@@ -131,4 +145,12 @@ export class TestPipeline {
         throw new Error(`the test engine failed as asked while generating "${prompt}"`);
     }
   }
+}
+
+/** A latent-sized preview of the double's flat colour, faded in by `done` (0..1). */
+function flatPreview(width: number, height: number, seed: number, done: number): Preview {
+  const rgb = new Uint8Array(width * height * 3);
+  const colour = [seed & 0xff, (seed >>> 8) & 0xff, (seed >>> 16) & 0xff].map((c) => Math.round(c * done));
+  for (let i = 0; i < rgb.length; i += 3) rgb.set(colour, i);
+  return { width, height, rgb };
 }

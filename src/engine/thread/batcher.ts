@@ -1,4 +1,5 @@
-import type { GenerateOptions, GenerateParams, Generation } from '../params.js';
+import type { GenerateOptions, GenerateParams, Generation, ResolvedParams } from '../params.js';
+import { gatherImages, imagesOf, type Settling } from '../several-images.js';
 
 /**
  * The engine thread's queue: generations wait here, and the ones that can share UNet runs (the
@@ -8,11 +9,17 @@ import type { GenerateOptions, GenerateParams, Generation } from '../params.js';
  * engine, where it already waited for the previous batch, it does not wait again). One batch
  * uses the models at a time; the next starts as soon as the previous one's models are idle,
  * while its PNGs are still being encoded.
+ *
+ * A submission (one request, one job) for several images queues one generation per image, in
+ * order and together (several-images.ts): they share batches with each other, and with other
+ * submissions' generations, exactly as separate requests would; the submission settles once.
  */
 
 export interface Planned {
   /** Generations with equal keys may share a UNet run; undefined: this one runs alone. */
   batchKey: string | undefined;
+  /** The request's seed and number of images: image k is its own generation, seeded seed + k. */
+  p: Pick<ResolvedParams, 'seed' | 'numImages'>;
 }
 
 export interface Member<P extends Planned> {
@@ -35,27 +42,30 @@ export interface Submission {
   params: GenerateParams;
   previewEvery: number;
   returnLatents: boolean;
-  /** Run in a batch of its own (the host suspects it of taking down an engine with others). */
+  /** Run in a batch of its own images only (the host suspects it of taking down an engine with others). */
   alone: boolean;
 }
 
 export interface BatcherEvents {
-  started(id: number, batchSize: number): void;
+  /** Some of the submission's generations left the queue in a batch with those of `submissions` submissions, itself included. */
+  started(id: number, submissions: number): void;
   progress: (id: number, progress: Parameters<NonNullable<GenerateOptions['onProgress']>>[0]) => void;
   done(id: number, generation: Generation): void;
   failed(id: number, error: unknown): void;
 }
 
+/** One generation in line: a submission's only one, or one of its images. */
 interface Waiting<P extends Planned> {
   submission: Submission;
   plan: P;
+  /** Its options (signal, progress) and settle, which settle the submission once all of its generations have. */
+  generation: Settling;
   arrived: number;
-  controller: AbortController;
 }
 
 export class Batcher<P extends Planned> {
-  private readonly waiting: Array<Waiting<P>> = [];
-  /** Every generation not yet settled, waiting or running, by id. */
+  private waiting: Array<Waiting<P>> = [];
+  /** Every submission not yet settled, waiting or running, by id. */
   private readonly controllers = new Map<number, AbortController>();
   private busy = false;
   private timer: NodeJS.Timeout | undefined;
@@ -68,30 +78,50 @@ export class Batcher<P extends Planned> {
   ) {}
 
   async submit(submission: Submission): Promise<void> {
+    const { id } = submission;
     const controller = new AbortController();
-    this.controllers.set(submission.id, controller);
+    this.controllers.set(id, controller);
     let plan: P;
     try {
       plan = await this.pipeline.plan(submission.params);
       if (controller.signal.aborted || this.closed) throw abortError();
     } catch (error) {
-      this.controllers.delete(submission.id);
-      this.events.failed(submission.id, error);
+      this.controllers.delete(id);
+      this.events.failed(id, error);
       return;
     }
-    this.waiting.push({ submission, plan, arrived: performance.now(), controller });
+    let settled = false;
+    const request: Settling = {
+      options: {
+        signal: controller.signal,
+        previewEvery: submission.previewEvery,
+        returnLatents: submission.returnLatents,
+        onProgress: (progress) => this.events.progress(id, progress),
+      },
+      settle: (result) => {
+        if (settled) return;
+        settled = true;
+        this.controllers.delete(id);
+        // Its images still in line (after another of them failed) have nothing left to do.
+        this.waiting = this.waiting.filter((w) => w.submission !== submission);
+        if ('error' in result) this.events.failed(id, result.error);
+        else this.events.done(id, result.generation);
+      },
+    };
+    const images = imagesOf(plan);
+    const generations = gatherImages(images.length, request);
+    const arrived = performance.now();
+    for (const [k, image] of images.entries()) this.waiting.push({ submission, plan: image, generation: generations[k]!, arrived });
     this.pump();
   }
 
-  /** A waiting generation leaves the queue at once; a running one stops between steps. */
+  /** Waiting generations leave the queue at once; running ones stop between steps. */
   cancel(id: number): void {
     this.controllers.get(id)?.abort();
-    const at = this.waiting.findIndex((w) => w.submission.id === id);
-    if (at >= 0) {
-      this.waiting.splice(at, 1);
-      this.controllers.delete(id);
-      this.events.failed(id, abortError());
-    }
+    const mine = this.waiting.filter((w) => w.submission.id === id);
+    if (mine.length === 0) return;
+    this.waiting = this.waiting.filter((w) => w.submission.id !== id);
+    for (const w of mine) w.generation.settle({ error: abortError() });
   }
 
   close(): void {
@@ -105,17 +135,18 @@ export class Batcher<P extends Planned> {
     this.timer = undefined;
     if (this.busy || this.closed || this.waiting.length === 0) return;
     const head = this.waiting[0]!;
-    const max = head.submission.alone || head.plan.batchKey === undefined ? 1 : this.pipeline.batching.max;
-    const batch = [
-      head,
-      ...this.waiting.filter((w) => w !== head && !w.submission.alone && w.plan.batchKey === head.plan.batchKey && w.plan.batchKey !== undefined),
-    ].slice(0, max);
+    const key = head.plan.batchKey;
+    const max = key === undefined ? 1 : this.pipeline.batching.max;
+    // A submission run alone still shares runs among its own images, which are all in line already.
+    const fits = (w: Waiting<P>) =>
+      w !== head && key !== undefined && w.plan.batchKey === key && (w.submission === head.submission || (!head.submission.alone && !w.submission.alone));
+    const batch = [head, ...this.waiting.filter(fits)].slice(0, max);
     const waitedMs = performance.now() - head.arrived;
-    if (batch.length < max && waitedMs < this.waitMs) {
+    if (batch.length < max && !head.submission.alone && waitedMs < this.waitMs) {
       this.timer = setTimeout(() => this.pump(), this.waitMs - waitedMs);
       return;
     }
-    for (const w of batch) this.waiting.splice(this.waiting.indexOf(w), 1);
+    this.waiting = this.waiting.filter((w) => !batch.includes(w));
     this.busy = true;
     void this.runBatch(batch).finally(() => {
       this.busy = false;
@@ -124,26 +155,10 @@ export class Batcher<P extends Planned> {
   }
 
   private async runBatch(batch: Array<Waiting<P>>): Promise<void> {
-    const members = batch.map(({ submission: s, plan, controller }): Member<P> => {
-      this.events.started(s.id, batch.length);
-      let settled = false;
-      return {
-        plan,
-        options: {
-          signal: controller.signal,
-          previewEvery: s.previewEvery,
-          returnLatents: s.returnLatents,
-          onProgress: (progress) => this.events.progress(s.id, progress),
-        },
-        settle: (result) => {
-          if (settled) return;
-          settled = true;
-          this.controllers.delete(s.id);
-          if ('error' in result) this.events.failed(s.id, result.error);
-          else this.events.done(s.id, result.generation);
-        },
-      };
-    });
+    // What the host may blame for a fall: the submissions whose generations ran together.
+    const submissions = new Set(batch.map((w) => w.submission));
+    for (const s of submissions) this.events.started(s.id, submissions.size);
+    const members = batch.map(({ plan, generation }): Member<P> => ({ plan, options: generation.options, settle: (r) => generation.settle(r) }));
     try {
       await this.pipeline.run(members);
     } catch (error) {

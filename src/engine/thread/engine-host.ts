@@ -64,7 +64,7 @@ interface Pending {
   onProgress?: (p: Progress) => void;
   log?: EngineLog;
   onStart?: (generationId: number) => void;
-  /** How many generations left the thread's queue with this one; undefined until it did. */
+  /** How many requests' generations left the thread's queue with this one's, itself included; undefined until they did. */
   batchSize?: number;
 }
 
@@ -89,8 +89,9 @@ export class EngineDownError extends Error {
     /** A hung thread that did not stop when terminated: only ending the process frees it. */
     readonly unkillable = false,
     /**
-     * How many generations were running together when it went down, this one included; 0 when
-     * this one was still waiting. Only a generation that ran alone can be blamed for the fall.
+     * How many requests were running together when it went down, this one included (a request
+     * for several images counts once); 0 when this one was still waiting. Only a request that ran
+     * alone can be blamed for the fall.
      */
     readonly batchSize = 0,
   ) {
@@ -240,8 +241,11 @@ export class Engine {
       }
       case 'started': {
         const p = this.pending.get(msg.id);
-        if (p) p.batchSize = msg.batchSize;
-        p?.onStart?.(msg.id);
+        if (!p) break;
+        // A request for several images may leave the queue in more than one batch: the largest counts.
+        const first = p.batchSize === undefined;
+        p.batchSize = Math.max(p.batchSize ?? 0, msg.batchSize);
+        if (first) p.onStart?.(msg.id);
         break;
       }
       case 'progress':
@@ -250,8 +254,13 @@ export class Engine {
       case 'done': {
         const p = this.pending.get(msg.id);
         this.pending.delete(msg.id);
-        const png = msg.generation.png as unknown as Uint8Array;
-        p?.resolve({ ...msg.generation, png: Buffer.from(png.buffer, png.byteOffset, png.byteLength) });
+        // Buffers arrive as plain Uint8Arrays (structured clone): Buffers again, without a copy.
+        const buf = (b: Buffer) => {
+          const u = b as unknown as Uint8Array;
+          return Buffer.from(u.buffer, u.byteOffset, u.byteLength);
+        };
+        const g = msg.generation;
+        p?.resolve({ ...g, png: buf(g.png), ...(g.more ? { more: g.more.map((m) => ({ seed: m.seed, png: buf(m.png) })) } : {}) });
         break;
       }
       case 'failed': {

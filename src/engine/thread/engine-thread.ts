@@ -37,7 +37,11 @@ function start(pipeline: BatchingPipeline<Planned>): void {
       // Small Buffers share Node's allocation pool: copy into an ArrayBuffer of our own, which
       // can be transferred instead of cloned without detaching the pool.
       const png = new Uint8Array(generation.png);
-      post({ type: 'done', id, generation: { ...generation, png: png as Buffer } }, [png.buffer]);
+      const more = generation.more?.map((m) => ({ seed: m.seed, png: new Uint8Array(m.png) }));
+      post({ type: 'done', id, generation: { ...generation, png: png as Buffer, ...(more ? { more: more as Array<{ seed: number; png: Buffer }> } : {}) } }, [
+        png.buffer,
+        ...(more ?? []).map((m) => m.png.buffer),
+      ]);
     },
     failed: (id, error) => post({ type: 'failed', id, error: serializeError(error) }),
   });

@@ -42,7 +42,11 @@ export type FromThread =
   | { type: 'boot-failed'; error: SerializedError }
   | { type: 'log'; level: 'debug' | 'info' | 'warn'; msg: string; id?: number }
   | { type: 'progress'; id: number; progress: Progress }
-  /** The generation left the queue in a batch of `batchSize` (sent before any model runs): the host's stall clock starts here. */
+  /**
+   * The request's generations (or some of its images') left the queue in a batch holding
+   * `batchSize` requests' generations, itself included (sent before any model runs; again for
+   * each further batch of its images): the host's stall clock starts here.
+   */
   | { type: 'started'; id: number; batchSize: number }
   | { type: 'done'; id: number; generation: Generation }
   | { type: 'failed'; id: number; error: SerializedError }
