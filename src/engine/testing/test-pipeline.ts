@@ -66,6 +66,8 @@ export class TestPipeline {
     });
     const steps = members[0]?.plan.p.numSteps ?? 0;
     let active = jobs;
+    // As the real pipeline reports it: the most generations that shared a step.
+    let batchSize = 0;
     for (let step = 1; step <= steps && active.length > 0; step++) {
       active = active.filter((j) => {
         try {
@@ -77,6 +79,7 @@ export class TestPipeline {
           return false;
         }
       });
+      batchSize = Math.max(batchSize, active.length);
       if (this.options.stepMs > 0) await new Promise((r) => setTimeout(r, this.options.stepMs));
       for (const { m } of active) {
         const { p } = m.plan;
@@ -93,7 +96,7 @@ export class TestPipeline {
     for (const { m } of active) {
       try {
         throwIfAborted(m.options.signal);
-        m.settle({ generation: await this.picture(m.plan.p, started, active.length) });
+        m.settle({ generation: await this.picture(m.plan.p, started, batchSize) });
       } catch (error) {
         m.settle({ error });
       }
