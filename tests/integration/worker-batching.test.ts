@@ -1,12 +1,14 @@
 /**
  * A worker with BATCH_MAX 3 (startWorker, the oracle test model, real Postgres, Redis and S3),
  * driven over HTTP as a user would: jobs submitted together share each step's UNet run, and each
- * still ends with its own image, the very bytes the same job gets when it runs alone.
+ * still ends with its own image, the very bytes the same job gets when it runs alone. The images
+ * of a job of several are generations like any others: they share runs with another job's.
  */
 import { Writable } from 'node:stream';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startApi, type RunningApi } from '../../src/api/main.js';
 import { createLogger } from '../../src/core/logger.js';
+import { readPngText } from '../../src/engine/png.js';
 import { startWorker, type RunningWorker } from '../../src/worker/main.js';
 import { createTestKey } from '../support/accounts.js';
 import { isolatedConfig } from '../support/system.js';
@@ -49,6 +51,11 @@ async function submit(body: object): Promise<string> {
 
 /** Waits for the job to succeed and downloads its PNG through its presigned URL. */
 async function picture(id: string): Promise<Buffer> {
+  return (await pictures(id))[0]!;
+}
+
+/** Waits for the job to succeed and downloads every image it made, image 0 first. */
+async function pictures(id: string): Promise<Buffer[]> {
   const deadline = Date.now() + 90_000;
   for (;;) {
     const job = (await (await fetch(`${api!.url}/generated-images/${id}`, { headers: auth })).json()) as { status: string; progress: number };
@@ -60,8 +67,9 @@ async function picture(id: string): Promise<Buffer> {
     if (Date.now() > deadline) throw new Error(`job ${id} still ${job.status}`);
     await new Promise((r) => setTimeout(r, 100));
   }
-  const { url } = (await (await fetch(`${api!.url}/generated-images/${id}/url`, { headers: auth })).json()) as { url: string };
-  return Buffer.from(await (await fetch(url)).arrayBuffer());
+  const answer = (await (await fetch(`${api!.url}/generated-images/${id}/url`, { headers: auth })).json()) as { url: string; images?: Array<{ url: string }> };
+  const urls = answer.images?.map((i) => i.url) ?? [answer.url];
+  return Promise.all(urls.map(async (url) => Buffer.from(await (await fetch(url)).arrayBuffer())));
 }
 
 const batchSizeOf = (id: string) => lines.find((l) => l.msg === 'job succeeded' && l.jobId === id)?.batchSize;
@@ -91,4 +99,27 @@ describe('a worker that batches', () => {
       expect(alone.equals(batched[i]!), `job ${i} alone differs from its batched image`).toBe(true);
     }
   });
+
+  it("a job's several images batch with another job's generation, each the image its seed gives alone", async () => {
+    const base = { num_steps: 8, width: 128, height: 128, scheduler: 'euler_ancestral', guidance_scale: 7 };
+    const several = { ...base, prompt: 'a red square at the top', seed: 4294967295, num_images: 2 };
+    const single = { ...base, prompt: 'a big blue circle', seed: 7 };
+    const [a, b] = await Promise.all([submit(several), submit(single)]);
+    const [images, image] = await Promise.all([pictures(a), picture(b)]);
+    expect(images).toHaveLength(2);
+    // Two images of one job and one of another: one batch of three generations.
+    expect([batchSizeOf(a), batchSizeOf(b)]).toEqual([3, 3]);
+
+    // The same images one job at a time; seeds wrap at 2^32.
+    const seeds = [4294967295, 0];
+    for (const [k, seed] of seeds.entries()) {
+      const id = await submit({ ...several, num_images: 1, seed });
+      const alone = await picture(id);
+      expect(batchSizeOf(id)).toBe(1);
+      expect(alone.equals(images[k]!), `image ${k} alone differs from its batched image`).toBe(true);
+    }
+    const id = await submit(single);
+    expect((await picture(id)).equals(image)).toBe(true);
+    expect(images.map((png) => readPngText(png).seed)).toEqual(seeds.map(String));
+  }, 120_000);
 });
