@@ -197,10 +197,11 @@ export const envSchema = z.object({
   /** onnxruntime intra-op threads; its default (all cores) when unset. */
   ORT_THREADS: int(1, 256).optional(),
   /**
-   * Most jobs one UNet run takes at once (same size, steps, scheduler and guidance on or off);
-   * 1 runs one job at a time. A worker then holds up to twice this many jobs, so the next batch
-   * is ready while the last one's images are stored. `npm run bench` measured no gain on CPU, hence 1;
-   * on a GPU see docs/performance.md.
+   * Most generations one UNet run takes at once (same size, steps, scheduler and guidance on or off;
+   * each image of a job of num_images counts); 1 runs one at a time, a job's images one after another.
+   * A worker then holds up to twice this many jobs, so the next batch is ready while the last
+   * one's images are stored. `npm run bench` measured no gain on CPU, hence 1; on a GPU see
+   * docs/performance.md.
    */
   BATCH_MAX: int(1, 64).default(1),
   /** Longest the first job in line waits for others to share its batch, counted from its arrival at the engine. */
@@ -222,7 +223,7 @@ export const envSchema = z.object({
   /**
    * A generation that makes no progress for this long is hung: the worker stops taking jobs,
    * hands the job back and restarts its engine. Must exceed the slowest of (prompt encoding plus
-   * one step), one step, and decoding on this hardware, for a full batch (BATCH_MAX jobs).
+   * one step), one step, and decoding on this hardware, for a full batch (BATCH_MAX generations).
    */
   ENGINE_STALL_MS: int(1_000, 3_600_000).default(180_000),
   /** Consecutive engine restarts (thread died or hung) before the worker exits with code 1 for its supervisor to replace it. */
