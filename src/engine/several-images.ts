@@ -58,7 +58,7 @@ export function gatherImages(count: number, request: Settling): Settling[] {
   };
 
   const results: Array<Generation | undefined> = [];
-  /** performance.now() when each generation started, from its own timings. */
+  /** performance.now() when the first of them started, from their progress and timings. */
   let firstStart = Number.POSITIVE_INFINITY;
   let left = count;
 

@@ -52,7 +52,7 @@ export interface RunOptions {
   onStart?: (generationId: number) => void;
   /** Receives the engine thread's lines about this generation (instead of EngineOptions.log), so they carry the job's context. */
   log?: EngineLog;
-  /** Run in a batch of its own. */
+  /** Run in a batch of its own (a request for several images still batches its own images together). */
   alone?: boolean;
 }
 
