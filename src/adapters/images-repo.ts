@@ -1,4 +1,4 @@
-import { Prisma, type Db, type GeneratedImage } from './db/client.js';
+import type { Db, GeneratedImage } from './db/client.js';
 import { translateDbError } from './db/errors.js';
 import { translateErrors } from './translate.js';
 import type { AttemptOutcome, ImageRecord, ImagesRepo, NewImage, QuotaLimits } from '../core/images.js';
@@ -48,20 +48,17 @@ function toRecord(row: GeneratedImage): ImageRecord {
 /** BullMQ's lowest priority (PRIORITY_LIMIT); priorities are ranks, capped here. */
 const MAX_PRIORITY = 2 ** 21 - 1;
 
-/**
- * What counts against a tenant's quotas, from its rows: jobs queued or running, and the
- * pixel-steps of jobs created since `dayStart`, except those canceled before any attempt began
- * (they used nothing). Deleted jobs still count: their rows stay as tombstones for this.
- */
-const usageOf = (tenantId: string, dayStart: Date) => Prisma.sql`
-  SELECT count(*) FILTER (WHERE status IN ('queued', 'running'))::int AS in_flight,
-         COALESCE(sum(pixel_steps) FILTER (WHERE created_at >= ${dayStart} AND NOT (status = 'canceled' AND attempts = 0)), 0)::bigint AS used,
-         count(*) FILTER (WHERE created_at >= ${dayStart})::int AS jobs
-    FROM generated_images
-   WHERE tenant_id = ${tenantId}::uuid AND (status IN ('queued', 'running') OR created_at >= ${dayStart})`;
+/** A generated_images row as a raw query returns it (snake_case columns). */
+type GeneratedImageRow = Record<string, unknown>;
 
-type UsageRow = { in_flight: number; used: bigint; jobs: number };
-const NO_DAY = new Date('9999-12-31T00:00:00Z');
+/**
+ * A raw row as Prisma's GeneratedImage: every column's name in camelCase, as the model's @map
+ * attributes spell them, so RETURNING * keeps up with columns added later.
+ */
+function fromRow(row: GeneratedImageRow): GeneratedImage {
+  return Object.fromEntries(Object.entries(row).map(([k, v]) => [k.replace(/_([a-z])/g, (_, c: string) => c.toUpperCase()), v])) as unknown as GeneratedImage;
+}
+
 type LimitsRow = { max_in_flight: number | null; daily_pixel_steps: bigint | null };
 
 /** A tenant's own limit where set, else the configured default (0 = none). */
@@ -80,43 +77,38 @@ export function createImagesRepo(db: Db): ImagesRepo {
 
   const repo: ImagesRepo = {
     async create(data: NewImage, quota: QuotaLimits) {
-      // The tenant's row lock serializes its submissions across every API process, so two
-      // requests can never both take the last slot or the last of the budget.
-      return db.$transaction(async (tx) => {
-        const tenant = await tx.$queryRaw<LimitsRow[]>`
-          SELECT max_in_flight, daily_pixel_steps FROM tenants WHERE id = ${data.tenantId}::uuid FOR UPDATE`;
-        if (!tenant[0]) throw new Error(`tenant ${data.tenantId} does not exist`);
-        const limits = limitsOf(tenant[0], quota);
-        // Without a budget, today's jobs need not be summed (a busy tenant has many): counting from
-        // a day that never comes leaves only the jobs in flight, which the priority needs.
-        const since = limits.dailyPixelSteps > 0 ? quota.dayStart : NO_DAY;
-        const [u] = await tx.$queryRaw<UsageRow[]>(usageOf(data.tenantId, since));
-        const inFlight = u?.in_flight ?? 0;
-        const used = Number(u?.used ?? 0);
-        if (limits.maxInFlight > 0 && inFlight >= limits.maxInFlight) return { exceeded: 'in_flight' as const, limit: limits.maxInFlight, used: inFlight };
-        if (limits.dailyPixelSteps > 0 && used + data.pixelSteps > limits.dailyPixelSteps) {
-          return { exceeded: 'daily_pixel_steps' as const, limit: limits.dailyPixelSteps, used };
-        }
-        const row = await tx.generatedImage.create({
-          data: {
-            id: data.id,
-            tenantId: data.tenantId,
-            prompt: data.prompt,
-            negativePrompt: data.negativePrompt,
-            numSteps: data.numSteps,
-            guidanceScale: data.guidanceScale,
-            seed: BigInt(data.seed),
-            width: data.width,
-            height: data.height,
-            scheduler: data.scheduler,
-            pixelSteps: BigInt(data.pixelSteps),
-            // Its rank among the tenant's jobs in flight: the tenant's k-th job waits behind
-            // every other tenant's (k-1)-th, not behind whole backlogs.
-            queuePriority: Math.min(inFlight + 1, MAX_PRIORITY),
-          },
-        });
-        return { record: toRecord(row) };
-      });
+      // One statement: the tenant's row is locked for this statement only, its counters (kept by
+      // triggers, see the tenant_usage_counters migration) checked against its limits, and the
+      // job inserted, or not, under that lock. Concurrent submissions on any API process cannot
+      // overshoot, and they wait on each other for one statement, not a transaction of round trips.
+      const rows = await db.$queryRaw<GeneratedImageRow[]>`
+        WITH t AS (
+          SELECT in_flight,
+                 CASE WHEN usage_day = (now() AT TIME ZONE 'UTC')::date THEN pixel_steps_today ELSE 0 END AS today,
+                 COALESCE(max_in_flight, ${quota.maxInFlight}::int) AS max_in_flight,
+                 COALESCE(daily_pixel_steps, ${quota.dailyPixelSteps}::bigint) AS budget
+            FROM tenants WHERE id = ${data.tenantId}::uuid FOR UPDATE)
+        INSERT INTO generated_images (id, tenant_id, prompt, negative_prompt, num_steps, guidance_scale, seed, width, height,
+                                      scheduler, pixel_steps, queue_priority)
+        SELECT ${data.id}::uuid, ${data.tenantId}::uuid, ${data.prompt}, ${data.negativePrompt}, ${data.numSteps}, ${data.guidanceScale},
+               ${BigInt(data.seed)}, ${data.width}, ${data.height}, ${data.scheduler}, ${BigInt(data.pixelSteps)},
+               -- Its rank among the tenant's jobs in flight: the tenant's k-th job waits behind
+               -- every other tenant's (k-1)-th, not behind whole backlogs.
+               LEAST(t.in_flight + 1, ${MAX_PRIORITY})
+          FROM t
+         WHERE (t.max_in_flight <= 0 OR t.in_flight < t.max_in_flight)
+           AND (t.budget <= 0 OR t.today + ${BigInt(data.pixelSteps)} <= t.budget)
+     RETURNING *`;
+      const inserted = rows[0];
+      if (inserted) return { record: toRecord(fromRow(inserted)) };
+      // Refused (the rare path): say which limit, from the same counters.
+      const [u] = await db.$queryRaw<Array<{ in_flight: number; today: bigint; max_in_flight: number; budget: bigint }>>`
+        SELECT in_flight, CASE WHEN usage_day = (now() AT TIME ZONE 'UTC')::date THEN pixel_steps_today ELSE 0 END AS today,
+               COALESCE(max_in_flight, ${quota.maxInFlight}::int) AS max_in_flight, COALESCE(daily_pixel_steps, ${quota.dailyPixelSteps}::bigint) AS budget
+          FROM tenants WHERE id = ${data.tenantId}::uuid`;
+      if (!u) throw new Error(`tenant ${data.tenantId} does not exist`);
+      if (u.max_in_flight > 0 && u.in_flight >= u.max_in_flight) return { exceeded: 'in_flight' as const, limit: u.max_in_flight, used: u.in_flight };
+      return { exceeded: 'daily_pixel_steps' as const, limit: Number(u.budget), used: Number(u.today) };
     },
 
     async get(id, tenantId) {
@@ -141,9 +133,13 @@ export function createImagesRepo(db: Db): ImagesRepo {
     },
 
     async usage(tenantId, defaults) {
-      const [tenant] = await db.$queryRaw<LimitsRow[]>`SELECT max_in_flight, daily_pixel_steps FROM tenants WHERE id = ${tenantId}::uuid`;
-      const [u] = await db.$queryRaw<UsageRow[]>(usageOf(tenantId, defaults.dayStart));
-      return { inFlight: u?.in_flight ?? 0, pixelStepsToday: Number(u?.used ?? 0), jobsToday: u?.jobs ?? 0, limits: limitsOf(tenant, defaults) };
+      const [t] = await db.$queryRaw<Array<LimitsRow & { in_flight: number; today: bigint }>>`
+        SELECT max_in_flight, daily_pixel_steps, in_flight,
+               CASE WHEN usage_day = (now() AT TIME ZONE 'UTC')::date THEN pixel_steps_today ELSE 0 END AS today
+          FROM tenants WHERE id = ${tenantId}::uuid`;
+      const [jobs] = await db.$queryRaw<Array<{ n: number }>>`
+        SELECT count(*)::int AS n FROM generated_images WHERE tenant_id = ${tenantId}::uuid AND created_at >= ${defaults.dayStart}`;
+      return { inFlight: t?.in_flight ?? 0, pixelStepsToday: Number(t?.today ?? 0), jobsToday: jobs?.n ?? 0, limits: limitsOf(t, defaults) };
     },
 
     async markDeleted(id) {
