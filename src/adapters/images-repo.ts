@@ -1,7 +1,7 @@
-import type { Db, GeneratedImage } from './db/client.js';
+import { sqlPool, type Db, type GeneratedImage } from './db/client.js';
 import { translateDbError } from './db/errors.js';
 import { translateErrors } from './translate.js';
-import type { AttemptOutcome, ImageRecord, ImagesRepo, NewImage, QuotaLimits } from '../core/images.js';
+import type { AttemptOutcome, CreateResult, ImageRecord, ImagesRepo, NewImage, QuotaLimits } from '../core/images.js';
 import { failure, isFailureCode, type Failure } from '../core/failures.js';
 
 /**
@@ -77,38 +77,94 @@ export function createImagesRepo(db: Db): ImagesRepo {
 
   const repo: ImagesRepo = {
     async create(data: NewImage, quota: QuotaLimits) {
-      // One statement: the tenant's row is locked for this statement only, its counters (kept by
-      // triggers, see the tenant_usage_counters migration) checked against its limits, and the
-      // job inserted, or not, under that lock. Concurrent submissions on any API process cannot
-      // overshoot, and they wait on each other for one statement, not a transaction of round trips.
-      const rows = await db.$queryRaw<GeneratedImageRow[]>`
-        WITH t AS (
-          SELECT in_flight,
+      return (await repo.createMany([data], quota))[0]!;
+    },
+
+    async createMany(batch, quota) {
+      if (batch.length === 0) return [];
+      // One statement for the whole batch, in SQL on the client's own pool (one round trip, no
+      // query compiler): the batch's tenants are locked for this statement only (in id order, so
+      // concurrent batches cannot deadlock); each tenant's jobs, in arrival order, are ranked after
+      // its jobs in flight and admitted while the running counts stay within its limits; the
+      // counters themselves follow the inserted rows (statement trigger, tenant_usage_counters).
+      const cols = {
+        id: batch.map((d) => d.id),
+        tenant: batch.map((d) => d.tenantId),
+        prompt: batch.map((d) => d.prompt),
+        negative: batch.map((d) => d.negativePrompt),
+        steps: batch.map((d) => d.numSteps),
+        guidance: batch.map((d) => d.guidanceScale),
+        seed: batch.map((d) => String(d.seed)),
+        width: batch.map((d) => d.width),
+        height: batch.map((d) => d.height),
+        scheduler: batch.map((d) => d.scheduler),
+        pixelSteps: batch.map((d) => String(d.pixelSteps)),
+      };
+      const { rows } = await sqlPool(db).query<GeneratedImageRow>({
+        name: 't2i-admit-jobs',
+        text: `
+        WITH req AS (
+          SELECT r.*, r.ord::int AS ord_
+            FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::int[], $6::float8[], $7::int8[], $8::int[], $9::int[], $10::text[], $11::int8[])
+                 WITH ORDINALITY AS r(id, tenant_id, prompt, negative_prompt, num_steps, guidance_scale, seed, width, height, scheduler, pixel_steps, ord)),
+        t AS (
+          SELECT id AS tenant_id, in_flight,
                  CASE WHEN usage_day = (now() AT TIME ZONE 'UTC')::date THEN pixel_steps_today ELSE 0 END AS today,
-                 COALESCE(max_in_flight, ${quota.maxInFlight}::int) AS max_in_flight,
-                 COALESCE(daily_pixel_steps, ${quota.dailyPixelSteps}::bigint) AS budget
-            FROM tenants WHERE id = ${data.tenantId}::uuid FOR UPDATE)
+                 COALESCE(max_in_flight, $12::int) AS max_in_flight,
+                 COALESCE(daily_pixel_steps, $13::bigint) AS budget
+            FROM tenants WHERE id IN (SELECT tenant_id FROM req) ORDER BY id FOR UPDATE),
+        ranked AS (
+          SELECT req.*, t.in_flight, t.today, t.max_in_flight, t.budget,
+                 row_number() OVER w AS k, sum(req.pixel_steps) OVER w AS cost_so_far
+            FROM req JOIN t USING (tenant_id)
+          WINDOW w AS (PARTITION BY req.tenant_id ORDER BY req.ord_))
         INSERT INTO generated_images (id, tenant_id, prompt, negative_prompt, num_steps, guidance_scale, seed, width, height,
                                       scheduler, pixel_steps, queue_priority)
-        SELECT ${data.id}::uuid, ${data.tenantId}::uuid, ${data.prompt}, ${data.negativePrompt}, ${data.numSteps}, ${data.guidanceScale},
-               ${BigInt(data.seed)}, ${data.width}, ${data.height}, ${data.scheduler}, ${BigInt(data.pixelSteps)},
-               -- Its rank among the tenant's jobs in flight: the tenant's k-th job waits behind
-               -- every other tenant's (k-1)-th, not behind whole backlogs.
-               LEAST(t.in_flight + 1, ${MAX_PRIORITY})
-          FROM t
-         WHERE (t.max_in_flight <= 0 OR t.in_flight < t.max_in_flight)
-           AND (t.budget <= 0 OR t.today + ${BigInt(data.pixelSteps)} <= t.budget)
-     RETURNING *`;
-      const inserted = rows[0];
-      if (inserted) return { record: toRecord(fromRow(inserted)) };
-      // Refused (the rare path): say which limit, from the same counters.
-      const [u] = await db.$queryRaw<Array<{ in_flight: number; today: bigint; max_in_flight: number; budget: bigint }>>`
-        SELECT in_flight, CASE WHEN usage_day = (now() AT TIME ZONE 'UTC')::date THEN pixel_steps_today ELSE 0 END AS today,
-               COALESCE(max_in_flight, ${quota.maxInFlight}::int) AS max_in_flight, COALESCE(daily_pixel_steps, ${quota.dailyPixelSteps}::bigint) AS budget
-          FROM tenants WHERE id = ${data.tenantId}::uuid`;
-      if (!u) throw new Error(`tenant ${data.tenantId} does not exist`);
-      if (u.max_in_flight > 0 && u.in_flight >= u.max_in_flight) return { exceeded: 'in_flight' as const, limit: u.max_in_flight, used: u.in_flight };
-      return { exceeded: 'daily_pixel_steps' as const, limit: Number(u.budget), used: Number(u.today) };
+        -- Its rank among the tenant's jobs in flight: the tenant's k-th job waits behind every
+        -- other tenant's (k-1)-th, not behind whole backlogs.
+        SELECT id, tenant_id, prompt, negative_prompt, num_steps, guidance_scale, seed, width, height, scheduler, pixel_steps,
+               LEAST(in_flight + k, ${MAX_PRIORITY})
+          FROM ranked
+         WHERE (max_in_flight <= 0 OR in_flight + k <= max_in_flight) AND (budget <= 0 OR today + cost_so_far <= budget)
+         ORDER BY ord_
+     RETURNING *`,
+        values: [
+          cols.id,
+          cols.tenant,
+          cols.prompt,
+          cols.negative,
+          cols.steps,
+          cols.guidance,
+          cols.seed,
+          cols.width,
+          cols.height,
+          cols.scheduler,
+          cols.pixelSteps,
+          quota.maxInFlight,
+          quota.dailyPixelSteps,
+        ],
+      });
+      const admitted = new Map(rows.map((r) => [String(r.id), toRecord(fromRow(r))]));
+      const refusedTenants = [...new Set(batch.filter((d) => !admitted.has(d.id)).map((d) => d.tenantId))];
+      // Refused (the rare path): which limit, from the counters as they are now.
+      const limits = new Map<string, { in_flight: number; today: string; max_in_flight: number; budget: string }>();
+      if (refusedTenants.length > 0) {
+        const r = await sqlPool(db).query<{ id: string; in_flight: number; today: string; max_in_flight: number; budget: string }>(
+          `SELECT id, in_flight, CASE WHEN usage_day = (now() AT TIME ZONE 'UTC')::date THEN pixel_steps_today ELSE 0 END AS today,
+                  COALESCE(max_in_flight, $2::int) AS max_in_flight, COALESCE(daily_pixel_steps, $3::bigint) AS budget
+             FROM tenants WHERE id = ANY($1::uuid[])`,
+          [refusedTenants, quota.maxInFlight, quota.dailyPixelSteps],
+        );
+        for (const t of r.rows) limits.set(t.id, t);
+      }
+      return batch.map((d): CreateResult => {
+        const record = admitted.get(d.id);
+        if (record) return { record };
+        const u = limits.get(d.tenantId);
+        if (!u) throw new Error(`tenant ${d.tenantId} does not exist`);
+        if (u.max_in_flight > 0 && u.in_flight >= u.max_in_flight) return { exceeded: 'in_flight', limit: u.max_in_flight, used: u.in_flight };
+        return { exceeded: 'daily_pixel_steps', limit: Number(u.budget), used: Number(u.today) };
+      });
     },
 
     async get(id, tenantId) {

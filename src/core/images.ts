@@ -2,6 +2,7 @@ import { randomUUID } from 'node:crypto';
 import { randomSeed } from '../engine/random.js';
 import { ConflictError, ImageNotAvailableError, NotFoundError, QuotaExceededError, ServiceUnavailableError, ValidationError } from './errors.js';
 import type { Failure, FailureCode } from './failures.js';
+import { Batcher } from './batcher.js';
 import { pixelSteps, type CreateImageBody } from './params.js';
 
 /**
@@ -90,6 +91,12 @@ export interface ImagesRepo {
    * priority = 1 + the tenant's jobs already in flight.
    */
   create(data: NewImage, quota: QuotaLimits): Promise<CreateResult>;
+  /**
+   * `create` for many jobs in one statement, one result per job in the same order: each tenant's
+   * jobs are admitted in order while its limits allow (a job past a limit, and the tenant's later
+   * ones in this batch, are refused).
+   */
+  createMany(data: NewImage[], quota: Quotas): Promise<CreateResult[]>;
   /** With a tenant: only that tenant's job, and not a deleted one (the API's view). Without: any row (workers). */
   get(id: string, tenantId?: string): Promise<ImageRecord | null>;
   /** A tenant's jobs (not deleted), newest first, strictly older than `before` when given. */
@@ -155,6 +162,8 @@ export interface ImagesRepo {
 export interface JobQueue {
   /** Adds the job at a priority (1 runs first; equal priorities run in the order they were added). */
   enqueue(imageId: string, priority: number): Promise<void>;
+  /** `enqueue` for many jobs in one round trip. */
+  enqueueMany(jobs: Array<{ imageId: string; priority: number }>): Promise<void>;
   /** Removes a queued job no worker holds; false otherwise. */
   remove(imageId: string): Promise<boolean>;
   /** Jobs waiting to run (waiting + delayed + prioritized), for back-pressure. */
@@ -202,10 +211,39 @@ const DEPTH_CACHE_MS = 1_000;
 
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 
+/**
+ * Most jobs one admission statement and one enqueue round trip carry. Submissions that arrive
+ * while a batch is being admitted go in the next one (core/batcher.ts), so a lone submission is
+ * never delayed and a burst costs few round trips.
+ */
+const ADMISSION_BATCH_MAX = 256;
+
 export class ImagesService {
   private depthCache: { value: number; at: number } | undefined;
+  private readonly admission: Batcher<NewImage, CreateResult>;
 
-  constructor(private readonly deps: ImagesServiceDeps) {}
+  constructor(private readonly deps: ImagesServiceDeps) {
+    this.admission = new Batcher((jobs) => this.admit(jobs), ADMISSION_BATCH_MAX);
+  }
+
+  /**
+   * Admits a batch (quotas checked, rows committed in one statement), then enqueues the admitted
+   * jobs in one round trip. If enqueueing fails after the commit, the rows stay queued and their
+   * callers still get their jobs: the workers' reconciler enqueues rows that have no job behind
+   * them, so nothing is lost and no client has a reason to submit twice.
+   */
+  private async admit(jobs: NewImage[]): Promise<CreateResult[]> {
+    const results = await this.deps.repo.createMany(jobs, this.quotas());
+    const admitted = results.flatMap((r) => ('record' in r ? [{ imageId: r.record.id, priority: r.record.queuePriority }] : []));
+    if (admitted.length > 0) {
+      try {
+        await this.deps.queue.enqueueMany(admitted);
+      } catch (err) {
+        this.deps.log?.warn({ err, jobs: admitted.length }, 'enqueue failed after the rows were committed; the reconciler will enqueue them');
+      }
+    }
+    return results;
+  }
 
   private async checkBackPressure(): Promise<void> {
     const max = this.deps.maxQueueDepth ?? 0;
@@ -226,9 +264,8 @@ export class ImagesService {
   }
 
   /**
-   * Commits the row, then enqueues its id. If enqueueing fails after the commit, the row stays
-   * queued and the caller still gets its job: the workers' reconciler enqueues rows that have no
-   * job behind them, so nothing is lost and the client has no reason to submit twice.
+   * Admits the job (with the submissions that arrived meanwhile, see admit()): the row is
+   * committed, and enqueued, before this resolves.
    */
   async create(tenantId: string, body: CreateImageBody): Promise<ImageRecord> {
     const cost = pixelSteps(body);
@@ -243,30 +280,21 @@ export class ImagesService {
       ]);
     }
     await this.checkBackPressure();
-    const day = utcDay();
-    const created = await this.deps.repo.create(
-      {
-        id: randomUUID(),
-        tenantId,
-        prompt: body.prompt,
-        negativePrompt: body.negative_prompt,
-        numSteps: body.num_steps,
-        guidanceScale: body.guidance_scale,
-        seed: body.seed ?? randomSeed(),
-        width: body.width,
-        height: body.height,
-        scheduler: body.scheduler,
-        pixelSteps: cost,
-      },
-      { ...this.quotas(), dayStart: day.start },
-    );
-    if ('exceeded' in created) throw quotaError(created, cost, day.next);
+    const created = await this.admission.submit({
+      id: randomUUID(),
+      tenantId,
+      prompt: body.prompt,
+      negativePrompt: body.negative_prompt,
+      numSteps: body.num_steps,
+      guidanceScale: body.guidance_scale,
+      seed: body.seed ?? randomSeed(),
+      width: body.width,
+      height: body.height,
+      scheduler: body.scheduler,
+      pixelSteps: cost,
+    });
+    if ('exceeded' in created) throw quotaError(created, cost, utcDay().next);
     const { record } = created;
-    try {
-      await this.deps.queue.enqueue(record.id, record.queuePriority);
-    } catch (err) {
-      this.deps.log?.warn({ err, imageId: record.id }, 'enqueue failed after the row was committed; the reconciler will enqueue it');
-    }
     return record;
   }
 

@@ -96,6 +96,25 @@ describe('per-tenant usage counters', () => {
     }
   });
 
+  it('admit a batch of many tenants’ jobs in one statement: each tenant in arrival order, within its limits, ranked', async () => {
+    const [a, b, c] = [await createTenant(db), await createTenant(db), await createTenant(db)];
+    await db.tenant.update({ where: { id: a }, data: { maxInFlight: 4 } });
+    const cost = 64 * 64 * 4;
+    await db.tenant.update({ where: { id: c }, data: { dailyPixelSteps: BigInt(cost * 3) } });
+    // Interleaved: a, b, c, a, b, c, ...
+    const batch = Array.from({ length: 18 }, (_, i) => job([a, b, c][i % 3]!));
+    const results = await repo.createMany(batch, { maxInFlight: 0, dailyPixelSteps: 0 });
+    const of = (t: string) => results.filter((_, i) => batch[i]!.tenantId === t);
+    const ranks = (t: string) => of(t).map((r) => ('record' in r ? r.record.queuePriority : r.exceeded));
+    expect(ranks(a)).toEqual([1, 2, 3, 4, 'in_flight', 'in_flight']);
+    expect(ranks(b)).toEqual([1, 2, 3, 4, 5, 6]);
+    expect(ranks(c)).toEqual([1, 2, 3, 'daily_pixel_steps', 'daily_pixel_steps', 'daily_pixel_steps']);
+    for (const t of [a, b, c]) {
+      const { counters, rows } = await countersAndRows(t);
+      expect(counters).toEqual(rows);
+    }
+  });
+
   it('give each admitted job its rank among the tenant’s jobs in flight as its queue priority', async () => {
     const t = await createTenant(db);
     const priorities: number[] = [];

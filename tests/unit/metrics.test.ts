@@ -19,6 +19,7 @@ function fakeRepo(): ImagesRepo {
   return {
     get: async () => null,
     create: unused('create'),
+    createMany: unused('createMany'),
     list: unused('list'),
     usage: unused('usage'),
     markDeleted: unused('markDeleted'),
@@ -43,7 +44,7 @@ function fakeRepo(): ImagesRepo {
 }
 
 /** A unit-test fake of an empty queue. */
-const fakeQueue: JobQueue = { enqueue: async () => undefined, remove: async () => false, depth: async () => 0 };
+const fakeQueue: JobQueue = { enqueue: async () => undefined, enqueueMany: async () => undefined, remove: async () => false, depth: async () => 0 };
 
 /** A unit-test fake of the accounts store that knows no key: job routes answer 401. */
 function fakeAccountsRepo(): AccountsRepo {

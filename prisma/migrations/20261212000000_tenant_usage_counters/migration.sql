@@ -24,18 +24,23 @@ ALTER TABLE "tenants" ADD CONSTRAINT "tenants_in_flight_check" CHECK ("in_flight
 -- counters, under the tenant row's lock, in the same statement as the insert); a job that leaves
 -- queued/running gives its slot back; one canceled before any attempt began gives back what it
 -- was charged today. Days are UTC days of the database's clock.
-CREATE FUNCTION "t2i_tenant_usage"() RETURNS trigger LANGUAGE plpgsql AS $$
+-- Inserts are counted once per statement and tenant (the API admits many jobs in one INSERT).
+CREATE FUNCTION "t2i_tenant_usage_inserted"() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
   today DATE := (now() AT TIME ZONE 'UTC')::date;
 BEGIN
-  IF TG_OP = 'INSERT' THEN
-    UPDATE "tenants" SET
-      "in_flight" = "in_flight" + CASE WHEN NEW."status" IN ('queued', 'running') THEN 1 ELSE 0 END,
-      "pixel_steps_today" = CASE WHEN "usage_day" = today THEN "pixel_steps_today" ELSE 0 END + NEW."pixel_steps",
-      "usage_day" = today
-    WHERE "id" = NEW."tenant_id";
-    RETURN NEW;
-  END IF;
+  UPDATE "tenants" t SET
+    "in_flight" = t."in_flight" + n."in_flight",
+    "pixel_steps_today" = CASE WHEN t."usage_day" = today THEN t."pixel_steps_today" ELSE 0 END + n."pixel_steps",
+    "usage_day" = today
+  FROM (SELECT "tenant_id", count(*) FILTER (WHERE "status" IN ('queued', 'running'))::int AS "in_flight", sum("pixel_steps") AS "pixel_steps"
+          FROM inserted GROUP BY "tenant_id") n
+  WHERE t."id" = n."tenant_id";
+  RETURN NULL;
+END $$;
+
+CREATE FUNCTION "t2i_tenant_usage"() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
   IF TG_OP = 'DELETE' THEN
     IF OLD."status" IN ('queued', 'running') THEN
       UPDATE "tenants" SET "in_flight" = "in_flight" - 1 WHERE "id" = OLD."tenant_id";
@@ -56,7 +61,7 @@ BEGIN
 END $$;
 
 CREATE TRIGGER "generated_images_tenant_usage_insert" AFTER INSERT ON "generated_images"
-  FOR EACH ROW EXECUTE FUNCTION "t2i_tenant_usage"();
+  REFERENCING NEW TABLE AS inserted FOR EACH STATEMENT EXECUTE FUNCTION "t2i_tenant_usage_inserted"();
 CREATE TRIGGER "generated_images_tenant_usage_update" AFTER UPDATE OF "status" ON "generated_images"
   FOR EACH ROW EXECUTE FUNCTION "t2i_tenant_usage"();
 CREATE TRIGGER "generated_images_tenant_usage_delete" AFTER DELETE ON "generated_images"
