@@ -11,8 +11,6 @@ import pg from 'pg';
 import { PrismaClient } from '../../generated/prisma/client.js';
 
 export type { GeneratedImage } from '../../generated/prisma/client.js';
-/** For raw SQL fragments (Prisma.sql) built apart from the query that runs them. */
-export { Prisma } from '../../generated/prisma/client.js';
 
 /** The database handle the rest of the app takes (pass it in; tests give their own). */
 export type Db = PrismaClient;
