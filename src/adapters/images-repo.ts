@@ -256,21 +256,26 @@ export function createImagesRepo(db: Db): ImagesRepo {
 
     async startAttempt(id, workerId) {
       // One statement, so two workers can never both believe they own the same attempt, and the
-      // attempt's row exists from the moment it does.
-      const started = await db.$queryRaw<Array<{ attempts: number }>>`
+      // attempt's row exists from the moment it does; it returns the claimed row, so a claim is
+      // one round trip.
+      const { rows } = await sqlPool(db).query<GeneratedImageRow>({
+        name: 't2i-start-attempt',
+        text: `
         WITH claimed AS (
           UPDATE generated_images
-             SET status = 'running', attempts = attempts + 1, progress = 0, worker_id = ${workerId},
+             SET status = 'running', attempts = attempts + 1, progress = 0, worker_id = $2,
                  started_at = now(), updated_at = now(), error = NULL, error_code = NULL
-           WHERE id = ${id}::uuid AND status IN ('queued', 'running') AND cancel_requested_at IS NULL
-       RETURNING id, attempts),
+           WHERE id = $1::uuid AND status IN ('queued', 'running') AND cancel_requested_at IS NULL
+       RETURNING *),
         opened AS (
-          INSERT INTO job_attempts (image_id, attempt, worker_id) SELECT id, attempts, ${workerId} FROM claimed)
-        SELECT attempts FROM claimed`;
-      const attempt = started[0]?.attempts;
-      if (attempt === undefined) return null;
-      const row = await db.generatedImage.findUnique({ where: { id } });
-      return row ? { record: toRecord(row), attempt } : null;
+          INSERT INTO job_attempts (image_id, attempt, worker_id) SELECT id, attempts, $2 FROM claimed)
+        SELECT * FROM claimed`,
+        values: [id, workerId],
+      });
+      const row = rows[0];
+      if (!row) return null;
+      const record = toRecord(fromRow(row));
+      return { record, attempt: record.attempts };
     },
 
     async setProgress(id, attempt, progress) {
