@@ -103,6 +103,8 @@ export interface ProducerQueue {
    * list, which workers empty before they look at prioritized jobs at all.
    */
   enqueue(imageId: string, priority: number): Promise<void>;
+  /** Many jobs in one round trip (BullMQ's addBulk: one pipeline of its add scripts). */
+  enqueueMany(jobs: Array<{ imageId: string; priority: number }>): Promise<void>;
   /**
    * Moves a waiting job to another priority (behind the jobs already there); an active job only
    * records it. False when Redis has no such job.
@@ -149,6 +151,15 @@ export function createProducer(redisUrl: string, s: QueueSettings): ProducerQueu
       },
       async enqueue(imageId, priority) {
         await queue.add(GENERATE_JOB.name, { imageId }, { jobId: imageId, priority: Math.min(Math.max(1, Math.round(priority)), PRIORITY_LIMIT) });
+      },
+      async enqueueMany(jobs) {
+        await queue.addBulk(
+          jobs.map(({ imageId, priority }) => ({
+            name: GENERATE_JOB.name,
+            data: { imageId },
+            opts: { jobId: imageId, priority: Math.min(Math.max(1, Math.round(priority)), PRIORITY_LIMIT) },
+          })),
+        );
       },
       async changePriority(imageId, priority) {
         const job = await queue.getJob(imageId);

@@ -190,9 +190,11 @@ describe('daily pixel-step budget per tenant', () => {
   });
 
   it('resets at 00:00 UTC: once the jobs are from yesterday, today is free again', async () => {
-    // The day passes: the tenant's jobs now date from yesterday, as they will after midnight.
+    // The day passes: the tenant's jobs, and the day its usage counter counts, now date from
+    // yesterday, as they will after midnight.
     await db.$executeRaw`UPDATE generated_images SET created_at = created_at - interval '1 day'
                           WHERE tenant_id = (SELECT id FROM tenants WHERE name = 'budget-co')`;
+    await db.$executeRaw`UPDATE tenants SET usage_day = usage_day - 1 WHERE name = 'budget-co'`;
     expect(await usage(urls[1]!, key)).toMatchObject({ pixel_steps: { used: 0, limit: BUDGET, remaining: BUDGET }, jobs_today: 0 });
     expect((await burst(urls, key)).filter((a) => a.status === 201)).toHaveLength(5);
     console.log(
