@@ -150,15 +150,22 @@ describe('the engine, with real processes', () => {
     expect(poisonOutcomes[0]).toBe('released');
     expect(poisonOutcomes.filter((o) => o === 'engine_failed')).toHaveLength(2);
     expect(poisonOutcomes.filter((o) => o !== 'engine_failed' && o !== 'released')).toEqual([]);
+    const othersHandedBack: number[] = [];
     for (const id of others) {
       expect((await sys.repo.get(id))?.status).toBe('succeeded');
       const outcomes = (await sys.repo.attempts(id)).map((a) => a.outcome);
+      othersHandedBack.push(outcomes.filter((o) => o === 'released').length);
       expect(outcomes[0]).toBe('released');
       expect(outcomes.slice(0, -1).filter((o) => o !== 'released')).toEqual([]);
       expect(outcomes.at(-1)).toBe('succeeded');
     }
     expect(await metricValue(metricsUrlOf(w), 't2i_engine_restarts_total{reason="crashed"}')).toBe(3);
     expect(w.running).toBe(true);
-    report.batchCrash = { batch: 3, poison: 'engine_crashed after 1 shared and 2 lone crashes', others: 'succeeded after being handed back once' };
+    report.batchCrash = {
+      batch: 3,
+      poison: { code: 'engine_crashed', outcomes: poisonOutcomes },
+      others: { succeeded: others.length, timesHandedBack: othersHandedBack },
+      engineRestarts: 3,
+    };
   });
 });
