@@ -103,6 +103,8 @@ export interface ProducerQueue {
    * list, which workers empty before they look at prioritized jobs at all.
    */
   enqueue(imageId: string, priority: number): Promise<void>;
+  /** Many jobs in one round trip (BullMQ's addBulk: one pipeline of its add scripts). */
+  enqueueMany(jobs: Array<{ imageId: string; priority: number }>): Promise<void>;
   /**
    * Moves a waiting job to another priority (behind the jobs already there); an active job only
    * records it. False when Redis has no such job.
@@ -149,6 +151,15 @@ export function createProducer(redisUrl: string, s: QueueSettings): ProducerQueu
       },
       async enqueue(imageId, priority) {
         await queue.add(GENERATE_JOB.name, { imageId }, { jobId: imageId, priority: Math.min(Math.max(1, Math.round(priority)), PRIORITY_LIMIT) });
+      },
+      async enqueueMany(jobs) {
+        await queue.addBulk(
+          jobs.map(({ imageId, priority }) => ({
+            name: GENERATE_JOB.name,
+            data: { imageId },
+            opts: { jobId: imageId, priority: Math.min(Math.max(1, Math.round(priority)), PRIORITY_LIMIT) },
+          })),
+        );
       },
       async changePriority(imageId, priority) {
         const job = await queue.getJob(imageId);
@@ -218,8 +229,8 @@ export interface QueueConsumer {
   pause(): Promise<void>;
   resume(): Promise<void>;
   /**
-   * Stops taking jobs and waits for the active one; once `graceMs` has passed, tells the active
-   * job to stop (its signal aborts) and waits for it to hand the job back.
+   * Stops taking jobs and waits for the active ones; once `graceMs` has passed, tells them to
+   * stop (their signals abort) and waits for them to hand their jobs back.
    */
   close(graceMs?: number): Promise<void>;
 }
@@ -231,10 +242,11 @@ export interface QueueConsumer {
 export const RELEASED_ERROR_NAME = 'JobReleasedError';
 
 /**
- * A consumer running one job at a time. Lock and stalled-check settings come from the shared
- * configuration: BullMQ runs the stalled check queue-wide, so every worker must use the same.
+ * A consumer running up to `concurrency` jobs at a time (the engine batches them). Lock and
+ * stalled-check settings come from the shared configuration: BullMQ runs the stalled check
+ * queue-wide, so every worker must use the same.
  */
-export function createConsumer(redisUrl: string, s: QueueSettings, handler: JobHandler, onError?: (err: Error) => void): QueueConsumer {
+export function createConsumer(redisUrl: string, s: QueueSettings, handler: JobHandler, onError?: (err: Error) => void, concurrency = 1): QueueConsumer {
   const connection = createRedis(redisUrl);
   const active = new Set<AbortController>();
   const worker = new Worker<GeneratePayload>(
@@ -268,7 +280,7 @@ export function createConsumer(redisUrl: string, s: QueueSettings, handler: JobH
     },
     {
       connection,
-      concurrency: 1,
+      concurrency,
       lockDuration: s.lockMs,
       stalledInterval: s.stalledIntervalMs,
       // A job whose worker died is moved back by the stalled check; after this many stalls it

@@ -13,6 +13,7 @@ import {
 } from './errors.js';
 import type { Failure, FailureCode } from './failures.js';
 import type { JobEventSink } from './job-events.js';
+import { Batcher } from './batcher.js';
 import { pixelSteps, type CreateImageBody } from './params.js';
 import { decodeCursor, encodeCursor } from './cursor.js';
 
@@ -89,11 +90,11 @@ export interface IdempotencyClaim {
   ttlMs: number;
 }
 
-export type CreateResult =
-  | { record: ImageRecord }
-  | { exceeded: 'in_flight' | 'daily_pixel_steps'; limit: number; used: number }
-  /** The Idempotency-Key was used within its time: what it was used for. */
-  | { existing: { fingerprint: string; imageId: string } };
+/** What admitting a job gives: the job, or the limit that refused it. */
+export type Admission = { record: ImageRecord } | { exceeded: 'in_flight' | 'daily_pixel_steps'; limit: number; used: number };
+
+/** `create` with an Idempotency-Key may instead find the key live: the job it was used for. */
+export type CreateResult = Admission | { existing: { fingerprint: string; imageId: string } };
 
 export interface TenantUsage {
   inFlight: number;
@@ -119,7 +120,13 @@ export interface ImagesRepo {
    * claimed in the same transaction first: a key of the tenant used within its time gives back
    * what it was used for instead (a replay is never refused for quota); an expired key is taken over.
    */
-  create(data: NewImage, quota: QuotaLimits, key?: IdempotencyClaim): Promise<CreateResult>;
+  create(data: NewImage, quota: Quotas, key?: IdempotencyClaim): Promise<CreateResult>;
+  /**
+   * `create` (without a key) for many jobs in one statement, one result per job in the same
+   * order: each tenant's jobs are admitted in order while its limits allow (a job past a limit,
+   * and the tenant's later ones in this batch, are refused).
+   */
+  createMany(data: NewImage[], quota: Quotas): Promise<Admission[]>;
   /** Deletes idempotency keys created before `before`; returns how many. */
   sweepIdempotencyKeys(before: Date): Promise<number>;
   /** With a tenant: only that tenant's job, and not a deleted one (the API's view). Without: any row (workers). */
@@ -187,6 +194,8 @@ export interface ImagesRepo {
 export interface JobQueue {
   /** Adds the job at a priority (1 runs first; equal priorities run in the order they were added). */
   enqueue(imageId: string, priority: number): Promise<void>;
+  /** `enqueue` for many jobs in one round trip. */
+  enqueueMany(jobs: Array<{ imageId: string; priority: number }>): Promise<void>;
   /** Removes a queued job no worker holds; false otherwise. */
   remove(imageId: string): Promise<boolean>;
   /** Jobs waiting to run (waiting + delayed + prioritized), for back-pressure. */
@@ -252,10 +261,45 @@ const DEPTH_CACHE_MS = 1_000;
 
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 
+/**
+ * Most jobs one admission statement and one enqueue round trip carry. Submissions that arrive
+ * while a batch is being admitted go in the next one (core/batcher.ts), so a lone submission is
+ * never delayed and a burst costs few round trips.
+ */
+const ADMISSION_BATCH_MAX = 256;
+
 export class ImagesService {
   private depthCache: { value: number; at: number } | undefined;
+  private readonly admission: Batcher<NewImage, Admission>;
 
-  constructor(private readonly deps: ImagesServiceDeps) {}
+  constructor(private readonly deps: ImagesServiceDeps) {
+    this.admission = new Batcher((jobs) => this.admit(jobs), ADMISSION_BATCH_MAX);
+  }
+
+  /** Admits a batch (quotas checked, rows committed in one statement), then enqueues the admitted jobs. */
+  private async admit(jobs: NewImage[]): Promise<Admission[]> {
+    const results = await this.deps.repo.createMany(jobs, this.quotas());
+    await this.enqueueAdmitted(results.flatMap((r) => ('record' in r ? [r.record] : [])));
+    return results;
+  }
+
+  /**
+   * After the rows are committed: their `queued` events, then one enqueue round trip. If
+   * enqueueing fails, the rows stay queued and their callers still get their jobs: the workers'
+   * reconciler enqueues rows that have no job behind them, so nothing is lost and no client has a
+   * reason to submit twice.
+   */
+  private async enqueueAdmitted(records: ImageRecord[]): Promise<void> {
+    if (records.length === 0) return;
+    // Logged before they are enqueued, so a worker's `running` can never come before them.
+    const events = this.deps.events;
+    if (events) await Promise.all(records.map((r) => events.publish(r.id, { type: 'status', status: 'queued', attempt: 0 })));
+    try {
+      await this.deps.queue.enqueueMany(records.map((r) => ({ imageId: r.id, priority: r.queuePriority })));
+    } catch (err) {
+      this.deps.log?.warn({ err, jobs: records.length }, 'enqueue failed after the rows were committed; the reconciler will enqueue them');
+    }
+  }
 
   private async checkBackPressure(): Promise<void> {
     const max = this.deps.maxQueueDepth ?? 0;
@@ -276,9 +320,8 @@ export class ImagesService {
   }
 
   /**
-   * Commits the row, then enqueues its id. If enqueueing fails after the commit, the row stays
-   * queued and the caller still gets its job: the workers' reconciler enqueues rows that have no
-   * job behind them, so nothing is lost and the client has no reason to submit twice.
+   * Admits the job (with the submissions that arrived meanwhile, see admit()): the row is
+   * committed, and enqueued, before this resolves.
    */
   async create(tenantId: string, body: CreateImageBody): Promise<ImageRecord> {
     return (await this.submit(tenantId, body, { route: 'generated-images' })).record;
@@ -291,14 +334,16 @@ export class ImagesService {
    * another body gets 422.
    */
   async submit(tenantId: string, body: CreateImageBody, opts: SubmitOptions): Promise<{ record: ImageRecord; replayed: boolean }> {
-    const cost = pixelSteps(body);
+    const perImage = pixelSteps(body);
+    // Each image is a generation of its own: the job is charged for all of them.
+    const cost = perImage * body.num_images;
     const max = this.deps.maxPixelSteps;
-    if (max !== undefined && cost > max) {
+    if (max !== undefined && perImage > max) {
       throw new ValidationError([
         {
           field: '(body)',
           rule: 'max_pixel_steps',
-          message: `width × height × num_steps is ${cost.toLocaleString('en-US')}; this server allows at most ${max.toLocaleString('en-US')} pixel-steps per request (512 × 512 × 50 is 13,107,200)`,
+          message: `width × height × num_steps is ${perImage.toLocaleString('en-US')}; this server allows at most ${max.toLocaleString('en-US')} pixel-steps per request (512 × 512 × 50 is 13,107,200)`,
         },
       ]);
     }
@@ -311,33 +356,34 @@ export class ImagesService {
         { field: 'webhook_url', rule: 'not_enabled', message: 'is not available: this server sends no webhooks (the API key has a default webhook URL)' },
       ]);
     await this.checkBackPressure();
-    const day = utcDay();
     const fingerprint = opts.idempotencyKey === undefined ? undefined : requestFingerprint(opts.route, body);
-    const created = await this.deps.repo.create(
-      {
-        id: randomUUID(),
-        tenantId,
-        prompt: body.prompt,
-        negativePrompt: body.negative_prompt,
-        numSteps: body.num_steps,
-        guidanceScale: body.guidance_scale,
-        seed: body.seed ?? randomSeed(),
-        width: body.width,
-        height: body.height,
-        scheduler: body.scheduler,
-        pixelSteps: cost,
-        numImages: body.num_images,
-        webhookUrl,
-      },
-      { ...this.quotas(), dayStart: day.start },
-      opts.idempotencyKey === undefined ? undefined : { key: opts.idempotencyKey, fingerprint: fingerprint!, ttlMs: IDEMPOTENCY_TTL_MS },
-    );
+    const job: NewImage = {
+      id: randomUUID(),
+      tenantId,
+      prompt: body.prompt,
+      negativePrompt: body.negative_prompt,
+      numSteps: body.num_steps,
+      guidanceScale: body.guidance_scale,
+      seed: body.seed ?? randomSeed(),
+      width: body.width,
+      height: body.height,
+      scheduler: body.scheduler,
+      pixelSteps: cost,
+      numImages: body.num_images,
+      webhookUrl,
+    };
+    // Without a key, the job is admitted with the submissions that arrived meanwhile (admit());
+    // with one, on its own, the key claimed in the admitting transaction.
+    const created =
+      opts.idempotencyKey === undefined
+        ? await this.admission.submit(job)
+        : await this.deps.repo.create(job, this.quotas(), { key: opts.idempotencyKey, fingerprint: fingerprint!, ttlMs: IDEMPOTENCY_TTL_MS });
     if ('existing' in created) {
       if (created.existing.fingerprint !== fingerprint) throw new IdempotencyConflictError();
       return { record: await this.get(tenantId, created.existing.imageId), replayed: true };
     }
-    if ('exceeded' in created) throw quotaError(created, cost, day.next);
-    await this.enqueueNew(created.record);
+    if ('exceeded' in created) throw quotaError(created, cost, utcDay().next);
+    if (opts.idempotencyKey !== undefined) await this.enqueueAdmitted([created.record]);
     return { record: created.record, replayed: false };
   }
 
@@ -350,21 +396,6 @@ export class ImagesService {
       const e = err as { name?: string; rule?: string; message?: string };
       if (e.name !== 'WebhookUrlError') throw err;
       throw new ValidationError([{ field: 'webhook_url', rule: e.rule ?? 'url', message: e.message ?? 'is not allowed' }]);
-    }
-  }
-
-  /**
-   * After the row is committed. If enqueueing fails, the row stays queued and the caller still
-   * gets its job: the workers' reconciler enqueues rows that have no job behind them, so nothing
-   * is lost and the client has no reason to submit twice.
-   */
-  private async enqueueNew(record: ImageRecord): Promise<void> {
-    // Logged before it is enqueued, so a worker's `running` can never come before it.
-    await this.deps.events?.publish(record.id, { type: 'status', status: 'queued', attempt: 0 });
-    try {
-      await this.deps.queue.enqueue(record.id, record.queuePriority);
-    } catch (err) {
-      this.deps.log?.warn({ err, imageId: record.id }, 'enqueue failed after the row was committed; the reconciler will enqueue it');
     }
   }
 
@@ -463,7 +494,7 @@ export class ImagesService {
   }
 }
 
-function quotaError(e: Extract<CreateResult, { exceeded: string }>, cost: number, nextDay: Date): QuotaExceededError {
+function quotaError(e: Extract<Admission, { exceeded: string }>, cost: number, nextDay: Date): QuotaExceededError {
   const n = (v: number) => v.toLocaleString('en-US');
   if (e.exceeded === 'in_flight') {
     return new QuotaExceededError(

@@ -60,7 +60,7 @@ export const createImageBody = z.strictObject({
   width: side.default(GENERATION_DEFAULTS.width),
   height: side.default(GENERATION_DEFAULTS.height),
   scheduler: z.enum(SCHEDULER_NAMES).default('pndm'),
-  /** Images from one request, 1..4: image k has seed + k (mod 2^32), generated together (one UNet batch where the model allows). */
+  /** Images from one request, 1..4: image k has seed + k (mod 2^32), each its own generation, batched as the engine allows (src/engine/several-images.ts). */
   num_images: z.number().int().min(1).max(MAX_IMAGES).default(1),
   /** Where the outcome is POSTed, signed (Standard Webhooks). Checked against SSRF here and again when sent. */
   webhook_url: z
