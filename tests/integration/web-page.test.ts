@@ -350,6 +350,29 @@ describe('the web page', () => {
     await page.setViewportSize({ width: 1280, height: 900 });
   });
 
+  it('shows every image of a job of several, each with its own seed, download and "use this seed"', async () => {
+    await fillForm({ Prompt: 'two flat colours', Width: '64', Height: '64', Steps: '3', 'Seed (empty: random)': '4294967295', 'Number of images': '2' });
+    await page.getByRole('button', { name: 'Generate' }).click();
+    await expect.poll(() => page.locator('#live-prompt').textContent()).toBe('two flat colours');
+    await expect.poll(() => page.locator('#live-phase').textContent(), { timeout: 30_000 }).toBe('Done');
+    const figures = page.locator('#live-results figure');
+    expect(await figures.count()).toBe(2);
+    // Image k has seed + k, wrapping at 2^32.
+    expect(await figures.locator('img').evaluateAll((imgs: HTMLImageElement[]) => imgs.map((i) => [i.alt, i.complete && i.naturalWidth > 0]))).toEqual([
+      ['two flat colours (seed 4294967295)', true],
+      ['two flat colours (seed 0)', true],
+    ]);
+    expect(await figures.locator('a').evaluateAll((links: HTMLAnchorElement[]) => links.map((a) => a.download))).toEqual([
+      expect.stringMatching(/^t2i-[0-9a-f]{8}-4294967295\.png$/),
+      expect.stringMatching(/^t2i-[0-9a-f]{8}-0\.png$/),
+    ]);
+    await figures.nth(1).getByRole('button', { name: 'Use this seed' }).click();
+    expect(await page.locator('#f-seed').inputValue()).toBe('0');
+    await expect
+      .poll(() => page.locator('#gallery-list > li').first().locator('.params').textContent())
+      .toBe('64×64 · 3 steps · guidance 9 · pndm · seed 4294967295 · 2 images');
+  });
+
   it('shows why a job failed, in its public words, in the live view and the gallery', async () => {
     // The test engine's model throws on this prompt at every attempt; the job is retried, then fails.
     await fillForm({ Prompt: 'a green square [test:fail]', Width: '64', Height: '64', Steps: '2', 'Number of images': '1' });
