@@ -17,6 +17,8 @@ import { openAiRoutes, type OpenAiRoutesOptions } from './openai.js';
 import { registerOpenApi } from './openapi.js';
 import { jobRouteSchemas, problems, usageSchema } from './schemas.js';
 import { webhookRoutes, type WebhookRoutesOptions } from './webhooks.js';
+import { imageFileRoutes, type ImageFileRoutesOptions } from './image-files.js';
+import { webPageRoutes, type WebPageOptions } from './web.js';
 import { registerApiMetrics, type ApiMetrics } from './metrics.js';
 import { sendProblem } from './problem.js';
 
@@ -55,6 +57,10 @@ export interface AppDeps {
   openai?: Omit<OpenAiRoutesOptions, 'images' | 'principalOf'>;
   /** GET /models and /schedulers (src/api/discovery.ts); absent without them. */
   discovery?: DiscoveryOptions;
+  /** A succeeded job's images through the API (src/api/image-files.ts), for the web page; absent without it. */
+  imageFiles?: Omit<ImageFileRoutesOptions, 'images' | 'tenantOf'>;
+  /** The web page at / (src/api/web.ts); absent without it. */
+  web?: WebPageOptions;
 }
 
 function trustHops(n: number) {
@@ -230,7 +236,11 @@ export function buildApp(deps: AppDeps): FastifyInstance {
     if (deps.webhooks) await scope.register(webhookRoutes, { images: deps.images, tenantOf: tenant, ...deps.webhooks });
     if (deps.openai) await scope.register(openAiRoutes, { images: deps.images, principalOf, ...deps.openai });
     if (deps.discovery) await scope.register(discoveryRoutes, deps.discovery);
+    if (deps.imageFiles) await scope.register(imageFileRoutes, { images: deps.images, tenantOf: tenant, ...deps.imageFiles });
   });
+
+  // The web page: public files; everything it shows comes from the routes above, with the key.
+  if (deps.web) void app.register(webPageRoutes, deps.web);
 
   // Public probes, in a plugin of their own so the OpenAPI generator (registered first) sees them.
   void app.register(async (app) => {

@@ -18,6 +18,8 @@ import { createProcessLogger, type Logger } from '../core/logger.js';
 import type { ErrorReporter } from '../core/reporting.js';
 import { eventStoreOptions, queueSettings, storageOptions } from '../core/wiring.js';
 import { buildApp } from './app.js';
+import { webpThumbnail } from '../adapters/thumbnails.js';
+import { findWebDir, loadWebAssets, type WebAssets } from './web.js';
 import { createApiMetrics } from './metrics.js';
 
 /** Boots the API process: configuration, clients, the app, listen, and an orderly close. */
@@ -84,6 +86,11 @@ export async function startApi(config: Config = loadConfig(process.env, 'api'), 
       id,
       lastEventId,
     );
+  // The page is read once, now: a missing build is said at start (and at /), not found by users later.
+  const webDir = config.WEB_DIR ?? findWebDir();
+  let webAssets: WebAssets | undefined;
+  if (webDir) webAssets = loadWebAssets(webDir);
+  else logger.warn({}, 'no built web page (dist/web): / answers 503; run `npm run build` or set WEB_DIR to a built page');
   const fleet = createFleetRegistry(config.REDIS_URL, config.QUEUE_NAME);
   const models = async () => servedModels(await withTimeout(fleet.members(), 2_000, 'reading the fleet'));
   const app = buildApp({
@@ -109,6 +116,8 @@ export async function startApi(config: Config = loadConfig(process.env, 'api'), 
     events: { heartbeatMs: config.EVENTS_HEARTBEAT_MS, follow },
     openai: { follow: (tenantId, id) => follow(tenantId, id, null), readImage: (key) => storage.read(key), models, waitMs: config.OPENAI_WAIT_MS },
     discovery: { models, maxPixelSteps: config.MAX_PIXEL_STEPS },
+    imageFiles: { read: (key) => storage.read(key), thumbnail: webpThumbnail },
+    web: { assets: webAssets },
   });
   app.addHook('onClose', async () => {
     // A reporter the caller gave stays the caller's to close.
