@@ -41,6 +41,9 @@ function toRecord(row: GeneratedImage): ImageRecord {
     generationMs: row.generationMs,
     numImages: row.numImages,
     webhookUrl: row.webhookUrl,
+    imageKey: row.imageKey,
+    maskKey: row.maskKey,
+    strength: row.strength,
     pixelSteps: Number(row.pixelSteps),
     queuePriority: row.queuePriority,
     deletedAt: row.deletedAt,
@@ -55,14 +58,15 @@ const MAX_PRIORITY = 2 ** 21 - 1;
  * pixel-steps of jobs created since `dayStart`, except those canceled before any attempt began
  * (they used nothing). Deleted jobs still count: their rows stay as tombstones for this.
  */
-const usageOf = (tenantId: string, dayStart: Date) => Prisma.sql`
+const usageOf = (tenantId: string, dayStart: Date, model: string | null = null) => Prisma.sql`
   SELECT count(*) FILTER (WHERE status IN ('queued', 'running'))::int AS in_flight,
+         count(*) FILTER (WHERE status IN ('queued', 'running') AND model IS NOT DISTINCT FROM ${model})::int AS in_flight_model,
          COALESCE(sum(pixel_steps) FILTER (WHERE created_at >= ${dayStart} AND NOT (status = 'canceled' AND attempts = 0)), 0)::bigint AS used,
          count(*) FILTER (WHERE created_at >= ${dayStart})::int AS jobs
     FROM generated_images
    WHERE tenant_id = ${tenantId}::uuid AND (status IN ('queued', 'running') OR created_at >= ${dayStart})`;
 
-type UsageRow = { in_flight: number; used: bigint; jobs: number };
+type UsageRow = { in_flight: number; in_flight_model: number; used: bigint; jobs: number };
 const NO_DAY = new Date('9999-12-31T00:00:00Z');
 type LimitsRow = { max_in_flight: number | null; daily_pixel_steps: bigint | null };
 
@@ -101,7 +105,7 @@ export function createImagesRepo(db: Db): ImagesRepo {
         // Without a budget, today's jobs need not be summed (a busy tenant has many): counting from
         // a day that never comes leaves only the jobs in flight, which the priority needs.
         const since = limits.dailyPixelSteps > 0 ? quota.dayStart : NO_DAY;
-        const [u] = await tx.$queryRaw<UsageRow[]>(usageOf(data.tenantId, since));
+        const [u] = await tx.$queryRaw<UsageRow[]>(usageOf(data.tenantId, since, data.model));
         const inFlight = u?.in_flight ?? 0;
         const used = Number(u?.used ?? 0);
         if (limits.maxInFlight > 0 && inFlight >= limits.maxInFlight) return { exceeded: 'in_flight' as const, limit: limits.maxInFlight, used: inFlight };
@@ -127,11 +131,16 @@ export function createImagesRepo(db: Db): ImagesRepo {
             height: data.height,
             scheduler: data.scheduler,
             pixelSteps: BigInt(data.pixelSteps),
-            // Its rank among the tenant's jobs in flight: the tenant's k-th job waits behind
-            // every other tenant's (k-1)-th, not behind whole backlogs.
-            queuePriority: Math.min(inFlight + 1, MAX_PRIORITY),
+            model: data.model,
+            // Its rank among the tenant's jobs in flight on its model (each model has its own
+            // queue): the tenant's k-th job waits behind every other tenant's (k-1)-th, not
+            // behind whole backlogs.
+            queuePriority: Math.min((u?.in_flight_model ?? 0) + 1, MAX_PRIORITY),
             numImages: data.numImages ?? 1,
             webhookUrl: data.webhookUrl ?? null,
+            imageKey: data.imageKey ?? null,
+            maskKey: data.maskKey ?? null,
+            strength: data.strength ?? null,
           },
         });
         return { record: toRecord(row) };
@@ -170,9 +179,10 @@ export function createImagesRepo(db: Db): ImagesRepo {
     },
 
     async markDeleted(id) {
-      // Prompts go now; a queued job is canceled and a running one told to stop. file_name stays
-      // until the objects are removed (clearObjects), so a removal that fails is retried by the sweeper.
-      const rows = await db.$queryRaw<Array<{ id: string }>>`
+      // Prompts go now; a queued job is canceled and a running one told to stop. file_name and the
+      // input keys stay until the objects are removed (clearObjects), so a removal that fails is
+      // retried by the sweeper.
+      const rows = await db.$queryRaw<Array<{ image_key: string | null; mask_key: string | null }>>`
         UPDATE generated_images
            SET deleted_at = COALESCE(deleted_at, now()), prompt = '', negative_prompt = NULL,
                cancel_requested_at = CASE WHEN status IN ('queued', 'running') THEN COALESCE(cancel_requested_at, now()) ELSE cancel_requested_at END,
@@ -180,12 +190,24 @@ export function createImagesRepo(db: Db): ImagesRepo {
                finished_at = CASE WHEN status = 'queued' THEN now() ELSE finished_at END,
                updated_at = now()
          WHERE id = ${id}::uuid
-     RETURNING id`;
-      return rows.length === 1;
+     RETURNING image_key, mask_key`;
+      const row = rows[0];
+      return row ? [row.image_key, row.mask_key].filter((k): k is string => k !== null) : null;
     },
 
     async clearObjects(id) {
-      await db.generatedImage.updateMany({ where: { id, deletedAt: { not: null } }, data: { fileName: null } });
+      await db.generatedImage.updateMany({ where: { id, deletedAt: { not: null } }, data: { fileName: null, imageKey: null, maskKey: null } });
+    },
+
+    async discard(id) {
+      // Never shown to its client (its inputs could not be stored): gone as if never submitted,
+      // its Idempotency-Key with it, so a retry creates the job anew.
+      await db.$transaction([db.idempotencyKey.deleteMany({ where: { imageId: id } }), db.generatedImage.deleteMany({ where: { id, attempts: 0 } })]);
+    },
+
+    async assignModel(id, model) {
+      const r = await db.generatedImage.updateMany({ where: { id, model: null, status: { in: ['queued', 'running'] } }, data: { model } });
+      return r.count === 1;
     },
 
     async findExpired({ finishedBefore, limit }) {
@@ -200,7 +222,7 @@ export function createImagesRepo(db: Db): ImagesRepo {
 
     async findDeletedWithObjects({ limit }) {
       const rows = await db.generatedImage.findMany({
-        where: { deletedAt: { not: null }, fileName: { not: null } },
+        where: { deletedAt: { not: null }, OR: [{ fileName: { not: null } }, { imageKey: { not: null } }, { maskKey: { not: null } }] },
         orderBy: { deletedAt: 'asc' },
         take: limit,
         select: { id: true },
@@ -209,30 +231,41 @@ export function createImagesRepo(db: Db): ImagesRepo {
     },
 
     async unfairPriorities(limit) {
-      // Each queued job's rank among its tenant's jobs in flight (running ones first, then by
-      // age), where it differs from the priority it was queued with.
-      const rows = await db.$queryRaw<Array<{ id: string; rank: bigint }>>`
-        SELECT id, rank FROM (
-          SELECT id, status, queue_priority,
-                 row_number() OVER (PARTITION BY tenant_id ORDER BY (status = 'running') DESC, created_at, id) AS rank
+      // Each queued job's rank among its tenant's jobs in flight on its model (running ones
+      // first, then by age), where it differs from the priority it was queued with. Jobs of
+      // different models wait in different queues, so ranks are counted per model.
+      const rows = await db.$queryRaw<Array<{ id: string; rank: bigint; model: string | null }>>`
+        SELECT id, rank, model FROM (
+          SELECT id, status, queue_priority, model,
+                 row_number() OVER (PARTITION BY tenant_id, model ORDER BY (status = 'running') DESC, created_at, id) AS rank
             FROM generated_images WHERE status IN ('queued', 'running')) ranked
-         WHERE status = 'queued' AND queue_priority <> LEAST(rank, ${MAX_PRIORITY})
+         WHERE status = 'queued' AND queue_priority <> LEAST(rank, ${MAX_PRIORITY}) AND model IS NOT NULL
          ORDER BY rank LIMIT ${limit}`;
-      return rows.map((r) => ({ id: r.id, priority: Math.min(Number(r.rank), MAX_PRIORITY) }));
+      return rows.map((r) => ({ id: r.id, model: r.model!, priority: Math.min(Number(r.rank), MAX_PRIORITY) }));
     },
 
     async setPriority(id, priority) {
       await db.generatedImage.updateMany({ where: { id, status: 'queued' }, data: { queuePriority: priority } });
     },
 
-    async startAttempt(id, workerId) {
+    async startAttempt(id, workerId, d) {
       // One statement, so two workers can never both believe they own the same attempt, and the
-      // attempt's row exists from the moment it does.
+      // attempt's row exists from the moment it does. Parameters the job left to its model (a
+      // model never served when it was submitted) take this worker's defaults, and the charge
+      // is corrected to them (the right-hand sides read the row as it was).
       const started = await db.$queryRaw<Array<{ attempts: number }>>`
         WITH claimed AS (
           UPDATE generated_images
              SET status = 'running', attempts = attempts + 1, progress = 0, worker_id = ${workerId},
-                 started_at = now(), updated_at = now(), error = NULL, error_code = NULL
+                 started_at = now(), updated_at = now(), error = NULL, error_code = NULL,
+                 num_steps = COALESCE(num_steps, ${d?.numSteps ?? null}::int),
+                 guidance_scale = COALESCE(guidance_scale, ${d?.guidanceScale ?? null}::float8),
+                 width = COALESCE(width, ${d?.width ?? null}::int),
+                 height = COALESCE(height, ${d?.height ?? null}::int),
+                 scheduler = COALESCE(scheduler, ${d?.scheduler ?? null}::text),
+                 pixel_steps = CASE WHEN num_steps IS NULL OR width IS NULL OR height IS NULL
+                                    THEN COALESCE(COALESCE(width, ${d?.width ?? null}::int)::bigint * COALESCE(height, ${d?.height ?? null}::int) * COALESCE(num_steps, ${d?.numSteps ?? null}::int), pixel_steps)
+                                    ELSE pixel_steps END
            WHERE id = ${id}::uuid AND status IN ('queued', 'running') AND cancel_requested_at IS NULL
        RETURNING id, attempts),
         opened AS (

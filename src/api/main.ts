@@ -5,7 +5,7 @@ import { followJob } from '../core/job-event-stream.js';
 import { webhookClientFromConfig } from '../adapters/webhook-http.js';
 import { createWebhookRepo } from '../adapters/webhooks-repo.js';
 import { createFleetRegistry } from '../adapters/fleet.js';
-import { servedModels } from '../core/fleet.js';
+import { ModelCatalog } from '../core/models.js';
 import { checkRedis, createProducer, createRedis } from '../adapters/queue.js';
 import { withTimeout } from '../core/lifecycle.js';
 import { createErrorReporter } from '../adapters/sentry.js';
@@ -59,10 +59,24 @@ export async function startApi(config: Config = loadConfig(process.env, 'api'), 
   const eventStore = createJobEventStore(config.REDIS_URL, eventStoreOptions(config));
   const events = eventSink(eventStore, logger);
   const webhookClient = config.WEBHOOK_SECRET ? webhookClientFromConfig(config, 't2i') : undefined;
+  // What the fleet serves (workers' announcements in Redis), read at most once a second, each read bounded.
+  const fleet = createFleetRegistry(config.REDIS_URL, config.QUEUE_NAME);
+  const bounded =
+    <T>(read: () => Promise<T>) =>
+    () =>
+      withTimeout(read(), 2_000, 'reading the fleet');
+  const models = new ModelCatalog({
+    fleet: { members: bounded(() => fleet.members()), profiles: bounded(() => fleet.profiles()) },
+    known: config.KNOWN_MODELS,
+    defaultModel: config.DEFAULT_MODEL,
+  });
+  if (config.KNOWN_MODELS.length > 0 || config.DEFAULT_MODEL)
+    logger.info({ known: config.KNOWN_MODELS, defaultModel: config.DEFAULT_MODEL ?? null }, 'models configured');
   const images = new ImagesService({
     repo,
     queue: producer,
     storage,
+    models,
     maxQueueDepth: config.MAX_QUEUE_DEPTH,
     maxPixelSteps: config.MAX_PIXEL_STEPS,
     quotas: { maxInFlight: config.TENANT_MAX_IN_FLIGHT, dailyPixelSteps: config.TENANT_DAILY_PIXEL_STEPS },
@@ -78,14 +92,12 @@ export async function startApi(config: Config = loadConfig(process.env, 'api'), 
         log: eventStore.log,
         getJob: (jobId) => images.get(tenantId, jobId),
         result: (record) => images.result(record),
-        position: (jobId) => producer.position(jobId),
+        position: (record) => (record.model === null ? Promise.resolve(null) : producer.position(record.model, record.id)),
         logger,
       },
       id,
       lastEventId,
     );
-  const fleet = createFleetRegistry(config.REDIS_URL, config.QUEUE_NAME);
-  const models = async () => servedModels(await withTimeout(fleet.members(), 2_000, 'reading the fleet'));
   const app = buildApp({
     images,
     accounts: new AccountsService(createAccountsRepo(db), logger),
@@ -101,14 +113,20 @@ export async function startApi(config: Config = loadConfig(process.env, 'api'), 
     trustProxy: config.TRUST_PROXY,
     logger,
     bodyLimit: config.BODY_LIMIT_BYTES,
+    maxUploadBytes: config.MAX_UPLOAD_BYTES,
     metrics: createApiMetrics(),
     metricsToken: config.METRICS_TOKEN,
     reporter,
-    checks: { postgres: () => repo.ping(), redis: async () => void (await producer.counts()), storage: () => storage.ping() },
+    checks: { postgres: () => repo.ping(), redis: () => producer.ping(), storage: () => storage.ping() },
     webhooks: { deliveries: createWebhookRepo(db) },
     events: { heartbeatMs: config.EVENTS_HEARTBEAT_MS, follow },
-    openai: { follow: (tenantId, id) => follow(tenantId, id, null), readImage: (key) => storage.read(key), models, waitMs: config.OPENAI_WAIT_MS },
-    discovery: { models, maxPixelSteps: config.MAX_PIXEL_STEPS },
+    openai: {
+      follow: (tenantId, id) => follow(tenantId, id, null),
+      readImage: (key) => storage.read(key),
+      models: async () => (await models.snapshot()).served,
+      waitMs: config.OPENAI_WAIT_MS,
+    },
+    discovery: { fleet: () => models.snapshot(), known: models.known, defaultOf: (s) => models.defaultOf(s), maxPixelSteps: config.MAX_PIXEL_STEPS },
   });
   app.addHook('onClose', async () => {
     // A reporter the caller gave stays the caller's to close.

@@ -79,7 +79,9 @@ port.on('message', (msg: ToThread) => {
 
 if (init.kind === 'test') {
   pipeline = new TestPipeline({ stepMs: init.stepMs });
-  post({ type: 'ready', info: { modelDir: 'test-engine', provider: 'none', defaultScheduler: 'pndm', loadMs: 0, sizeBytes: 0 } });
+  // The double takes (and ignores) input pictures and masks, so the service's paths for them can be tested.
+  const inputs = { family: 'test' as const, inpainting: false, imageInputs: true };
+  post({ type: 'ready', info: { modelDir: 'test-engine', provider: 'none', defaultScheduler: 'pndm', inputs, loadMs: 0, sizeBytes: 0 } });
 } else {
   await loadOnnx(init);
 }
@@ -100,6 +102,7 @@ async function loadOnnx(onnx: Extract<ThreadInit, { kind: 'onnx' }>): Promise<vo
         defaultScheduler: model.defaultScheduler,
         variant: model.variant.name,
         defaults: model.defaults,
+        inputs: { family: model.variant.family, inpainting: model.variant.inpainting, imageInputs: model.hasVaeEncoder },
         loadMs: model.loadMs,
         sizeBytes: model.sizeBytes,
       },
