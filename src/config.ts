@@ -27,7 +27,6 @@ const MODEL_NAME_MESSAGE = 'must be a model name: letters, digits, ".", "_" and 
 
 const modelList = z
   .string()
-  .default('')
   .transform((v) =>
     v
       .split(',')
@@ -113,7 +112,7 @@ export const envSchema = z.object({
    * Models accepted while no worker serves them (scaled to zero, or restarting), comma-separated:
    * their jobs wait in their queue instead of being refused. Other models must be served.
    */
-  KNOWN_MODELS: modelList,
+  KNOWN_MODELS: modelList.optional(),
   /** The model of requests that name none; unset: the only model served or known, when there is exactly one. */
   DEFAULT_MODEL: z.string().regex(MODEL_NAME_PATTERN, MODEL_NAME_MESSAGE).optional(),
   /**

@@ -67,11 +67,10 @@ export async function startApi(config: Config = loadConfig(process.env, 'api'), 
       withTimeout(read(), 2_000, 'reading the fleet');
   const models = new ModelCatalog({
     fleet: { members: bounded(() => fleet.members()), profiles: bounded(() => fleet.profiles()) },
-    known: config.KNOWN_MODELS,
+    known: config.KNOWN_MODELS ?? [],
     defaultModel: config.DEFAULT_MODEL,
   });
-  if (config.KNOWN_MODELS.length > 0 || config.DEFAULT_MODEL)
-    logger.info({ known: config.KNOWN_MODELS, defaultModel: config.DEFAULT_MODEL ?? null }, 'models configured');
+  if (config.KNOWN_MODELS || config.DEFAULT_MODEL) logger.info({ known: models.known, defaultModel: config.DEFAULT_MODEL ?? null }, 'models configured');
   const images = new ImagesService({
     repo,
     queue: producer,

@@ -54,17 +54,20 @@ const side = z
   .max(LIMITS.maxSide)
   .refine((v) => v % 8 === 0, { message: 'must be a multiple of 8', params: { rule: 'multiple_of' } });
 
+/** How the document describes a parameter whose default is the model's. */
+const MODEL_DEFAULT = "Default: the model's own (GET /models, model_defaults)";
+
 export const createImageBody = z.strictObject({
   prompt: promptText().refine((s) => s.trim().length > 0, { message: 'must not be empty', params: { rule: 'non_empty' } }),
   negative_prompt: promptText().nullable().default(null),
   /** Which model runs the job (GET /models lists them); the default model when absent. */
   model: z.string().regex(MODEL_NAME_PATTERN, 'must be a model name: letters, digits, ".", "_" and "-", at most 64').nullable().default(null),
-  num_steps: z.number().int().min(1).max(LIMITS.maxSteps).optional(),
-  guidance_scale: z.number().min(0).max(LIMITS.maxGuidance).optional(),
+  num_steps: z.number().int().min(1).max(LIMITS.maxSteps).optional().meta({ description: MODEL_DEFAULT }),
+  guidance_scale: z.number().min(0).max(LIMITS.maxGuidance).optional().meta({ description: MODEL_DEFAULT }),
   seed: z.number().int().min(0).max(MAX_SEED).nullable().default(null),
-  width: side.optional(),
-  height: side.optional(),
-  scheduler: z.enum(SCHEDULER_NAMES).optional(),
+  width: side.optional().meta({ description: `${MODEL_DEFAULT}; with an input picture, its width` }),
+  height: side.optional().meta({ description: `${MODEL_DEFAULT}; with an input picture, its height` }),
+  scheduler: z.enum(SCHEDULER_NAMES).optional().meta({ description: MODEL_DEFAULT }),
   /** Image-to-image: how much of the input picture is redrawn, 0 (none) to 1 (from noise); needs an image. */
   strength: z.number().min(0).max(1).nullable().default(null),
   /** Images from one request, 1..4: image k has seed + k (mod 2^32), generated together (one UNet batch where the model allows). */

@@ -20,6 +20,7 @@ import { buildApp } from '../../src/api/app.js';
 import { createApiMetrics } from '../../src/api/metrics.js';
 import type { Config } from '../../src/config.js';
 import { AccountsService } from '../../src/core/accounts.js';
+import { ModelCatalog } from '../../src/core/models.js';
 import { ImagesService } from '../../src/core/images.js';
 import { queueSettings, storageOptions } from '../../src/core/wiring.js';
 import { createTestKey, revokeTestKey, type TestKey } from '../support/accounts.js';
@@ -169,7 +170,12 @@ describe('the isolation matrix', () => {
     const dbForApp = createPrismaClient(config.DATABASE_URL, { poolMax: 1 });
     const producer = createProducer(config.REDIS_URL, queueSettings(config));
     const app = buildApp({
-      images: new ImagesService({ repo: createImagesRepo(dbForApp), queue: producer, storage: createStorage(storageOptions(config)) }),
+      images: new ImagesService({
+        repo: createImagesRepo(dbForApp),
+        queue: producer,
+        storage: createStorage(storageOptions(config)),
+        models: new ModelCatalog({ fleet: { members: unused, profiles: unused } }),
+      }),
       accounts: new AccountsService(createAccountsRepo(dbForApp)),
       logger: pino({ level: 'silent' }),
       bodyLimit: 65_536,
@@ -179,7 +185,7 @@ describe('the isolation matrix', () => {
       events: { follow: unused, heartbeatMs: 15_000 },
       webhooks: { deliveries: { forImage: unused } },
       openai: { follow: unused, readImage: unused, models: unused, waitMs: 1_000 },
-      discovery: { models: unused, maxPixelSteps: 1 },
+      discovery: { fleet: unused, known: [], defaultOf: () => undefined, maxPixelSteps: 1 },
     });
     await app.ready();
     // printRoutes draws a tree: each level indents by 4 and names the next path segment.

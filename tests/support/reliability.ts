@@ -36,6 +36,8 @@ export const FAST = {
   RATE_LIMIT_MAX: '0',
   TENANT_MAX_IN_FLIGHT: '0',
   TENANT_DAILY_PIXEL_STEPS: '0',
+  // Jobs are submitted while workers are down or not yet started: the test engine's model is known, so they wait.
+  KNOWN_MODELS: 'test-engine',
   LOG_LEVEL: 'info',
 } as const;
 
