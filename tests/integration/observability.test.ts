@@ -173,7 +173,15 @@ function numbers(data: { resultType: string; result: PromSample[] | [number, str
 
 /** Grafana's built-in variables as Grafana would substitute them for a 1 s scrape interval. */
 function grafanaExpr(expr: string): string {
-  return expr.replaceAll('$__rate_interval', '1m').replaceAll('${__rate_interval}', '1m').replaceAll('$__interval', '1s').replaceAll('$__range', '5m');
+  return (
+    expr
+      .replaceAll('$__rate_interval', '1m')
+      .replaceAll('${__rate_interval}', '1m')
+      .replaceAll('$__interval', '1s')
+      .replaceAll('$__range', '5m')
+      // The dashboard's model variable set to All (its allValue): every model.
+      .replaceAll('$model', '.*')
+  );
 }
 
 /** Splits a PromQL condition at its top-level and/or/unless, and drops each part's trailing comparison with a number. */
