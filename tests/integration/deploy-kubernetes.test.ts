@@ -402,7 +402,11 @@ describe('KEDA autoscaling, one ScaledObject per model', () => {
       const meta = parseAs(triggerMeta, so.spec.triggers[0]!.metadata, `${so.metadata?.name} trigger`);
       // KEDA reads the variable from the container it scales: the same Postgres the workers use.
       expect(meta.connectionFromEnv).toBe('DATABASE_URL');
-      expect(k8sEnv(container(target)).DATABASE_URL).toMatch(/^postgres(ql)?:\/\//);
+      const url = k8sEnv(container(target)).DATABASE_URL!;
+      expect(url).toMatch(/^postgres(ql)?:\/\//);
+      // Prisma's ?schema= is ours alone (src/adapters/db/client.ts): KEDA's client would refuse it,
+      // and the query's unqualified table is the default schema's.
+      expect(new URL(url).searchParams.has('schema'), 'DATABASE_URL for KEDA has no ?schema=').toBe(false);
       expect(meta.query).toContain(`model = '${modelName}'`);
       expect(Number(meta.targetQueryValue)).toBeGreaterThan(0);
       expect(so.spec.maxReplicaCount ?? 100).toBeGreaterThanOrEqual(so.spec.minReplicaCount ?? 0);
