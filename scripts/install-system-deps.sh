@@ -43,6 +43,8 @@ want swift-proxy   command -v swift-proxy-server
 want swift-object  command -v swift-object-server
 want swift-container command -v swift-container-server
 want swift-account command -v swift-account-server
+# memcached: the local Swift's cache (src/dev/services/swift.ts).
+want memcached     command -v memcached
 want prometheus    command -v prometheus
 # ip netns and veth pairs for the partition test (tests/reliability/partition.test.ts).
 want iproute2      command -v ip

@@ -223,6 +223,22 @@ export const envSchema = z.object({
   EXECUTION_PROVIDER: z.enum(['auto', 'cuda', 'coreml', 'cpu']).default('auto'),
   /** onnxruntime intra-op threads; its default (all cores) when unset. */
   ORT_THREADS: int(1, 256).optional(),
+  /**
+   * Most generations one UNet run takes at once (same size, steps, scheduler and guidance on or off;
+   * each image of a job of num_images counts); 1 runs one at a time, a job's images one after another.
+   * A worker then holds up to twice this many jobs, so the next batch is ready while the last
+   * one's images are stored. `npm run bench` measured no gain on CPU, hence 1; on a GPU see
+   * docs/performance.md.
+   */
+  BATCH_MAX: int(1, 64).default(1),
+  /** Longest the first job in line waits for others to share its batch, counted from its arrival at the engine. */
+  BATCH_WAIT_MS: int(0, 10_000).default(20),
+  /**
+   * Sessions of the model in one worker, each in its own thread with its own copy of the model;
+   * each gets an equal share of the cores unless ORT_THREADS says otherwise. On a CPU worker with
+   * the memory for it, 2 sessions of 1 thread do more work per CPU second than 1 of 2 threads.
+   */
+  ENGINE_SESSIONS: int(1, 16).default(1),
   /** Port of the worker's Prometheus /metrics endpoint. */
   WORKER_METRICS_PORT: int(0, 65535).default(9191),
   /** Address the worker's metrics endpoint listens on; 0.0.0.0 inside a container. */
@@ -234,7 +250,7 @@ export const envSchema = z.object({
   /**
    * A generation that makes no progress for this long is hung: the worker stops taking jobs,
    * hands the job back and restarts its engine. Must exceed the slowest of (prompt encoding plus
-   * one step), one step, and decoding on this hardware.
+   * one step), one step, and decoding on this hardware, for a full batch (BATCH_MAX generations).
    */
   ENGINE_STALL_MS: int(1_000, 3_600_000).default(180_000),
   /** Consecutive engine restarts (thread died or hung) before the worker exits with code 1 for its supervisor to replace it. */

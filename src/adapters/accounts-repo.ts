@@ -1,5 +1,5 @@
 import type { AccountsRepo, ApiKeyInfo, Tenant } from '../core/accounts.js';
-import type { Db } from './db/client.js';
+import { sqlPool, type Db } from './db/client.js';
 import { translateDbError } from './db/errors.js';
 import { translateErrors } from './translate.js';
 
@@ -65,8 +65,37 @@ export function createAccountsRepo(db: Db): AccountsRepo {
     },
 
     async keyByHash(hash) {
-      const row = await db.apiKey.findUnique({ where: { keyHash: hash }, select: KEY_SELECT });
-      return row ? toKey(row) : null;
+      // Every request asks this: one prepared statement on the client's own pool, not the query compiler.
+      const { rows } = await sqlPool(db).query<{
+        id: string;
+        prefix: string;
+        name: string | null;
+        tenant_id: string;
+        tenant_name: string;
+        created_at: Date;
+        last_used_at: Date | null;
+        revoked_at: Date | null;
+        webhook_url: string | null;
+      }>({
+        name: 't2i-key-by-hash',
+        text: `SELECT k.id, k.prefix, k.name, k.tenant_id, t.name AS tenant_name, k.created_at, k.last_used_at, k.revoked_at, k.webhook_url
+                 FROM api_keys k JOIN tenants t ON t.id = k.tenant_id WHERE k.key_hash = $1`,
+        values: [hash],
+      });
+      const r = rows[0];
+      return r
+        ? toKey({
+            id: r.id,
+            prefix: r.prefix,
+            name: r.name,
+            tenantId: r.tenant_id,
+            createdAt: r.created_at,
+            lastUsedAt: r.last_used_at,
+            revokedAt: r.revoked_at,
+            webhookUrl: r.webhook_url,
+            tenant: { name: r.tenant_name },
+          })
+        : null;
     },
 
     async listKeys(tenantName) {

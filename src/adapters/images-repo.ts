@@ -1,7 +1,8 @@
-import { Prisma, type Db, type GeneratedImage } from './db/client.js';
+import type pg from 'pg';
+import { sqlPool, type Db, type GeneratedImage } from './db/client.js';
 import { translateDbError } from './db/errors.js';
 import { translateErrors } from './translate.js';
-import type { AttemptOutcome, CreateResult, IdempotencyClaim, ImageRecord, ImagesRepo, NewImage, QuotaLimits } from '../core/images.js';
+import type { Admission, AttemptOutcome, ImageRecord, ImagesRepo, NewImage, QuotaLimits, Quotas } from '../core/images.js';
 import { failure, isFailureCode, type Failure } from '../core/failures.js';
 
 /**
@@ -53,21 +54,17 @@ function toRecord(row: GeneratedImage): ImageRecord {
 /** BullMQ's lowest priority (PRIORITY_LIMIT); priorities are ranks, capped here. */
 const MAX_PRIORITY = 2 ** 21 - 1;
 
-/**
- * What counts against a tenant's quotas, from its rows: jobs queued or running, and the
- * pixel-steps of jobs created since `dayStart`, except those canceled before any attempt began
- * (they used nothing). Deleted jobs still count: their rows stay as tombstones for this.
- */
-const usageOf = (tenantId: string, dayStart: Date, model: string | null = null) => Prisma.sql`
-  SELECT count(*) FILTER (WHERE status IN ('queued', 'running'))::int AS in_flight,
-         count(*) FILTER (WHERE status IN ('queued', 'running') AND model IS NOT DISTINCT FROM ${model})::int AS in_flight_model,
-         COALESCE(sum(pixel_steps) FILTER (WHERE created_at >= ${dayStart} AND NOT (status = 'canceled' AND attempts = 0)), 0)::bigint AS used,
-         count(*) FILTER (WHERE created_at >= ${dayStart})::int AS jobs
-    FROM generated_images
-   WHERE tenant_id = ${tenantId}::uuid AND (status IN ('queued', 'running') OR created_at >= ${dayStart})`;
+/** A generated_images row as a raw query returns it (snake_case columns). */
+type GeneratedImageRow = Record<string, unknown>;
 
-type UsageRow = { in_flight: number; in_flight_model: number; used: bigint; jobs: number };
-const NO_DAY = new Date('9999-12-31T00:00:00Z');
+/**
+ * A raw row as Prisma's GeneratedImage: every column's name in camelCase, as the model's @map
+ * attributes spell them, so RETURNING * keeps up with columns added later.
+ */
+function fromRow(row: GeneratedImageRow): GeneratedImage {
+  return Object.fromEntries(Object.entries(row).map(([k, v]) => [k.replace(/_([a-z])/g, (_, c: string) => c.toUpperCase()), v])) as unknown as GeneratedImage;
+}
+
 type LimitsRow = { max_in_flight: number | null; daily_pixel_steps: bigint | null };
 
 /** A tenant's own limit where set, else the configured default (0 = none). */
@@ -78,6 +75,98 @@ function limitsOf(row: LimitsRow | undefined, defaults: Pick<QuotaLimits, 'maxIn
   };
 }
 
+/**
+ * Admits jobs in one statement, one result per job in the same order (see ImagesRepo.createMany):
+ * the batch's tenants are locked for this statement (in id order, so concurrent batches cannot
+ * deadlock); each tenant's jobs, in arrival order, are ranked after its jobs in flight on the same
+ * model and admitted while the running counts (of all its models) stay within its limits; the
+ * counters themselves follow the inserted rows (statement trigger, tenant_usage_counters, and per
+ * model tenant_model_usage). In SQL on the client's own pool: one round trip, no
+ * query compiler.
+ */
+async function admitJobs(q: pg.Pool | pg.PoolClient, batch: NewImage[], quota: Quotas): Promise<Admission[]> {
+  if (batch.length === 0) return [];
+  const col = <T>(f: (d: NewImage) => T) => batch.map(f);
+  const { rows } = await q.query<GeneratedImageRow>({
+    name: 't2i-admit-jobs',
+    text: `
+    WITH req AS (
+      SELECT r.*, r.ord::int AS ord_
+        FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::int[], $6::float8[], $7::int8[], $8::int[], $9::int[], $10::text[], $11::int8[],
+                    $14::int[], $15::text[], $16::text[], $17::float8[], $18::text[], $19::text[])
+             WITH ORDINALITY AS r(id, tenant_id, prompt, negative_prompt, num_steps, guidance_scale, seed, width, height, scheduler, pixel_steps,
+                                  num_images, webhook_url, model, strength, image_key, mask_key, ord)),
+    t AS (
+      SELECT id AS tenant_id, in_flight,
+             CASE WHEN usage_day = (now() AT TIME ZONE 'UTC')::date THEN pixel_steps_today ELSE 0 END AS today,
+             COALESCE(max_in_flight, $12::int) AS max_in_flight,
+             COALESCE(daily_pixel_steps, $13::bigint) AS budget
+        FROM tenants WHERE id IN (SELECT tenant_id FROM req) ORDER BY id FOR UPDATE),
+    -- The tenant's jobs in flight on each model of the batch (read under the tenant's lock).
+    tm AS (
+      SELECT tenant_id, model, in_flight AS in_flight_model FROM tenant_model_usage
+       WHERE (tenant_id, model) IN (SELECT tenant_id, model FROM req)),
+    ranked AS (
+      SELECT req.*, t.in_flight, t.today, t.max_in_flight, t.budget, COALESCE(tm.in_flight_model, 0) AS in_flight_model,
+             row_number() OVER w AS k, row_number() OVER wm AS k_model, sum(req.pixel_steps) OVER w AS cost_so_far
+        FROM req JOIN t USING (tenant_id) LEFT JOIN tm USING (tenant_id, model)
+      WINDOW w AS (PARTITION BY req.tenant_id ORDER BY req.ord_), wm AS (PARTITION BY req.tenant_id, req.model ORDER BY req.ord_))
+    INSERT INTO generated_images (id, tenant_id, prompt, negative_prompt, num_steps, guidance_scale, seed, width, height,
+                                  scheduler, pixel_steps, num_images, webhook_url, model, strength, image_key, mask_key, queue_priority)
+    -- Its rank among the tenant's jobs in flight on its model (each model has its own queue): the
+    -- tenant's k-th job there waits behind every other tenant's (k-1)-th, not behind whole
+    -- backlogs. The limits count the tenant's jobs of every model.
+    SELECT id, tenant_id, prompt, negative_prompt, num_steps, guidance_scale, seed, width, height, scheduler, pixel_steps,
+           num_images, webhook_url, model, strength, image_key, mask_key, LEAST(in_flight_model + k_model, ${MAX_PRIORITY})
+      FROM ranked
+     WHERE (max_in_flight <= 0 OR in_flight + k <= max_in_flight) AND (budget <= 0 OR today + cost_so_far <= budget)
+     ORDER BY ord_
+ RETURNING *`,
+    values: [
+      col((d) => d.id),
+      col((d) => d.tenantId),
+      col((d) => d.prompt),
+      col((d) => d.negativePrompt),
+      col((d) => d.numSteps),
+      col((d) => d.guidanceScale),
+      col((d) => String(d.seed)),
+      col((d) => d.width),
+      col((d) => d.height),
+      col((d) => d.scheduler),
+      col((d) => String(d.pixelSteps)),
+      quota.maxInFlight,
+      quota.dailyPixelSteps,
+      col((d) => d.numImages ?? 1),
+      col((d) => d.webhookUrl ?? null),
+      col((d) => d.model),
+      col((d) => d.strength ?? null),
+      col((d) => d.imageKey ?? null),
+      col((d) => d.maskKey ?? null),
+    ],
+  });
+  const admitted = new Map(rows.map((r) => [String(r.id), toRecord(fromRow(r))]));
+  const refusedTenants = [...new Set(batch.filter((d) => !admitted.has(d.id)).map((d) => d.tenantId))];
+  // Refused (the rare path): which limit, from the counters as they are now.
+  const limits = new Map<string, { in_flight: number; today: string; max_in_flight: number; budget: string }>();
+  if (refusedTenants.length > 0) {
+    const r = await q.query<{ id: string; in_flight: number; today: string; max_in_flight: number; budget: string }>(
+      `SELECT id, in_flight, CASE WHEN usage_day = (now() AT TIME ZONE 'UTC')::date THEN pixel_steps_today ELSE 0 END AS today,
+              COALESCE(max_in_flight, $2::int) AS max_in_flight, COALESCE(daily_pixel_steps, $3::bigint) AS budget
+         FROM tenants WHERE id = ANY($1::uuid[])`,
+      [refusedTenants, quota.maxInFlight, quota.dailyPixelSteps],
+    );
+    for (const t of r.rows) limits.set(t.id, t);
+  }
+  return batch.map((d): Admission => {
+    const record = admitted.get(d.id);
+    if (record) return { record };
+    const u = limits.get(d.tenantId);
+    if (!u) throw new Error(`tenant ${d.tenantId} does not exist`);
+    if (u.max_in_flight > 0 && u.in_flight >= u.max_in_flight) return { exceeded: 'in_flight', limit: u.max_in_flight, used: u.in_flight };
+    return { exceeded: 'daily_pixel_steps', limit: Number(u.budget), used: Number(u.today) };
+  });
+}
+
 export function createImagesRepo(db: Db): ImagesRepo {
   /** Closes an attempt's row with its outcome, unless it was closed already. */
   const closeAttempt = (id: string, attempt: number, outcome: AttemptOutcome, errorCode: string | null = null) => db.$executeRaw`
@@ -85,66 +174,48 @@ export function createImagesRepo(db: Db): ImagesRepo {
          WHERE image_id = ${id}::uuid AND attempt = ${attempt} AND outcome IS NULL`;
 
   const repo: ImagesRepo = {
-    async create(data: NewImage, quota: QuotaLimits, key?: IdempotencyClaim) {
-      // The tenant's row lock serializes its submissions across every API process, so two
-      // requests can never both take the last slot or the last of the budget, nor both claim
-      // one Idempotency-Key.
-      return db.$transaction(async (tx): Promise<CreateResult> => {
-        const tenant = await tx.$queryRaw<LimitsRow[]>`
-          SELECT max_in_flight, daily_pixel_steps FROM tenants WHERE id = ${data.tenantId}::uuid FOR UPDATE`;
-        if (!tenant[0]) throw new Error(`tenant ${data.tenantId} does not exist`);
-        if (key) {
-          // A live key gives back what it was used for, whatever the quotas say now.
-          const [live] = await tx.$queryRaw<Array<{ fingerprint: string; image_id: string }>>`
-            SELECT fingerprint, image_id::text FROM idempotency_keys
-             WHERE tenant_id = ${data.tenantId}::uuid AND key = ${key.key}
-               AND created_at >= now() - make_interval(secs => ${key.ttlMs / 1000})`;
-          if (live) return { existing: { fingerprint: live.fingerprint, imageId: live.image_id } };
+    async create(data, quota, key) {
+      if (!key) return (await repo.createMany([data], quota))[0]!;
+      // With an Idempotency-Key: the key is claimed under the tenant's row lock, in the admitting
+      // transaction, so two requests with one key can never both create a job, and a live key gives
+      // back what it was used for whatever the quotas say now (a replay is never refused).
+      const client = await sqlPool(db).connect();
+      try {
+        await client.query('BEGIN');
+        const tenant = await client.query('SELECT 1 FROM tenants WHERE id = $1::uuid FOR UPDATE', [data.tenantId]);
+        if (tenant.rowCount !== 1) throw new Error(`tenant ${data.tenantId} does not exist`);
+        const live = await client.query<{ fingerprint: string; image_id: string }>(
+          `SELECT fingerprint, image_id::text FROM idempotency_keys
+            WHERE tenant_id = $1::uuid AND key = $2 AND created_at >= now() - make_interval(secs => $3::float8)`,
+          [data.tenantId, key.key, key.ttlMs / 1000],
+        );
+        const [existing] = live.rows;
+        if (existing) {
+          await client.query('COMMIT');
+          return { existing: { fingerprint: existing.fingerprint, imageId: existing.image_id } };
         }
-        const limits = limitsOf(tenant[0], quota);
-        // Without a budget, today's jobs need not be summed (a busy tenant has many): counting from
-        // a day that never comes leaves only the jobs in flight, which the priority needs.
-        const since = limits.dailyPixelSteps > 0 ? quota.dayStart : NO_DAY;
-        const [u] = await tx.$queryRaw<UsageRow[]>(usageOf(data.tenantId, since, data.model));
-        const inFlight = u?.in_flight ?? 0;
-        const used = Number(u?.used ?? 0);
-        if (limits.maxInFlight > 0 && inFlight >= limits.maxInFlight) return { exceeded: 'in_flight' as const, limit: limits.maxInFlight, used: inFlight };
-        if (limits.dailyPixelSteps > 0 && used + data.pixelSteps > limits.dailyPixelSteps) {
-          return { exceeded: 'daily_pixel_steps' as const, limit: limits.dailyPixelSteps, used };
+        const [result] = await admitJobs(client, [data], quota);
+        // Admitted: the key is new, or an expired one taken over. Refused: no key is kept, so the
+        // same request may be sent again once the quota allows.
+        if (result && 'record' in result) {
+          await client.query(
+            `INSERT INTO idempotency_keys (tenant_id, key, fingerprint, image_id) VALUES ($1::uuid, $2, $3, $4::uuid)
+             ON CONFLICT (tenant_id, key) DO UPDATE SET fingerprint = EXCLUDED.fingerprint, image_id = EXCLUDED.image_id, created_at = now()`,
+            [data.tenantId, key.key, key.fingerprint, data.id],
+          );
         }
-        if (key) {
-          // No live key (checked under the lock): a new one, or an expired one taken over.
-          await tx.$executeRaw`
-            INSERT INTO idempotency_keys (tenant_id, key, fingerprint, image_id) VALUES (${data.tenantId}::uuid, ${key.key}, ${key.fingerprint}, ${data.id}::uuid)
-            ON CONFLICT (tenant_id, key) DO UPDATE SET fingerprint = EXCLUDED.fingerprint, image_id = EXCLUDED.image_id, created_at = now()`;
-        }
-        const row = await tx.generatedImage.create({
-          data: {
-            id: data.id,
-            tenantId: data.tenantId,
-            prompt: data.prompt,
-            negativePrompt: data.negativePrompt,
-            numSteps: data.numSteps,
-            guidanceScale: data.guidanceScale,
-            seed: BigInt(data.seed),
-            width: data.width,
-            height: data.height,
-            scheduler: data.scheduler,
-            pixelSteps: BigInt(data.pixelSteps),
-            model: data.model,
-            // Its rank among the tenant's jobs in flight on its model (each model has its own
-            // queue): the tenant's k-th job waits behind every other tenant's (k-1)-th, not
-            // behind whole backlogs.
-            queuePriority: Math.min((u?.in_flight_model ?? 0) + 1, MAX_PRIORITY),
-            numImages: data.numImages ?? 1,
-            webhookUrl: data.webhookUrl ?? null,
-            imageKey: data.imageKey ?? null,
-            maskKey: data.maskKey ?? null,
-            strength: data.strength ?? null,
-          },
-        });
-        return { record: toRecord(row) };
-      });
+        await client.query('COMMIT');
+        return result!;
+      } catch (err) {
+        await client.query('ROLLBACK').catch(() => undefined);
+        throw err;
+      } finally {
+        client.release();
+      }
+    },
+
+    async createMany(batch, quota) {
+      return admitJobs(sqlPool(db), batch, quota);
     },
 
     async sweepIdempotencyKeys(before) {
@@ -173,9 +244,13 @@ export function createImagesRepo(db: Db): ImagesRepo {
     },
 
     async usage(tenantId, defaults) {
-      const [tenant] = await db.$queryRaw<LimitsRow[]>`SELECT max_in_flight, daily_pixel_steps FROM tenants WHERE id = ${tenantId}::uuid`;
-      const [u] = await db.$queryRaw<UsageRow[]>(usageOf(tenantId, defaults.dayStart));
-      return { inFlight: u?.in_flight ?? 0, pixelStepsToday: Number(u?.used ?? 0), jobsToday: u?.jobs ?? 0, limits: limitsOf(tenant, defaults) };
+      const [t] = await db.$queryRaw<Array<LimitsRow & { in_flight: number; today: bigint }>>`
+        SELECT max_in_flight, daily_pixel_steps, in_flight,
+               CASE WHEN usage_day = (now() AT TIME ZONE 'UTC')::date THEN pixel_steps_today ELSE 0 END AS today
+          FROM tenants WHERE id = ${tenantId}::uuid`;
+      const [jobs] = await db.$queryRaw<Array<{ n: number }>>`
+        SELECT count(*)::int AS n FROM generated_images WHERE tenant_id = ${tenantId}::uuid AND created_at >= ${defaults.dayStart}`;
+      return { inFlight: t?.in_flight ?? 0, pixelStepsToday: Number(t?.today ?? 0), jobsToday: jobs?.n ?? 0, limits: limitsOf(t, defaults) };
     },
 
     async markDeleted(id) {
@@ -250,31 +325,37 @@ export function createImagesRepo(db: Db): ImagesRepo {
 
     async startAttempt(id, workerId, d) {
       // One statement, so two workers can never both believe they own the same attempt, and the
-      // attempt's row exists from the moment it does. Parameters the job left to its model (a
-      // model never served when it was submitted) take this worker's defaults, and the charge
-      // is corrected to them (the right-hand sides read the row as it was).
-      const started = await db.$queryRaw<Array<{ attempts: number }>>`
+      // attempt's row exists from the moment it does; it returns the claimed row, so a claim is
+      // one round trip. Parameters the job left to its model (a model never served when it was
+      // submitted) take this worker's defaults, and the charge is corrected to them (the
+      // right-hand sides read the row as it was; the tenant's counters follow, see the
+      // t2i_tenant_usage trigger).
+      const { rows } = await sqlPool(db).query<GeneratedImageRow>({
+        name: 't2i-start-attempt',
+        text: `
         WITH claimed AS (
           UPDATE generated_images
-             SET status = 'running', attempts = attempts + 1, progress = 0, worker_id = ${workerId},
+             SET status = 'running', attempts = attempts + 1, progress = 0, worker_id = $2,
                  started_at = now(), updated_at = now(), error = NULL, error_code = NULL,
-                 num_steps = COALESCE(num_steps, ${d?.numSteps ?? null}::int),
-                 guidance_scale = COALESCE(guidance_scale, ${d?.guidanceScale ?? null}::float8),
-                 width = COALESCE(width, ${d?.width ?? null}::int),
-                 height = COALESCE(height, ${d?.height ?? null}::int),
-                 scheduler = COALESCE(scheduler, ${d?.scheduler ?? null}::text),
+                 num_steps = COALESCE(num_steps, $3::int),
+                 guidance_scale = COALESCE(guidance_scale, $4::float8),
+                 width = COALESCE(width, $5::int),
+                 height = COALESCE(height, $6::int),
+                 scheduler = COALESCE(scheduler, $7::text),
                  pixel_steps = CASE WHEN num_steps IS NULL OR width IS NULL OR height IS NULL
-                                    THEN COALESCE(COALESCE(width, ${d?.width ?? null}::int)::bigint * COALESCE(height, ${d?.height ?? null}::int) * COALESCE(num_steps, ${d?.numSteps ?? null}::int), pixel_steps)
+                                    THEN COALESCE(COALESCE(width, $5::int)::bigint * COALESCE(height, $6::int) * COALESCE(num_steps, $3::int) * num_images, pixel_steps)
                                     ELSE pixel_steps END
-           WHERE id = ${id}::uuid AND status IN ('queued', 'running') AND cancel_requested_at IS NULL
-       RETURNING id, attempts),
+           WHERE id = $1::uuid AND status IN ('queued', 'running') AND cancel_requested_at IS NULL
+       RETURNING *),
         opened AS (
-          INSERT INTO job_attempts (image_id, attempt, worker_id) SELECT id, attempts, ${workerId} FROM claimed)
-        SELECT attempts FROM claimed`;
-      const attempt = started[0]?.attempts;
-      if (attempt === undefined) return null;
-      const row = await db.generatedImage.findUnique({ where: { id } });
-      return row ? { record: toRecord(row), attempt } : null;
+          INSERT INTO job_attempts (image_id, attempt, worker_id) SELECT id, attempts, $2 FROM claimed)
+        SELECT * FROM claimed`,
+        values: [id, workerId, d?.numSteps ?? null, d?.guidanceScale ?? null, d?.width ?? null, d?.height ?? null, d?.scheduler ?? null],
+      });
+      const row = rows[0];
+      if (!row) return null;
+      const record = toRecord(fromRow(row));
+      return { record, attempt: record.attempts };
     },
 
     async setProgress(id, attempt, progress) {

@@ -108,6 +108,8 @@ export interface ProducerQueue {
    * list, which workers empty before they look at prioritized jobs at all.
    */
   enqueue(model: string, imageId: string, priority: number): Promise<void>;
+  /** Many jobs of one model in one round trip (BullMQ's addBulk: one pipeline of its add scripts). */
+  enqueueMany(model: string, jobs: Array<{ imageId: string; priority: number }>): Promise<void>;
   /**
    * Moves a waiting job to another priority (behind the jobs already there); an active job only
    * records it. False when Redis has no such job.
@@ -180,6 +182,11 @@ export function createProducer(redisUrl: string, s: QueueSettings): ProducerQueu
       async enqueue(model, imageId, priority) {
         await queueOf(model).add(GENERATE_JOB.name, { imageId }, { jobId: imageId, priority: priorityOf(priority) });
       },
+      async enqueueMany(model, jobs) {
+        await queueOf(model).addBulk(
+          jobs.map(({ imageId, priority }) => ({ name: GENERATE_JOB.name, data: { imageId }, opts: { jobId: imageId, priority: priorityOf(priority) } })),
+        );
+      },
       async changePriority(model, imageId, priority) {
         const job = await queueOf(model).getJob(imageId);
         if (!job) return false;
@@ -251,8 +258,8 @@ export interface QueueConsumer {
   pause(): Promise<void>;
   resume(): Promise<void>;
   /**
-   * Stops taking jobs and waits for the active one; once `graceMs` has passed, tells the active
-   * job to stop (its signal aborts) and waits for it to hand the job back.
+   * Stops taking jobs and waits for the active ones; once `graceMs` has passed, tells them to
+   * stop (their signals abort) and waits for them to hand their jobs back.
    */
   close(graceMs?: number): Promise<void>;
 }
@@ -264,11 +271,19 @@ export interface QueueConsumer {
 export const RELEASED_ERROR_NAME = 'JobReleasedError';
 
 /**
- * A consumer of one model's queue, running one job at a time. Lock and stalled-check settings
- * come from the shared configuration: BullMQ runs the stalled check queue-wide, so every worker
- * must use the same.
+/**
+ * A consumer of one model's queue, running up to `concurrency` jobs at a time (the engine
+ * batches them). Lock and stalled-check settings come from the shared configuration: BullMQ runs
+ * the stalled check queue-wide, so every worker must use the same.
  */
-export function createConsumer(redisUrl: string, s: QueueSettings, model: string, handler: JobHandler, onError?: (err: Error) => void): QueueConsumer {
+export function createConsumer(
+  redisUrl: string,
+  s: QueueSettings,
+  model: string,
+  handler: JobHandler,
+  onError?: (err: Error) => void,
+  concurrency = 1,
+): QueueConsumer {
   const connection = createRedis(redisUrl);
   const active = new Set<AbortController>();
   const worker = new Worker<GeneratePayload>(
@@ -302,7 +317,7 @@ export function createConsumer(redisUrl: string, s: QueueSettings, model: string
     },
     {
       connection,
-      concurrency: 1,
+      concurrency,
       lockDuration: s.lockMs,
       stalledInterval: s.stalledIntervalMs,
       // A job whose worker died is moved back by the stalled check; after this many stalls it

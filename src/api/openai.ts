@@ -17,7 +17,7 @@ import { idempotencyHeaders, openAiErrors, openAiImagesSchema, openAiModelListSc
  * A generation is a job like any other (it shows in GET /generated-images, streams, sends its
  * webhook); the request waits for it, as OpenAI's endpoint does, up to `waitMs`. Fields:
  *   prompt            required
- *   n                 1..4 images (seeds seed, seed + 1, ...; one UNet batch where the model allows)
+ *   n                 1..4 images (seeds seed, seed + 1, ...; batched as BATCH_MAX and the model allow)
  *   size              "WIDTHxHEIGHT" (multiples of 8, 64..2048), or "auto" / absent: the model's own size
  *   response_format   "url" (presigned, PRESIGN_TTL_SECONDS) or "b64_json"
  *   model             an id of GET /v1/models (or a known model scaled to zero, whose job waits), or

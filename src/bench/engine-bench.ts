@@ -10,6 +10,7 @@ import type { Timings } from '../engine/pipeline.js';
 import { writeRandomModel } from '../engine/testmodels/make.js';
 import type { RandomModelOptions } from '../engine/testmodels/random-model.js';
 import { Engine } from '../engine/thread/engine-host.js';
+import { runBatchBench } from './batch-bench.js';
 
 /**
  * `t2i bench`: the engine's overhead and memory, measured side by side in one run.
@@ -21,6 +22,7 @@ import { Engine } from '../engine/thread/engine-host.js';
  *    beside the stall of running the same UNet step on the main thread.
  * 3. Memory: peak RSS of a fresh process that loads a weight-heavy model and generates, over
  *    the model's file size. Goal: <= 1.15 x size + 250 MB.
+ * 4-5. Batching and a second session (batch-bench.ts).
  */
 
 const COMPUTE_MODEL: Partial<RandomModelOptions> = { hiddenSize: 768, unetChannels: 192, unetBlocks: 5, vaeChannels: 16 };
@@ -85,12 +87,13 @@ export async function memoryProbe(modelDir: string): Promise<void> {
   process.stdout.write(`${JSON.stringify({ maxRssBytes, sizeBytes: engine.info.sizeBytes })}\n`);
 }
 
-export async function runEngineBench(options: { rounds?: number; threads?: number; skipMemory?: boolean } = {}): Promise<void> {
+export async function runEngineBench(options: { rounds?: number; threads?: number; skipMemory?: boolean; batchingOnly?: boolean } = {}): Promise<void> {
   const rounds = options.rounds ?? 3;
   const out = (line: string) => process.stdout.write(`${line}\n`);
   const dir = await mkdtemp(path.join(os.tmpdir(), 't2i-bench-'));
   try {
     out(`t2i engine benchmark  (${os.cpus().length} cores, ${os.cpus()[0]?.model ?? 'cpu'}, node ${process.version})`);
+    if (options.batchingOnly) return await runBatchBench(out, dir, rounds);
     const computeDir = path.join(dir, 'compute');
     await writeRandomModel(computeDir, COMPUTE_MODEL);
     out(
@@ -157,6 +160,7 @@ export async function runEngineBench(options: { rounds?: number; threads?: numbe
       );
       out(`   budget 1.15 x size + 250 MB = ${mb(budget)} ${maxRssBytes <= budget ? 'OK' : 'OVER'}`);
     }
+    await runBatchBench(out, dir, rounds);
   } finally {
     await rm(dir, { recursive: true, force: true });
   }

@@ -1,5 +1,7 @@
 import { spawn, type ChildProcess } from 'node:child_process';
+import { mkdtempSync, readdirSync, rmSync, statSync } from 'node:fs';
 import os from 'node:os';
+import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import autocannon from 'autocannon';
 import { Queue } from 'bullmq';
@@ -18,8 +20,9 @@ import { queueNameFor } from '../core/jobs.js';
 import { queueSettings, storageOptions } from '../core/wiring.js';
 import { freePort, servicesEnv, startServices, type LocalServices } from '../dev/services.js';
 import type { GenerateParams, Generation } from '../engine/pipeline.js';
-import { encodePng } from '../engine/png.js';
 import { createProcessor } from '../worker/processor.js';
+import { summarizeCpuProfile } from './cpu-profile.js';
+import { fixedPng, rowTimes } from './job-times.js';
 
 /**
  * `t2i bench service`: what the service adds around generation, on real Postgres, Redis and S3
@@ -45,13 +48,18 @@ export interface ServiceBenchOptions {
   durationSec?: number;
   /** Seconds of unmeasured warm-up per server before the rounds. Default 2. */
   warmupSec?: number;
-  /** autocannon connections. Default 10. */
+  /** autocannon connections (many clients at once, as a public API sees). Default 50. */
   connections?: number;
   /** Jobs in the sequential run and in the burst. Default 200. */
   jobs?: number;
   /** LOG_LEVEL of the API child (its stdout goes to /dev/null). Default info, as deployed. */
   logLevel?: string;
 }
+
+/** Issue 14's goal for the API's intake on this machine (2 cores shared with Postgres, Redis and the load generator). */
+const INTAKE_GOAL = { rps: 3_000, p99Ms: 50 } as const;
+/** Per-job overhead of the queue path (enqueue -> stored, minus generation), against the local S3 server. */
+const OVERHEAD_GOAL = { p50Ms: 15, p99Ms: 50 } as const;
 
 const BODY = JSON.stringify({ prompt: 'a red circle', num_steps: 1, width: 64, height: 64, seed: 1, scheduler: 'euler' });
 const BIN = fileURLToPath(new URL('../../bin/t2i.js', import.meta.url));
@@ -98,9 +106,9 @@ export interface Child {
   stop(): Promise<void>;
 }
 
-export async function startChild(name: string, args: string[], env: NodeJS.ProcessEnv, url: string): Promise<Child> {
+export async function startChild(name: string, args: string[], env: NodeJS.ProcessEnv, url: string, nodeArgs: string[] = []): Promise<Child> {
   // stdout (JSON log lines) to /dev/null: the process pays for producing its logs, not for a reader.
-  const proc = spawn(process.execPath, [BIN, ...args], { env, stdio: ['ignore', 'ignore', 'pipe'] });
+  const proc = spawn(process.execPath, [...nodeArgs, BIN, ...args], { env, stdio: ['ignore', 'ignore', 'pipe'] });
   let tail = '';
   proc.stderr?.on('data', (c: Buffer) => {
     tail = (tail + c.toString()).slice(-4000);
@@ -177,48 +185,6 @@ async function cannon(url: string, connections: number, durationSec: number, aut
   };
 }
 
-/** A 64x64 PNG made once; the fake engine hands out this buffer at once. */
-async function fixedPng(): Promise<Buffer> {
-  const rgb = new Uint8Array(64 * 64 * 3);
-  for (let i = 0; i < rgb.length; i += 3) rgb[i] = 200;
-  return encodePng(rgb, 64, 64, {});
-}
-
-interface JobTimes {
-  /** finished_at - created_at - generation_ms */
-  overhead: number[];
-  /** started_at - created_at: commit, enqueue, pickup, claim */
-  pickup: number[];
-  /** finished_at - started_at - generation_ms: row read, storage put, succeed */
-  work: number[];
-  spanMs: number;
-}
-
-async function rowTimes(db: pg.Client, ids: string[]): Promise<JobTimes> {
-  const { rows } = await db.query<{ overhead: number; pickup: number; work: number; status: string }>(
-    `SELECT status,
-            extract(epoch FROM finished_at - created_at) * 1000 - coalesce(generation_ms, 0) AS overhead,
-            extract(epoch FROM started_at - created_at) * 1000 AS pickup,
-            extract(epoch FROM finished_at - started_at) * 1000 - coalesce(generation_ms, 0) AS work
-       FROM generated_images WHERE id = ANY($1::uuid[])`,
-    [ids],
-  );
-  const bad = rows.filter((r) => r.status !== 'succeeded');
-  if (rows.length !== ids.length || bad.length > 0) {
-    throw new Error(`expected ${ids.length} succeeded rows, got ${rows.length} rows, ${bad.length} not succeeded`);
-  }
-  const span = await db.query<{ span: number }>(
-    `SELECT extract(epoch FROM max(finished_at) - min(created_at)) * 1000 AS span FROM generated_images WHERE id = ANY($1::uuid[])`,
-    [ids],
-  );
-  return {
-    overhead: rows.map((r) => Number(r.overhead)),
-    pickup: rows.map((r) => Number(r.pickup)),
-    work: rows.map((r) => Number(r.work)),
-    spanMs: Number(span.rows[0]?.span ?? NaN),
-  };
-}
-
 function printTimes(label: string, xs: number[]) {
   out(`   ${pad(label, 46)} p50 ${pad(ms(median(xs)), 10)} p99 ${pad(ms(quantile(xs, 0.99)), 10)} mean ${ms(mean(xs))}`);
 }
@@ -227,7 +193,7 @@ export async function runServiceBench(options: ServiceBenchOptions = {}): Promis
   const rounds = options.rounds ?? 3;
   const durationSec = options.durationSec ?? 10;
   const warmupSec = options.warmupSec ?? 2;
-  const connections = options.connections ?? 10;
+  const connections = options.connections ?? 50;
   const jobs = options.jobs ?? 200;
   const logLevel = options.logLevel ?? 'info';
   const started = performance.now();
@@ -285,7 +251,9 @@ export async function runServiceBench(options: ServiceBenchOptions = {}): Promis
     const reset = async () => {
       await adminQueue.obliterate({ force: true });
       if (await adminQueue.isPaused()) await adminQueue.resume();
+      // TRUNCATE fires no row triggers: the tenants' usage counters are reset with the rows.
       await db.query('TRUNCATE job_attempts, generated_images');
+      await db.query('UPDATE tenants SET in_flight = 0, pixel_steps_today = 0');
     };
 
     const barePort = await freePort();
@@ -325,9 +293,42 @@ export async function runServiceBench(options: ServiceBenchOptions = {}): Promis
     out(
       `   non-2xx: real ${sum(real, 'non2xx')}, bare ${sum(bares, 'non2xx')}; errors: real ${sum(real, 'errors')}, bare ${sum(bares, 'errors')}; timeouts: real ${sum(real, 'timeouts')}, bare ${sum(bares, 'timeouts')}  ${failures === 0 ? 'OK' : 'NOT ZERO'}`,
     );
+    const rps = medRps(real);
+    const p99 = median(real.map((r) => r.p99));
+    out(
+      `   goal: >= ${INTAKE_GOAL.rps} accepted/s with p99 < ${INTAKE_GOAL.p99Ms} ms: ${rps >= INTAKE_GOAL.rps && p99 < INTAKE_GOAL.p99Ms ? 'met' : 'NOT MET'} (${rps.toFixed(0)} req/s, p99 ${ms(p99)})`,
+    );
 
     await bare.stop();
     await reset();
+
+    // ---------------------------------------------------------------------------------------
+    out(`\n1b. where the API's time goes: one ${durationSec} s round against an API started with --cpu-prof`);
+    const profDir = mkdtempSync(path.join(os.tmpdir(), 't2i-api-profile-'));
+    cleanups.push(async () => rmSync(profDir, { recursive: true, force: true }));
+    const profPort = await freePort();
+    const profiled = await startChild('api (profiled)', ['api'], { ...env, PORT: String(profPort) }, `http://127.0.0.1:${profPort}`, [
+      '--cpu-prof',
+      `--cpu-prof-dir=${profDir}`,
+    ]);
+    const pr = await cannon(profiled.url, connections, durationSec, auth);
+    await profiled.stop();
+    await reset();
+    const profile = readdirSync(profDir)
+      .filter((f) => f.endsWith('.cpuprofile'))
+      .map((f) => path.join(profDir, f))
+      .sort((a, b) => statSync(b).size - statSync(a).size)[0];
+    out(`   ${line('real', pr)} (profiling costs some of it)`);
+    if (profile) {
+      const summary = summarizeCpuProfile(profile);
+      out(
+        `   busy ${(summary.busyMs / 1000).toFixed(1)} s of CPU in the API process; by package: ${summary.byPackage.map((p) => `${p.name} ${(100 * p.share).toFixed(1)}%`).join(', ')}`,
+      );
+      out('   top frames by self time:');
+      for (const f of summary.topFrames) out(`     ${pad(`${(100 * f.share).toFixed(1)}%`, 6)} ${f.frame}`);
+    } else {
+      out('   no profile was written (the API did not exit cleanly)');
+    }
 
     // ---------------------------------------------------------------------------------------
     out(`\n2. queue path per job, zero-cost engine (fixed 64x64 PNG at once), 1 worker in this process, real repo + storage`);
@@ -442,6 +443,11 @@ export async function runServiceBench(options: ServiceBenchOptions = {}): Promis
     const seqPut = putMs.splice(0);
     out(`   a) ${jobs} jobs one at a time (next POST after the previous job is stored): ${(jobs / (seqWall / 1000)).toFixed(1)} jobs/s`);
     printTimes('enqueue->stored (finished-created-gen_ms)', seq.overhead);
+    const o50 = median(seq.overhead);
+    const o99 = quantile(seq.overhead, 0.99);
+    out(
+      `   ${pad('goal: p50 <= ' + OVERHEAD_GOAL.p50Ms + ' ms, p99 <= ' + OVERHEAD_GOAL.p99Ms + ' ms', 46)} ${o50 <= OVERHEAD_GOAL.p50Ms && o99 <= OVERHEAD_GOAL.p99Ms ? 'met' : 'NOT MET'}`,
+    );
     printTimes('  of which created->started (queue, claim)', seq.pickup);
     printTimes('  of which started->finished - gen_ms', seq.work);
     printTimes('    of which storage putObject, checked by its digest and ETag (worker side)', seqPut);

@@ -13,8 +13,8 @@ const HELP = `t2i: text-to-image on Stable Diffusion ONNX models
                         [--variant sd|sd2-v|inpaint|lcm|sdxl|sdxl-turbo|all]
                         [--timestep-rank 0|1] [--ids int32|int64] [--hidden N] [--channels N]
                         [--blocks N] [--external-data]
-  t2i bench [--rounds N] [--threads N] [--no-memory]
-                        the engine's overhead and memory
+  t2i bench [--rounds N] [--threads N] [--no-memory] [--batching-only]
+                        the engine's overhead and memory; images per second by batch size
   t2i bench service [--rounds N] [--duration S] [--warmup S] [--connections C] [--jobs N]
                         [--log-level L]   API throughput beside bare Fastify, and queue-path
                         overhead per job, on local throwaway services
@@ -26,7 +26,7 @@ const HELP = `t2i: text-to-image on Stable Diffusion ONNX models
                         the whole system on local throwaway services, until Ctrl-C
   t2i api               the HTTP API (configured by the environment, see .env.example)
   t2i worker [--test-engine [--test-step-ms N]]
-                        a worker: loads MODEL_DIR once, then runs jobs one at a time
+                        a worker: loads MODEL_DIR once, then runs jobs, BATCH_MAX per UNet run
                         (--test-engine: the test double instead of a model, for tests only)
   t2i migrate [--dir FOLDER]
                         applies prisma/migrations (or FOLDER) to DATABASE_URL
@@ -58,6 +58,7 @@ async function bench(argv: string[]): Promise<void> {
       rounds: { type: 'string' },
       threads: { type: 'string' },
       'no-memory': { type: 'boolean' },
+      'batching-only': { type: 'boolean' },
       'memory-probe': { type: 'string' },
       duration: { type: 'string' },
       warmup: { type: 'string' },
@@ -114,6 +115,7 @@ async function bench(argv: string[]): Promise<void> {
     ...(values.rounds ? { rounds: Number(values.rounds) } : {}),
     ...(values.threads ? { threads: Number(values.threads) } : {}),
     skipMemory: values['no-memory'] ?? false,
+    batchingOnly: values['batching-only'] ?? false,
   });
 }
 

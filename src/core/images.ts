@@ -96,11 +96,11 @@ export interface IdempotencyClaim {
   ttlMs: number;
 }
 
-export type CreateResult =
-  | { record: ImageRecord }
-  | { exceeded: 'in_flight' | 'daily_pixel_steps'; limit: number; used: number }
-  /** The Idempotency-Key was used within its time: what it was used for. */
-  | { existing: { fingerprint: string; imageId: string } };
+/** What admitting a job gives: the job, or the limit that refused it. */
+export type Admission = { record: ImageRecord } | { exceeded: 'in_flight' | 'daily_pixel_steps'; limit: number; used: number };
+
+/** `create` with an Idempotency-Key may instead find the key live: the job it was used for. */
+export type CreateResult = Admission | { existing: { fingerprint: string; imageId: string } };
 
 export interface TenantUsage {
   inFlight: number;
@@ -126,7 +126,13 @@ export interface ImagesRepo {
    * claimed in the same transaction first: a key of the tenant used within its time gives back
    * what it was used for instead (a replay is never refused for quota); an expired key is taken over.
    */
-  create(data: NewImage, quota: QuotaLimits, key?: IdempotencyClaim): Promise<CreateResult>;
+  create(data: NewImage, quota: Quotas, key?: IdempotencyClaim): Promise<CreateResult>;
+  /**
+   * `create` (without a key) for many jobs in one statement, one result per job in the same
+   * order: each tenant's jobs are admitted in order while its limits allow (a job past a limit,
+   * and the tenant's later ones in this batch, are refused).
+   */
+  createMany(data: NewImage[], quota: Quotas): Promise<Admission[]>;
   /** Deletes idempotency keys created before `before`; returns how many. */
   sweepIdempotencyKeys(before: Date): Promise<number>;
   /** With a tenant: only that tenant's job, and not a deleted one (the API's view). Without: any row (workers). */
@@ -203,6 +209,8 @@ export interface ImagesRepo {
 export interface JobQueue {
   /** Adds the job to its model's queue at a priority (1 runs first; equal priorities run in the order they were added). */
   enqueue(model: string, imageId: string, priority: number): Promise<void>;
+  /** `enqueue` for many jobs of one model in one round trip. */
+  enqueueMany(model: string, jobs: Array<{ imageId: string; priority: number }>): Promise<void>;
   /** Removes a queued job no worker holds; false otherwise. */
   remove(model: string, imageId: string): Promise<boolean>;
   /** Jobs waiting to run on a model (waiting + delayed + prioritized), for back-pressure. */

@@ -70,7 +70,7 @@ export const createImageBody = z.strictObject({
   scheduler: z.enum(SCHEDULER_NAMES).optional().meta({ description: MODEL_DEFAULT }),
   /** Image-to-image: how much of the input picture is redrawn, 0 (none) to 1 (from noise); needs an image. */
   strength: z.number().min(0).max(1).nullable().default(null),
-  /** Images from one request, 1..4: image k has seed + k (mod 2^32), generated together (one UNet batch where the model allows). */
+  /** Images from one request, 1..4: image k has seed + k (mod 2^32), each its own generation, batched as the engine allows (src/engine/several-images.ts). */
   num_images: z.number().int().min(1).max(MAX_IMAGES).default(1),
   /** Where the outcome is POSTed, signed (Standard Webhooks). Checked against SSRF here and again when sent. */
   webhook_url: z

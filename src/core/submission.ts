@@ -1,12 +1,13 @@
 import { createHash, randomUUID } from 'node:crypto';
 import { randomSeed } from '../engine/random.js';
+import { Batcher } from './batcher.js';
 import { DependencyUnavailableError, IdempotencyConflictError, NotFoundError, QuotaExceededError, ServiceUnavailableError, ValidationError } from './errors.js';
 import { IDEMPOTENCY_TTL_MS, requestFingerprint } from './idempotency.js';
 import { jobParams, type PictureSize } from './job-params.js';
 import type { JobEventSink } from './job-events.js';
 import type { ModelCatalog } from './models.js';
 import type { CreateImageBody } from './params.js';
-import type { CreateResult, ImageObjects, ImageRecord, ImagesRepo, JobQueue, Quotas } from './images.js';
+import type { Admission, ImageObjects, ImageRecord, ImagesRepo, JobQueue, NewImage, Quotas } from './images.js';
 
 /**
  * Creating a job, the API's hot path, in the order that keeps every promise:
@@ -17,12 +18,16 @@ import type { CreateResult, ImageObjects, ImageRecord, ImagesRepo, JobQueue, Quo
  *      the input pictures (src/core/job-params.ts); the compute bound (MAX_PIXEL_STEPS) on what
  *      the job will really run;
  *   3. the webhook URL, then back-pressure on the model's own queue;
- *   4. the row, under the tenant's lock with its quotas and Idempotency-Key (ImagesRepo.create);
+ *   4. the row, admitted against the tenant's quotas in one statement: with the submissions that
+ *      arrived meanwhile (ImagesRepo.createMany, one statement and one enqueue round trip per
+ *      model for a whole batch), or on its own with its Idempotency-Key claimed in the same
+ *      transaction, or on its own when it carries input pictures (ImagesRepo.create);
  *   5. the input pictures, stored under the row's tenant and id; if storage fails, the row is
  *      discarded (never shown to anyone) and the client gets 503;
- *   6. the queue entry on the model's queue. If enqueueing fails after the commit, the row stays
- *      queued and the caller still gets its job: the workers' reconciler enqueues rows that have
- *      no job behind them, so nothing is lost and the client has no reason to submit twice.
+ *   6. its `queued` event, then the queue entry on the model's queue. If enqueueing fails after
+ *      the commit, the row stays queued and the caller still gets its job: the workers'
+ *      reconciler enqueues rows that have no job behind them, so nothing is lost and the client
+ *      has no reason to submit twice.
  */
 
 /** An uploaded picture, decoded once by the API to check it (src/core/uploads.ts). */
@@ -67,10 +72,27 @@ export function inputKeyFor(tenantId: string, imageId: string, part: 'image' | '
 /** How long a measured queue depth is trusted: one Redis round trip per second and model, not per POST. */
 const DEPTH_CACHE_MS = 1_000;
 
+/**
+ * Most jobs one admission statement carries. Submissions that arrive while a batch is being
+ * admitted go in the next one (core/batcher.ts), so a lone submission is never delayed and a
+ * burst costs few round trips.
+ */
+const ADMISSION_BATCH_MAX = 256;
+
 export class Submission {
   private readonly depths = new Map<string, { value: number; at: number }>();
+  private readonly admission: Batcher<NewImage, Admission>;
 
-  constructor(private readonly deps: SubmissionDeps) {}
+  constructor(private readonly deps: SubmissionDeps) {
+    this.admission = new Batcher((jobs) => this.admit(jobs), ADMISSION_BATCH_MAX);
+  }
+
+  /** Admits a batch (quotas checked, rows committed in one statement), then enqueues the admitted jobs. */
+  private async admit(jobs: NewImage[]): Promise<Admission[]> {
+    const results = await this.deps.repo.createMany(jobs, this.deps.quotas());
+    await this.enqueueAdmitted(results.flatMap((r) => ('record' in r ? [r.record] : [])));
+    return results;
+  }
 
   /**
    * Creates the job, once per Idempotency-Key of the tenant: the same key and body (pictures
@@ -81,6 +103,9 @@ export class Submission {
     const { image, mask } = opts.inputs ?? {};
     const model = await this.deps.models.choose(body.model);
     const params = jobParams(body, model, { ...(image ? { image } : {}), ...(mask ? { mask } : {}) });
+    // Each image is a generation of its own: the job is charged for all of them, and the compute
+    // bound holds for each.
+    const cost = params.cost * body.num_images;
     const max = this.deps.maxPixelSteps;
     if (max !== undefined && params.cost > max) {
       throw new ValidationError([
@@ -93,7 +118,6 @@ export class Submission {
     }
     const webhookUrl = await this.webhookOf(body, opts);
     await this.checkBackPressure(model.id);
-    const day = utcDay();
     // The same key with another picture is another request: the pictures' digests are part of it.
     const fingerprint =
       opts.idempotencyKey === undefined
@@ -101,29 +125,37 @@ export class Submission {
         : requestFingerprint(opts.route, { ...body, ...(image || mask ? { inputs: [digest(image), digest(mask)] } : {}) });
     const id = randomUUID();
     const keys = { image: image ? inputKeyFor(tenantId, id, 'image') : null, mask: mask ? inputKeyFor(tenantId, id, 'mask') : null };
-    const created = await this.deps.repo.create(
-      {
-        id,
-        tenantId,
-        model: model.id,
-        prompt: body.prompt,
-        negativePrompt: body.negative_prompt,
-        numSteps: params.numSteps,
-        guidanceScale: params.guidanceScale,
-        seed: body.seed ?? randomSeed(),
-        width: params.width,
-        height: params.height,
-        scheduler: params.scheduler,
-        strength: params.strength,
-        pixelSteps: params.cost,
-        numImages: body.num_images,
-        webhookUrl,
-        imageKey: keys.image,
-        maskKey: keys.mask,
-      },
-      { ...this.deps.quotas(), dayStart: day.start },
-      opts.idempotencyKey === undefined ? undefined : { key: opts.idempotencyKey, fingerprint: fingerprint!, ttlMs: IDEMPOTENCY_TTL_MS },
-    );
+    const job: NewImage = {
+      id,
+      tenantId,
+      model: model.id,
+      prompt: body.prompt,
+      negativePrompt: body.negative_prompt,
+      numSteps: params.numSteps,
+      guidanceScale: params.guidanceScale,
+      seed: body.seed ?? randomSeed(),
+      width: params.width,
+      height: params.height,
+      scheduler: params.scheduler,
+      strength: params.strength,
+      pixelSteps: cost,
+      numImages: body.num_images,
+      webhookUrl,
+      imageKey: keys.image,
+      maskKey: keys.mask,
+    };
+    // A plain job is admitted with the submissions that arrived meanwhile, and enqueued with them
+    // (admit()). One with an Idempotency-Key is admitted on its own, the key claimed in the
+    // admitting transaction; one with pictures on its own too, as its pictures are stored between
+    // the commit and the enqueue.
+    const alone = opts.idempotencyKey !== undefined || image !== undefined || mask !== undefined;
+    const created = !alone
+      ? await this.admission.submit(job)
+      : await this.deps.repo.create(
+          job,
+          this.deps.quotas(),
+          opts.idempotencyKey === undefined ? undefined : { key: opts.idempotencyKey, fingerprint: fingerprint!, ttlMs: IDEMPOTENCY_TTL_MS },
+        );
     if ('existing' in created) {
       if (created.existing.fingerprint !== fingerprint) throw new IdempotencyConflictError();
       const record = await this.deps.repo.get(created.existing.imageId, tenantId);
@@ -131,12 +163,14 @@ export class Submission {
       if (!record) throw new NotFoundError(`No generated image has the id "${created.existing.imageId}".`);
       return { record, replayed: true, served: model.served };
     }
-    if ('exceeded' in created) throw quotaError(created, params.cost, day.next);
-    await this.storeInputs(created.record, [
-      [keys.image, image],
-      [keys.mask, mask],
-    ]);
-    await this.enqueueNew(created.record);
+    if ('exceeded' in created) throw quotaError(created, cost, utcDay().next);
+    if (alone) {
+      await this.storeInputs(created.record, [
+        [keys.image, image],
+        [keys.mask, mask],
+      ]);
+      await this.enqueueAdmitted([created.record]);
+    }
     return { record: created.record, replayed: false, served: model.served };
   }
 
@@ -203,14 +237,31 @@ export class Submission {
     }
   }
 
-  private async enqueueNew(record: ImageRecord): Promise<void> {
-    // Logged before it is enqueued, so a worker's `running` can never come before it.
-    await this.deps.events?.publish(record.id, { type: 'status', status: 'queued', attempt: 0 });
-    try {
-      await this.deps.queue.enqueue(record.model!, record.id, record.queuePriority);
-    } catch (err) {
-      this.deps.log?.warn({ err, imageId: record.id }, 'enqueue failed after the row was committed; the reconciler will enqueue it');
-    }
+  /**
+   * After the rows are committed: their `queued` events, then one enqueue round trip per model
+   * (each has its own queue). If enqueueing fails, the rows stay queued and their callers still
+   * get their jobs: the workers' reconciler enqueues rows that have no job behind them, so
+   * nothing is lost and no client has a reason to submit twice.
+   */
+  private async enqueueAdmitted(records: ImageRecord[]): Promise<void> {
+    if (records.length === 0) return;
+    // Logged before they are enqueued, so a worker's `running` can never come before them.
+    const events = this.deps.events;
+    if (events) await Promise.all(records.map((r) => events.publish(r.id, { type: 'status', status: 'queued', attempt: 0 })));
+    const byModel = new Map<string, ImageRecord[]>();
+    for (const r of records) byModel.set(r.model!, [...(byModel.get(r.model!) ?? []), r]);
+    await Promise.all(
+      [...byModel].map(async ([model, rs]) => {
+        try {
+          await this.deps.queue.enqueueMany(
+            model,
+            rs.map((r) => ({ imageId: r.id, priority: r.queuePriority })),
+          );
+        } catch (err) {
+          this.deps.log?.warn({ err, model, jobs: rs.length }, 'enqueue failed after the rows were committed; the reconciler will enqueue them');
+        }
+      }),
+    );
   }
 }
 
@@ -224,7 +275,7 @@ export function utcDay(now = new Date()): { start: Date; next: Date } {
   return { start, next: new Date(start.getTime() + 86_400_000) };
 }
 
-function quotaError(e: Extract<CreateResult, { exceeded: string }>, cost: number, nextDay: Date): QuotaExceededError {
+function quotaError(e: Extract<Admission, { exceeded: string }>, cost: number, nextDay: Date): QuotaExceededError {
   const n = (v: number) => v.toLocaleString('en-US');
   if (e.exceeded === 'in_flight') {
     return new QuotaExceededError(

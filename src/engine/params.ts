@@ -59,17 +59,17 @@ export interface GenerateParams {
    */
   strength?: number | null;
   /**
-   * Images from one generation, 1..MAX_IMAGES (default 1), text-to-image only: image k starts
-   * from seed + k (mod 2^32), so each is the image a request with that seed alone would give
-   * (up to the float rounding of a batched UNet run).
+   * Images from one request, 1..MAX_IMAGES (default 1), text-to-image only: image k is its own
+   * generation seeded seed + k (mod 2^32), so each is, byte for byte, the image a request with
+   * that seed alone gives (several-images.ts; batched only as batching.ts allows).
    */
   numImages?: number;
 }
 
-/** Most images one generation makes. */
+/** Most images one request makes. */
 export const MAX_IMAGES = 4;
 
-/** The seed of image k of a generation seeded `seed`. */
+/** The seed of image k of a request seeded `seed`. */
 export function imageSeed(seed: number, k: number): number {
   return (seed + k) % 2 ** 32;
 }
@@ -128,8 +128,13 @@ export interface Generation {
   timings: Timings;
   /** Human-readable warnings (prompt truncation). */
   warnings: string[];
+  /**
+   * The most generations that shared a UNet run with this one, itself included (1: it ran
+   * alone); for a request of several images, with any of them (its own images count).
+   */
+  batchSize?: number;
   latents?: Float32Array;
-  /** Images 1.. of a generation of several (numImages), with their seeds; image 0 is `png` and `seed`. */
+  /** Images 1.. of a request for several (numImages), with their seeds; image 0 is `png` and `seed`. */
   more?: Array<{ png: Buffer; seed: number }>;
 }
 
@@ -155,6 +160,7 @@ export interface ResolvedParams {
   scheduler: SchedulerName;
   /** null unless an input image is given. */
   strength: number | null;
+  /** Images the request asks for; the pipeline runs each as a generation of its own, seed + k (several-images.ts). */
   numImages: number;
 }
 

@@ -1,6 +1,7 @@
 import type { LoadedModel } from './model.js';
 import { floatTensor, timestepTensor, type ort } from './onnx/runtime.js';
 import type { PromptEmbeddings } from './prompt.js';
+import { BATCH_CARRYING_INPUTS } from './batching.js';
 
 /**
  * One noise prediction per denoising step: the UNet's inputs for each variant, classifier-free
@@ -17,76 +18,98 @@ export interface UnetConditioning {
   timestepCond?: Float32Array;
 }
 
+/**
+ * The UNet runs of one or more generations that share their size, timesteps and guidance layout
+ * (src/engine/batching.ts says which may). Rows are laid out as diffusers lays out a batch of
+ * prompts: every unconditional row first, then every conditional one, [u1..uk, c1..ck]; for one
+ * generation that is the reference's own [uncond, cond].
+ */
 export class Denoiser {
   private readonly outName: string;
-  /** Every input but sample and timestep, made once per generation: [cond], and [uncond] or [uncond, cond]. */
+  /** Every input but sample and timestep, made once for this set of generations: [c...], and [u...] or [u..., c...]. */
   private readonly cond: ConditioningFeeds;
   private readonly uncond: ConditioningFeeds | undefined;
   /** Exports with a fixed batch of 1 need two UNet runs per step for guidance; others take both at once. */
   private readonly both: ConditioningFeeds | undefined;
+  /** Rows per half: the generations, then copies of the first up to `padTo`. */
+  private readonly rows: number;
 
-  /**
-   * `images` latents go through each run together (several images of one prompt): the export
-   * must take a batch (see batchable). The batch is [uncond x images, cond x images], so the
-   * latents passed to predict are the images' one after the other.
-   */
   constructor(
     private readonly model: LoadedModel,
-    private readonly c: UnetConditioning,
+    private readonly c: readonly UnetConditioning[],
     private readonly h: number,
     private readonly w: number,
-    images = 1,
+    /** Fill every run up to this many generations with copies of the first (BatchMode 'fixed'). */
+    padTo = c.length,
   ) {
     const unet = model.unet;
     this.outName = unet.outputs.has('out_sample') ? 'out_sample' : [...unet.outputs.keys()][0]!;
-    const { prompt } = c;
-    const batched = Denoiser.batchable(model);
-    if (images > 1 && !batched) throw new Error(`this UNet export has a fixed batch of 1: it cannot run ${images} images at once`);
-    const times = <T>(x: T) => Array.from({ length: images }, () => x);
-    this.cond = this.feeds(times(prompt.cond), times(prompt.pooled));
-    if (prompt.uncond && batched) {
-      this.both = this.feeds([...times(prompt.uncond), ...times(prompt.cond)], [...times(prompt.uncondPooled), ...times(prompt.pooled)]);
-    } else if (prompt.uncond) this.uncond = this.feeds([prompt.uncond], [prompt.uncondPooled]);
-  }
-
-  /** Whether the export takes a batch (every batch-carrying input's first dimension is not fixed at 1). */
-  static batchable(model: LoadedModel): boolean {
-    const unet = model.unet;
-    const batchCarrying = ['sample', 'encoder_hidden_states', 'text_embeds', 'time_ids', 'timestep_cond'].filter((n) => unet.inputs.has(n));
-    return batchCarrying.every((n) => unet.input(n).shape[0] !== 1);
+    if (c.length === 0) throw new Error('Denoiser: no generation to run');
+    this.rows = Math.max(padTo, c.length);
+    const padded = this.padded(c);
+    const prompts = padded.map((x) => x.prompt);
+    const guided = prompts[0]!.uncond !== undefined;
+    if (prompts.some((p) => (p.uncond !== undefined) !== guided)) throw new Error('Denoiser: generations with and without guidance cannot share a UNet run');
+    const batchCarrying = BATCH_CARRYING_INPUTS.filter((n) => unet.inputs.has(n));
+    const batched = batchCarrying.every((n) => unet.input(n).shape[0] !== 1);
+    if (!batched && this.rows > 1) throw new Error(`${unet.file}: declares a batch of 1; it runs one generation at a time`);
+    const cond = padded.map((x) => ({ hidden: x.prompt.cond, pooled: x.prompt.pooled, timeIds: x.timeIds, timestepCond: x.timestepCond }));
+    this.cond = this.feeds(cond);
+    if (guided) {
+      const uncond = padded.map((x) => ({ hidden: x.prompt.uncond!, pooled: x.prompt.uncondPooled, timeIds: x.timeIds, timestepCond: x.timestepCond }));
+      if (batched) this.both = this.feeds([...uncond, ...cond]);
+      else this.uncond = this.feeds(uncond);
+    }
   }
 
   /**
-   * The (guided) noise prediction for the scaled latents at timestep t. `extra` holds channels
-   * the UNet takes after the latents (inpainting: mask and masked-image latents), per image.
+   * The (guided) noise prediction for each generation's scaled latents at timestep t, in the
+   * order the generations were given. `extra` holds channels the UNet takes after the latents
+   * (inpainting: mask and masked-image latents), per generation.
    */
-  async predict(input: Float32Array, t: number, extra?: Float32Array): Promise<Float32Array> {
-    const sample = extra ? concat(input, extra) : input;
-    const n = input.length;
-    const scale = this.c.guidanceScale;
+  async predict(inputs: readonly Float32Array[], t: number, extra?: ReadonlyArray<Float32Array | undefined>): Promise<Float32Array[]> {
+    const k = this.c.length;
+    if (inputs.length !== k) throw new Error(`Denoiser: ${inputs.length} inputs for ${k} generations`);
+    const samples = this.padded(inputs.map((x, i) => (extra?.[i] ? concat(x, extra[i]) : x)));
+    const n = inputs[0]!.length;
+    const rows = this.rows;
+    const sample = concat(...samples);
     if (this.both) {
       const out = await this.run(concat(sample, sample), t, this.both);
-      return guide(out.subarray(0, n), out.subarray(n, 2 * n), scale);
+      return this.c.map((c, i) => guide(out.subarray(i * n, (i + 1) * n), out.subarray((rows + i) * n, (rows + i + 1) * n), c.guidanceScale));
     }
-    if (this.uncond) return guide(await this.run(sample, t, this.uncond), await this.run(sample, t, this.cond), scale);
-    return this.run(sample, t, this.cond);
+    if (this.uncond) {
+      // A fixed batch of 1: one generation, two runs, unconditional first as the reference.
+      const uncond = await this.run(sample, t, this.uncond);
+      return [guide(uncond, await this.run(sample, t, this.cond), this.c[0]!.guidanceScale)];
+    }
+    const out = await this.run(sample, t, this.cond);
+    return this.c.map((_, i) => (k === 1 && rows === 1 ? out : out.slice(i * n, (i + 1) * n)));
   }
 
-  private feeds(hidden: Float32Array[], pooled: Array<Float32Array | undefined>): ConditioningFeeds {
+  /** The generations' items followed by copies of the first, up to the padded row count. */
+  private padded<T>(items: readonly T[]): T[] {
+    return [...items, ...Array.from({ length: this.rows - items.length }, () => items[0]!)];
+  }
+
+  private feeds(
+    rows: Array<{ hidden: Float32Array; pooled?: Float32Array | undefined; timeIds?: Float32Array | undefined; timestepCond?: Float32Array | undefined }>,
+  ): ConditioningFeeds {
     const unet = this.model.unet;
-    const batch = hidden.length;
-    const { seq, hidden: width } = this.c.prompt;
+    const batch = rows.length;
+    const { seq, hidden: width } = this.c[0]!.prompt;
     const feeds: Record<string, ort.Tensor> = {
-      encoder_hidden_states: floatTensor(unet.input('encoder_hidden_states'), concat(...hidden), [batch, seq, width]),
+      encoder_hidden_states: floatTensor(unet.input('encoder_hidden_states'), concat(...rows.map((r) => r.hidden)), [batch, seq, width]),
     };
     if (unet.inputs.has('text_embeds')) {
-      const p = pooled.map((x) => x!);
-      feeds.text_embeds = floatTensor(unet.input('text_embeds'), concat(...p), [batch, p[0]!.length]);
-      feeds.time_ids = floatTensor(unet.input('time_ids'), repeat(this.c.timeIds!, batch), [batch, this.c.timeIds!.length]);
+      const pooled = rows.map((r) => r.pooled!);
+      feeds.text_embeds = floatTensor(unet.input('text_embeds'), concat(...pooled), [batch, pooled[0]!.length]);
+      const ids = rows.map((r) => r.timeIds!);
+      feeds.time_ids = floatTensor(unet.input('time_ids'), concat(...ids), [batch, ids[0]!.length]);
     }
     if (unet.inputs.has('timestep_cond')) {
-      const cond = this.c.timestepCond!;
-      feeds.timestep_cond = floatTensor(unet.input('timestep_cond'), repeat(cond, batch), [batch, cond.length]);
+      const cond = rows.map((r) => r.timestepCond!);
+      feeds.timestep_cond = floatTensor(unet.input('timestep_cond'), concat(...cond), [batch, cond[0]!.length]);
     }
     return { batch, feeds };
   }
@@ -149,8 +172,4 @@ export function concat(...parts: Float32Array[]): Float32Array {
     at += p.length;
   }
   return out;
-}
-
-function repeat(x: Float32Array, times: number): Float32Array {
-  return concat(...Array.from({ length: times }, () => x));
 }

@@ -1,3 +1,4 @@
+import { createHash } from 'node:crypto';
 import type { EngineInfo } from '../engine/thread/protocol.js';
 import type { GenerateParams, Generation, Progress } from '../engine/pipeline.js';
 
@@ -9,13 +10,20 @@ import type { GenerateParams, Generation, Progress } from '../engine/pipeline.js
  * resets the count. After `maxRestarts` consecutive restarts that did not help (or a hung
  * thread that could not be stopped), `onGiveUp` says the process should exit so its supervisor
  * (Kubernetes, compose, systemd) starts a fresh one.
+ *
+ * A batch that takes the engine down does not say which of its jobs did it. Each of them is
+ * handed back without blame (the processor counts an engine failure only against a job that ran
+ * alone: its own images, if it asked for several, are not others), and is remembered here: the
+ * next time this worker gets it, it runs alone, so a poison job soon fails by itself and the
+ * others go through.
  */
 
 /** What the supervisor needs of an engine (src/engine/thread/engine-host.ts's Engine). */
 export interface SupervisedEngine {
   readonly info: EngineInfo;
   readonly alive: boolean;
-  generate(params: GenerateParams, run: EngineRun): Promise<Generation>;
+  /** `alone`: in a batch of its own (its own images only), as a suspect of an earlier fall. */
+  generate(params: GenerateParams, run: EngineRun & { alone?: boolean }): Promise<Generation>;
   onDown(listener: (err: DownError) => void): void;
   close(): Promise<void>;
 }
@@ -33,6 +41,8 @@ export interface EngineRun {
 export interface DownError extends Error {
   reason: string;
   unkillable: boolean;
+  /** How many jobs' generations ran together when the engine went down (0: this one was waiting). */
+  batchSize?: number;
 }
 
 export interface EngineSupervisorOptions {
@@ -52,7 +62,12 @@ export class EngineUnavailableError extends Error {
   override name = 'EngineDownError';
   readonly reason = 'restarting';
   readonly unkillable = false;
+  /** It never reached the engine. */
+  readonly batchSize = 0;
 }
+
+/** Generations remembered as having been in a batch that went down; the oldest are forgotten first. */
+const MAX_SUSPECTS = 10_000;
 
 export class EngineSupervisor {
   private engine: SupervisedEngine | undefined;
@@ -61,6 +76,8 @@ export class EngineSupervisor {
   private restarting: Promise<void> | undefined;
   private backoffTimer: NodeJS.Timeout | undefined;
   private wakeBackoff: (() => void) | undefined;
+  /** Digests of the parameters of generations that were in a batch when the engine went down. */
+  private readonly suspects = new Set<string>();
 
   private constructor(private readonly opts: EngineSupervisorOptions) {}
 
@@ -93,9 +110,21 @@ export class EngineSupervisor {
   async generate(params: GenerateParams, run: EngineRun): Promise<Generation> {
     const engine = this.engine;
     if (!engine || !engine.alive || this.restarting) throw new EngineUnavailableError('the engine is restarting');
-    const generation = await engine.generate(params, run);
-    this.consecutive = 0;
-    return generation;
+    const key = createHash('sha256').update(JSON.stringify(params)).digest('base64');
+    const alone = this.suspects.has(key);
+    try {
+      const generation = await engine.generate(params, { ...run, ...(alone ? { alone } : {}) });
+      this.consecutive = 0;
+      this.suspects.delete(key);
+      return generation;
+    } catch (err) {
+      const batchSize = (err as Partial<DownError>).batchSize;
+      if ((err as Error).name === 'EngineDownError' && batchSize !== undefined && batchSize > 1) {
+        this.suspects.add(key);
+        if (this.suspects.size > MAX_SUSPECTS) this.suspects.delete(this.suspects.values().next().value!);
+      }
+      throw err;
+    }
   }
 
   private onEngineDown(engine: SupervisedEngine, err: DownError): void {

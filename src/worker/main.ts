@@ -26,6 +26,7 @@ import { eventStoreOptions, queueSettings, storageOptions } from '../core/wiring
 import { SCHEDULER_NAMES } from '../engine/schedulers/types.js';
 import type { TestPipelineOptions } from '../engine/testing/test-pipeline.js';
 import { Engine, type EngineOptions } from '../engine/thread/engine-host.js';
+import { EnginePool } from '../engine/thread/engine-pool.js';
 import { EngineSupervisor } from './engine.js';
 import { buildHealthApp } from './health.js';
 import { createWorkerMetrics } from './metrics.js';
@@ -37,9 +38,14 @@ import { resolveModelDir } from './model-source.js';
 
 /**
  * Boots a worker process: loads the model once (before taking any job, as the textbook's
- * Dramatiq middleware did), then consumes one job at a time. If the engine goes down it stops
- * taking jobs, hands the current one back, and restarts the engine; if that keeps failing,
- * `fatal` settles and the process should exit (src/cli/service-commands.ts does, with code 1).
+ * Dramatiq middleware did), then consumes jobs, each through the processor on its own. With
+ * BATCH_MAX above 1 it runs up to twice that many at once: the engine gathers those that can
+ * share UNet runs into batches of up to BATCH_MAX, and the other half of the slots lets the next
+ * batch gather (claims, prompt encoding) while the last one's images are stored; ENGINE_SESSIONS
+ * multiplies that by its sessions. If the engine
+ * goes down it stops taking jobs, hands the current ones back, and restarts the engine; if that
+ * keeps failing, `fatal` settles and the process should exit (src/cli/service-commands.ts does,
+ * with code 1).
  */
 
 export interface RunningWorker {
@@ -86,17 +92,19 @@ export async function startWorker(config: Config = loadConfig(process.env, 'work
   // Set once the consumer exists; the engine cannot go down before it does (no job runs earlier).
   const intake: { consumer?: { pause(): Promise<void>; resume(): Promise<void> } } = {};
   const engineLog = (level: 'debug' | 'info' | 'warn', msg: string) => logger[level]({ component: 'engine' }, msg);
+  const batch = { batchMax: config.BATCH_MAX, batchWaitMs: config.BATCH_WAIT_MS };
   const engineOptions: EngineOptions = overrides.testEngine
-    ? { test: overrides.testEngine, stallMs: config.ENGINE_STALL_MS, log: engineLog }
+    ? { test: overrides.testEngine, stallMs: config.ENGINE_STALL_MS, log: engineLog, ...batch }
     : {
         modelDir: await resolveModelDir(config, logger),
         provider: config.EXECUTION_PROVIDER,
         ...(config.ORT_THREADS ? { threads: config.ORT_THREADS } : {}),
         stallMs: config.ENGINE_STALL_MS,
         log: engineLog,
+        ...batch,
       };
   const engine = await EngineSupervisor.start({
-    start: () => Engine.start(engineOptions),
+    start: () => (config.ENGINE_SESSIONS > 1 ? EnginePool.start(engineOptions, config.ENGINE_SESSIONS) : Engine.start(engineOptions)),
     maxRestarts: config.ENGINE_MAX_RESTARTS,
     backoffMs: config.ENGINE_RESTART_BACKOFF_MS,
     log: logger.child({ component: 'engine' }),
@@ -121,6 +129,9 @@ export async function startWorker(config: Config = loadConfig(process.env, 'work
     await engine.close();
     throw new Error(`the model's folder name "${modelName.slice(0, 80)}" cannot name a model (letters, digits, ".", "_" and "-", at most 64): set MODEL_NAME`);
   }
+  // What the engine can batch (an export with a fixed batch cannot), not what was asked for, per session.
+  const batchMax = engine.info.batching.max;
+  const concurrency = config.ENGINE_SESSIONS * (batchMax > 1 ? 2 * batchMax : 1);
   // What a request that leaves parameters out gets here: announced to the API (which fills them
   // in at submit) and used for jobs submitted before any worker of this model had announced them.
   const defaults = engine.info.defaults ?? SD_DEFAULTS;
@@ -143,6 +154,9 @@ export async function startWorker(config: Config = loadConfig(process.env, 'work
       provider: engine.info.provider,
       loadMs: Math.round(engine.info.loadMs),
       testEngine: overrides.testEngine !== undefined,
+      batchMax,
+      sessions: config.ENGINE_SESSIONS,
+      concurrency,
     },
     'model loaded',
   );
@@ -204,6 +218,7 @@ export async function startWorker(config: Config = loadConfig(process.env, 'work
       });
     },
     (err) => logger.error({ err }, 'queue error'),
+    concurrency,
   );
   intake.consumer = consumer;
   // A job the queue gave up on without our handler deciding (it stalled too often) still has

@@ -335,9 +335,11 @@ function createAttempt(deps: ProcessorDeps) {
         );
       } catch (err) {
         await writing;
-        const e = err as Error & { reason?: string };
+        const e = err as Error & { reason?: string; batchSize?: number };
         if (e.name === 'AbortError' && stop.signal.aborted) return await stopped(job, attempt, stopReason());
         if (e.name === 'InvalidParamsError') throw await failed(job, attempt, failure('invalid_for_model', e.message), err, true);
+        // It shared a batch with whatever took the engine down, or had not reached it: not its fault.
+        if (e.name === 'EngineDownError' && e.batchSize !== undefined && e.batchSize !== 1) return await engineDown(job, attempt, err, false);
         if (e.name === 'OutOfMemoryError' || (e.name === 'EngineDownError' && e.reason === 'out_of_memory')) {
           // The same request would exhaust the same worker again: not retried.
           throw await failed(job, attempt, failure('out_of_memory'), err, true);
@@ -373,7 +375,7 @@ function createAttempt(deps: ProcessorDeps) {
       publish(imageId, { type: 'succeeded' });
       // Earlier attempts of this job may have stored objects before they were taken over.
       if (attempt > 1) await removeOtherAttempts(imageId, keys, log);
-      log.info({ dbAttempt: attempt, durationMs, seed: generation.seed, outcome: 'succeeded' }, 'job succeeded');
+      log.info({ dbAttempt: attempt, durationMs, seed: generation.seed, batchSize: generation.batchSize, outcome: 'succeeded' }, 'job succeeded');
       return 'succeeded';
     } finally {
       clearTimeout(deadline);
@@ -417,9 +419,10 @@ function createAttempt(deps: ProcessorDeps) {
     }
   }
 
-  /** The engine went down under this attempt: hand the job back, unless it keeps doing that. */
-  async function engineDown(job: JobInput, attempt: number, err: unknown): Promise<JobOutcome> {
-    const result = await deps.repo.release(job.imageId, attempt, 'engine', maxEngineFailures);
+  /** The engine went down under this attempt: hand the job back, unless it keeps doing that (`blamed`: it ran alone). */
+  async function engineDown(job: JobInput, attempt: number, err: unknown, blamed = true): Promise<JobOutcome> {
+    // Unblamed, it is released as at shutdown: not counted towards engine_crashed.
+    const result = await deps.repo.release(job.imageId, attempt, blamed ? 'engine' : 'shutdown', maxEngineFailures);
     if (result === 'failed') {
       const f = failure('engine_crashed');
       publish(job.imageId, { type: 'failed', error: f });

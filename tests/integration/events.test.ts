@@ -274,6 +274,53 @@ describe('events from a test-engine worker through a second API instance', () =>
   });
 });
 
+describe('events of jobs that share a batch, one of them of several images', () => {
+  let sys: Running;
+
+  beforeAll(async () => {
+    const config = await isolatedConfig({ PREVIEW_INTERVAL_MS: '500', BATCH_MAX: '3', BATCH_WAIT_MS: '3000' });
+    sys = await startProcesses(config, 1, testEngineArgs(STEP_MS));
+  });
+
+  afterAll(async () => {
+    await Promise.allSettled((sys?.procs ?? []).map((p) => p.stop()));
+  });
+
+  it("each job streams its own progress and previews; the job of two images counts both images' steps", async () => {
+    const [a] = sys.apis as [string];
+    const steps = 30;
+    // Two images and one: a full batch of three generations (BATCH_MAX 3).
+    const [several, single] = await Promise.all([
+      submit(a, { prompt: 'a red circle', num_steps: steps, width: 64, height: 64, seed: 11, num_images: 2 }),
+      submit(a, { prompt: 'a blue square', num_steps: steps, width: 64, height: 64, seed: 12 }),
+    ]);
+    const follow = async (id: string) => collect((await sse(`${a}/generated-images/${id}/events`)).events);
+    const [ofSeveral, ofSingle] = await Promise.all([follow(several), follow(single)]);
+
+    await expectCompleteRun(
+      ofSingle.filter((e) => e.event !== 'queue'),
+      steps,
+    );
+    // Its two images step together: one event per shared step, two steps each.
+    const progress = ofSeveral.filter((e) => e.event === 'progress').map((e) => e.data);
+    expect(progress.map((p) => p.step)).toEqual(Array.from({ length: steps }, (_, i) => 2 * (i + 1)));
+    expect(progress.at(-1)).toMatchObject({ step: 2 * steps, total: 2 * steps, percent: 100, eta_ms: 0 });
+    const done = ofSeveral.at(-1)!;
+    expect(done.event).toBe('done');
+    const images = done.data.images as Array<{ index: number; seed: number; url: string }>;
+    expect(images.map((i) => [i.index, i.seed])).toEqual([
+      [0, 11],
+      [1, 12],
+    ]);
+    for (const image of images) expect((await fetch(image.url)).status).toBe(200);
+    for (const events of [ofSeveral, ofSingle]) {
+      const previews = events.filter((e) => e.event === 'preview');
+      expect(previews.length).toBeGreaterThanOrEqual(1);
+      for (const p of previews) await expectPreview(p);
+    }
+  });
+});
+
 describe('previews from the real engine (oracle model)', () => {
   let sys: Running;
 

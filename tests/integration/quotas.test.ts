@@ -191,14 +191,28 @@ describe('daily pixel-step budget per tenant', () => {
   });
 
   it('resets at 00:00 UTC: once the jobs are from yesterday, today is free again', async () => {
-    // The day passes: the tenant's jobs now date from yesterday, as they will after midnight.
+    // The day passes: the tenant's jobs, and the day its usage counter counts, now date from
+    // yesterday, as they will after midnight.
     await db.$executeRaw`UPDATE generated_images SET created_at = created_at - interval '1 day'
                           WHERE tenant_id = (SELECT id FROM tenants WHERE name = 'budget-co')`;
+    await db.$executeRaw`UPDATE tenants SET usage_day = usage_day - 1 WHERE name = 'budget-co'`;
     expect(await usage(urls[1]!, key)).toMatchObject({ pixel_steps: { used: 0, limit: BUDGET, remaining: BUDGET }, jobs_today: 0 });
     expect((await burst(urls, key)).filter((a) => a.status === 201)).toHaveLength(5);
     console.log(
       `quotas: in-flight cap 3 and daily budget ${BUDGET.toLocaleString('en-US')} pixel-steps (5 jobs of ${COST.toLocaleString('en-US')}); ` +
         '10 concurrent submissions over two API processes took exactly 3 and exactly 5; resets: slot on cancel/finish, budget at 00:00 UTC',
     );
+  });
+
+  it('charges a job of several images for every image: 3 images use three jobs of the budget, a 3-image job past what is left is refused whole', async () => {
+    await db.$executeRaw`UPDATE tenants SET usage_day = usage_day - 1 WHERE name = 'budget-co'`;
+    const three = await post(urls[0]!, key, { ...JOB, num_images: 3 });
+    expect(three.status).toBe(201);
+    expect(three.body).toMatchObject({ num_images: 3, pixel_steps: 3 * COST });
+    expect(await usage(urls[1]!, key)).toMatchObject({ pixel_steps: { used: 3 * COST, remaining: 2 * COST } });
+    const tooMany = await post(urls[1]!, key, { ...JOB, num_images: 3 });
+    expect(tooMany.status).toBe(429);
+    expect(tooMany.body).toMatchObject({ quota: 'daily_pixel_steps', used: 3 * COST, requested: 3 * COST });
+    expect((await post(urls[0]!, key, { ...JOB, num_images: 2 })).status).toBe(201);
   });
 });

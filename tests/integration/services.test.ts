@@ -92,7 +92,8 @@ describe('startServices (postgres + redis + swift s3)', () => {
     expect(svc.postgres.url).toMatch(/^postgresql:\/\/postgres@127\.0\.0\.1:\d+\/postgres$/);
     expect(svc.redis.url).toBe(`redis://127.0.0.1:${svc.redis.port}`);
     expect(svc.s3.endpoint).toBe(`http://127.0.0.1:${svc.s3.port}`);
-    expect(svc.s3.pids).toHaveLength(4);
+    // proxy, account, container and object server, and their memcached.
+    expect(svc.s3.pids).toHaveLength(5);
     expect(startLog.filter((l) => / ready: /.test(l))).toHaveLength(3);
     console.log(startLog.join('\n'));
   });

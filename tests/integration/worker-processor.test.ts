@@ -87,8 +87,8 @@ async function pngOf(value: number): Promise<Buffer> {
     .toBuffer();
 }
 
-/** A scripted engine: resolves with `png` once `gate` opens. */
-function scripted(png: Buffer, gate: Promise<void> = Promise.resolve()): ProcessorDeps['engine'] {
+/** A scripted engine: resolves with `png` (and images 1.. of a job of several, `more`) once `gate` opens. */
+function scripted(png: Buffer, gate: Promise<void> = Promise.resolve(), more: Buffer[] = []): ProcessorDeps['engine'] {
   return {
     async generate(params: GenerateParams, run: { onProgress?: (p: Progress) => void }): Promise<Generation> {
       run.onProgress?.({ step: 1, totalSteps: 2, elapsedMs: 1 });
@@ -103,6 +103,7 @@ function scripted(png: Buffer, gate: Promise<void> = Promise.resolve()): Process
         scheduler: 'pndm',
         timings: { encodeMs: 0, denoiseMs: 0, decodeMs: 0, totalMs: 12, sessionRunMs: 0 },
         warnings: [],
+        ...(more.length > 0 ? { more: more.map((m, k) => ({ png: m, seed: (params.seed ?? 0) + k + 1 })) } : {}),
       };
     },
   };
@@ -191,6 +192,43 @@ describe('worker job handler', () => {
     await storage.putPng(objectKeyFor(id, 1), await pngOf(1));
     expect(await processor(scripted(await pngOf(2)))({ imageId: id, attempt: 2, maxAttempts: 3, log: silent })).toBe('succeeded');
     expect(await objectsOf(id)).toEqual([objectKeyFor(id, 2)]);
+  });
+
+  it('a job of several images: each attempt stores all of them under its own keys; a superseded attempt removes all of its own, the winner all of earlier attempts’', async () => {
+    const id = randomUUID();
+    await insertJob(repo, {
+      id,
+      tenantId,
+      prompt: 'a red circle',
+      negativePrompt: null,
+      numSteps: 10,
+      guidanceScale: 9,
+      seed: 1,
+      width: 512,
+      height: 512,
+      scheduler: 'pndm',
+      numImages: 3,
+    });
+    // Attempt 1 stored two of its three images, then its worker died before recording anything.
+    await repo.startAttempt(id, 'dead-worker');
+    for (const k of [0, 1]) await storage.putPng(objectKeyFor(id, 1, k), await pngOf(1));
+    // Attempt 2 stalls past its lock, then finishes after attempt 3 did.
+    let release!: () => void;
+    const gate = new Promise<void>((r) => (release = r));
+    const stale = processor(scripted(await pngOf(10), gate, [await pngOf(11), await pngOf(12)]))({ imageId: id, attempt: 2, maxAttempts: 3, log: silent });
+    await expect.poll(async () => (await repo.get(id))!.attempts).toBe(2);
+    const fresh = await Promise.all([200, 201, 202].map(pngOf));
+    const winner = processor(scripted(fresh[0]!, undefined, fresh.slice(1)), { workerId: 'other-worker' });
+    expect(await winner({ imageId: id, attempt: 3, maxAttempts: 3, log: silent })).toBe('succeeded');
+    release();
+    expect(await stale).toBe('superseded');
+    expect(await repo.get(id)).toMatchObject({ status: 'succeeded', workerId: 'other-worker', fileName: objectKeyFor(id, 3) });
+    const keys = [0, 1, 2].map((k) => objectKeyFor(id, 3, k));
+    expect(await objectsOf(id)).toEqual([...keys].sort());
+    for (const [k, key] of keys.entries()) {
+      const served = Buffer.from(await (await fetch((await storage.presignGet(key)).url)).arrayBuffer());
+      expect(served.equals(fresh[k]!), `image ${k}`).toBe(true);
+    }
   });
 
   it('parameters the model rejects fail the job at once with invalid_for_model and the reason, unrecoverably', async () => {

@@ -36,7 +36,8 @@ function metricsUrlOf(w: ServiceProcess): string {
  */
 async function engineGoesDown(directive: '[test:crash]' | '[test:hang]', reason: 'crashed' | 'stalled') {
   const { url } = await sys.startApiProcess();
-  const w = await sys.startWorkerProcess(`engine-${reason}`, {}, 40);
+  // One job at a time, so that every other job runs after the poison one (test 6 is the batched case).
+  const w = await sys.startWorkerProcess(`engine-${reason}`, { BATCH_MAX: '1' }, 40);
   const poison = await submit(url, { prompt: `poison ${directive}`, num_steps: 5 }, sys.auth);
   const others: string[] = [];
   for (let i = 0; i < 6; i++) others.push(await submit(url, { prompt: `ordinary ${i}`, num_steps: 5 }, sys.auth));
@@ -88,6 +89,8 @@ describe('the engine, with real processes', () => {
     expect(await sys.repo.get(id)).toMatchObject({ status: 'queued' });
     expect((await sys.repo.attempts(id)).map((a) => a.outcome)).toEqual(['engine_failed']);
     report.engineGiveUp = { exitCode: exit.code, exitMs: Date.now() - t0, job: (await sys.repo.get(id))?.status };
+    // Leave no poison job queued for the next test's worker (which may batch it with its own).
+    expect((await fetch(`${url}/generated-images/${id}/cancel`, { method: 'POST', headers: sys.auth })).status).toBe(200);
   });
 
   it('4. an allocation failure fails its job with out_of_memory, not retried; the worker stays ready and runs the next job', async () => {
@@ -131,5 +134,38 @@ describe('the engine, with real processes', () => {
     ]);
     for (const a of attempts) expect(a.finishedAt!.getTime() - a.startedAt.getTime()).toBeLessThan(1_000 + 1_000);
     report.deadline = { timeoutMs: 1000, attempts: attempts.length, outcome: job.error.code, submitToFailedMs: elapsed };
+  });
+
+  it('6. a batch that takes the engine down hands every job back unblamed; each then runs alone, so only the poison job fails', async () => {
+    const { url } = await sys.startApiProcess();
+    const w = await sys.startWorkerProcess('engine-batch', { BATCH_MAX: '3', BATCH_WAIT_MS: '1000' }, 40);
+    const poison = await submit(url, { prompt: 'poison [test:crash]', num_steps: 5 }, sys.auth);
+    const others = [await submit(url, { prompt: 'ordinary 1', num_steps: 5 }, sys.auth), await submit(url, { prompt: 'ordinary 2', num_steps: 5 }, sys.auth)];
+    await waitTerminal(sys.db, [poison, ...others], 60_000);
+    expect(await sys.repo.get(poison)).toMatchObject({ status: 'failed', errorCode: 'engine_crashed' });
+    // Released with the batch (not counted), then taken down twice alone. A job handed back can
+    // be fetched again before the consumer has paused; it then meets the restarting engine and is
+    // released again, unblamed.
+    const poisonOutcomes = (await sys.repo.attempts(poison)).map((a) => a.outcome);
+    expect(poisonOutcomes[0]).toBe('released');
+    expect(poisonOutcomes.filter((o) => o === 'engine_failed')).toHaveLength(2);
+    expect(poisonOutcomes.filter((o) => o !== 'engine_failed' && o !== 'released')).toEqual([]);
+    const othersHandedBack: number[] = [];
+    for (const id of others) {
+      expect((await sys.repo.get(id))?.status).toBe('succeeded');
+      const outcomes = (await sys.repo.attempts(id)).map((a) => a.outcome);
+      othersHandedBack.push(outcomes.filter((o) => o === 'released').length);
+      expect(outcomes[0]).toBe('released');
+      expect(outcomes.slice(0, -1).filter((o) => o !== 'released')).toEqual([]);
+      expect(outcomes.at(-1)).toBe('succeeded');
+    }
+    expect(await metricValue(metricsUrlOf(w), 't2i_engine_restarts_total{reason="crashed"}')).toBe(3);
+    expect(w.running).toBe(true);
+    report.batchCrash = {
+      batch: 3,
+      poison: { code: 'engine_crashed', outcomes: poisonOutcomes },
+      others: { succeeded: others.length, timesHandedBack: othersHandedBack },
+      engineRestarts: 3,
+    };
   });
 });

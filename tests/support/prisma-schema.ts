@@ -126,6 +126,8 @@ function columnType(prismaType: string, dbAttr: Attr | undefined, enumDbName: st
         return `timestamp${arg ? `(${arg})` : ''} with time zone`;
       case 'Timestamp':
         return `timestamp${arg ? `(${arg})` : ''} without time zone`;
+      case 'Date':
+        return 'date';
       case 'Integer':
         return 'integer';
       case 'BigInt':

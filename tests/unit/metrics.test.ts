@@ -21,6 +21,7 @@ function fakeRepo(): ImagesRepo {
     get: async () => null,
     create: unused('create'),
     sweepIdempotencyKeys: unused('sweepIdempotencyKeys'),
+    createMany: unused('createMany'),
     list: unused('list'),
     usage: unused('usage'),
     markDeleted: unused('markDeleted'),
@@ -47,7 +48,7 @@ function fakeRepo(): ImagesRepo {
 }
 
 /** A unit-test fake of an empty queue. */
-const fakeQueue: JobQueue = { enqueue: async () => undefined, remove: async () => false, depth: async () => 0 };
+const fakeQueue: JobQueue = { enqueue: async () => undefined, enqueueMany: async () => undefined, remove: async () => false, depth: async () => 0 };
 
 /** A unit-test fake of the accounts store that knows no key: job routes answer 401. */
 function fakeAccountsRepo(): AccountsRepo {

@@ -7,12 +7,10 @@
  * seconds (and /health say so) instead of piling up requests that hang on a socket.
  */
 import { PrismaPg } from '@prisma/adapter-pg';
-import type pg from 'pg';
+import pg from 'pg';
 import { PrismaClient } from '../../generated/prisma/client.js';
 
 export type { GeneratedImage } from '../../generated/prisma/client.js';
-/** For raw SQL fragments (Prisma.sql) built apart from the query that runs them. */
-export { Prisma } from '../../generated/prisma/client.js';
 
 /** The database handle the rest of the app takes (pass it in; tests give their own). */
 export type Db = PrismaClient;
@@ -47,13 +45,18 @@ export function createPrismaClient(databaseUrl: string, opts: DbClientOptions = 
     keepAlive: true,
   };
   const log = opts.log;
-  const adapter = new PrismaPg(poolConfig, {
+  // One pool for Prisma and for the few hot statements written in SQL (sqlPool): the pool size
+  // is one budget for both.
+  const pool = new pg.Pool(poolConfig);
+  const adapter = new PrismaPg(pool, {
     ...(schema ? { schema } : {}),
+    // Ours, but ended with the client, so $disconnect() still releases every connection.
+    disposeExternalPool: true,
     // PrismaPg always listens for pool errors (so a database restart does not crash the process
     // with an unhandled 'error' event); this only makes them visible.
     onPoolError: (err) => log?.('error', `idle database connection failed: ${err.message}`),
   });
-  if (!log) return new PrismaClient({ adapter });
+  if (!log) return withPool(new PrismaClient({ adapter }), pool, schema);
 
   const client = new PrismaClient({
     adapter,
@@ -67,7 +70,27 @@ export function createPrismaClient(databaseUrl: string, opts: DbClientOptions = 
   client.$on('error', (e) => log('error', e.message));
   client.$on('info', (e) => log('info', e.message));
   // The log-typed client has the same API; Db is the plain type so callers need not care.
-  return client;
+  return withPool(client, pool, schema);
+}
+
+const pools = new WeakMap<Db, pg.Pool>();
+
+function withPool(db: Db, pool: pg.Pool, schema: string | undefined): Db {
+  // node-postgres knows no schema parameter: set the search path on each new connection, as the adapter does for its queries.
+  if (schema) pool.on('connect', (c) => void c.query(`SET search_path TO "${schema.replaceAll('"', '""')}"`).catch(() => undefined));
+  pools.set(db, pool);
+  return db;
+}
+
+/**
+ * The node-postgres pool under a client made by createPrismaClient, for the hot statements that
+ * are worth writing in SQL (one round trip, no query compiler): the same connections, the same
+ * timeouts.
+ */
+export function sqlPool(db: Db): pg.Pool {
+  const pool = pools.get(db);
+  if (!pool) throw new Error('sqlPool: this client was not made by createPrismaClient');
+  return pool;
 }
 
 /**

@@ -1,7 +1,8 @@
 import { randomFillSync } from 'node:crypto';
 import sharp from 'sharp';
+import { resolveParams, SD_DEFAULTS, throwIfAborted, type GenerateParams, type Generation, type ResolvedParams } from '../pipeline.js';
 import type { Preview } from '../preview.js';
-import { imageSeed, resolveParams, SD_DEFAULTS, throwIfAborted, type GenerateOptions, type GenerateParams, type Generation } from '../pipeline.js';
+import type { Member } from '../thread/batcher.js';
 
 /**
  * A test double for the diffusion pipeline, run in the engine thread exactly where the real one
@@ -10,6 +11,10 @@ import { imageSeed, resolveParams, SD_DEFAULTS, throwIfAborted, type GenerateOpt
  * real PNG (a flat colour derived from the seed, with one random pixel), latent previews when asked
  * (the same flat colour, brightening step by step). Each step waits `stepMs` on a timer, so a job
  * lasts a chosen time without using the CPU. It draws nothing of the prompt.
+ *
+ * It batches as the real pipeline does: generations with the same number of steps share each
+ * step's wait (up to `batchMax`), each with its own progress, cancellation and failure; a request
+ * for several images is several generations, seeds seed + k, as there (several-images.ts).
  *
  * It is selected only by `t2i worker --test-engine` (and the demo and benchmarks), never by
  * configuration, so a production worker cannot run it by accident.
@@ -21,52 +26,100 @@ import { imageSeed, resolveParams, SD_DEFAULTS, throwIfAborted, type GenerateOpt
  *   [test:oom]    fail a real allocation (an 8 TiB ArrayBuffer), as an exhausted heap would;
  *   [test:fail]   throw an ordinary error from the model (quoting the prompt, as engine errors may).
  * A directive followed by `@N` (e.g. `[test:crash@2]`) acts only on the Nth generation of this
- * thread, so a test can let a restarted engine succeed.
+ * thread (each image of a request counts), so a test can let a restarted engine succeed. Crash
+ * and hang take the whole batch down with them, as a real one would; oom and fail end only their
+ * own generation (and with it its request).
  */
 
 export interface TestPipelineOptions {
   stepMs: number;
+  /** Generations per shared step; 1 (the default) runs them one at a time. */
+  batchMax?: number;
+}
+
+interface TestPlan {
+  p: ResolvedParams;
+  batchKey: string | undefined;
 }
 
 const DIRECTIVE = /\[test:(crash|hang|oom|fail)(?:@(\d+))?\]/;
 
 export class TestPipeline {
   private generations = 0;
+  readonly batching: { max: number };
 
-  constructor(private readonly options: TestPipelineOptions) {}
+  constructor(private readonly options: TestPipelineOptions) {
+    this.batching = { max: Math.max(1, options.batchMax ?? 1) };
+  }
 
-  async generate(params: GenerateParams, options: GenerateOptions = {}): Promise<Generation> {
-    const started = performance.now();
-    const nth = ++this.generations;
+  plan(params: GenerateParams): Promise<TestPlan> {
     const p = resolveParams(params, { ...SD_DEFAULTS, scheduler: 'pndm' });
-    const m = DIRECTIVE.exec(p.prompt);
-    const fault = m && (m[2] === undefined || Number(m[2]) === nth) ? m[1] : undefined;
-    for (let step = 1; step <= p.numSteps; step++) {
-      throwIfAborted(options.signal);
-      if (step === 1) this.misbehave(fault, p.prompt);
-      if (this.options.stepMs > 0) await new Promise((r) => setTimeout(r, this.options.stepMs));
-      const every = options.previewEvery ?? 0;
-      const wantPreview = every > 0 && (step % every === 0 || step === p.numSteps);
-      options.onProgress?.({
-        step,
-        totalSteps: p.numSteps,
-        elapsedMs: performance.now() - started,
-        ...(wantPreview ? { preview: flatPreview(p.width / 8, p.height / 8, p.seed, step / p.numSteps) } : {}),
+    return Promise.resolve({ p, batchKey: this.batching.max > 1 ? String(p.numSteps) : undefined });
+  }
+
+  async run(members: ReadonlyArray<Member<TestPlan>>): Promise<void> {
+    const started = performance.now();
+    const jobs = members.map((m) => {
+      const nth = ++this.generations;
+      const d = DIRECTIVE.exec(m.plan.p.prompt);
+      return { m, fault: d && (d[2] === undefined || Number(d[2]) === nth) ? d[1] : undefined };
+    });
+    const steps = members[0]?.plan.p.numSteps ?? 0;
+    let active = jobs;
+    // As the real pipeline reports it: the most generations that shared a step.
+    let batchSize = 0;
+    for (let step = 1; step <= steps && active.length > 0; step++) {
+      active = active.filter((j) => {
+        try {
+          throwIfAborted(j.m.options.signal);
+          if (step === 1) this.misbehave(j.fault, j.m.plan.p.prompt);
+          return true;
+        } catch (error) {
+          j.m.settle({ error });
+          return false;
+        }
       });
+      batchSize = Math.max(batchSize, active.length);
+      if (this.options.stepMs > 0) await new Promise((r) => setTimeout(r, this.options.stepMs));
+      for (const { m } of active) {
+        const { p } = m.plan;
+        const every = m.options.previewEvery ?? 0;
+        const wantPreview = every > 0 && (step % every === 0 || step === steps);
+        m.options.onProgress?.({
+          step,
+          totalSteps: steps,
+          elapsedMs: performance.now() - started,
+          ...(wantPreview ? { preview: flatPreview(p.width / 8, p.height / 8, p.seed, step / steps) } : {}),
+        });
+      }
     }
-    throwIfAborted(options.signal);
-    // A small flat image keeps uploads cheap; its colour makes different seeds distinguishable,
-    // and a random first pixel makes every generation's bytes its own, so a test can tell which
-    // attempt's object a URL serves. Image k of several has seed + k, as the real pipeline.
+    for (const { m } of active) {
+      try {
+        throwIfAborted(m.options.signal);
+        m.settle({ generation: await this.picture(m.plan.p, started, batchSize) });
+      } catch (error) {
+        m.settle({ error });
+      }
+    }
+  }
+
+  /**
+   * A small flat image keeps uploads cheap; its colour makes different seeds distinguishable,
+   * and a random first pixel makes every generation's bytes its own, so a test can tell which
+   * attempt's object a URL serves.
+   */
+  private async picture(p: ResolvedParams, started: number, batchSize: number): Promise<Generation> {
     const side = 64;
-    const images = await Promise.all(
-      Array.from({ length: p.numImages }, async (_, k) => ({ seed: imageSeed(p.seed, k), png: await flatPng(imageSeed(p.seed, k), side) })),
-    );
+    const rgb = Buffer.alloc(side * side * 3);
+    for (let i = 0; i < rgb.length; i += 3) rgb.set([p.seed & 0xff, (p.seed >>> 8) & 0xff, (p.seed >>> 16) & 0xff], i);
+    randomFillSync(rgb, 0, 3);
+    const png = await sharp(rgb, { raw: { width: side, height: side, channels: 3 } })
+      .png()
+      .toBuffer();
     const totalMs = performance.now() - started;
     return {
-      png: images[0]!.png,
+      png,
       seed: p.seed,
-      ...(images.length > 1 ? { more: images.slice(1) } : {}),
       width: side,
       height: side,
       numSteps: p.numSteps,
@@ -74,6 +127,7 @@ export class TestPipeline {
       scheduler: p.scheduler,
       timings: { encodeMs: 0, denoiseMs: totalMs, decodeMs: 0, totalMs, sessionRunMs: 0 },
       warnings: [],
+      batchSize,
     };
   }
 
@@ -94,15 +148,6 @@ export class TestPipeline {
         throw new Error(`the test engine failed as asked while generating "${prompt}"`);
     }
   }
-}
-
-async function flatPng(seed: number, side: number): Promise<Buffer> {
-  const rgb = Buffer.alloc(side * side * 3);
-  for (let i = 0; i < rgb.length; i += 3) rgb.set([seed & 0xff, (seed >>> 8) & 0xff, (seed >>> 16) & 0xff], i);
-  randomFillSync(rgb, 0, 3);
-  return sharp(rgb, { raw: { width: side, height: side, channels: 3 } })
-    .png()
-    .toBuffer();
 }
 
 /** A latent-sized preview of the double's flat colour, faded in by `done` (0..1). */

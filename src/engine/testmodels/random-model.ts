@@ -19,9 +19,16 @@ export interface RandomModelOptions {
   vocabSize: number;
   /** Width of the (first) text encoder's hidden states (768 in SD 1.x, 1024 in SD 2.x). */
   hiddenSize: number;
-  /** Channels inside the UNet; compute grows with channels^2 x blocks. */
+  /** Channels inside the UNet (at its first level); compute grows with channels^2 x blocks. */
   unetChannels: number;
   unetBlocks: number;
+  /**
+   * Resolution levels, as SD's UNet has four (latents 64, 32, 16 and 8 wide at 512x512, with
+   * 1, 2, 4 and 4 times the channels): each level below the first halves the side and multiplies
+   * the channels the same way, runs its blocks on the way down and, but for the last, on the way
+   * up, joined by skip connections. 1: every block at the latents' own size.
+   */
+  unetLevels: number;
   vaeChannels: number;
   idsType: 'int32' | 'int64';
   timestep: TimestepInput;
@@ -48,6 +55,7 @@ export const DEFAULT_RANDOM_MODEL: RandomModelOptions = {
   hiddenSize: 64,
   unetChannels: 32,
   unetBlocks: 2,
+  unetLevels: 1,
   vaeChannels: 8,
   idsType: 'int32',
   timestep: { type: 'int64', rank: 1 },
@@ -171,17 +179,33 @@ export function randomUnet(o: RandomModelOptions, sigmas: Float64Array): Seriali
     x = g.op('Add', [x, perChannel(g.op('Tanh', [linear(cond, o.guidanceEmbeddingDim)]))]);
   }
 
-  const shape = g.op('Shape', [x]);
-  const k = g.op('MatMul', [ehs, g.f32(w.normal(D * C, D), [D, C])]); // [B, 77, C]
-  const v = g.op('MatMul', [ehs, g.f32(w.normal(D * C, D, TEXT_GAIN), [D, C])]);
-  const kT = g.op('Transpose', [k], { perm: [0, 2, 1] });
-  for (let b = 0; b < o.unetBlocks; b++) {
-    x = g.op('Add', [x, g.op('Tanh', [conv(x, C, C)])]);
-    // Cross-attention of every latent pixel over the 77 text tokens.
-    const q = g.op('Transpose', [g.op('Reshape', [x, g.i64([0, C, -1])])], { perm: [0, 2, 1] }); // [B, hw, C]
-    const scores = g.op('Mul', [g.op('MatMul', [q, kT]), g.scalar(1 / Math.sqrt(C))]);
-    const att = g.op('MatMul', [g.op('Softmax', [scores], { axis: -1 }), v]); // [B, hw, C]
-    x = g.op('Add', [x, g.op('Reshape', [g.op('Transpose', [att], { perm: [0, 2, 1] }), shape])]);
+  /** `unetBlocks` blocks of C channels: a residual convolution, then cross-attention of every pixel over the 77 text tokens. */
+  const blocks = (input: string, C: number) => {
+    let h = input;
+    const shape = g.op('Shape', [h]);
+    const k = g.op('MatMul', [ehs, g.f32(w.normal(D * C, D), [D, C])]); // [B, 77, C]
+    const v = g.op('MatMul', [ehs, g.f32(w.normal(D * C, D, TEXT_GAIN), [D, C])]);
+    const kT = g.op('Transpose', [k], { perm: [0, 2, 1] });
+    for (let b = 0; b < o.unetBlocks; b++) {
+      h = g.op('Add', [h, g.op('Tanh', [conv(h, C, C)])]);
+      const q = g.op('Transpose', [g.op('Reshape', [h, g.i64([0, C, -1])])], { perm: [0, 2, 1] }); // [B, hw, C]
+      const scores = g.op('Mul', [g.op('MatMul', [q, kT]), g.scalar(1 / Math.sqrt(C))]);
+      const att = g.op('MatMul', [g.op('Softmax', [scores], { axis: -1 }), v]); // [B, hw, C]
+      h = g.op('Add', [h, g.op('Reshape', [g.op('Transpose', [att], { perm: [0, 2, 1] }), shape])]);
+    }
+    return h;
+  };
+  const pointwise = (h: string, cin: number, cout: number) => g.op('Conv', [h, g.f32(w.normal(cout * cin, cin), [cout, cin, 1, 1])], { kernel_shape: [1, 1] });
+  const width = (level: number) => C * [1, 2, 4, 4][Math.min(level, 3)]!;
+  const skips: string[] = [];
+  for (let level = 0; level < o.unetLevels; level++) {
+    if (level > 0) x = pointwise(g.op('AveragePool', [x], { kernel_shape: [2, 2], strides: [2, 2] }), width(level - 1), width(level));
+    x = blocks(x, width(level));
+    skips.push(x);
+  }
+  for (let level = o.unetLevels - 2; level >= 0; level--) {
+    const up = g.op('Resize', [x, '', g.f32([1, 1, 2, 2], [4])], { mode: 'nearest' });
+    x = blocks(g.op('Add', [pointwise(up, width(level + 1), width(level)), skips[level]!]), width(level));
   }
   // The denoiser of N(centre, I): eps = s (x_t - a centre); its clean estimate a x_t + s^2 centre.
   const centre = g.op('Tanh', [conv(x, C, 4)]);

@@ -9,23 +9,31 @@ import type { EngineInfo, FromThread, SerializedError, ThreadInit, ToThread } fr
 
 /**
  * The engine as the rest of the service sees it: a model loaded once in its own thread,
- * generations run one at a time, progress and cancellation across the thread boundary.
+ * progress and cancellation across the thread boundary. Every generate() call goes to the
+ * thread at once; the thread queues them and runs those that can share UNet runs together, up
+ * to `batchMax` (thread/batcher.ts), so callers that want batches just call generate() for
+ * several generations without waiting for each.
  *
- * It also watches the thread. If the thread dies (a native crash, an exhausted heap) or a
- * generation makes no progress for `stallMs` (a hung kernel), the engine is down: the pending
- * generation fails with an EngineDownError, the thread is terminated, and `onDown` listeners
- * hear why. A down engine stays down; whoever owns it starts a new one (src/worker/engine.ts).
+ * It also watches the thread. If the thread dies (a native crash, an exhausted heap) or sends
+ * nothing for `stallMs` while generations run (a hung kernel), the engine is down: every pending
+ * generation fails with an EngineDownError saying how many ran together, the thread is
+ * terminated, and `onDown` listeners hear why. A down engine stays down; whoever owns it starts
+ * a new one (src/worker/engine.ts).
  */
 
 interface CommonOptions {
   /** Lines the engine thread writes (provider choice, prompt truncation), with the generation they belong to. */
   log?: (level: 'debug' | 'info' | 'warn', msg: string, generationId?: number) => void;
   /**
-   * A generation that sends nothing (no step, no result) for this long is hung: the engine goes
-   * down. It must be longer than the slowest of prompt encoding plus one step, one step, and
-   * decoding. 0 or absent: never.
+   * A thread that sends nothing (no step, no result) for this long while generations run is
+   * hung: the engine goes down. It must be longer than the slowest of a full batch's prompt
+   * encodings plus one step, one step, and its decodings. 0 or absent: never.
    */
   stallMs?: number;
+  /** Most generations per UNet run (BATCH_MAX); 1 or absent: one at a time. */
+  batchMax?: number;
+  /** Longest the first generation in line waits for others to share its batch (BATCH_WAIT_MS). */
+  batchWaitMs?: number;
 }
 
 export type EngineOptions = CommonOptions &
@@ -44,6 +52,8 @@ export interface RunOptions {
   onStart?: (generationId: number) => void;
   /** Receives the engine thread's lines about this generation (instead of EngineOptions.log), so they carry the job's context. */
   log?: EngineLog;
+  /** Run in a batch of its own (a request for several images still batches its own images together). */
+  alone?: boolean;
 }
 
 export type EngineLog = (level: 'debug' | 'info' | 'warn', msg: string) => void;
@@ -53,8 +63,9 @@ interface Pending {
   reject: (e: Error) => void;
   onProgress?: (p: Progress) => void;
   log?: EngineLog;
-  /** performance.now() of the last message about this generation; null until the thread took it. */
-  lastBeat: number | null;
+  onStart?: (generationId: number) => void;
+  /** How many requests' generations left the thread's queue with this one's, itself included; undefined until they did. */
+  batchSize?: number;
 }
 
 /** A generation's error from inside the thread (its name and message kept: InvalidParamsError, OutOfMemoryError, ...). */
@@ -77,6 +88,12 @@ export class EngineDownError extends Error {
     message: string,
     /** A hung thread that did not stop when terminated: only ending the process frees it. */
     readonly unkillable = false,
+    /**
+     * How many requests were running together when it went down, this one included (a request
+     * for several images counts once); 0 when this one was still waiting. Only a request that ran
+     * alone can be blamed for the fall.
+     */
+    readonly batchSize = 0,
   ) {
     super(message);
   }
@@ -101,14 +118,16 @@ function spawnThread(init: ThreadInit): Worker {
 }
 
 function threadInit(options: EngineOptions): ThreadInit {
-  if ('test' in options) return { kind: 'test', stepMs: options.test.stepMs };
-  return { kind: 'onnx', modelDir: options.modelDir, provider: options.provider ?? 'auto', ...(options.threads ? { threads: options.threads } : {}) };
+  const batch = { batchMax: options.batchMax ?? 1, batchWaitMs: options.batchWaitMs ?? 0 };
+  if ('test' in options) return { kind: 'test', stepMs: options.test.stepMs, ...batch };
+  return { kind: 'onnx', modelDir: options.modelDir, provider: options.provider ?? 'auto', ...(options.threads ? { threads: options.threads } : {}), ...batch };
 }
 
 export class Engine {
   private nextId = 1;
   private readonly pending = new Map<number, Pending>();
-  private queue: Promise<unknown> = Promise.resolve();
+  /** performance.now() of the thread's last message. */
+  private lastBeat = performance.now();
   private closed = false;
   private downReason: EngineDownError | undefined;
   private readonly downListeners: Array<(err: EngineDownError) => void> = [];
@@ -175,18 +194,11 @@ export class Engine {
     else this.downListeners.push(listener);
   }
 
-  /** Queues a generation; generations run one at a time in arrival order. */
+  /** Hands a generation to the thread, which runs it alone or with others that fit its batch. */
   generate(params: GenerateParams, run: RunOptions = {}): Promise<Generation> {
-    const result = this.queue.then(() => this.runOne(params, run));
-    this.queue = result.catch(() => undefined);
-    return result;
-  }
-
-  private runOne(params: GenerateParams, run: RunOptions): Promise<Generation> {
     if (this.downReason) return Promise.reject(this.downReason);
     if (this.closed) return Promise.reject(new Error('engine is closed'));
     const id = this.nextId++;
-    run.onStart?.(id);
     return new Promise<Generation>((resolve, reject) => {
       if (run.signal?.aborted) {
         const err = new Error('generation canceled');
@@ -208,9 +220,9 @@ export class Engine {
         },
         ...(run.onProgress ? { onProgress: run.onProgress } : {}),
         ...(run.log ? { log: run.log } : {}),
-        lastBeat: null,
+        ...(run.onStart ? { onStart: run.onStart } : {}),
       });
-      this.send({ type: 'generate', id, params, previewEvery: run.previewEvery ?? 0, returnLatents: run.returnLatents ?? false });
+      this.send({ type: 'generate', id, params, previewEvery: run.previewEvery ?? 0, returnLatents: run.returnLatents ?? false, alone: run.alone ?? false });
     });
   }
 
@@ -218,25 +230,26 @@ export class Engine {
     if (this.alive || msg.type === 'close') this.worker.postMessage(msg);
   }
 
-  private beat(id: number): Pending | undefined {
-    const p = this.pending.get(id);
-    if (p) p.lastBeat = performance.now();
-    return p;
-  }
-
   private onMessage(msg: FromThread): void {
+    this.lastBeat = performance.now();
     switch (msg.type) {
       case 'log': {
-        const own = msg.id === undefined ? undefined : this.beat(msg.id)?.log;
+        const own = msg.id === undefined ? undefined : this.pending.get(msg.id)?.log;
         if (own) own(msg.level, msg.msg);
         else this.options.log?.(msg.level, msg.msg, msg.id);
         break;
       }
-      case 'started':
-        this.beat(msg.id);
+      case 'started': {
+        const p = this.pending.get(msg.id);
+        if (!p) break;
+        // A request for several images may leave the queue in more than one batch: the largest counts.
+        const first = p.batchSize === undefined;
+        p.batchSize = Math.max(p.batchSize ?? 0, msg.batchSize);
+        if (first) p.onStart?.(msg.id);
         break;
+      }
       case 'progress':
-        this.beat(msg.id)?.onProgress?.(msg.progress);
+        this.pending.get(msg.id)?.onProgress?.(msg.progress);
         break;
       case 'done': {
         const p = this.pending.get(msg.id);
@@ -261,14 +274,11 @@ export class Engine {
     }
   }
 
+  /** Hung: generations are running, and the thread has said nothing for stallMs. */
   private checkStall(stallMs: number): void {
-    const now = performance.now();
-    for (const p of this.pending.values()) {
-      if (p.lastBeat !== null && now - p.lastBeat > stallMs) {
-        this.down(new EngineDownError('stalled', `engine thread made no progress for ${Math.round(now - p.lastBeat)} ms (limit ${stallMs} ms)`));
-        return;
-      }
-    }
+    const silentMs = performance.now() - this.lastBeat;
+    if (silentMs <= stallMs || ![...this.pending.values()].some((p) => p.batchSize !== undefined)) return;
+    this.down(new EngineDownError('stalled', `engine thread made no progress for ${Math.round(silentMs)} ms (limit ${stallMs} ms)`));
   }
 
   /** The engine is down: fail what is pending, stop the thread, tell the listeners. */
@@ -276,7 +286,7 @@ export class Engine {
     if (this.closed || this.downReason) return;
     this.downReason = err;
     clearInterval(this.watchdog);
-    for (const p of this.pending.values()) p.reject(err);
+    for (const p of this.pending.values()) p.reject(new EngineDownError(err.reason, err.message, err.unkillable, p.batchSize ?? 0));
     this.pending.clear();
     if (err.reason !== 'stalled') {
       for (const l of this.downListeners) l(err);

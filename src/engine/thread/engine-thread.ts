@@ -1,8 +1,9 @@
 import { parentPort, workerData } from 'node:worker_threads';
 import { isAllocationFailure } from '../errors.js';
 import { loadModel, type LoadedModel } from '../model.js';
-import { StableDiffusionPipeline, type GenerateOptions, type GenerateParams, type Generation } from '../pipeline.js';
+import { StableDiffusionPipeline } from '../pipeline.js';
 import { TestPipeline } from '../testing/test-pipeline.js';
+import { Batcher, type BatchingPipeline, type Planned } from './batcher.js';
 import type { FromThread, SerializedError, ThreadInit, ToThread } from './protocol.js';
 
 /**
@@ -23,51 +24,39 @@ function serializeError(err: unknown): SerializedError {
   return { name, message: e.message, ...(e.stack ? { stack: e.stack } : {}) };
 }
 
-const active = new Map<number, AbortController>();
 let model: LoadedModel | undefined;
-let pipeline: { generate(params: GenerateParams, options: GenerateOptions): Promise<Generation> } | undefined;
+// The host sends generations only once the thread said it is ready, which is after this is set.
+let batcher: Batcher<Planned> | undefined;
 
-async function generate(msg: Extract<ToThread, { type: 'generate' }>): Promise<void> {
-  const controller = new AbortController();
-  active.set(msg.id, controller);
-  post({ type: 'started', id: msg.id });
-  try {
-    const generation = await pipeline!.generate(msg.params, {
-      signal: controller.signal,
-      previewEvery: msg.previewEvery,
-      returnLatents: msg.returnLatents,
-      onProgress: (progress) => post({ type: 'progress', id: msg.id, progress }),
-    });
-    for (const w of generation.warnings) post({ type: 'log', level: 'warn', msg: w, id: msg.id });
-    // Small Buffers share Node's allocation pool: copy into an ArrayBuffer of our own, which
-    // can be transferred instead of cloned without detaching the pool.
-    const png = new Uint8Array(generation.png);
-    const more = (generation.more ?? []).map((m) => ({ seed: m.seed, png: new Uint8Array(m.png) }));
-    post(
-      {
-        type: 'done',
-        id: msg.id,
-        generation: { ...generation, png: png as Buffer, ...(generation.more ? { more: more as Array<{ seed: number; png: Buffer }> } : {}) },
-      },
-      [png.buffer, ...more.map((m) => m.png.buffer)],
-    );
-  } catch (err) {
-    post({ type: 'failed', id: msg.id, error: serializeError(err) });
-  } finally {
-    active.delete(msg.id);
-  }
+function start(pipeline: BatchingPipeline<Planned>): void {
+  batcher = new Batcher(pipeline, init.batchWaitMs, {
+    started: (id, batchSize) => post({ type: 'started', id, batchSize }),
+    progress: (id, progress) => post({ type: 'progress', id, progress }),
+    done: (id, generation) => {
+      for (const w of generation.warnings) post({ type: 'log', level: 'warn', msg: w, id });
+      // Small Buffers share Node's allocation pool: copy into an ArrayBuffer of our own, which
+      // can be transferred instead of cloned without detaching the pool.
+      const png = new Uint8Array(generation.png);
+      const more = generation.more?.map((m) => ({ seed: m.seed, png: new Uint8Array(m.png) }));
+      post({ type: 'done', id, generation: { ...generation, png: png as Buffer, ...(more ? { more: more as Array<{ seed: number; png: Buffer }> } : {}) } }, [
+        png.buffer,
+        ...(more ?? []).map((m) => m.png.buffer),
+      ]);
+    },
+    failed: (id, error) => post({ type: 'failed', id, error: serializeError(error) }),
+  });
 }
 
 port.on('message', (msg: ToThread) => {
   switch (msg.type) {
     case 'generate':
-      void generate(msg);
+      void batcher!.submit({ id: msg.id, params: msg.params, previewEvery: msg.previewEvery, returnLatents: msg.returnLatents, alone: msg.alone });
       break;
     case 'cancel':
-      active.get(msg.id)?.abort();
+      batcher!.cancel(msg.id);
       break;
     case 'close':
-      for (const c of active.values()) c.abort();
+      batcher?.close();
       void (async () => {
         await model?.release().catch(() => undefined);
         post({ type: 'closed' });
@@ -78,22 +67,23 @@ port.on('message', (msg: ToThread) => {
 });
 
 if (init.kind === 'test') {
-  pipeline = new TestPipeline({ stepMs: init.stepMs });
+  const pipeline = new TestPipeline({ stepMs: init.stepMs, batchMax: init.batchMax });
+  start(pipeline);
+  const batching = { max: pipeline.batching.max, summary: `batching: up to ${pipeline.batching.max} generations per step (test engine)` };
   // The double takes (and ignores) input pictures and masks, so the service's paths for them can be tested.
   const inputs = { family: 'test' as const, inpainting: false, imageInputs: true };
-  post({ type: 'ready', info: { modelDir: 'test-engine', provider: 'none', defaultScheduler: 'pndm', inputs, loadMs: 0, sizeBytes: 0 } });
+  post({ type: 'ready', info: { modelDir: 'test-engine', provider: 'none', defaultScheduler: 'pndm', inputs, loadMs: 0, sizeBytes: 0, batching } });
 } else {
   await loadOnnx(init);
 }
 
 async function loadOnnx(onnx: Extract<ThreadInit, { kind: 'onnx' }>): Promise<void> {
   try {
-    model = await loadModel(onnx.modelDir, {
-      provider: onnx.provider,
-      ...(onnx.threads ? { threads: onnx.threads } : {}),
-      log: (msg) => post({ type: 'log', level: msg.startsWith('warning: ') ? 'warn' : 'info', msg }),
-    });
-    pipeline = new StableDiffusionPipeline(model);
+    const log = (msg: string) => post({ type: 'log', level: msg.startsWith('warning: ') ? 'warn' : 'info', msg });
+    model = await loadModel(onnx.modelDir, { provider: onnx.provider, ...(onnx.threads ? { threads: onnx.threads } : {}), log });
+    const pipeline = new StableDiffusionPipeline(model, { max: onnx.batchMax, threads: onnx.threads });
+    log(pipeline.batching.summary);
+    start(pipeline);
     post({
       type: 'ready',
       info: {
@@ -105,6 +95,7 @@ async function loadOnnx(onnx: Extract<ThreadInit, { kind: 'onnx' }>): Promise<vo
         inputs: { family: model.variant.family, inpainting: model.variant.inpainting, imageInputs: model.hasVaeEncoder },
         loadMs: model.loadMs,
         sizeBytes: model.sizeBytes,
+        batching: { max: pipeline.batching.max, summary: pipeline.batching.summary },
       },
     });
   } catch (err) {

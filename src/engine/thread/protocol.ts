@@ -4,8 +4,13 @@ import type { SchedulerName } from '../schedulers/types.js';
 
 /** Messages between the host and the engine thread. Plain data: structured-clone safe. */
 
-/** What the thread loads: an ONNX export, or the test double (testing/test-pipeline.ts). */
-export type ThreadInit = { kind: 'onnx'; modelDir: string; provider: ProviderChoice; threads?: number } | { kind: 'test'; stepMs: number };
+/** What the thread loads: an ONNX export, or the test double (testing/test-pipeline.ts), and how it batches. */
+export type ThreadInit = ({ kind: 'onnx'; modelDir: string; provider: ProviderChoice; threads?: number } | { kind: 'test'; stepMs: number }) & {
+  /** Most generations per UNet run (BATCH_MAX). */
+  batchMax: number;
+  /** Longest the first generation in line waits for others to share its batch (BATCH_WAIT_MS). */
+  batchWaitMs: number;
+};
 
 export interface EngineInfo {
   modelDir: string;
@@ -19,10 +24,14 @@ export interface EngineInfo {
   inputs?: { family: 'sd' | 'sdxl' | 'test'; inpainting: boolean; imageInputs: boolean };
   loadMs: number;
   sizeBytes: number;
+  /** Most generations one UNet run takes here (1: one at a time), and why, in one line. */
+  batching: { max: number; summary: string };
 }
 
 export type ToThread =
-  { type: 'generate'; id: number; params: GenerateParams; previewEvery: number; returnLatents: boolean } | { type: 'cancel'; id: number } | { type: 'close' };
+  | { type: 'generate'; id: number; params: GenerateParams; previewEvery: number; returnLatents: boolean; alone: boolean }
+  | { type: 'cancel'; id: number }
+  | { type: 'close' };
 
 export interface SerializedError {
   name: string;
@@ -35,8 +44,12 @@ export type FromThread =
   | { type: 'boot-failed'; error: SerializedError }
   | { type: 'log'; level: 'debug' | 'info' | 'warn'; msg: string; id?: number }
   | { type: 'progress'; id: number; progress: Progress }
-  /** The generation started (sent before any model runs): the host's stall clock starts here. */
-  | { type: 'started'; id: number }
+  /**
+   * The request's generations (or some of its images') left the queue in a batch holding
+   * `batchSize` requests' generations, itself included (sent before any model runs; again for
+   * each further batch of its images): the host's stall clock starts here.
+   */
+  | { type: 'started'; id: number; batchSize: number }
   | { type: 'done'; id: number; generation: Generation }
   | { type: 'failed'; id: number; error: SerializedError }
   | { type: 'closed' };
