@@ -169,7 +169,7 @@ export async function pollFor<T>(probe: () => Promise<T | undefined>, timeoutMs:
 
 export const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)] ?? NaN;
 
-/** A Prometheus text exposition's value for one series, e.g. `t2i_engine_restarts_total{reason="crashed"}`. */
+/** A Prometheus text exposition's value for one series, written as exposed, e.g. `t2i_engine_restarts_total{reason="crashed",model="test-engine"}` (a worker's series end with its model). */
 export async function metricValue(metricsUrl: string, series: string): Promise<number | undefined> {
   const text = await (await fetch(`${metricsUrl}/metrics`)).text();
   const line = text.split('\n').find((l) => l.startsWith(`${series} `));
