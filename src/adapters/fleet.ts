@@ -1,5 +1,5 @@
 import { MODEL_TASKS, type FleetMember, type FleetRegistry, type ModelProfile, type ModelTask } from '../core/fleet.js';
-import { createRedis, translateRedisError } from './queue.js';
+import { createRedis, translateRedisError, whenReady } from './queue.js';
 import { translateErrors } from './translate.js';
 
 /**
@@ -8,9 +8,16 @@ import { translateErrors } from './translate.js';
  * delete them), and one hash with a field per model holding the last profile announced for it,
  * which outlives the model's workers (a model scaled to zero keeps its defaults).
  */
-export function createFleetRegistry(redisUrl: string, queueName: string): FleetRegistry & { close(): void } {
-  // Commands wait for the connection (a worker announces itself right after starting); readers bound their wait themselves.
-  const redis = createRedis(redisUrl);
+export function createFleetRegistry(
+  redisUrl: string,
+  queueName: string,
+  opts: { failFast?: boolean } = {},
+): FleetRegistry & { ready(timeoutMs?: number): Promise<void>; close(): void } {
+  // A worker's commands wait for the connection (it announces itself right after starting). The
+  // API's fail at once while Redis is away (failFast), so a request never waits on the fleet: the
+  // model catalog answers from its last read instead.
+  const redis = createRedis(redisUrl, opts);
+  if (opts.failFast) redis.on('error', () => undefined);
   const key = `t2i:fleet:${queueName}`;
   const profilesKey = `t2i:fleet:${queueName}:profiles`;
   const parse = (raw: string): { member: FleetMember; expiresAt: number } | null => {
@@ -60,7 +67,7 @@ export function createFleetRegistry(redisUrl: string, queueName: string): FleetR
       });
     },
   };
-  return { ...translateErrors(registry, translateRedisError), close: () => redis.disconnect() };
+  return { ...translateErrors(registry, translateRedisError), ready: (timeoutMs = 10_000) => whenReady(redis, timeoutMs), close: () => redis.disconnect() };
 }
 
 /** Announcements of workers older than task lists, read as text-to-image only (what they could do). */

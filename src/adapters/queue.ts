@@ -31,6 +31,18 @@ export function createRedis(url: string, opts: RedisOptions = {}): Redis {
   });
 }
 
+/** Resolves once the connection is ready (a fail-fast one refuses commands until then). */
+export async function whenReady(connection: Redis, timeoutMs: number): Promise<void> {
+  if (connection.status === 'ready') return;
+  await new Promise<void>((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`Redis not ready after ${timeoutMs} ms`)), timeoutMs);
+    connection.once('ready', () => {
+      clearTimeout(timer);
+      resolve();
+    });
+  });
+}
+
 export type QueueJobState = 'waiting' | 'active' | 'delayed' | 'completed' | 'failed' | 'prioritized' | 'waiting-children' | 'unknown';
 
 /**
@@ -146,6 +158,10 @@ export function createProducer(redisUrl: string, s: QueueSettings): ProducerQueu
       queues.set(model, queue);
       return queue;
     }
+    // A BullMQ Queue made on a connection that is not ready waits for it before its first command,
+    // however long Redis is away: fail fast instead, as this connection does for every command
+    // (the first job of a model may come while Redis is down; the reconciler enqueues it later).
+    if (connection.status !== 'ready') throw new Error("Stream isn't writeable and enableOfflineQueue options is false");
     queue = new Queue<GeneratePayload>(queueNameFor(s.queueName, model), {
       connection,
       defaultJobOptions: {
@@ -170,14 +186,7 @@ export function createProducer(redisUrl: string, s: QueueSettings): ProducerQueu
   return translateErrors<ProducerQueue>(
     {
       async ready(timeoutMs = 10_000) {
-        if (connection.status === 'ready') return;
-        await new Promise<void>((resolve, reject) => {
-          const timer = setTimeout(() => reject(new Error(`Redis not ready after ${timeoutMs} ms`)), timeoutMs);
-          connection.once('ready', () => {
-            clearTimeout(timer);
-            resolve();
-          });
-        });
+        await whenReady(connection, timeoutMs);
       },
       async enqueue(model, imageId, priority) {
         await queueOf(model).add(GENERATE_JOB.name, { imageId }, { jobId: imageId, priority: priorityOf(priority) });

@@ -59,8 +59,11 @@ export async function startApi(config: Config = loadConfig(process.env, 'api'), 
   const eventStore = createJobEventStore(config.REDIS_URL, eventStoreOptions(config));
   const events = eventSink(eventStore, logger);
   const webhookClient = config.WEBHOOK_SECRET ? webhookClientFromConfig(config, 't2i') : undefined;
-  // What the fleet serves (workers' announcements in Redis), read at most once a second, each read bounded.
-  const fleet = createFleetRegistry(config.REDIS_URL, config.QUEUE_NAME);
+  // What the fleet serves (workers' announcements in Redis), read at most once a second, each read
+  // bounded, on a fail-fast connection: while Redis is away a read fails at once and requests are
+  // answered from the last one (src/core/models.ts), within the API's answer bound.
+  const fleet = createFleetRegistry(config.REDIS_URL, config.QUEUE_NAME, { failFast: true });
+  await fleet.ready();
   const bounded =
     <T>(read: () => Promise<T>) =>
     () =>
