@@ -54,13 +54,35 @@ BEGIN
 END $$;
 
 -- Updates and deletes, row by row: the tenant's counters as before (charge corrections
--- included), and the model's count where a job leaves or enters queued/running (or changes model
--- in flight).
+-- included), then the model's count where a job leaves or enters queued/running (or changes model
+-- in flight). The tenant's row is always locked before the model's, as admission locks them (its
+-- statement takes the tenant's row, then its trigger the model's): the other order could deadlock
+-- a job ending against a submission of the same tenant.
 CREATE OR REPLACE FUNCTION "t2i_tenant_usage"() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
-  was_in_flight BOOLEAN := TG_OP <> 'INSERT' AND OLD."status" IN ('queued', 'running');
+  was_in_flight BOOLEAN := OLD."status" IN ('queued', 'running');
   is_in_flight BOOLEAN := TG_OP = 'UPDATE' AND NEW."status" IN ('queued', 'running');
 BEGIN
+  IF TG_OP = 'DELETE' THEN
+    IF was_in_flight THEN
+      UPDATE "tenants" SET "in_flight" = "in_flight" - 1 WHERE "id" = OLD."tenant_id";
+    END IF;
+  ELSE
+    IF NEW."pixel_steps" <> OLD."pixel_steps" AND NOT (NEW."status" = 'canceled' AND NEW."attempts" = 0) THEN
+      UPDATE "tenants" SET "pixel_steps_today" = "pixel_steps_today" + (NEW."pixel_steps" - OLD."pixel_steps")
+       WHERE "id" = NEW."tenant_id" AND "usage_day" = (OLD."created_at" AT TIME ZONE 'UTC')::date;
+    END IF;
+    IF was_in_flight AND NOT is_in_flight THEN
+      UPDATE "tenants" SET
+        "in_flight" = "in_flight" - 1,
+        "pixel_steps_today" = "pixel_steps_today" - CASE
+          WHEN NEW."status" = 'canceled' AND NEW."attempts" = 0 AND "usage_day" = (OLD."created_at" AT TIME ZONE 'UTC')::date
+          THEN OLD."pixel_steps" ELSE 0 END
+      WHERE "id" = NEW."tenant_id";
+    ELSIF is_in_flight AND NOT was_in_flight THEN
+      UPDATE "tenants" SET "in_flight" = "in_flight" + 1 WHERE "id" = NEW."tenant_id";
+    END IF;
+  END IF;
   IF was_in_flight AND OLD."model" IS NOT NULL AND NOT (is_in_flight AND NEW."model" IS NOT DISTINCT FROM OLD."model") THEN
     UPDATE "tenant_model_usage" SET "in_flight" = "in_flight" - 1 WHERE "tenant_id" = OLD."tenant_id" AND "model" = OLD."model";
   END IF;
@@ -69,24 +91,7 @@ BEGIN
     ON CONFLICT ("tenant_id", "model") DO UPDATE SET "in_flight" = u."in_flight" + 1;
   END IF;
   IF TG_OP = 'DELETE' THEN
-    IF OLD."status" IN ('queued', 'running') THEN
-      UPDATE "tenants" SET "in_flight" = "in_flight" - 1 WHERE "id" = OLD."tenant_id";
-    END IF;
     RETURN OLD;
-  END IF;
-  IF NEW."pixel_steps" <> OLD."pixel_steps" AND NOT (NEW."status" = 'canceled' AND NEW."attempts" = 0) THEN
-    UPDATE "tenants" SET "pixel_steps_today" = "pixel_steps_today" + (NEW."pixel_steps" - OLD."pixel_steps")
-     WHERE "id" = NEW."tenant_id" AND "usage_day" = (OLD."created_at" AT TIME ZONE 'UTC')::date;
-  END IF;
-  IF OLD."status" IN ('queued', 'running') AND NEW."status" NOT IN ('queued', 'running') THEN
-    UPDATE "tenants" SET
-      "in_flight" = "in_flight" - 1,
-      "pixel_steps_today" = "pixel_steps_today" - CASE
-        WHEN NEW."status" = 'canceled' AND NEW."attempts" = 0 AND "usage_day" = (OLD."created_at" AT TIME ZONE 'UTC')::date
-        THEN OLD."pixel_steps" ELSE 0 END
-    WHERE "id" = NEW."tenant_id";
-  ELSIF OLD."status" NOT IN ('queued', 'running') AND NEW."status" IN ('queued', 'running') THEN
-    UPDATE "tenants" SET "in_flight" = "in_flight" + 1 WHERE "id" = NEW."tenant_id";
   END IF;
   RETURN NEW;
 END $$;
