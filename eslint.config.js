@@ -25,6 +25,11 @@ export default tseslint.config(
     },
   },
   {
+    // The web page runs in browsers (web/tsconfig.json gives it the DOM's types).
+    files: ['web/src/**/*.ts'],
+    languageOptions: { globals: { ...globals.browser } },
+  },
+  {
     files: ['**/*.js', '**/*.mjs'],
     extends: [tseslint.configs.disableTypeChecked],
   },

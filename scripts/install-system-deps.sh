@@ -2,7 +2,8 @@
 # Installs the system programs that the t2i tests, CI and demo run as real
 # throwaway services (see src/dev/services.ts): PostgreSQL 15, Redis,
 # OpenStack Swift with its S3 API (the local S3 that checks SigV4 signatures),
-# Prometheus, and binutils (readelf, for the shared-library check's test).
+# Prometheus, binutils (readelf, for the shared-library check's test) and
+# Chromium (the web page's browser tests).
 #
 # Idempotent and fast when everything is present: apt-get runs (update first)
 # only when something is missing. It never starts system services: the
@@ -50,9 +51,12 @@ want prometheus    command -v prometheus
 want iproute2      command -v ip
 # readelf: tests/integration/native-libs.test.ts checks t2i check-libs against it (ldd is in libc-bin).
 want binutils      command -v readelf
+# The web page's tests drive Debian's Chromium with playwright-core (tests/integration/web-page.test.ts):
+# Playwright's own browser downloads cannot work offline.
+want chromium      test -x /usr/bin/chromium
 
 if [ ${#missing[@]} -eq 0 ]; then
-  log "all present: postgresql-15 redis-server swift(-proxy/-object/-container/-account) prometheus binutils"
+  log "all present: postgresql-15 redis-server swift(-proxy/-object/-container/-account) prometheus binutils chromium"
   exit 0
 fi
 

@@ -126,6 +126,8 @@ export const envSchema = z.object({
     .transform((v) => v.split(',').map((o) => o.trim()))
     .pipe(z.array(z.string().regex(/^https?:\/\/[^/\s,*]+$/, 'must be origins such as https://app.example.com, comma-separated (no path, no *)')))
     .optional(),
+  /** Folder of the built web page the API serves at / (npm run build makes dist/web, found beside the code when unset). */
+  WEB_DIR: z.string().min(1).optional(),
   /**
    * Which proxies to believe about the client's address (X-Forwarded-For), for rate limits and
    * logs: false (none, the default), a number of hops, or the proxies' addresses or CIDRs,

@@ -18,6 +18,8 @@ import { registerOpenApi } from './openapi.js';
 import { jobRouteSchemas, problems, usageSchema } from './schemas.js';
 import { multipartCreateBody, registerUploads, submissionOf, type UploadLimits } from './uploads.js';
 import { webhookRoutes, type WebhookRoutesOptions } from './webhooks.js';
+import { imageFileRoutes, type ImageFileRoutesOptions } from './image-files.js';
+import { webPageRoutes, type WebPageOptions } from './web.js';
 import { registerApiMetrics, type ApiMetrics } from './metrics.js';
 import { sendProblem } from './problem.js';
 
@@ -58,6 +60,10 @@ export interface AppDeps {
   openai?: Omit<OpenAiRoutesOptions, 'images' | 'principalOf'>;
   /** GET /models and /schedulers (src/api/discovery.ts); absent without them. */
   discovery?: DiscoveryOptions;
+  /** A succeeded job's images through the API (src/api/image-files.ts), for the web page; absent without it. */
+  imageFiles?: Omit<ImageFileRoutesOptions, 'images' | 'tenantOf'>;
+  /** The web page at / (src/api/web.ts); absent without it. */
+  web?: WebPageOptions;
 }
 
 function trustHops(n: number) {
@@ -77,6 +83,9 @@ export function buildApp(deps: AppDeps): FastifyInstance {
     // A hop count as the function Fastify's types ask for (trust the n addresses nearest to us).
     trustProxy: typeof deps.trustProxy === 'number' ? trustHops(deps.trustProxy) : (deps.trustProxy ?? false),
     return503OnClosing: true,
+    // One line per request (below), not Fastify's two: the API's own writes were a third of its
+    // CPU under load (the service bench's profile).
+    disableRequestLogging: true,
     routerOptions: { ignoreTrailingSlash: true },
     // Errors the router raises before any route or hook runs; Fastify's default answers them as plain JSON.
     frameworkErrors: (err, request, reply) => {
@@ -87,6 +96,12 @@ export function buildApp(deps: AppDeps): FastifyInstance {
       reportServerError(request, err, 500);
       return void sendProblem(reply, 500, 'Internal Server Error', 'The server failed to handle the request; it has been logged.');
     },
+  });
+
+  // The request's one line, after the answer: method, URL, caller, status and time. A route with
+  // a quieter logLevel (the /metrics scrapes) leaves it out.
+  app.addHook('onResponse', async (request, reply) => {
+    request.log.info({ req: request, res: reply, responseTime: reply.elapsedTime }, 'request completed');
   });
 
   // Only JSON bodies: Fastify parses text/plain by default, which would answer a text body with
@@ -242,7 +257,11 @@ export function buildApp(deps: AppDeps): FastifyInstance {
     if (deps.webhooks) await scope.register(webhookRoutes, { images: deps.images, tenantOf: tenant, ...deps.webhooks });
     if (deps.openai) await scope.register(openAiRoutes, { images: deps.images, principalOf, ...deps.openai });
     if (deps.discovery) await scope.register(discoveryRoutes, deps.discovery);
+    if (deps.imageFiles) await scope.register(imageFileRoutes, { images: deps.images, tenantOf: tenant, ...deps.imageFiles });
   });
+
+  // The web page: public files; everything it shows comes from the routes above, with the key.
+  if (deps.web) void app.register(webPageRoutes, deps.web);
 
   // Public probes, in a plugin of their own so the OpenAPI generator (registered first) sees them.
   void app.register(async (app) => {

@@ -18,6 +18,8 @@ import { createProcessLogger, type Logger } from '../core/logger.js';
 import type { ErrorReporter } from '../core/reporting.js';
 import { eventStoreOptions, queueSettings, storageOptions } from '../core/wiring.js';
 import { buildApp } from './app.js';
+import { webpThumbnail } from '../adapters/thumbnails.js';
+import { findWebDir, loadWebAssets, type WebAssets } from './web.js';
 import { createApiMetrics } from './metrics.js';
 
 /** Boots the API process: configuration, clients, the app, listen, and an orderly close. */
@@ -100,6 +102,11 @@ export async function startApi(config: Config = loadConfig(process.env, 'api'), 
       id,
       lastEventId,
     );
+  // The page is read once, now: a missing build is said at start (and at /), not found by users later.
+  const webDir = config.WEB_DIR ?? findWebDir();
+  let webAssets: WebAssets | undefined;
+  if (webDir) webAssets = loadWebAssets(webDir);
+  else logger.warn({}, 'no built web page (dist/web): / answers 503; run `npm run build` or set WEB_DIR to a built page');
   const app = buildApp({
     images,
     accounts: new AccountsService(createAccountsRepo(db), logger),
@@ -129,6 +136,8 @@ export async function startApi(config: Config = loadConfig(process.env, 'api'), 
       waitMs: config.OPENAI_WAIT_MS,
     },
     discovery: { fleet: () => models.snapshot(), known: models.known, defaultOf: (s) => models.defaultOf(s), maxPixelSteps: config.MAX_PIXEL_STEPS },
+    imageFiles: { read: (key) => storage.read(key), thumbnail: webpThumbnail },
+    web: { assets: webAssets },
   });
   app.addHook('onClose', async () => {
     // A reporter the caller gave stays the caller's to close.

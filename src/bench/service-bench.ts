@@ -252,7 +252,7 @@ export async function runServiceBench(options: ServiceBenchOptions = {}): Promis
       await adminQueue.obliterate({ force: true });
       if (await adminQueue.isPaused()) await adminQueue.resume();
       // TRUNCATE fires no row triggers: the tenants' usage counters are reset with the rows.
-      await db.query('TRUNCATE job_attempts, generated_images');
+      await db.query('TRUNCATE job_attempts, webhook_attempts, webhook_deliveries, idempotency_keys, generated_images');
       await db.query('UPDATE tenants SET in_flight = 0, pixel_steps_today = 0');
     };
 

@@ -161,7 +161,8 @@ async function createDemoKey(databaseUrl: string): Promise<string> {
 /**
  * The whole system on embedded defaults: throwaway Postgres, Redis and S3 (OpenStack Swift) in a
  * temp folder, the oracle model, the API on :8000 and one worker; then it submits a prompt,
- * shows its progress, prints the image URL and keeps running for curl until Ctrl-C.
+ * shows its progress, prints the image URL and the web page's address with the key to paste, and
+ * keeps running for the browser and curl until Ctrl-C.
  */
 export async function demoCommand(argv: string[]): Promise<void> {
   const { values } = parseArgs({
@@ -244,6 +245,14 @@ export async function demoCommand(argv: string[]): Promise<void> {
     say(`  curl -s ${api}/generated-images/<id> ${h}\n  curl -s ${api}/generated-images/<id>/url ${h}`);
     say(`  curl -s ${api}/usage ${h}\n  curl -s -X DELETE ${api}/generated-images/<id> ${h}`);
     say(`  curl -s ${api}/generated-images ${h.replace('$T2I_KEY', 'not-a-key')}      # 401 problem+json`);
+    // The page is the API's own (dist/web, made by `npm run build:web`, which scripts/demo.sh runs
+    // first; or WEB_DIR, which the API child inherits and reads the same way).
+    const { findWebDir } = await import('../api/web.js');
+    if (process.env.WEB_DIR ?? findWebDir()) {
+      say(`\nThe web page: open ${api}/ in a browser and sign in with the key above (it stays in the browser):\n  ${key}`);
+    } else {
+      say(`\nThe web page is not built, so ${api}/ only says so: run \`npm run build:web\` (scripts/demo.sh does) and start the demo again.`);
+    }
     if (values.exit) return;
     say('\nrunning until Ctrl-C ...');
     await untilSignal(async () => undefined);

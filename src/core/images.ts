@@ -1,10 +1,11 @@
 import { imageSeed } from '../engine/params.js';
-import { ConflictError, ImageNotAvailableError, NotFoundError, ValidationError } from './errors.js';
+import { ConflictError, ImageNotAvailableError, NotFoundError } from './errors.js';
 import type { Failure, FailureCode } from './failures.js';
 import type { JobEventSink } from './job-events.js';
 import type { ModelCatalog } from './models.js';
 import type { CreateImageBody } from './params.js';
 import { Submission, utcDay, type SubmitOptions } from './submission.js';
+import { decodeCursor, encodeCursor } from './cursor.js';
 
 export { utcDay, type SubmitOptions };
 
@@ -361,11 +362,22 @@ export class ImagesService {
   }
 
   async url(tenantId: string, id: string): Promise<{ url: string; expiresAt: Date }> {
+    return this.deps.storage.presignGet((await this.imageObject(tenantId, id, 0)).key);
+  }
+
+  /**
+   * Where image `index` of the caller's succeeded job is stored, and its seed (the web page reads
+   * it through the API: its content-security policy allows no other host). The errors of url().
+   */
+  async imageObject(tenantId: string, id: string, index: number): Promise<{ key: string; seed: number }> {
     const record = await this.get(tenantId, id);
     switch (record.status) {
       case 'succeeded':
         if (!record.fileName) throw new Error(`image ${id} succeeded without a stored object`);
-        return this.deps.storage.presignGet(record.fileName);
+        if (!Number.isInteger(index) || index < 0 || index >= record.numImages) {
+          throw new NotFoundError(`The job made ${record.numImages} image${record.numImages === 1 ? '' : 's'}: there is no image ${index}.`);
+        }
+        return { key: siblingImageKey(record.fileName, index), seed: imageSeed(record.seed, index) };
       case 'failed':
         throw new ImageNotAvailableError(`The image could not be generated: ${record.error ?? 'unknown error'}`, record.status, record.errorCode ?? 'internal');
       case 'canceled':
@@ -374,20 +386,6 @@ export class ImagesService {
         throw new ImageNotAvailableError('Image is not available yet. Please try again later.', record.status);
     }
   }
-}
-
-/** Opaque keyset cursor: the last item's creation time (microseconds are not kept by JS Dates) and id. */
-export function encodeCursor(r: Pick<ImageRecord, 'createdAt' | 'id'>): string {
-  return Buffer.from(`${r.createdAt.toISOString()}|${r.id}`).toString('base64url');
-}
-
-export function decodeCursor(cursor: string): { createdAt: Date; id: string } {
-  const [iso, id] = Buffer.from(cursor, 'base64url').toString('utf8').split('|');
-  const createdAt = new Date(iso ?? '');
-  if (!id || !UUID.test(id) || Number.isNaN(createdAt.getTime())) {
-    throw new ValidationError([{ field: 'cursor', rule: 'format', message: 'is not a cursor this API returned' }]);
-  }
-  return { createdAt, id };
 }
 
 /**

@@ -112,7 +112,7 @@ export class Submission {
         {
           field: '(body)',
           rule: 'max_pixel_steps',
-          message: `width × height × num_steps (the model's defaults for what the request leaves out) is ${params.cost.toLocaleString('en-US')}; this server allows at most ${max.toLocaleString('en-US')} pixel-steps per request (512 × 512 × 50 is 13,107,200)`,
+          message: `width × height × num_steps is ${params.cost.toLocaleString('en-US')}; this server allows at most ${max.toLocaleString('en-US')} pixel-steps per request (512 × 512 × 50 is 13,107,200; what the request leaves out counts at the model's default)`,
         },
       ]);
     }

@@ -54,7 +54,10 @@ describe('the code these files are checked against', () => {
     const ts = z.object({ compilerOptions: z.looseObject({ outDir: z.string(), rootDir: z.string() }) }).parse(JSON.parse(read('tsconfig.json')));
     expect(ts.compilerOptions).toMatchObject({ outDir: 'dist', rootDir: '.' });
     expect(JSON.parse(read('tsconfig.build.json'))).toMatchObject({ extends: './tsconfig.json', include: ['src'] });
-    expect(z.object({ scripts: z.record(z.string(), z.string()) }).parse(JSON.parse(read('package.json'))).scripts.build).toBe('tsc -p tsconfig.build.json');
+    // `npm run build` (the API image) compiles the code, then the web page; `build:server` (the worker image) only the code.
+    const scripts = z.object({ scripts: z.record(z.string(), z.string()) }).parse(JSON.parse(read('package.json'))).scripts;
+    expect(scripts.build).toBe('npm run build:server && npm run build:web');
+    expect(scripts['build:server']).toBe('tsc -p tsconfig.build.json');
   });
 });
 

@@ -6,10 +6,14 @@
  */
 import { execFile } from 'node:child_process';
 import { existsSync } from 'node:fs';
+import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
 import { createRequire } from 'node:module';
 import { promisify } from 'node:util';
 import { describe, expect, it } from 'vitest';
 import { z } from 'zod';
+import { findWebDir } from '../../src/api/web.js';
 import { API_PORT, cmdOf, copyArgs, dockerfileOf, dockerignored, expand, ops, read, rel, WORKER_PORT, type Stage } from '../support/deploy-files.js';
 
 const run = promisify(execFile);
@@ -53,8 +57,8 @@ function runsAfterCopies(stage: Stage): { run: string; copied: string[] }[] {
   return out;
 }
 
-/** The build stage: npm ci (which generates the Prisma client) with .npmrc, then the build. */
-function checkBuildStage(p: string) {
+/** The build stage: npm ci (which generates the Prisma client) with .npmrc, then the build (`script`: npm run build, or build:server without the web page). */
+function checkBuildStage(p: string, script = 'build', sources = ['tsconfig.json', 'tsconfig.build.json', 'src']) {
   const build = dockerfileOf(p).stages.find((s) => s.name === 'build');
   expect(build, `${p}: a build stage`).toBeDefined();
   expect(build!.from).toBe('${NODE_IMAGE}');
@@ -63,9 +67,9 @@ function checkBuildStage(p: string) {
   expect(ci, `${p}: npm ci with dev dependencies`).toBeDefined();
   for (const f of ['.npmrc', 'package-lock.json', 'scripts/prisma-generate.mjs', 'prisma.config.ts', 'prisma'])
     expect(ci!.copied, `${p}: ${f} before npm ci`).toContain(f);
-  const b = runs.find((r) => r.run === 'npm run build');
-  expect(b, `${p}: npm run build`).toBeDefined();
-  for (const f of ['tsconfig.json', 'tsconfig.build.json', 'src'])
+  const b = runs.find((r) => r.run === `npm run ${script}`);
+  expect(b, `${p}: npm run ${script}`).toBeDefined();
+  for (const f of sources)
     expect(
       b!.copied.map((s) => s.replace(/^\.\//, '')),
       `${p}: ${f} before the build`,
@@ -77,9 +81,16 @@ describe('Dockerfile.api', () => {
   const df = dockerfileOf('Dockerfile.api');
   const runtime = df.stages.at(-1)!;
 
-  it('builds on node:22-bookworm-slim: npm ci, Prisma client, npm run build', () => {
+  it('builds on node:22-bookworm-slim: npm ci, Prisma client, npm run build (the code and the web page)', () => {
     expect(df.args.NODE_IMAGE).toBe('node:22-bookworm-slim');
-    checkBuildStage('Dockerfile.api');
+    checkBuildStage('Dockerfile.api', 'build', ['tsconfig.json', 'tsconfig.build.json', 'src', 'web']);
+    // `npm run build` is what makes the page: tsc, then Vite into dist/web, where the API finds it beside dist/src.
+    const scripts = (JSON.parse(read('package.json')) as { scripts: Record<string, string> }).scripts;
+    expect(scripts.build).toBe('npm run build:server && npm run build:web');
+    expect(scripts['build:web']).toBe('vite build --config web/vite.config.ts');
+    expect(read('web/vite.config.ts')).toContain("new URL('../dist/web', import.meta.url)");
+    // The page's own files, and Vite's config, are in the build context.
+    for (const f of ['web', 'web/index.html', 'web/vite.config.ts', 'web/src', 'web/public']) expect(dockerignored(f), f).toBe(false);
   });
 
   it('ships production dependencies, dist/, bin/ and the migrations, as a non-root user', () => {
@@ -89,6 +100,19 @@ describe('Dockerfile.api', () => {
     expect(copies).toContainEqual({ flags: ['--from=build'], sources: ['/app/dist'], dest: './dist' });
     expect(copies.flatMap((c) => c.sources)).toEqual(expect.arrayContaining(['bin', 'prisma', 'package.json']));
     expect(existsSync(rel('prisma/migrations'))).toBe(true);
+  });
+
+  it('finds the page the build put beside the code: /app/dist/web from /app/dist/src/api, as in the image', async () => {
+    const root = await mkdtemp(path.join(os.tmpdir(), 't2i-image-layout-'));
+    try {
+      await mkdir(path.join(root, 'app/dist/src/api'), { recursive: true });
+      expect(findWebDir(path.join(root, 'app/dist/src/api'))).toBeUndefined();
+      await mkdir(path.join(root, 'app/dist/web'), { recursive: true });
+      await writeFile(path.join(root, 'app/dist/web/index.html'), '<!doctype html>');
+      expect(findWebDir(path.join(root, 'app/dist/src/api'))).toBe(path.join(root, 'app/dist/web'));
+    } finally {
+      await rm(root, { recursive: true, force: true });
+    }
   });
 
   it('exposes the API port, health-checks /healthz and runs `t2i api`', () => {
@@ -134,7 +158,7 @@ describe('Dockerfile.worker', () => {
   });
 
   it('builds like the API and ships dist/ and bin/, as a non-root user, for both variants', () => {
-    checkBuildStage('Dockerfile.worker');
+    checkBuildStage('Dockerfile.worker', 'build:server');
     checkDockerfile('Dockerfile.worker', [{ VARIANT: 'cuda' }, { VARIANT: 'cpu' }]);
     const copies = ops(runtime, 'COPY').map(copyArgs);
     expect(copies).toContainEqual({ flags: ['--from=build'], sources: ['/app/dist'], dest: './dist' });

@@ -18,6 +18,7 @@ import { createProducer } from '../../src/adapters/queue.js';
 import { createStorage } from '../../src/adapters/storage.js';
 import { buildApp } from '../../src/api/app.js';
 import { createApiMetrics } from '../../src/api/metrics.js';
+import { webAsset } from '../../src/api/web.js';
 import type { Config } from '../../src/config.js';
 import { AccountsService } from '../../src/core/accounts.js';
 import { ModelCatalog } from '../../src/core/models.js';
@@ -125,6 +126,9 @@ const ROUTES: Array<{ route: string; call: (who: Who, id: string) => Promise<Ans
   { route: 'GET /v1/models/:model', call: (w) => call('GET', '/v1/models/test-engine', headersOf[w]) },
   { route: 'GET /models', call: (w) => call('GET', '/models', headersOf[w]) },
   { route: 'GET /schedulers', call: (w) => call('GET', '/schedulers', headersOf[w]) },
+  // The images through the API, for the web page (issue 15).
+  { route: 'GET /generated-images/:id/images/:index', call: (w, id) => call('GET', `/generated-images/${id}/images/0`, headersOf[w]) },
+  { route: 'GET /generated-images/:id/images/:index/thumbnail', call: (w, id) => call('GET', `/generated-images/${id}/images/0/thumbnail`, headersOf[w]) },
 ];
 /** Routes anyone may call: probes, the token-guarded /metrics, and the API's contract and its docs page. */
 const PUBLIC = [
@@ -132,12 +136,17 @@ const PUBLIC = [
   'GET /readyz',
   'GET /metrics',
   'GET /openapi.json',
-  // The docs page (@fastify/swagger-ui) and its static assets (also a /docs/* wildcard).
+  // The docs page (@fastify/swagger-ui) and its static assets.
   'GET /docs',
   'GET /docs/json',
   'GET /docs/yaml',
   'GET /docs/static/index.html',
   'GET /docs/static/swagger-initializer.js',
+  'GET /docs/*',
+  // The web page's files (issue 15): everything it shows comes from the routes above, with a key.
+  'GET /',
+  'GET /assets/index-abc.js',
+  'GET /favicon.svg',
 ];
 
 function problem(a: Answer): { title: string; status: number; detail: string } {
@@ -186,17 +195,27 @@ describe('the isolation matrix', () => {
       webhooks: { deliveries: { forImage: unused } },
       openai: { follow: unused, readImage: unused, models: unused, waitMs: 1_000 },
       discovery: { fleet: unused, known: [], defaultOf: () => undefined, maxPixelSteps: 1 },
+      imageFiles: { read: unused, thumbnail: unused },
+      // A built page's shape: index.html, hashed assets, the icon.
+      web: {
+        assets: new Map([
+          ['/', webAsset('/', 'index.html', Buffer.from('<!doctype html>'))],
+          ['/assets/index-abc.js', webAsset('/assets/index-abc.js', 'index-abc.js', Buffer.from(''))],
+          ['/favicon.svg', webAsset('/favicon.svg', 'favicon.svg', Buffer.from('<svg/>'))],
+        ]),
+      },
     });
     await app.ready();
     // printRoutes draws a tree: each level indents by 4 and names the next path segment.
     const routes: string[] = [];
     const stack: string[] = [];
     for (const line of app.printRoutes({ commonPrefix: false }).split('\n')) {
-      const m = /^([│ ├└─]*)(\/\S*) \(([^)]+)\)/.exec(line);
+      const m = /^([│ ├└─]*)(\S+) \(([^)]+)\)/.exec(line);
       if (!m) continue;
       const depth = m[1]!.length / 4;
       stack.length = depth;
-      stack.push(m[2]!);
+      // Under a root route (the web page's /), the first segments are printed without their slash.
+      stack.push(stack.join('').endsWith('/') || m[2]!.startsWith('/') ? m[2]! : `/${m[2]!}`);
       for (const method of m[3]!.split(', ')) if (method !== 'HEAD') routes.push(`${method} ${stack.join('')}`);
     }
     await app.close();
@@ -277,6 +296,10 @@ describe('the isolation matrix', () => {
     const link = await ROUTES[3]!.call('owner', jobId);
     expect(link.status).toBe(200);
     expect((await fetch((JSON.parse(link.text) as { url: string }).url)).status).toBe(200);
+    const png = await ROUTES.find((r) => r.route === 'GET /generated-images/:id/images/:index')!.call('owner', jobId);
+    expect([png.status, png.headers.get('content-type')]).toEqual([200, 'image/png']);
+    const thumbnail = await ROUTES.find((r) => r.route.endsWith('/thumbnail'))!.call('owner', jobId);
+    expect([thumbnail.status, thumbnail.headers.get('content-type')]).toEqual([200, 'image/webp']);
     expect((await ROUTES[4]!.call('owner', jobId)).status).toBe(409);
     const usage = JSON.parse((await ROUTES[6]!.call('owner', jobId)).text) as { tenant: string; jobs_today: number };
     expect(usage).toMatchObject({ tenant: 'owner-co', jobs_today: 1 });

@@ -366,8 +366,16 @@ describe('logs', () => {
     expect(all).not.toContain('X-Amz-Signature=');
     expect(all).not.toContain(config.STORAGE_SECRET_KEY);
     // Request lines carry the request id.
-    const reqLine = apiLogs.lines.map((l) => JSON.parse(l) as Record<string, unknown>).find((l) => l.msg === 'request completed');
+    const lines = apiLogs.lines.map((l) => JSON.parse(l) as Record<string, unknown>);
+    const reqLine = lines.find((l) => l.msg === 'request completed');
     expect(typeof reqLine?.reqId).toBe('string');
+    // One line per request, with what was asked and how it was answered.
+    const { req, res, responseTime } = reqLine as { req?: { method?: unknown; url?: unknown }; res?: { statusCode?: unknown }; responseTime?: unknown };
+    expect([typeof req?.method, typeof req?.url, typeof res?.statusCode, typeof responseTime]).toEqual(['string', 'string', 'number', 'number']);
+    expect(lines.filter((l) => l.msg === 'incoming request')).toEqual([]);
+    const ids = lines.filter((l) => l.msg === 'request completed').map((l) => l.reqId);
+    expect(ids.length).toBeGreaterThan(0);
+    expect(new Set(ids).size).toBe(ids.length);
   });
 });
 

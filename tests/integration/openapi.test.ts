@@ -62,6 +62,8 @@ describe('GET /openapi.json', () => {
         'GET /v1/models/{model}',
         'GET /models',
         'GET /schedulers',
+        'GET /generated-images/{id}/images/{index}',
+        'GET /generated-images/{id}/images/{index}/thumbnail',
         'GET /healthz',
         'GET /readyz',
       ].sort(),

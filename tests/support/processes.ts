@@ -12,7 +12,7 @@ import { freePort, servicesEnv, startServices, type LocalServices } from '../../
  * with whatever signal a test needs.
  */
 
-const BIN = path.resolve('bin/t2i.js');
+export const BIN = path.resolve('bin/t2i.js');
 
 export interface LogLine {
   level: number;
