@@ -1,5 +1,6 @@
 import { isIP } from 'node:net';
 import { z } from 'zod';
+import { MODEL_NAME_PATTERN } from './core/jobs.js';
 import { HostAllowlist } from './core/ssrf.js';
 
 /**
@@ -22,6 +23,21 @@ const ENDPOINT_MESSAGE = 'must be http://host:port, https://host:port or host:po
 
 const SEVEN_DAYS_S = 7 * 24 * 3600;
 
+const MODEL_NAME_MESSAGE = 'must be a model name: letters, digits, ".", "_" and "-", starting with a letter or digit, at most 64';
+
+const modelList = z
+  .string()
+  .transform((v) =>
+    v
+      .split(',')
+      .map((x) => x.trim())
+      .filter(Boolean),
+  )
+  .refine(
+    (names) => names.every((n) => MODEL_NAME_PATTERN.test(n)),
+    `must be model names separated by commas (each ${MODEL_NAME_MESSAGE.replace('must be a model name: ', '')})`,
+  );
+
 export const envSchema = z.object({
   // --- Postgres
   /** postgresql://user:password@host:5432/db */
@@ -35,7 +51,7 @@ export const envSchema = z.object({
     .string()
     .regex(/^rediss?:\/\//, 'must be a redis:// or rediss:// URL')
     .default('redis://127.0.0.1:6379'),
-  /** BullMQ queue name; every API and worker of one deployment must agree on it. */
+  /** BullMQ queue name; every API and worker of one deployment must agree on it. Each model has its own queue, QUEUE_NAME.MODEL. */
   QUEUE_NAME: z
     .string()
     .regex(/^[A-Za-z0-9_-]{1,64}$/, 'letters, digits, _ and - only')
@@ -50,7 +66,7 @@ export const envSchema = z.object({
   JOB_STALLED_INTERVAL_MS: int(500, 600_000).default(15_000),
   /** Times a job may lose its worker (crash, lock expired) before it is failed for good. */
   JOB_MAX_STALLS: int(1, 20).default(3),
-  /** Waiting jobs past which POST /generated-images answers 503 with Retry-After; 0 = no limit. */
+  /** Waiting jobs of one model past which POST /generated-images answers 503 with Retry-After for that model; 0 = no limit. */
   MAX_QUEUE_DEPTH: int(0, 10_000_000).default(10_000),
   /**
    * Largest compute one request may ask for, in pixel-steps (width x height x num_steps); larger
@@ -90,6 +106,15 @@ export const envSchema = z.object({
   PORT: int(0, 65535).default(8000),
   /** Largest accepted request body. */
   BODY_LIMIT_BYTES: int(1_024, 10_485_760).default(65_536),
+  /** Largest input picture or mask a multipart POST /generated-images may upload, per file (a 2048x2048 PNG photo is about 8 MB). */
+  MAX_UPLOAD_BYTES: int(1_024, 67_108_864).default(16_777_216),
+  /**
+   * Models accepted while no worker serves them (scaled to zero, or restarting), comma-separated:
+   * their jobs wait in their queue instead of being refused. Other models must be served.
+   */
+  KNOWN_MODELS: modelList.optional(),
+  /** The model of requests that name none; unset: the only model served or known, when there is exactly one. */
+  DEFAULT_MODEL: z.string().regex(MODEL_NAME_PATTERN, MODEL_NAME_MESSAGE).optional(),
   /**
    * required: every request to /generated-images and /usage needs an API key (`t2i keys create`).
    * off: no keys, everyone is the tenant "anonymous"; the API refuses to start so unless HOST is a loopback address.
@@ -194,6 +219,8 @@ export const envSchema = z.object({
   // --- Worker
   /** A Stable Diffusion ONNX export (diffusers/optimum layout). */
   MODEL_DIR: z.string().min(1).optional(),
+  /** The name this worker serves its model under (requests' `model`, its queue, metrics); the export's folder name when unset. */
+  MODEL_NAME: z.string().regex(MODEL_NAME_PATTERN, MODEL_NAME_MESSAGE).optional(),
   /** onnxruntime execution provider; auto takes the first available of cuda, coreml and cpu. */
   EXECUTION_PROVIDER: z.enum(['auto', 'cuda', 'coreml', 'cpu']).default('auto'),
   /** onnxruntime intra-op threads; its default (all cores) when unset. */

@@ -42,6 +42,9 @@ function toRecord(row: GeneratedImage): ImageRecord {
     generationMs: row.generationMs,
     numImages: row.numImages,
     webhookUrl: row.webhookUrl,
+    imageKey: row.imageKey,
+    maskKey: row.maskKey,
+    strength: row.strength,
     pixelSteps: Number(row.pixelSteps),
     queuePriority: row.queuePriority,
     deletedAt: row.deletedAt,
@@ -75,9 +78,10 @@ function limitsOf(row: LimitsRow | undefined, defaults: Pick<QuotaLimits, 'maxIn
 /**
  * Admits jobs in one statement, one result per job in the same order (see ImagesRepo.createMany):
  * the batch's tenants are locked for this statement (in id order, so concurrent batches cannot
- * deadlock); each tenant's jobs, in arrival order, are ranked after its jobs in flight and admitted
- * while the running counts stay within its limits; the counters themselves follow the inserted rows
- * (statement trigger, tenant_usage_counters). In SQL on the client's own pool: one round trip, no
+ * deadlock); each tenant's jobs, in arrival order, are ranked after its jobs in flight on the same
+ * model and admitted while the running counts (of all its models) stay within its limits; the
+ * counters themselves follow the inserted rows (statement trigger, tenant_usage_counters, and per
+ * model tenant_model_usage). In SQL on the client's own pool: one round trip, no
  * query compiler.
  */
 async function admitJobs(q: pg.Pool | pg.PoolClient, batch: NewImage[], quota: Quotas): Promise<Admission[]> {
@@ -89,26 +93,31 @@ async function admitJobs(q: pg.Pool | pg.PoolClient, batch: NewImage[], quota: Q
     WITH req AS (
       SELECT r.*, r.ord::int AS ord_
         FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::int[], $6::float8[], $7::int8[], $8::int[], $9::int[], $10::text[], $11::int8[],
-                    $14::int[], $15::text[])
+                    $14::int[], $15::text[], $16::text[], $17::float8[], $18::text[], $19::text[])
              WITH ORDINALITY AS r(id, tenant_id, prompt, negative_prompt, num_steps, guidance_scale, seed, width, height, scheduler, pixel_steps,
-                                  num_images, webhook_url, ord)),
+                                  num_images, webhook_url, model, strength, image_key, mask_key, ord)),
     t AS (
       SELECT id AS tenant_id, in_flight,
              CASE WHEN usage_day = (now() AT TIME ZONE 'UTC')::date THEN pixel_steps_today ELSE 0 END AS today,
              COALESCE(max_in_flight, $12::int) AS max_in_flight,
              COALESCE(daily_pixel_steps, $13::bigint) AS budget
         FROM tenants WHERE id IN (SELECT tenant_id FROM req) ORDER BY id FOR UPDATE),
+    -- The tenant's jobs in flight on each model of the batch (read under the tenant's lock).
+    tm AS (
+      SELECT tenant_id, model, in_flight AS in_flight_model FROM tenant_model_usage
+       WHERE (tenant_id, model) IN (SELECT tenant_id, model FROM req)),
     ranked AS (
-      SELECT req.*, t.in_flight, t.today, t.max_in_flight, t.budget,
-             row_number() OVER w AS k, sum(req.pixel_steps) OVER w AS cost_so_far
-        FROM req JOIN t USING (tenant_id)
-      WINDOW w AS (PARTITION BY req.tenant_id ORDER BY req.ord_))
+      SELECT req.*, t.in_flight, t.today, t.max_in_flight, t.budget, COALESCE(tm.in_flight_model, 0) AS in_flight_model,
+             row_number() OVER w AS k, row_number() OVER wm AS k_model, sum(req.pixel_steps) OVER w AS cost_so_far
+        FROM req JOIN t USING (tenant_id) LEFT JOIN tm USING (tenant_id, model)
+      WINDOW w AS (PARTITION BY req.tenant_id ORDER BY req.ord_), wm AS (PARTITION BY req.tenant_id, req.model ORDER BY req.ord_))
     INSERT INTO generated_images (id, tenant_id, prompt, negative_prompt, num_steps, guidance_scale, seed, width, height,
-                                  scheduler, pixel_steps, num_images, webhook_url, queue_priority)
-    -- Its rank among the tenant's jobs in flight: the tenant's k-th job waits behind every
-    -- other tenant's (k-1)-th, not behind whole backlogs.
+                                  scheduler, pixel_steps, num_images, webhook_url, model, strength, image_key, mask_key, queue_priority)
+    -- Its rank among the tenant's jobs in flight on its model (each model has its own queue): the
+    -- tenant's k-th job there waits behind every other tenant's (k-1)-th, not behind whole
+    -- backlogs. The limits count the tenant's jobs of every model.
     SELECT id, tenant_id, prompt, negative_prompt, num_steps, guidance_scale, seed, width, height, scheduler, pixel_steps,
-           num_images, webhook_url, LEAST(in_flight + k, ${MAX_PRIORITY})
+           num_images, webhook_url, model, strength, image_key, mask_key, LEAST(in_flight_model + k_model, ${MAX_PRIORITY})
       FROM ranked
      WHERE (max_in_flight <= 0 OR in_flight + k <= max_in_flight) AND (budget <= 0 OR today + cost_so_far <= budget)
      ORDER BY ord_
@@ -129,6 +138,10 @@ async function admitJobs(q: pg.Pool | pg.PoolClient, batch: NewImage[], quota: Q
       quota.dailyPixelSteps,
       col((d) => d.numImages ?? 1),
       col((d) => d.webhookUrl ?? null),
+      col((d) => d.model),
+      col((d) => d.strength ?? null),
+      col((d) => d.imageKey ?? null),
+      col((d) => d.maskKey ?? null),
     ],
   });
   const admitted = new Map(rows.map((r) => [String(r.id), toRecord(fromRow(r))]));
@@ -241,9 +254,10 @@ export function createImagesRepo(db: Db): ImagesRepo {
     },
 
     async markDeleted(id) {
-      // Prompts go now; a queued job is canceled and a running one told to stop. file_name stays
-      // until the objects are removed (clearObjects), so a removal that fails is retried by the sweeper.
-      const rows = await db.$queryRaw<Array<{ id: string }>>`
+      // Prompts go now; a queued job is canceled and a running one told to stop. file_name and the
+      // input keys stay until the objects are removed (clearObjects), so a removal that fails is
+      // retried by the sweeper.
+      const rows = await db.$queryRaw<Array<{ image_key: string | null; mask_key: string | null }>>`
         UPDATE generated_images
            SET deleted_at = COALESCE(deleted_at, now()), prompt = '', negative_prompt = NULL,
                cancel_requested_at = CASE WHEN status IN ('queued', 'running') THEN COALESCE(cancel_requested_at, now()) ELSE cancel_requested_at END,
@@ -251,12 +265,24 @@ export function createImagesRepo(db: Db): ImagesRepo {
                finished_at = CASE WHEN status = 'queued' THEN now() ELSE finished_at END,
                updated_at = now()
          WHERE id = ${id}::uuid
-     RETURNING id`;
-      return rows.length === 1;
+     RETURNING image_key, mask_key`;
+      const row = rows[0];
+      return row ? [row.image_key, row.mask_key].filter((k): k is string => k !== null) : null;
     },
 
     async clearObjects(id) {
-      await db.generatedImage.updateMany({ where: { id, deletedAt: { not: null } }, data: { fileName: null } });
+      await db.generatedImage.updateMany({ where: { id, deletedAt: { not: null } }, data: { fileName: null, imageKey: null, maskKey: null } });
+    },
+
+    async discard(id) {
+      // Never shown to its client (its inputs could not be stored): gone as if never submitted,
+      // its Idempotency-Key with it, so a retry creates the job anew.
+      await db.$transaction([db.idempotencyKey.deleteMany({ where: { imageId: id } }), db.generatedImage.deleteMany({ where: { id, attempts: 0 } })]);
+    },
+
+    async assignModel(id, model) {
+      const r = await db.generatedImage.updateMany({ where: { id, model: null, status: { in: ['queued', 'running'] } }, data: { model } });
+      return r.count === 1;
     },
 
     async findExpired({ finishedBefore, limit }) {
@@ -271,7 +297,7 @@ export function createImagesRepo(db: Db): ImagesRepo {
 
     async findDeletedWithObjects({ limit }) {
       const rows = await db.generatedImage.findMany({
-        where: { deletedAt: { not: null }, fileName: { not: null } },
+        where: { deletedAt: { not: null }, OR: [{ fileName: { not: null } }, { imageKey: { not: null } }, { maskKey: { not: null } }] },
         orderBy: { deletedAt: 'asc' },
         take: limit,
         select: { id: true },
@@ -280,39 +306,51 @@ export function createImagesRepo(db: Db): ImagesRepo {
     },
 
     async unfairPriorities(limit) {
-      // Each queued job's rank among its tenant's jobs in flight (running ones first, then by
-      // age), where it differs from the priority it was queued with.
-      const rows = await db.$queryRaw<Array<{ id: string; rank: bigint }>>`
-        SELECT id, rank FROM (
-          SELECT id, status, queue_priority,
-                 row_number() OVER (PARTITION BY tenant_id ORDER BY (status = 'running') DESC, created_at, id) AS rank
+      // Each queued job's rank among its tenant's jobs in flight on its model (running ones
+      // first, then by age), where it differs from the priority it was queued with. Jobs of
+      // different models wait in different queues, so ranks are counted per model.
+      const rows = await db.$queryRaw<Array<{ id: string; rank: bigint; model: string | null }>>`
+        SELECT id, rank, model FROM (
+          SELECT id, status, queue_priority, model,
+                 row_number() OVER (PARTITION BY tenant_id, model ORDER BY (status = 'running') DESC, created_at, id) AS rank
             FROM generated_images WHERE status IN ('queued', 'running')) ranked
-         WHERE status = 'queued' AND queue_priority <> LEAST(rank, ${MAX_PRIORITY})
+         WHERE status = 'queued' AND queue_priority <> LEAST(rank, ${MAX_PRIORITY}) AND model IS NOT NULL
          ORDER BY rank LIMIT ${limit}`;
-      return rows.map((r) => ({ id: r.id, priority: Math.min(Number(r.rank), MAX_PRIORITY) }));
+      return rows.map((r) => ({ id: r.id, model: r.model!, priority: Math.min(Number(r.rank), MAX_PRIORITY) }));
     },
 
     async setPriority(id, priority) {
       await db.generatedImage.updateMany({ where: { id, status: 'queued' }, data: { queuePriority: priority } });
     },
 
-    async startAttempt(id, workerId) {
+    async startAttempt(id, workerId, d) {
       // One statement, so two workers can never both believe they own the same attempt, and the
       // attempt's row exists from the moment it does; it returns the claimed row, so a claim is
-      // one round trip.
+      // one round trip. Parameters the job left to its model (a model never served when it was
+      // submitted) take this worker's defaults, and the charge is corrected to them (the
+      // right-hand sides read the row as it was; the tenant's counters follow, see the
+      // t2i_tenant_usage trigger).
       const { rows } = await sqlPool(db).query<GeneratedImageRow>({
         name: 't2i-start-attempt',
         text: `
         WITH claimed AS (
           UPDATE generated_images
              SET status = 'running', attempts = attempts + 1, progress = 0, worker_id = $2,
-                 started_at = now(), updated_at = now(), error = NULL, error_code = NULL
+                 started_at = now(), updated_at = now(), error = NULL, error_code = NULL,
+                 num_steps = COALESCE(num_steps, $3::int),
+                 guidance_scale = COALESCE(guidance_scale, $4::float8),
+                 width = COALESCE(width, $5::int),
+                 height = COALESCE(height, $6::int),
+                 scheduler = COALESCE(scheduler, $7::text),
+                 pixel_steps = CASE WHEN num_steps IS NULL OR width IS NULL OR height IS NULL
+                                    THEN COALESCE(COALESCE(width, $5::int)::bigint * COALESCE(height, $6::int) * COALESCE(num_steps, $3::int) * num_images, pixel_steps)
+                                    ELSE pixel_steps END
            WHERE id = $1::uuid AND status IN ('queued', 'running') AND cancel_requested_at IS NULL
        RETURNING *),
         opened AS (
           INSERT INTO job_attempts (image_id, attempt, worker_id) SELECT id, attempts, $2 FROM claimed)
         SELECT * FROM claimed`,
-        values: [id, workerId],
+        values: [id, workerId, d?.numSteps ?? null, d?.guidanceScale ?? null, d?.width ?? null, d?.height ?? null, d?.scheduler ?? null],
       });
       const row = rows[0];
       if (!row) return null;

@@ -1,12 +1,13 @@
 import { DelayedError, Queue, UnrecoverableError, Worker, type Job } from 'bullmq';
 import { Redis } from 'ioredis';
 import { DependencyUnavailableError } from '../core/errors.js';
-import { GENERATE_JOB, type GeneratePayload, type QueueSettings } from '../core/jobs.js';
+import { GENERATE_JOB, queueNameFor, type GeneratePayload, type QueueSettings } from '../core/jobs.js';
 import { asError, translateErrors } from './translate.js';
 
 /**
  * BullMQ on Redis: the only module that imports bullmq and ioredis. Jobs are the catalog's
- * `generate` job, keyed by the image id (so enqueueing the same image twice is a no-op).
+ * `generate` job, keyed by the image id (so enqueueing the same image twice is a no-op), on the
+ * queue of the job's model (QUEUE_NAME.MODEL, src/core/jobs.ts queueNameFor).
  */
 
 export { UnrecoverableError };
@@ -27,6 +28,18 @@ export function createRedis(url: string, opts: RedisOptions = {}): Redis {
     connectTimeout: 5_000,
     lazyConnect: false,
     retryStrategy: (times) => Math.min(200 * 2 ** times, 5_000),
+  });
+}
+
+/** Resolves once the connection is ready (a fail-fast one refuses commands until then). */
+export async function whenReady(connection: Redis, timeoutMs: number): Promise<void> {
+  if (connection.status === 'ready') return;
+  await new Promise<void>((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`Redis not ready after ${timeoutMs} ms`)), timeoutMs);
+    connection.once('ready', () => {
+      clearTimeout(timer);
+      resolve();
+    });
   });
 }
 
@@ -94,6 +107,10 @@ export function translateRedisError(err: unknown): Error {
   return isRedisUnavailable(err) ? new DependencyUnavailableError('job queue', { cause: err }) : asError(err);
 }
 
+/** Counts of one model's queue by state. */
+export type QueueCounts = Record<'waiting' | 'active' | 'delayed' | 'failed' | 'completed' | 'prioritized', number>;
+
+/** The producer side of every model's queue; each method names the model whose queue it acts on. */
 export interface ProducerQueue {
   /** Resolves once connected (commands fail fast while disconnected, so wait at start-up). */
   ready(timeoutMs?: number): Promise<void>;
@@ -102,106 +119,127 @@ export interface ProducerQueue {
    * they were added. Every job gets one (>= 1): jobs without a priority would go to BullMQ's wait
    * list, which workers empty before they look at prioritized jobs at all.
    */
-  enqueue(imageId: string, priority: number): Promise<void>;
-  /** Many jobs in one round trip (BullMQ's addBulk: one pipeline of its add scripts). */
-  enqueueMany(jobs: Array<{ imageId: string; priority: number }>): Promise<void>;
+  enqueue(model: string, imageId: string, priority: number): Promise<void>;
+  /** Many jobs of one model in one round trip (BullMQ's addBulk: one pipeline of its add scripts). */
+  enqueueMany(model: string, jobs: Array<{ imageId: string; priority: number }>): Promise<void>;
   /**
    * Moves a waiting job to another priority (behind the jobs already there); an active job only
    * records it. False when Redis has no such job.
    */
-  changePriority(imageId: string, priority: number): Promise<boolean>;
+  changePriority(model: string, imageId: string, priority: number): Promise<boolean>;
   /** The BullMQ job's state, or null when Redis has no such job. */
-  jobState(imageId: string): Promise<{ state: QueueJobState; failedReason?: string } | null>;
+  jobState(model: string, imageId: string): Promise<{ state: QueueJobState; failedReason?: string } | null>;
   /** Removes a job that no worker holds; false when it is locked by one (or absent). */
-  remove(imageId: string): Promise<boolean>;
-  depth(): Promise<number>;
+  remove(model: string, imageId: string): Promise<boolean>;
+  depth(model: string): Promise<number>;
   /**
    * How many waiting jobs a worker will take before this one (0: it is next), or null when the
    * job is not waiting (running, delayed for a retry, finished or unknown).
    */
-  position(imageId: string): Promise<number | null>;
-  counts(): Promise<Record<'waiting' | 'active' | 'delayed' | 'failed' | 'completed' | 'prioritized', number>>;
+  position(model: string, imageId: string): Promise<number | null>;
+  counts(model: string): Promise<QueueCounts>;
+  /** A round trip to Redis, for readiness probes. */
+  ping(): Promise<void>;
   close(): Promise<void>;
 }
 
+/** Most models' queues one producer keeps open; the least recently used is closed past it (names come from requests' models and job rows). */
+const MAX_OPEN_QUEUES = 256;
+
 export function createProducer(redisUrl: string, s: QueueSettings): ProducerQueue {
   const connection = createRedis(redisUrl, { failFast: true });
-  const queue = new Queue<GeneratePayload>(s.queueName, {
-    connection,
-    defaultJobOptions: {
-      attempts: s.attempts,
-      backoff: { type: 'exponential', delay: s.backoffMs },
-      removeOnComplete: { count: s.keepCompleted },
-      removeOnFail: { count: s.keepFailed },
-    },
-  });
-  // Connection errors surface as rejected calls; without a listener they would crash the process.
-  queue.on('error', () => undefined);
+  // One BullMQ Queue per model, all on the one connection (a Queue issues no blocking commands).
+  const queues = new Map<string, Queue<GeneratePayload>>();
+  const queueOf = (model: string): Queue<GeneratePayload> => {
+    let queue = queues.get(model);
+    if (queue) {
+      // Most recently used last: Map keeps insertion order.
+      queues.delete(model);
+      queues.set(model, queue);
+      return queue;
+    }
+    // A BullMQ Queue made on a connection that is not ready waits for it before its first command,
+    // however long Redis is away: fail fast instead, as this connection does for every command
+    // (the first job of a model may come while Redis is down; the reconciler enqueues it later).
+    if (connection.status !== 'ready') throw new Error("Stream isn't writeable and enableOfflineQueue options is false");
+    queue = new Queue<GeneratePayload>(queueNameFor(s.queueName, model), {
+      connection,
+      defaultJobOptions: {
+        attempts: s.attempts,
+        backoff: { type: 'exponential', delay: s.backoffMs },
+        removeOnComplete: { count: s.keepCompleted },
+        removeOnFail: { count: s.keepFailed },
+      },
+    });
+    // Connection errors surface as rejected calls; without a listener they would crash the process.
+    queue.on('error', () => undefined);
+    queues.set(model, queue);
+    if (queues.size > MAX_OPEN_QUEUES) {
+      const [oldest, q] = queues.entries().next().value!;
+      queues.delete(oldest);
+      // The connection is shared: closing a Queue given a connection leaves it open.
+      void q.close().catch(() => undefined);
+    }
+    return queue;
+  };
+  const priorityOf = (p: number) => Math.min(Math.max(1, Math.round(p)), PRIORITY_LIMIT);
   return translateErrors<ProducerQueue>(
     {
       async ready(timeoutMs = 10_000) {
-        if (connection.status === 'ready') return;
-        await new Promise<void>((resolve, reject) => {
-          const timer = setTimeout(() => reject(new Error(`Redis not ready after ${timeoutMs} ms`)), timeoutMs);
-          connection.once('ready', () => {
-            clearTimeout(timer);
-            resolve();
-          });
-        });
+        await whenReady(connection, timeoutMs);
       },
-      async enqueue(imageId, priority) {
-        await queue.add(GENERATE_JOB.name, { imageId }, { jobId: imageId, priority: Math.min(Math.max(1, Math.round(priority)), PRIORITY_LIMIT) });
+      async enqueue(model, imageId, priority) {
+        await queueOf(model).add(GENERATE_JOB.name, { imageId }, { jobId: imageId, priority: priorityOf(priority) });
       },
-      async enqueueMany(jobs) {
-        await queue.addBulk(
-          jobs.map(({ imageId, priority }) => ({
-            name: GENERATE_JOB.name,
-            data: { imageId },
-            opts: { jobId: imageId, priority: Math.min(Math.max(1, Math.round(priority)), PRIORITY_LIMIT) },
-          })),
+      async enqueueMany(model, jobs) {
+        await queueOf(model).addBulk(
+          jobs.map(({ imageId, priority }) => ({ name: GENERATE_JOB.name, data: { imageId }, opts: { jobId: imageId, priority: priorityOf(priority) } })),
         );
       },
-      async changePriority(imageId, priority) {
-        const job = await queue.getJob(imageId);
+      async changePriority(model, imageId, priority) {
+        const job = await queueOf(model).getJob(imageId);
         if (!job) return false;
-        await job.changePriority({ priority: Math.min(Math.max(1, Math.round(priority)), PRIORITY_LIMIT) });
+        await job.changePriority({ priority: priorityOf(priority) });
         return true;
       },
-      async jobState(imageId) {
-        const job = await queue.getJob(imageId);
+      async jobState(model, imageId) {
+        const job = await queueOf(model).getJob(imageId);
         if (!job) return null;
         const state = await job.getState();
         return { state, ...(job.failedReason ? { failedReason: job.failedReason } : {}) };
       },
-      async remove(imageId) {
+      async remove(model, imageId) {
         try {
-          return (await queue.remove(imageId)) === 1;
+          return (await queueOf(model).remove(imageId)) === 1;
         } catch {
           // BullMQ refuses to remove a job a worker holds the lock of.
           return false;
         }
       },
-      async depth() {
-        const c = await queue.getJobCounts('waiting', 'delayed', 'prioritized');
+      async depth(model) {
+        const c = await queueOf(model).getJobCounts('waiting', 'delayed', 'prioritized');
         return (c.waiting ?? 0) + (c.delayed ?? 0) + (c.prioritized ?? 0);
       },
-      async position(imageId) {
+      async position(model, imageId) {
         // Workers take from the right end of the wait list (RPOPLPUSH), then, when it is empty,
         // the lowest score of the prioritized set: what is ahead of a job follows from where it is.
-        const client = connection;
+        const queue = queueOf(model);
         const waitKey = queue.toKey('wait');
-        const [index, length] = await Promise.all([client.lpos(waitKey, imageId), client.llen(waitKey)]);
+        const [index, length] = await Promise.all([connection.lpos(waitKey, imageId), connection.llen(waitKey)]);
         if (typeof index === 'number') return length - 1 - index;
-        const prioritizedKey = queue.toKey('prioritized');
-        const rank = await client.zrank(prioritizedKey, imageId);
+        const rank = await connection.zrank(queue.toKey('prioritized'), imageId);
         return rank === null ? null : length + rank;
       },
-      async counts() {
-        const c = await queue.getJobCounts('waiting', 'active', 'delayed', 'failed', 'completed', 'prioritized');
-        return c as Record<'waiting' | 'active' | 'delayed' | 'failed' | 'completed' | 'prioritized', number>;
+      async counts(model) {
+        const c = await queueOf(model).getJobCounts('waiting', 'active', 'delayed', 'failed', 'completed', 'prioritized');
+        return c as QueueCounts;
+      },
+      async ping() {
+        await connection.ping();
       },
       async close() {
-        await queue.close();
+        await Promise.allSettled([...queues.values()].map((q) => q.close()));
+        queues.clear();
         connection.disconnect();
       },
     },
@@ -242,15 +280,23 @@ export interface QueueConsumer {
 export const RELEASED_ERROR_NAME = 'JobReleasedError';
 
 /**
- * A consumer running up to `concurrency` jobs at a time (the engine batches them). Lock and
- * stalled-check settings come from the shared configuration: BullMQ runs the stalled check
- * queue-wide, so every worker must use the same.
+/**
+ * A consumer of one model's queue, running up to `concurrency` jobs at a time (the engine
+ * batches them). Lock and stalled-check settings come from the shared configuration: BullMQ runs
+ * the stalled check queue-wide, so every worker must use the same.
  */
-export function createConsumer(redisUrl: string, s: QueueSettings, handler: JobHandler, onError?: (err: Error) => void, concurrency = 1): QueueConsumer {
+export function createConsumer(
+  redisUrl: string,
+  s: QueueSettings,
+  model: string,
+  handler: JobHandler,
+  onError?: (err: Error) => void,
+  concurrency = 1,
+): QueueConsumer {
   const connection = createRedis(redisUrl);
   const active = new Set<AbortController>();
   const worker = new Worker<GeneratePayload>(
-    s.queueName,
+    queueNameFor(s.queueName, model),
     async (job: Job<GeneratePayload>, token?: string) => {
       const parsed = GENERATE_JOB.payload.safeParse(job.data);
       if (!parsed.success || job.name !== GENERATE_JOB.name) {

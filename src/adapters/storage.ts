@@ -41,9 +41,11 @@ export interface ImageStorage {
    * request is needed to know the object is whole. `signal` aborts the upload (a deadline, a shutdown).
    */
   putPng(key: string, png: Buffer, opts?: { signal?: AbortSignal }): Promise<{ etag: string; size: number }>;
+  /** An uploaded input picture (PNG, JPEG or WebP), checked as putPng checks its upload. */
+  putInput(key: string, bytes: Buffer, contentType: string): Promise<{ etag: string; size: number }>;
   /** Keys under a prefix (at most 1,000: enough for one job's attempts). */
   list(prefix: string): Promise<string[]>;
-  /** The object's bytes (images are small: a 2048 x 2048 PNG is at most 12 MB). */
+  /** The object's bytes (images are small: a 2048 x 2048 PNG is at most 12 MB; uploads are bounded by MAX_UPLOAD_BYTES). */
   read(key: string): Promise<Buffer>;
   /** null when the object does not exist; other errors throw. */
   stat(key: string): Promise<{ size: number; etag: string; contentType: string | undefined } | null>;
@@ -187,6 +189,28 @@ export function createStorage(opts: StorageOptions): ImageStorage {
     }
   };
 
+  const putChecked = async (operation: string, key: string, body: Buffer, contentType: string, signal?: AbortSignal) => {
+    let etag: string;
+    try {
+      const put = () => s3.putObject(bucket, key, body, body.length, { 'Content-Type': contentType });
+      ({ etag } = signal ? await requestSignal.run(signal, put) : await put());
+    } catch (err) {
+      throw fail(operation, key, signal?.aborted ? Object.assign(new Error('aborted'), { code: 'ABORTED' }) : err);
+    }
+    // A single-part upload's ETag is the MD5 of the body; anything else means the object is not what was sent.
+    const expected = createHash('md5').update(body).digest('hex');
+    if (etag.replace(/"/g, '').toLowerCase() !== expected) {
+      throw new StorageError(
+        `storage: ${operation} "${bucket}/${key}": the server's ETag ${etag} is not the MD5 of the body (${expected})`,
+        operation,
+        bucket,
+        key,
+        'BadDigest',
+      );
+    }
+    return { etag, size: body.length };
+  };
+
   const storage: ImageStorage = {
     bucket,
 
@@ -214,26 +238,12 @@ export function createStorage(opts: StorageOptions): ImageStorage {
       }
     },
 
-    async putPng(key, png, { signal } = {}) {
-      let etag: string;
-      try {
-        const put = () => s3.putObject(bucket, key, png, png.length, { 'Content-Type': 'image/png' });
-        ({ etag } = signal ? await requestSignal.run(signal, put) : await put());
-      } catch (err) {
-        throw fail('putPng', key, signal?.aborted ? Object.assign(new Error('aborted'), { code: 'ABORTED' }) : err);
-      }
-      // A single-part upload's ETag is the MD5 of the body; anything else means the object is not what was sent.
-      const expected = createHash('md5').update(png).digest('hex');
-      if (etag.replace(/"/g, '').toLowerCase() !== expected) {
-        throw new StorageError(
-          `storage: putPng "${bucket}/${key}": the server's ETag ${etag} is not the MD5 of the body (${expected})`,
-          'putPng',
-          bucket,
-          key,
-          'BadDigest',
-        );
-      }
-      return { etag, size: png.length };
+    putPng(key, png, { signal } = {}) {
+      return putChecked('putPng', key, png, 'image/png', signal);
+    },
+
+    putInput(key, bytes, contentType) {
+      return putChecked('putInput', key, bytes, contentType);
     },
 
     async list(prefix) {

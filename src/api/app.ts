@@ -3,9 +3,9 @@ import type { Logger } from 'pino';
 import { DependencyUnavailableError, ProblemError } from '../core/errors.js';
 import type { ErrorReporter } from '../core/reporting.js';
 import type { AccountsService } from '../core/accounts.js';
-import type { ImagesService } from '../core/images.js';
+import type { ImageRecord, ImagesService } from '../core/images.js';
 import { imageJson } from '../core/image-json.js';
-import { createImageBody, listQuery, type CreateImageBody } from '../core/params.js';
+import { createImageBody, listQuery } from '../core/params.js';
 import { readiness } from '../core/lifecycle.js';
 import type { TrustProxy } from '../config.js';
 import { principalOf, registerAuth, type RateLimitOptions } from './auth.js';
@@ -16,6 +16,7 @@ import { idempotencyKeyOf } from './idempotency.js';
 import { openAiRoutes, type OpenAiRoutesOptions } from './openai.js';
 import { registerOpenApi } from './openapi.js';
 import { jobRouteSchemas, problems, usageSchema } from './schemas.js';
+import { multipartCreateBody, registerUploads, submissionOf, type UploadLimits } from './uploads.js';
 import { webhookRoutes, type WebhookRoutesOptions } from './webhooks.js';
 import { imageFileRoutes, type ImageFileRoutesOptions } from './image-files.js';
 import { webPageRoutes, type WebPageOptions } from './web.js';
@@ -41,6 +42,8 @@ export interface AppDeps {
   trustProxy?: TrustProxy;
   logger: Logger;
   bodyLimit: number;
+  /** MAX_UPLOAD_BYTES: each input picture of a multipart POST /generated-images. Default 16 MiB. */
+  maxUploadBytes?: number;
   /** Readiness of what the API depends on; the route answers 503 listing what is down. */
   checks?: Record<string, () => Promise<void>>;
   /** Request metrics and GET /metrics (src/api/metrics.ts); none when absent. */
@@ -151,7 +154,13 @@ export function buildApp(deps: AppDeps): FastifyInstance {
     // Fastify's own client errors: body too large, bad JSON, wrong content type.
     if (fe.code === 'FST_ERR_CTP_BODY_TOO_LARGE')
       return sendProblem(reply, 413, 'Payload Too Large', `The request body is larger than ${deps.bodyLimit} bytes.`);
-    if (fe.code === 'FST_ERR_CTP_INVALID_MEDIA_TYPE') return sendProblem(reply, 415, 'Unsupported Media Type', 'Send the body as application/json.');
+    if (fe.code === 'FST_ERR_CTP_INVALID_MEDIA_TYPE')
+      return sendProblem(
+        reply,
+        415,
+        'Unsupported Media Type',
+        'Send the body as application/json (POST /generated-images also takes multipart/form-data with pictures).',
+      );
     if (fe.code === 'FST_ERR_CTP_EMPTY_JSON_BODY')
       return sendProblem(reply, 400, 'Invalid request', 'The request body is empty; send a JSON object.', {
         errors: [{ field: '(body)', rule: 'required', message: 'is required' }],
@@ -175,27 +184,39 @@ export function buildApp(deps: AppDeps): FastifyInstance {
     await registerAuth(scope, { accounts: deps.accounts, mode: deps.auth ?? 'required', rateLimits: deps.rateLimits });
     const tenant = (request: FastifyRequest) => principalOf(request).tenantId;
 
-    const schemas = jobRouteSchemas(createImageBody, listQuery);
+    const schemas = jobRouteSchemas(createImageBody, listQuery, multipartCreateBody);
+    // A job as the API shows it: with why it waits, when no worker serves its model now.
+    const jobView = async (record: ImageRecord) => ({ ...imageJson(record), hold: await deps.images.hold(record) });
+    const uploads: UploadLimits = { maxFileBytes: deps.maxUploadBytes ?? 16 * 1024 * 1024, maxRequestBytes: deps.bodyLimit };
 
-    scope.post('/generated-images', { schema: schemas.create }, async (request, reply) => {
-      const p = principalOf(request);
-      const { record, replayed } = await deps.images.submit(p.tenantId, request.body as CreateImageBody, {
-        idempotencyKey: idempotencyKeyOf(request),
-        route: 'generated-images',
-        defaultWebhookUrl: p.webhookUrl,
+    // Its own plugin: only this route parses multipart bodies (src/api/uploads.ts).
+    await scope.register(async (create) => {
+      await registerUploads(create, uploads);
+      create.post('/generated-images', { schema: schemas.create }, async (request, reply) => {
+        const p = principalOf(request);
+        const { body, inputs } = await submissionOf(request, uploads);
+        const { record, replayed } = await deps.images.submit(p.tenantId, body, {
+          idempotencyKey: idempotencyKeyOf(request),
+          route: 'generated-images',
+          defaultWebhookUrl: p.webhookUrl,
+          ...(inputs ? { inputs } : {}),
+        });
+        if (replayed) reply.header('idempotent-replayed', 'true');
+        return reply
+          .status(201)
+          .header('location', `/generated-images/${record.id}`)
+          .send(await jobView(record));
       });
-      if (replayed) reply.header('idempotent-replayed', 'true');
-      return reply.status(201).header('location', `/generated-images/${record.id}`).send(imageJson(record));
     });
 
     scope.get('/generated-images', { schema: schemas.list }, async (request) => {
       const q = request.query as { limit: number; cursor?: string };
       const { items, nextCursor } = await deps.images.list(tenant(request), q.limit, q.cursor);
-      return { items: items.map(imageJson), next_cursor: nextCursor };
+      return { items: await Promise.all(items.map(jobView)), next_cursor: nextCursor };
     });
 
     scope.get<{ Params: { id: string } }>('/generated-images/:id', { schema: schemas.get }, async (request) =>
-      imageJson(await deps.images.get(tenant(request), request.params.id)),
+      jobView(await deps.images.get(tenant(request), request.params.id)),
     );
 
     scope.get<{ Params: { id: string } }>('/generated-images/:id/url', { schema: schemas.url }, async (request) => {

@@ -5,7 +5,7 @@ import { followJob } from '../core/job-event-stream.js';
 import { webhookClientFromConfig } from '../adapters/webhook-http.js';
 import { createWebhookRepo } from '../adapters/webhooks-repo.js';
 import { createFleetRegistry } from '../adapters/fleet.js';
-import { servedModels } from '../core/fleet.js';
+import { ModelCatalog } from '../core/models.js';
 import { checkRedis, createProducer, createRedis } from '../adapters/queue.js';
 import { withTimeout } from '../core/lifecycle.js';
 import { createErrorReporter } from '../adapters/sentry.js';
@@ -61,10 +61,26 @@ export async function startApi(config: Config = loadConfig(process.env, 'api'), 
   const eventStore = createJobEventStore(config.REDIS_URL, eventStoreOptions(config));
   const events = eventSink(eventStore, logger);
   const webhookClient = config.WEBHOOK_SECRET ? webhookClientFromConfig(config, 't2i') : undefined;
+  // What the fleet serves (workers' announcements in Redis), read at most once a second, each read
+  // bounded, on a fail-fast connection: while Redis is away a read fails at once and requests are
+  // answered from the last one (src/core/models.ts), within the API's answer bound.
+  const fleet = createFleetRegistry(config.REDIS_URL, config.QUEUE_NAME, { failFast: true });
+  await fleet.ready();
+  const bounded =
+    <T>(read: () => Promise<T>) =>
+    () =>
+      withTimeout(read(), 2_000, 'reading the fleet');
+  const models = new ModelCatalog({
+    fleet: { members: bounded(() => fleet.members()), profiles: bounded(() => fleet.profiles()) },
+    known: config.KNOWN_MODELS ?? [],
+    defaultModel: config.DEFAULT_MODEL,
+  });
+  if (config.KNOWN_MODELS || config.DEFAULT_MODEL) logger.info({ known: models.known, defaultModel: config.DEFAULT_MODEL ?? null }, 'models configured');
   const images = new ImagesService({
     repo,
     queue: producer,
     storage,
+    models,
     maxQueueDepth: config.MAX_QUEUE_DEPTH,
     maxPixelSteps: config.MAX_PIXEL_STEPS,
     quotas: { maxInFlight: config.TENANT_MAX_IN_FLIGHT, dailyPixelSteps: config.TENANT_DAILY_PIXEL_STEPS },
@@ -80,7 +96,7 @@ export async function startApi(config: Config = loadConfig(process.env, 'api'), 
         log: eventStore.log,
         getJob: (jobId) => images.get(tenantId, jobId),
         result: (record) => images.result(record),
-        position: (jobId) => producer.position(jobId),
+        position: (record) => (record.model === null ? Promise.resolve(null) : producer.position(record.model, record.id)),
         logger,
       },
       id,
@@ -91,8 +107,6 @@ export async function startApi(config: Config = loadConfig(process.env, 'api'), 
   let webAssets: WebAssets | undefined;
   if (webDir) webAssets = loadWebAssets(webDir);
   else logger.warn({}, 'no built web page (dist/web): / answers 503; run `npm run build` or set WEB_DIR to a built page');
-  const fleet = createFleetRegistry(config.REDIS_URL, config.QUEUE_NAME);
-  const models = async () => servedModels(await withTimeout(fleet.members(), 2_000, 'reading the fleet'));
   const app = buildApp({
     images,
     accounts: new AccountsService(createAccountsRepo(db), logger),
@@ -108,14 +122,20 @@ export async function startApi(config: Config = loadConfig(process.env, 'api'), 
     trustProxy: config.TRUST_PROXY,
     logger,
     bodyLimit: config.BODY_LIMIT_BYTES,
+    maxUploadBytes: config.MAX_UPLOAD_BYTES,
     metrics: createApiMetrics(),
     metricsToken: config.METRICS_TOKEN,
     reporter,
-    checks: { postgres: () => repo.ping(), redis: async () => void (await producer.counts()), storage: () => storage.ping() },
+    checks: { postgres: () => repo.ping(), redis: () => producer.ping(), storage: () => storage.ping() },
     webhooks: { deliveries: createWebhookRepo(db) },
     events: { heartbeatMs: config.EVENTS_HEARTBEAT_MS, follow },
-    openai: { follow: (tenantId, id) => follow(tenantId, id, null), readImage: (key) => storage.read(key), models, waitMs: config.OPENAI_WAIT_MS },
-    discovery: { models, maxPixelSteps: config.MAX_PIXEL_STEPS },
+    openai: {
+      follow: (tenantId, id) => follow(tenantId, id, null),
+      readImage: (key) => storage.read(key),
+      models: async () => (await models.snapshot()).served,
+      waitMs: config.OPENAI_WAIT_MS,
+    },
+    discovery: { fleet: () => models.snapshot(), known: models.known, defaultOf: (s) => models.defaultOf(s), maxPixelSteps: config.MAX_PIXEL_STEPS },
     imageFiles: { read: (key) => storage.read(key), thumbnail: webpThumbnail },
     web: { assets: webAssets },
   });

@@ -18,15 +18,16 @@ import { idempotencyHeaders, openAiErrors, openAiImagesSchema, openAiModelListSc
  * webhook); the request waits for it, as OpenAI's endpoint does, up to `waitMs`. Fields:
  *   prompt            required
  *   n                 1..4 images (seeds seed, seed + 1, ...; batched as BATCH_MAX and the model allow)
- *   size              "WIDTHxHEIGHT" (multiples of 8, 64..2048), or "auto" / absent: 512x512
+ *   size              "WIDTHxHEIGHT" (multiples of 8, 64..2048), or "auto" / absent: the model's own size
  *   response_format   "url" (presigned, PRESIGN_TTL_SECONDS) or "b64_json"
- *   model             an id of GET /v1/models, or an OpenAI image model name (dall-e-2, dall-e-3,
- *                     gpt-image-1, ...), which all mean the fleet's model
+ *   model             an id of GET /v1/models (or a known model scaled to zero, whose job waits), or
+ *                     an OpenAI image model name (dall-e-2, dall-e-3, gpt-image-1, ...), which all
+ *                     mean the default model (POST /generated-images without a model)
  *   user              accepted and not stored (it identifies OpenAI's end users for abuse monitoring)
  *   quality, style, background, moderation, output_format, output_compression: accepted and
  *                     ignored (they have no meaning for these models); stream: only false
  *   extensions        negative_prompt, num_steps, guidance_scale, seed, scheduler, webhook_url, as
- *                     in POST /generated-images
+ *                     in POST /generated-images (unset: the model's own defaults)
  * Once the job exists, its id is in the X-T2I-Job-Id header. An Idempotency-Key header makes retries safe.
  */
 
@@ -42,7 +43,7 @@ export interface OpenAiRoutesOptions {
   waitMs: number;
 }
 
-/** Model names OpenAI clients send by default; here they mean the model the fleet serves. */
+/** Model names OpenAI clients send by default; here they mean the default model. */
 const OPENAI_IMAGE_MODELS = new Set(['dall-e-2', 'dall-e-3', 'gpt-image-1', 'gpt-image-1-mini', 'gpt-image-1.5']);
 
 const ignored = z.unknown().optional();
@@ -180,40 +181,50 @@ export const openAiRoutes: FastifyPluginAsync<OpenAiRoutesOptions> = async (app,
     tags: ['openai'],
     summary: 'Create images (OpenAI Images API); waits for them',
     description:
-      'n 1..4 (seeds seed, seed+1, ...), size "WxH" (multiples of 8, 64..2048) or "auto" (512x512), response_format url or b64_json, model (an id of GET /v1/models or an OpenAI image model name), user (not stored); quality, style, background, moderation, output_format, output_compression, partial_images are ignored. Extensions: negative_prompt, num_steps, guidance_scale, seed, scheduler, webhook_url. The job id is in X-T2I-Job-Id.',
+      'n 1..4 (seeds seed, seed+1, ...), size "WxH" (multiples of 8, 64..2048) or "auto" (the model\'s own size), response_format url or b64_json, model (an id of GET /v1/models, or an OpenAI image model name: the default model), user (not stored); quality, style, background, moderation, output_format, output_compression, partial_images are ignored. Extensions: negative_prompt, num_steps, guidance_scale, seed, scheduler, webhook_url (unset: the model\'s defaults). The job id is in X-T2I-Job-Id.',
     headers: idempotencyHeaders,
     body: generationsBody,
     response: { 200: openAiImagesSchema, ...openAiErrors(400, 401, 404, 409, 413, 415, 422, 429, 500, 503, 504) },
   };
   app.post('/v1/images/generations', { schema: generationsSchema }, async (request, reply) => {
     const b = request.body as z.infer<typeof generationsBody>;
-    if (b.model != null && !OPENAI_IMAGE_MODELS.has(b.model) && !(await opts.models()).some((m) => m.id === b.model)) {
-      throw new OpenAiError(
+    const model = b.model == null || OPENAI_IMAGE_MODELS.has(b.model) ? null : b.model;
+    const notFound = () =>
+      new OpenAiError(
         404,
         `The model '${b.model}' does not exist or no worker serves it now; see GET /v1/models.`,
         'invalid_request_error',
         'model',
         'model_not_found',
       );
-    }
     const size = b.size && b.size !== 'auto' ? b.size.split('x').map(Number) : undefined;
     const native = createImageBody.safeParse(
       {
         prompt: b.prompt,
+        model,
         ...(size ? { width: size[0], height: size[1] } : {}),
         num_images: b.n ?? 1,
         ...pick(b, ['negative_prompt', 'num_steps', 'guidance_scale', 'seed', 'scheduler', 'webhook_url']),
       },
       { reportInput: true },
     );
-    if (!native.success) throw fromValidation(new ValidationError(fieldErrors(native.error)));
+    if (!native.success) {
+      if (native.error.issues.some((i) => i.path[0] === 'model')) throw notFound();
+      throw fromValidation(new ValidationError(fieldErrors(native.error)));
+    }
     const caller = opts.principalOf(request);
     const tenantId = caller.tenantId;
-    const { record } = await opts.images.submit(tenantId, native.data, {
-      idempotencyKey: idempotencyKeyOf(request),
-      route: 'v1/images/generations',
-      defaultWebhookUrl: caller.webhookUrl,
-    });
+    const { record } = await opts.images
+      .submit(tenantId, native.data, {
+        idempotencyKey: idempotencyKeyOf(request),
+        route: 'v1/images/generations',
+        defaultWebhookUrl: caller.webhookUrl,
+      })
+      .catch((err: unknown) => {
+        // A model nobody serves (named, or the default): OpenAI's answer for an unknown model.
+        if (model !== null && err instanceof ValidationError && err.errors.some((e) => e.field === 'model')) throw notFound();
+        throw err;
+      });
     reply.header('x-t2i-job-id', record.id);
     // From here a job exists: a client retry would make another (unless it sent an Idempotency-Key).
     reply.header('x-should-retry', 'false');

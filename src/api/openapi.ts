@@ -34,6 +34,25 @@ export const zodValidatorCompiler: FastifySchemaCompiler<z.ZodType> = ({ schema,
   };
 };
 
+/**
+ * fastify-type-provider-zod's transform, also for a body documented per content type
+ * (`body: { content: { type: { schema } } }`, as POST /generated-images takes JSON or multipart):
+ * each content type's zod schema is turned into JSON Schema on its own.
+ */
+function bodyPerContentType(inner: ReturnType<typeof createJsonSchemaTransform>): ReturnType<typeof createJsonSchemaTransform> {
+  return (doc) => {
+    const schema = doc.schema as { body?: { content?: Record<string, { schema: unknown }> } } | undefined;
+    const content = schema?.body?.content;
+    if (!content) return inner(doc);
+    const out = inner({ ...doc, schema: { ...schema, body: undefined } }) as { schema: Record<string, unknown>; url: string };
+    const converted: Record<string, { schema: unknown }> = {};
+    for (const [type, { schema: part }] of Object.entries(content)) {
+      converted[type] = { schema: (inner({ ...doc, schema: { body: part } }) as { schema: { body: unknown } }).schema.body };
+    }
+    return { ...out, schema: { ...out.schema, body: { content: converted } } };
+  };
+}
+
 /** Plain JSON for responses (see above). */
 export const jsonSerializerCompiler = () => (data: unknown) => JSON.stringify(data);
 
@@ -53,10 +72,10 @@ export function registerOpenApi(app: FastifyInstance, opts: OpenApiOptions = {})
         title: 't2i',
         version: packageVersion(),
         description:
-          'Text-to-image jobs on Stable Diffusion workers: submit, follow live (SSE or WebSocket), fetch the images, get a signed webhook; and the OpenAI Images API. Errors are application/problem+json (RFC 9457), except under /v1, which answers in OpenAI’s error shape.',
+          'Text-to-image, image-to-image and inpainting jobs on a fleet of Stable Diffusion workers, one model each: submit (naming a model, or the default), follow live (SSE or WebSocket), fetch the images, get a signed webhook; and the OpenAI Images API. Errors are application/problem+json (RFC 9457), except under /v1, which answers in OpenAI’s error shape.',
       },
       tags: [
-        { name: 'jobs', description: 'Submit, read, list and cancel text-to-image jobs' },
+        { name: 'jobs', description: 'Submit, read, list and cancel jobs' },
         { name: 'events', description: 'Live progress: Server-Sent Events and WebSocket' },
         { name: 'webhooks', description: 'Webhook deliveries of a job' },
         { name: 'openai', description: 'The OpenAI Images API' },
@@ -64,7 +83,7 @@ export function registerOpenApi(app: FastifyInstance, opts: OpenApiOptions = {})
         { name: 'health', description: 'Liveness and readiness' },
       ],
     },
-    transform: createJsonSchemaTransform({ skipList: ['/docs', '/docs/*', '/docs/static/*', '/openapi.json', ...(opts.hidden ?? [])] }),
+    transform: bodyPerContentType(createJsonSchemaTransform({ skipList: ['/docs', '/docs/*', '/docs/static/*', '/openapi.json', ...(opts.hidden ?? [])] })),
     transformObject: jsonSchemaTransformObject,
   });
   void app.register(swaggerUi, { routePrefix: '/docs', uiConfig: { deepLinking: true } });

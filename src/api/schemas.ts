@@ -54,12 +54,29 @@ export const jobSchema = z
     progress: z.number().int().min(0).max(100),
     prompt: z.string(),
     negative_prompt: z.string().nullable(),
-    num_steps: z.number().int(),
-    guidance_scale: z.number(),
+    model: z.string().nullable().meta({ description: 'The model the job runs on (null only for jobs from before models had names)' }),
+    num_steps: z
+      .number()
+      .int()
+      .nullable()
+      .meta({ description: "The request's, or the model's default. Null only until a worker fills in the defaults of a model never served before" }),
+    guidance_scale: z.number().nullable(),
     seed: z.number().int(),
-    width: z.number().int(),
-    height: z.number().int(),
-    scheduler: z.string(),
+    width: z.number().int().nullable(),
+    height: z.number().int().nullable(),
+    scheduler: z.string().nullable(),
+    strength: z
+      .number()
+      .nullable()
+      .meta({ description: "Image-to-image: how much of the picture is redrawn (the request's or the model's default); null otherwise" }),
+    inputs: z
+      .object({ image: z.boolean(), mask: z.boolean() })
+      .meta({ description: 'Whether the job has an input picture (image-to-image) and a mask (inpainting)' }),
+    hold: z
+      .object({ reason: z.literal('no_worker'), message: z.string() })
+      .nullable()
+      .optional()
+      .meta({ description: 'Why a queued job waits: no worker serves its model now (a known model scaled to zero); null otherwise' }),
     file_name: z.string().nullable(),
     error: z
       .object({ code: z.enum(FAILURE_CODES), message: z.string() })
@@ -120,6 +137,7 @@ const defaultsSchema = z.object({
   width: z.number().int(),
   height: z.number().int(),
   scheduler: z.string(),
+  strength: z.number().optional().meta({ description: 'Image-to-image, when the request gives a picture and no strength' }),
 });
 
 export const limitsSchema = z
@@ -140,16 +158,24 @@ export const modelsSchema = z
   .object({
     models: z.array(
       z.object({
-        id: z.string(),
-        variant: z.string().nullable(),
+        id: z.string().meta({ description: "What a request's `model` names" }),
+        status: z
+          .enum(['serving', 'no_worker'])
+          .meta({ description: 'serving: workers run its jobs now; no_worker: a known model with no worker now (scaled to zero), whose jobs wait' }),
+        default: z.boolean().meta({ description: 'Requests that name no model run on it' }),
+        variant: z.string().nullable().meta({ description: 'What loading found: "SD 1.x", "SDXL Turbo", "SD 1.x inpainting", ...' }),
         workers: z.number().int(),
         providers: z.array(z.string()),
-        model_defaults: defaultsSchema,
+        model_defaults: defaultsSchema.nullable().meta({ description: 'What a request leaving parameters out gets; null for a known model never served' }),
+        tasks: z.array(z.enum(['text-to-image', 'image-to-image', 'inpainting'])),
         schedulers: z.array(z.string()),
-        since: isoTime,
+        since: isoTime.nullable().meta({ description: 'When its longest-running worker loaded it; null without workers' }),
       }),
     ),
-    request_defaults: defaultsSchema.extend({ num_images: z.number().int() }),
+    request_defaults: defaultsSchema
+      .extend({ num_images: z.number().int(), model: z.string() })
+      .nullable()
+      .meta({ description: 'What a request naming no model gets: the default model and its defaults (null when there is no default model)' }),
     limits: limitsSchema,
   })
   .meta({ id: 'Models' });
@@ -157,7 +183,7 @@ export const modelsSchema = z
 export const schedulersSchema = z
   .object({
     schedulers: z.array(z.object({ name: z.string(), description: z.string(), models: z.array(z.string()), default_for: z.array(z.string()) })),
-    default: z.string(),
+    default: z.string().nullable().meta({ description: "The default model's scheduler (null without a default model)" }),
     limits: limitsSchema,
   })
   .meta({ id: 'Schedulers' });
@@ -205,13 +231,14 @@ export const idempotencyHeaders = z.looseObject({
  * The job routes' schemas (src/api/app.ts). Requests are validated with the same zod objects
  * the service defines (src/core/params.ts).
  */
-export function jobRouteSchemas(create: z.ZodType, list: z.ZodType) {
+export function jobRouteSchemas(create: z.ZodType, list: z.ZodType, multipart?: z.ZodType) {
   return {
     create: {
       tags: ['jobs'],
-      summary: 'Submit a text-to-image job',
+      summary: 'Submit a job: text-to-image (JSON), or image-to-image and inpainting (multipart/form-data with the pictures)',
       headers: idempotencyHeaders,
-      body: create,
+      // Two representations of one request; src/api/openapi.ts documents each.
+      body: multipart ? { content: { 'application/json': { schema: create }, 'multipart/form-data': { schema: multipart } } } : create,
       response: {
         201: {
           description: 'The job (also when an Idempotency-Key replays it: then Idempotent-Replayed: true)',

@@ -16,6 +16,7 @@ import { loadConfig } from '../config.js';
 import { createPrismaClient } from '../adapters/db/client.js';
 import { applyMigrations } from '../adapters/db/migrate.js';
 import { AccountsService } from '../core/accounts.js';
+import { queueNameFor } from '../core/jobs.js';
 import { queueSettings, storageOptions } from '../core/wiring.js';
 import { freePort, servicesEnv, startServices, type LocalServices } from '../dev/services.js';
 import type { GenerateParams, Generation } from '../engine/pipeline.js';
@@ -62,6 +63,9 @@ const OVERHEAD_GOAL = { p50Ms: 15, p99Ms: 50 } as const;
 
 const BODY = JSON.stringify({ prompt: 'a red circle', num_steps: 1, width: 64, height: 64, seed: 1, scheduler: 'euler' });
 const BIN = fileURLToPath(new URL('../../bin/t2i.js', import.meta.url));
+/** The zero-cost engine's model name: its jobs' queue. */
+const BENCH_MODEL = 'zero-cost';
+
 const CONSTANT_REPLY = { id: '00000000-0000-0000-0000-000000000000', status: 'queued' };
 
 const out = (line: string) => process.stdout.write(`${line}\n`);
@@ -220,6 +224,8 @@ export async function runServiceBench(options: ServiceBenchOptions = {}): Promis
       RATE_LIMIT_MAX: '0',
       TENANT_MAX_IN_FLIGHT: '0',
       TENANT_DAILY_PIXEL_STEPS: '0',
+      // No worker announces itself here: the bench's model is known, so its jobs are taken and wait.
+      KNOWN_MODELS: BENCH_MODEL,
       HOST: '127.0.0.1',
       PORT: String(apiPort),
       LOG_LEVEL: logLevel,
@@ -236,7 +242,7 @@ export async function runServiceBench(options: ServiceBenchOptions = {}): Promis
     await db.connect();
     cleanups.push(() => db.end());
     const adminRedis = createRedis(services.redis.url);
-    const adminQueue = new Queue(qs.queueName, { connection: adminRedis });
+    const adminQueue = new Queue(queueNameFor(qs.queueName, BENCH_MODEL), { connection: adminRedis });
     adminQueue.on('error', () => undefined);
     cleanups.push(async () => {
       await adminQueue.close();
@@ -359,6 +365,7 @@ export async function runServiceBench(options: ServiceBenchOptions = {}): Promis
       },
       remove: (key: string) => realStorage.remove(key),
       list: (prefix: string) => realStorage.list(prefix),
+      read: (key: string) => realStorage.read(key),
     };
     // The real worker logs at the same level; its lines go nowhere here, as the API's do.
     const logger = pino({ level: logLevel }, pino.destination({ dest: '/dev/null', sync: true }));
@@ -368,7 +375,8 @@ export async function runServiceBench(options: ServiceBenchOptions = {}): Promis
       engine,
       objectKeyFor,
       workerId: 'bench-worker',
-      modelName: 'zero-cost',
+      modelName: BENCH_MODEL,
+      runDefaults: { numSteps: 1, guidanceScale: 0, width: 64, height: 64, scheduler: 'euler' },
       progressIntervalMs: config.PROGRESS_INTERVAL_MS,
       log: logger,
       unrecoverable: (m) => new UnrecoverableError(m),
@@ -391,6 +399,7 @@ export async function runServiceBench(options: ServiceBenchOptions = {}): Promis
     const consumer = createConsumer(
       services.redis.url,
       qs,
+      BENCH_MODEL,
       async (job) => {
         try {
           await processJob({ imageId: job.imageId, attempt: job.attempt, maxAttempts: job.maxAttempts, log: logger.child({ jobId: job.id }) });

@@ -1,21 +1,13 @@
-import { randomUUID } from 'node:crypto';
-import { IDEMPOTENCY_TTL_MS, requestFingerprint } from './idempotency.js';
-import { randomSeed } from '../engine/random.js';
 import { imageSeed } from '../engine/params.js';
-import {
-  ConflictError,
-  IdempotencyConflictError,
-  ImageNotAvailableError,
-  NotFoundError,
-  QuotaExceededError,
-  ServiceUnavailableError,
-  ValidationError,
-} from './errors.js';
+import { ConflictError, ImageNotAvailableError, NotFoundError } from './errors.js';
 import type { Failure, FailureCode } from './failures.js';
 import type { JobEventSink } from './job-events.js';
-import { Batcher } from './batcher.js';
-import { pixelSteps, type CreateImageBody } from './params.js';
+import type { ModelCatalog } from './models.js';
+import type { CreateImageBody } from './params.js';
+import { Submission, utcDay, type SubmitOptions } from './submission.js';
 import { decodeCursor, encodeCursor } from './cursor.js';
+
+export { utcDay, type SubmitOptions };
 
 /**
  * The generated-images service: what the API does, free of HTTP, Prisma, BullMQ and S3, which
@@ -31,12 +23,13 @@ export interface ImageRecord {
   status: JobStatus;
   prompt: string;
   negativePrompt: string | null;
-  numSteps: number;
-  guidanceScale: number;
+  /** Null only until its model's first worker fills in what the request left out (a model never served when it was submitted). */
+  numSteps: number | null;
+  guidanceScale: number | null;
   seed: number;
-  width: number;
-  height: number;
-  scheduler: string;
+  width: number | null;
+  height: number | null;
+  scheduler: string | null;
   progress: number;
   fileName: string | null;
   /** Why the job failed, or why its last attempt did; null otherwise. */
@@ -45,6 +38,7 @@ export interface ImageRecord {
   error: string | null;
   attempts: number;
   workerId: string | null;
+  /** The model the job runs on (its queue); null only for jobs from before models had names. */
   model: string | null;
   createdAt: Date;
   updatedAt: Date;
@@ -62,13 +56,26 @@ export interface ImageRecord {
   numImages: number;
   /** Where the job's outcome is POSTed; null for none. */
   webhookUrl: string | null;
+  /** Image-to-image and inpainting: where the uploaded picture and mask are stored. */
+  imageKey: string | null;
+  maskKey: string | null;
+  /** Image-to-image: how much of the picture is redrawn; null: the model's default, or no picture. */
+  strength: number | null;
 }
 
 export type NewImage = Pick<
   ImageRecord,
   'id' | 'tenantId' | 'prompt' | 'negativePrompt' | 'numSteps' | 'guidanceScale' | 'seed' | 'width' | 'height' | 'scheduler' | 'pixelSteps'
-> &
-  Partial<Pick<ImageRecord, 'numImages' | 'webhookUrl'>>;
+> & { model: string } & Partial<Pick<ImageRecord, 'numImages' | 'webhookUrl' | 'imageKey' | 'maskKey' | 'strength'>>;
+
+/** What a worker fills in for parameters a job left to its model (ImagesRepo.startAttempt). */
+export interface ModelRunDefaults {
+  numSteps: number;
+  guidanceScale: number;
+  width: number;
+  height: number;
+  scheduler: string;
+}
 
 /** Per-tenant quotas (a tenant's own limits in its row win); 0 means no limit. */
 export interface Quotas {
@@ -137,19 +144,27 @@ export interface ImagesRepo {
   /**
    * Deletes the job's content: blanks its prompts, marks it deleted, cancels it if queued and asks
    * a running attempt to stop. The row stays as a tombstone (tenant, size, pixel-steps, times).
+   * Returns the keys of its input pictures (null: no such job).
    */
-  markDeleted(id: string): Promise<boolean>;
-  /** Forgets a deleted job's object name once its objects are gone. */
+  markDeleted(id: string): Promise<string[] | null>;
+  /** Forgets a deleted job's object names (image and inputs) once its objects are gone. */
   clearObjects(id: string): Promise<void>;
+  /** Removes a job no client was ever shown (its pictures could not be stored), and its Idempotency-Key. */
+  discard(id: string): Promise<void>;
+  /** Gives a job from before models had names (model null) to a model; false if it has one or is finished. */
+  assignModel(id: string, model: string): Promise<boolean>;
   /** Live jobs that finished before the cutoff (the retention sweeper deletes them). */
   findExpired(q: { finishedBefore: Date; limit: number }): Promise<string[]>;
   /** Deleted jobs that still name an object (its removal failed or an attempt finished after the delete). */
   findDeletedWithObjects(q: { limit: number }): Promise<string[]>;
-  /** Queued jobs whose priority is no longer their rank among their tenant's jobs in flight, with the rank. */
-  unfairPriorities(limit: number): Promise<Array<{ id: string; priority: number }>>;
+  /** Queued jobs whose priority is no longer their rank among their tenant's jobs in flight on their model, with the rank. */
+  unfairPriorities(limit: number): Promise<Array<{ id: string; model: string; priority: number }>>;
   setPriority(id: string, priority: number): Promise<void>;
-  /** Claims the next attempt; null when the job is already finished or canceled. */
-  startAttempt(id: string, workerId: string): Promise<{ record: ImageRecord; attempt: number } | null>;
+  /**
+   * Claims the next attempt; null when the job is already finished or canceled. Parameters the
+   * job left to its model take `defaults` (and its pixel-steps are counted with them).
+   */
+  startAttempt(id: string, workerId: string, defaults?: ModelRunDefaults): Promise<{ record: ImageRecord; attempt: number } | null>;
   /**
    * Writes progress for the attempt that owns the job; says whether it still owns it and whether
    * someone asked to cancel (a running job learns of both at its next progress write).
@@ -191,30 +206,37 @@ export interface ImagesRepo {
   ping(): Promise<void>;
 }
 
+/** The queues, one per model (QUEUE_NAME.MODEL). */
 export interface JobQueue {
-  /** Adds the job at a priority (1 runs first; equal priorities run in the order they were added). */
-  enqueue(imageId: string, priority: number): Promise<void>;
-  /** `enqueue` for many jobs in one round trip. */
-  enqueueMany(jobs: Array<{ imageId: string; priority: number }>): Promise<void>;
+  /** Adds the job to its model's queue at a priority (1 runs first; equal priorities run in the order they were added). */
+  enqueue(model: string, imageId: string, priority: number): Promise<void>;
+  /** `enqueue` for many jobs of one model in one round trip. */
+  enqueueMany(model: string, jobs: Array<{ imageId: string; priority: number }>): Promise<void>;
   /** Removes a queued job no worker holds; false otherwise. */
-  remove(imageId: string): Promise<boolean>;
-  /** Jobs waiting to run (waiting + delayed + prioritized), for back-pressure. */
-  depth(): Promise<number>;
+  remove(model: string, imageId: string): Promise<boolean>;
+  /** Jobs waiting to run on a model (waiting + delayed + prioritized), for back-pressure. */
+  depth(model: string): Promise<number>;
 }
 
 export interface ImageObjects {
   presignGet(key: string): Promise<{ url: string; expiresAt: Date }>;
   /** Removes every object any attempt of the job stored. */
   removeImageObjects(imageId: string): Promise<void>;
+  /** Stores an uploaded input picture, checked as uploads are (its digest and ETag). */
+  putInput(key: string, bytes: Buffer, contentType: string): Promise<unknown>;
+  /** Removes one object; an absent one is not an error. */
+  remove(key: string): Promise<void>;
 }
 
 export interface ImagesServiceDeps {
   repo: ImagesRepo;
   queue: JobQueue;
   storage: ImageObjects;
+  /** Which models are served or known, and their defaults (src/core/models.ts). */
+  models: ModelCatalog;
   /** Quotas of every tenant without limits of its own; none when absent. */
   quotas?: Quotas;
-  /** Past this many waiting jobs, submissions get 503 with Retry-After. 0 = no limit. */
+  /** Past this many waiting jobs of a model, submissions for it get 503 with Retry-After. 0 = no limit. */
   maxQueueDepth?: number;
   /** Largest width x height x num_steps of one request (MAX_PIXEL_STEPS); no limit when absent. */
   maxPixelSteps?: number;
@@ -229,174 +251,46 @@ export interface ImagesServiceDeps {
   checkWebhookUrl?: (url: string) => Promise<void>;
 }
 
-/** What a submission asks for beyond the generation parameters. */
-export interface SubmitOptions {
-  /** The client's Idempotency-Key, validated. */
-  idempotencyKey?: string | undefined;
-  /** Which route the body came to: the same key on another route is another request. */
-  route: string;
-  /** The webhook URL of the caller's API key, for a body that names none. */
-  defaultWebhookUrl?: string | null | undefined;
-}
-
-/** Start of the UTC day of `now`, and of the next one (when daily budgets reset). */
-export function utcDay(now = new Date()): { start: Date; next: Date } {
-  const start = new Date(Date.UTC(now.getUTCFullYear(), now.getUTCMonth(), now.getUTCDate()));
-  return { start, next: new Date(start.getTime() + 86_400_000) };
-}
-
 /**
  * Deletes a job's content: the row becomes a tombstone without prompts, then every object of
  * the job is removed. If storage fails, the row still names its object and the retention
  * sweeper removes it later; the job is gone for its owner either way.
  */
-export async function purgeImage(deps: { repo: ImagesRepo; storage: Pick<ImageObjects, 'removeImageObjects'> }, id: string): Promise<void> {
-  await deps.repo.markDeleted(id);
+export async function purgeImage(deps: { repo: ImagesRepo; storage: Pick<ImageObjects, 'removeImageObjects' | 'remove'> }, id: string): Promise<void> {
+  const inputs = (await deps.repo.markDeleted(id)) ?? [];
   await deps.storage.removeImageObjects(id);
+  for (const key of inputs) await deps.storage.remove(key);
   await deps.repo.clearObjects(id);
 }
 
-/** How long a measured queue depth is trusted: one Redis round trip per second, not per POST. */
-const DEPTH_CACHE_MS = 1_000;
+/** Why a queued job is not running yet, when the reason is the fleet's. */
+export interface JobHold {
+  reason: 'no_worker';
+  message: string;
+}
 
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 
-/**
- * Most jobs one admission statement and one enqueue round trip carry. Submissions that arrive
- * while a batch is being admitted go in the next one (core/batcher.ts), so a lone submission is
- * never delayed and a burst costs few round trips.
- */
-const ADMISSION_BATCH_MAX = 256;
-
 export class ImagesService {
-  private depthCache: { value: number; at: number } | undefined;
-  private readonly admission: Batcher<NewImage, Admission>;
+  private readonly submission: Submission;
 
   constructor(private readonly deps: ImagesServiceDeps) {
-    this.admission = new Batcher((jobs) => this.admit(jobs), ADMISSION_BATCH_MAX);
+    this.submission = new Submission({ ...deps, quotas: () => this.quotas() });
   }
 
-  /** Admits a batch (quotas checked, rows committed in one statement), then enqueues the admitted jobs. */
-  private async admit(jobs: NewImage[]): Promise<Admission[]> {
-    const results = await this.deps.repo.createMany(jobs, this.quotas());
-    await this.enqueueAdmitted(results.flatMap((r) => ('record' in r ? [r.record] : [])));
-    return results;
+  /** Creates a job (src/core/submission.ts says how); `served` is false when it waits for a worker of a known model. */
+  async submit(tenantId: string, body: CreateImageBody, opts: SubmitOptions): Promise<{ record: ImageRecord; replayed: boolean; served: boolean }> {
+    return this.submission.submit(tenantId, body, opts);
   }
 
-  /**
-   * After the rows are committed: their `queued` events, then one enqueue round trip. If
-   * enqueueing fails, the rows stay queued and their callers still get their jobs: the workers'
-   * reconciler enqueues rows that have no job behind them, so nothing is lost and no client has a
-   * reason to submit twice.
-   */
-  private async enqueueAdmitted(records: ImageRecord[]): Promise<void> {
-    if (records.length === 0) return;
-    // Logged before they are enqueued, so a worker's `running` can never come before them.
-    const events = this.deps.events;
-    if (events) await Promise.all(records.map((r) => events.publish(r.id, { type: 'status', status: 'queued', attempt: 0 })));
-    try {
-      await this.deps.queue.enqueueMany(records.map((r) => ({ imageId: r.id, priority: r.queuePriority })));
-    } catch (err) {
-      this.deps.log?.warn({ err, jobs: records.length }, 'enqueue failed after the rows were committed; the reconciler will enqueue them');
-    }
-  }
-
-  private async checkBackPressure(): Promise<void> {
-    const max = this.deps.maxQueueDepth ?? 0;
-    if (max <= 0) return;
-    const now = performance.now();
-    if (!this.depthCache || now - this.depthCache.at > DEPTH_CACHE_MS) {
-      let value: number;
-      try {
-        value = await this.deps.queue.depth();
-      } catch {
-        throw new ServiceUnavailableError('The job queue is unavailable. Please try again later.');
-      }
-      this.depthCache = { value, at: now };
-    }
-    if (this.depthCache.value >= max) {
-      throw new ServiceUnavailableError(`The queue is full (${this.depthCache.value} jobs waiting). Please try again later.`, 30);
-    }
-  }
-
-  /**
-   * Admits the job (with the submissions that arrived meanwhile, see admit()): the row is
-   * committed, and enqueued, before this resolves.
-   */
-  async create(tenantId: string, body: CreateImageBody): Promise<ImageRecord> {
-    return (await this.submit(tenantId, body, { route: 'generated-images' })).record;
-  }
-
-  /**
-   * Validates what the schema cannot (compute budget, webhook URL), applies back-pressure and
-   * the tenant's quotas, and creates the job, once per Idempotency-Key of the tenant: the same
-   * key and body within 24 hours give back the job the first request created (`replayed`),
-   * another body gets 422.
-   */
-  async submit(tenantId: string, body: CreateImageBody, opts: SubmitOptions): Promise<{ record: ImageRecord; replayed: boolean }> {
-    const perImage = pixelSteps(body);
-    // Each image is a generation of its own: the job is charged for all of them.
-    const cost = perImage * body.num_images;
-    const max = this.deps.maxPixelSteps;
-    if (max !== undefined && perImage > max) {
-      throw new ValidationError([
-        {
-          field: '(body)',
-          rule: 'max_pixel_steps',
-          message: `width × height × num_steps is ${perImage.toLocaleString('en-US')}; this server allows at most ${max.toLocaleString('en-US')} pixel-steps per request (512 × 512 × 50 is 13,107,200)`,
-        },
-      ]);
-    }
-    // The key's default applies when the body names none (it was checked when the key was made,
-    // and is checked again at every send).
-    const webhookUrl = body.webhook_url ?? opts.defaultWebhookUrl ?? null;
-    if (body.webhook_url !== null) await this.checkWebhook(body.webhook_url);
-    else if (webhookUrl !== null && !this.deps.checkWebhookUrl)
-      throw new ValidationError([
-        { field: 'webhook_url', rule: 'not_enabled', message: 'is not available: this server sends no webhooks (the API key has a default webhook URL)' },
-      ]);
-    await this.checkBackPressure();
-    const fingerprint = opts.idempotencyKey === undefined ? undefined : requestFingerprint(opts.route, body);
-    const job: NewImage = {
-      id: randomUUID(),
-      tenantId,
-      prompt: body.prompt,
-      negativePrompt: body.negative_prompt,
-      numSteps: body.num_steps,
-      guidanceScale: body.guidance_scale,
-      seed: body.seed ?? randomSeed(),
-      width: body.width,
-      height: body.height,
-      scheduler: body.scheduler,
-      pixelSteps: cost,
-      numImages: body.num_images,
-      webhookUrl,
+  /** Why a queued job waits, when no worker serves its model now; null otherwise (or when the fleet cannot be read). */
+  async hold(record: ImageRecord): Promise<JobHold | null> {
+    if (record.status !== 'queued' || record.model === null) return null;
+    if ((await this.deps.models.isServed(record.model)) !== false) return null;
+    return {
+      reason: 'no_worker',
+      message: `No worker serves model "${record.model}" right now; the job waits in its queue until one starts.`,
     };
-    // Without a key, the job is admitted with the submissions that arrived meanwhile (admit());
-    // with one, on its own, the key claimed in the admitting transaction.
-    const created =
-      opts.idempotencyKey === undefined
-        ? await this.admission.submit(job)
-        : await this.deps.repo.create(job, this.quotas(), { key: opts.idempotencyKey, fingerprint: fingerprint!, ttlMs: IDEMPOTENCY_TTL_MS });
-    if ('existing' in created) {
-      if (created.existing.fingerprint !== fingerprint) throw new IdempotencyConflictError();
-      return { record: await this.get(tenantId, created.existing.imageId), replayed: true };
-    }
-    if ('exceeded' in created) throw quotaError(created, cost, utcDay().next);
-    if (opts.idempotencyKey !== undefined) await this.enqueueAdmitted([created.record]);
-    return { record: created.record, replayed: false };
-  }
-
-  private async checkWebhook(url: string): Promise<void> {
-    const check = this.deps.checkWebhookUrl;
-    if (!check) throw new ValidationError([{ field: 'webhook_url', rule: 'not_enabled', message: 'is not available: this server sends no webhooks' }]);
-    try {
-      await check(url);
-    } catch (err) {
-      const e = err as { name?: string; rule?: string; message?: string };
-      if (e.name !== 'WebhookUrlError') throw err;
-      throw new ValidationError([{ field: 'webhook_url', rule: e.rule ?? 'url', message: e.message ?? 'is not allowed' }]);
-    }
   }
 
   /**
@@ -410,7 +304,7 @@ export class ImagesService {
       throw new ConflictError(`The job already ${before.status}; there is nothing to cancel.`);
     }
     const after = (await this.deps.repo.requestCancel(id)) ?? before;
-    if (after.status === 'canceled') await this.deps.queue.remove(id).catch(() => false);
+    if (after.status === 'canceled' && after.model !== null) await this.deps.queue.remove(after.model, id).catch(() => false);
     if (after.status === 'canceled' && before.status !== 'canceled') void this.deps.events?.publish(id, { type: 'canceled' });
     return after;
   }
@@ -429,7 +323,7 @@ export class ImagesService {
   async delete(tenantId: string, id: string): Promise<void> {
     const record = await this.get(tenantId, id);
     await purgeImage(this.deps, id);
-    if (record.status === 'queued') await this.deps.queue.remove(id).catch(() => false);
+    if (record.status === 'queued' && record.model !== null) await this.deps.queue.remove(record.model, id).catch(() => false);
   }
 
   async usage(tenantId: string): Promise<TenantUsage & { day: Date; resetsAt: Date }> {
@@ -492,24 +386,6 @@ export class ImagesService {
         throw new ImageNotAvailableError('Image is not available yet. Please try again later.', record.status);
     }
   }
-}
-
-function quotaError(e: Extract<Admission, { exceeded: string }>, cost: number, nextDay: Date): QuotaExceededError {
-  const n = (v: number) => v.toLocaleString('en-US');
-  if (e.exceeded === 'in_flight') {
-    return new QuotaExceededError(
-      `You have ${n(e.used)} jobs queued or running, the most this account may have at once (${n(e.limit)}). Submit again when one of them finishes or is canceled.`,
-      { quota: 'in_flight', limit: e.limit, used: e.used, resets_at: null },
-      // No fixed reset: a slot frees when a job ends. A short wait is a reasonable next try.
-      10,
-    );
-  }
-  const retryAfter = Math.max(1, Math.ceil((nextDay.getTime() - Date.now()) / 1000));
-  return new QuotaExceededError(
-    `This job costs ${n(cost)} pixel-steps (width × height × num_steps), and ${n(e.used)} of today's ${n(e.limit)} are used. The budget resets at ${nextDay.toISOString()} (00:00 UTC).`,
-    { quota: 'daily_pixel_steps', limit: e.limit, used: e.used, requested: cost, resets_at: nextDay.toISOString() },
-    retryAfter,
-  );
 }
 
 /**

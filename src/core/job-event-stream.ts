@@ -27,8 +27,8 @@ export interface JobEventStreamDeps {
   getJob(id: string): Promise<ImageRecord>;
   /** What `done` carries besides the status: the image URL(s). */
   result(record: ImageRecord): Promise<Record<string, unknown>>;
-  /** Jobs ahead of this one in the queue, null when it is not waiting. */
-  position(id: string): Promise<number | null>;
+  /** Jobs ahead of this one in its model's queue, null when it is not waiting. */
+  position(record: ImageRecord): Promise<number | null>;
   /** How often the log is re-read and the row checked. Default 1000 ms. */
   checkMs?: number;
   /** How long a terminal row may go without its terminal event before the row ends the stream. Default 2000 ms. */
@@ -138,7 +138,7 @@ export async function followJob(deps: JobEventStreamDeps, id: string, lastEventI
                 return;
               }
             } else if (row.status === 'queued') {
-              const position = await deps.position(id);
+              const position = await deps.position(row);
               if (position !== lastPosition && position !== null) yield { event: 'queue', data: { jobs_ahead: position, at: Date.now() } };
               lastPosition = position;
             }

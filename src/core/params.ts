@@ -1,16 +1,19 @@
 import { z } from 'zod';
-import { GENERATION_DEFAULTS, GENERATION_LIMITS, MAX_IMAGES } from '../engine/pipeline.js';
+import { GENERATION_LIMITS, MAX_IMAGES } from '../engine/pipeline.js';
 
 export { MAX_IMAGES };
 import { MAX_SEED } from '../engine/random.js';
 import { SCHEDULER_NAMES } from '../engine/schedulers/types.js';
 import type { FieldError } from './errors.js';
+import { MODEL_NAME_PATTERN } from './jobs.js';
 import { MAX_WEBHOOK_URL_LENGTH } from './ssrf.js';
 
 /**
  * What a client may ask for, in the textbook's snake_case. Strict: unknown fields are
  * rejected, and numbers must be JSON numbers (no "50" strings coerced behind the client's back).
- * Limits and defaults are the engine's (GENERATION_LIMITS, GENERATION_DEFAULTS), defined once.
+ * Limits are the engine's (GENERATION_LIMITS), defined once. Steps, guidance, size, scheduler and
+ * strength left out are the model's own defaults, filled in when the job is created
+ * (src/core/job-params.ts), not one set of numbers for every model.
  */
 
 const LIMITS = GENERATION_LIMITS;
@@ -51,15 +54,22 @@ const side = z
   .max(LIMITS.maxSide)
   .refine((v) => v % 8 === 0, { message: 'must be a multiple of 8', params: { rule: 'multiple_of' } });
 
+/** How the document describes a parameter whose default is the model's. */
+const MODEL_DEFAULT = "Default: the model's own (GET /models, model_defaults)";
+
 export const createImageBody = z.strictObject({
   prompt: promptText().refine((s) => s.trim().length > 0, { message: 'must not be empty', params: { rule: 'non_empty' } }),
   negative_prompt: promptText().nullable().default(null),
-  num_steps: z.number().int().min(1).max(LIMITS.maxSteps).default(GENERATION_DEFAULTS.numSteps),
-  guidance_scale: z.number().min(0).max(LIMITS.maxGuidance).default(GENERATION_DEFAULTS.guidanceScale),
+  /** Which model runs the job (GET /models lists them); the default model when absent. */
+  model: z.string().regex(MODEL_NAME_PATTERN, 'must be a model name: letters, digits, ".", "_" and "-", at most 64').nullable().default(null),
+  num_steps: z.number().int().min(1).max(LIMITS.maxSteps).optional().meta({ description: MODEL_DEFAULT }),
+  guidance_scale: z.number().min(0).max(LIMITS.maxGuidance).optional().meta({ description: MODEL_DEFAULT }),
   seed: z.number().int().min(0).max(MAX_SEED).nullable().default(null),
-  width: side.default(GENERATION_DEFAULTS.width),
-  height: side.default(GENERATION_DEFAULTS.height),
-  scheduler: z.enum(SCHEDULER_NAMES).default('pndm'),
+  width: side.optional().meta({ description: `${MODEL_DEFAULT}; with an input picture, its width` }),
+  height: side.optional().meta({ description: `${MODEL_DEFAULT}; with an input picture, its height` }),
+  scheduler: z.enum(SCHEDULER_NAMES).optional().meta({ description: MODEL_DEFAULT }),
+  /** Image-to-image: how much of the input picture is redrawn, 0 (none) to 1 (from noise); needs an image. */
+  strength: z.number().min(0).max(1).nullable().default(null),
   /** Images from one request, 1..4: image k has seed + k (mod 2^32), each its own generation, batched as the engine allows (src/engine/several-images.ts). */
   num_images: z.number().int().min(1).max(MAX_IMAGES).default(1),
   /** Where the outcome is POSTed, signed (Standard Webhooks). Checked against SSRF here and again when sent. */
@@ -71,14 +81,6 @@ export const createImageBody = z.strictObject({
 });
 
 export type CreateImageBody = z.infer<typeof createImageBody>;
-
-/**
- * The compute a request asks for, in pixel-steps (width x height x steps): a 512x512 image at 50
- * steps is 13,107,200. MAX_PIXEL_STEPS bounds it per request.
- */
-export function pixelSteps(body: Pick<CreateImageBody, 'width' | 'height' | 'num_steps'>): number {
-  return body.width * body.height * body.num_steps;
-}
 
 export const listQuery = z.strictObject({
   limit: z.string().regex(/^\d+$/, 'must be a whole number').transform(Number).pipe(z.number().int().min(1).max(100)).default(20),

@@ -7,7 +7,8 @@ import { webhookClientFromConfig } from '../adapters/webhook-http.js';
 import { createSigner } from '../adapters/webhook-signing.js';
 import { createWebhookRepo } from '../adapters/webhooks-repo.js';
 import { createFleetRegistry } from '../adapters/fleet.js';
-import type { FleetMember } from '../core/fleet.js';
+import { modelTasks, type FleetMember } from '../core/fleet.js';
+import { isModelName, queueNameFor } from '../core/jobs.js';
 import { imageSeed, SD_DEFAULTS } from '../engine/params.js';
 import { imageJson } from '../core/image-json.js';
 import { siblingImageKey } from '../core/images.js';
@@ -123,12 +124,32 @@ export async function startWorker(config: Config = loadConfig(process.env, 'work
       onFatal(err);
     },
   });
-  const modelName = overrides.testEngine ? 'test-engine' : path.basename(engine.info.modelDir);
+  const modelName = config.MODEL_NAME ?? (overrides.testEngine ? 'test-engine' : path.basename(engine.info.modelDir));
+  if (!isModelName(modelName)) {
+    await engine.close();
+    throw new Error(`the model's folder name "${modelName.slice(0, 80)}" cannot name a model (letters, digits, ".", "_" and "-", at most 64): set MODEL_NAME`);
+  }
   // What the engine can batch (an export with a fixed batch cannot), not what was asked for, per session.
   const batchMax = engine.info.batching.max;
   const concurrency = config.ENGINE_SESSIONS * (batchMax > 1 ? 2 * batchMax : 1);
+  // What a request that leaves parameters out gets here: announced to the API (which fills them
+  // in at submit) and used for jobs submitted before any worker of this model had announced them.
+  const defaults = engine.info.defaults ?? SD_DEFAULTS;
+  const scheduler = engine.info.defaultScheduler ?? defaults.scheduler ?? 'pndm';
+  const tasks = modelTasks(engine.info.inputs ?? { family: 'sd', inpainting: false, imageInputs: false });
   logger.info(
     {
+      model: modelName,
+      variant: engine.info.variant ?? null,
+      queue: queueNameFor(config.QUEUE_NAME, modelName),
+      defaults: {
+        steps: defaults.numSteps,
+        guidance: defaults.guidanceScale,
+        size: `${defaults.width}x${defaults.height}`,
+        scheduler,
+        strength: defaults.strength,
+      },
+      tasks,
       modelDir: engine.info.modelDir,
       provider: engine.info.provider,
       loadMs: Math.round(engine.info.loadMs),
@@ -141,6 +162,7 @@ export async function startWorker(config: Config = loadConfig(process.env, 'work
   );
   metrics.setModel({
     model: modelName,
+    variant: engine.info.variant ?? 'unknown',
     schedulers: SCHEDULER_NAMES,
     provider: engine.info.provider,
     version: packageVersion(),
@@ -150,7 +172,7 @@ export async function startWorker(config: Config = loadConfig(process.env, 'work
   // the reconciler uses it too.
   const settings = queueSettings(config);
   const queue = createProducer(config.REDIS_URL, settings);
-  metrics.watchQueue(() => queue.counts(), QUEUE_COUNTS_TIMEOUT_MS);
+  metrics.watchQueue(() => queue.counts(modelName), QUEUE_COUNTS_TIMEOUT_MS);
 
   const db = createPrismaClient(config.DATABASE_URL, { poolMax: 3, log: (level, msg) => logger[level]({}, msg) });
   const storage = createStorage(storageOptions(config));
@@ -169,6 +191,8 @@ export async function startWorker(config: Config = loadConfig(process.env, 'work
     objectKeyFor,
     workerId,
     modelName,
+    runDefaults: { numSteps: defaults.numSteps, guidanceScale: defaults.guidanceScale, width: defaults.width, height: defaults.height, scheduler },
+    maxPixelSteps: config.MAX_PIXEL_STEPS,
     progressIntervalMs: config.PROGRESS_INTERVAL_MS,
     jobTimeoutMs: config.JOB_TIMEOUT_MS,
     log: logger,
@@ -179,6 +203,7 @@ export async function startWorker(config: Config = loadConfig(process.env, 'work
   const consumer = createConsumer(
     config.REDIS_URL,
     settings,
+    modelName,
     async (job) => {
       // Bound once: every line about this job, the engine thread's included, carries its id, attempt and worker id.
       const log = logger.child({ jobId: job.id, attempt: job.attempt });
@@ -213,6 +238,7 @@ export async function startWorker(config: Config = loadConfig(process.env, 'work
     queue,
     events,
     log: logger.child({ component: 'reconciler' }),
+    model: modelName,
     queuedGraceMs: config.RECONCILE_QUEUED_AFTER_MS,
     // A running job writes progress (updated_at) at least every few seconds; one silent for
     // several lock periods has lost its worker, or its queue entry.
@@ -253,7 +279,6 @@ export async function startWorker(config: Config = loadConfig(process.env, 'work
 
   // What this worker serves, for GET /models and /schedulers on the API: renewed well within its time to live.
   const fleet = createFleetRegistry(config.REDIS_URL, config.QUEUE_NAME);
-  const defaults = engine.info.defaults ?? SD_DEFAULTS;
   const member: FleetMember = {
     workerId,
     model: modelName,
@@ -264,8 +289,10 @@ export async function startWorker(config: Config = loadConfig(process.env, 'work
       guidance_scale: defaults.guidanceScale,
       width: defaults.width,
       height: defaults.height,
-      scheduler: engine.info.defaultScheduler ?? defaults.scheduler ?? 'pndm',
+      scheduler,
+      strength: defaults.strength,
     },
+    tasks,
     schedulers: SCHEDULER_NAMES,
     since: new Date().toISOString(),
   };
@@ -279,11 +306,11 @@ export async function startWorker(config: Config = loadConfig(process.env, 'work
     metricsToken: config.METRICS_TOKEN,
     logger,
     engineProblem: () => (engine.ready ? null : 'restarting'),
-    checks: { postgres: () => repo.ping(), redis: async () => void (await queue.counts()), storage: () => storage.ping() },
+    checks: { postgres: () => repo.ping(), redis: () => queue.ping(), storage: () => storage.ping() },
   });
   const address = await health.listen({ host: config.WORKER_METRICS_HOST, port: config.WORKER_METRICS_PORT });
   const metricsUrl = address.replace('0.0.0.0', '127.0.0.1');
-  logger.info({ metricsUrl }, 'worker ready');
+  logger.info({ metricsUrl, model: modelName }, 'worker ready');
 
   let closing: Promise<boolean> | undefined;
   return {

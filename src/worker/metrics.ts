@@ -3,7 +3,9 @@ import type { JobMetrics, MetricOutcome } from './processor.js';
 
 /**
  * The worker's Prometheus metrics (GET /metrics on WORKER_METRICS_PORT). One Registry per worker,
- * not prom-client's global one, so tests can run several workers in one process.
+ * not prom-client's global one, so tests can run several workers in one process. Once the model
+ * is loaded, every series carries a `model` label (the registry's default label): a worker serves
+ * one model, and dashboards, alerts and autoscaling break the fleet down by it.
  */
 
 export const QUEUE_STATES = ['waiting', 'active', 'delayed', 'failed'] as const;
@@ -22,7 +24,7 @@ export interface WorkerMetrics {
   /** What the processor records through (its `metrics` collaborator). */
   job: JobMetrics;
   /** t2i_worker_info and the model load time, once the model is loaded. */
-  setModel(info: { model: string; schedulers: readonly string[]; provider: string; version: string; loadSeconds: number }): void;
+  setModel(info: { model: string; variant: string; schedulers: readonly string[]; provider: string; version: string; loadSeconds: number }): void;
   /** The engine went down (thread died, ran out of heap, or hung): counted, and t2i_engine_up drops to 0. */
   engineDown(reason: string): void;
   /** A restarted engine is up again. */
@@ -66,8 +68,8 @@ export function createWorkerMetrics(): WorkerMetrics {
   const modelLoad = new Gauge({ name: 't2i_model_load_duration_seconds', help: 'How long this worker took to load its model at start.', registers });
   const info = new Gauge({
     name: 't2i_worker_info',
-    help: 'Always 1; the labels say which model, schedulers, execution provider and version this worker runs.',
-    labelNames: ['model', 'schedulers', 'provider', 'version'],
+    help: 'Always 1; the labels say which model (and the variant loading found), schedulers, execution provider and version this worker runs.',
+    labelNames: ['variant', 'schedulers', 'provider', 'version'],
     registers,
   });
 
@@ -112,8 +114,9 @@ export function createWorkerMetrics(): WorkerMetrics {
       engineUpGauge.set(1);
     },
     setModel(m) {
+      registry.setDefaultLabels({ model: m.model });
       info.reset();
-      info.set({ model: m.model, schedulers: [...m.schedulers].join(','), provider: m.provider, version: m.version }, 1);
+      info.set({ variant: m.variant, schedulers: [...m.schedulers].join(','), provider: m.provider, version: m.version }, 1);
       modelLoad.set(m.loadSeconds);
     },
     watchQueue(counts, timeoutMs) {
@@ -125,7 +128,7 @@ export function createWorkerMetrics(): WorkerMetrics {
       });
       new Gauge({
         name: 't2i_queue_jobs',
-        help: 'Jobs in the queue by state (waiting, active, delayed, failed), read from Redis on each scrape; every worker reports the same queue, so aggregate with max.',
+        help: "Jobs in this worker's model's queue by state (waiting, active, delayed, failed), read from Redis on each scrape; every worker of a model reports the same queue, so aggregate with max by (model).",
         labelNames: ['state'],
         registers,
         async collect() {

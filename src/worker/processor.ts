@@ -1,4 +1,4 @@
-import type { ImagesRepo } from '../core/images.js';
+import type { ImagesRepo, ModelRunDefaults } from '../core/images.js';
 import { failure, type Failure } from '../core/failures.js';
 import { scrubSecrets } from '../core/logger.js';
 import type { ReportContext } from '../core/reporting.js';
@@ -31,6 +31,8 @@ export interface ProcessorDeps {
     putPng(key: string, png: Buffer, opts?: { signal?: AbortSignal }): Promise<unknown>;
     remove(key: string): Promise<void>;
     list(prefix: string): Promise<string[]>;
+    /** An input picture's bytes (image-to-image, inpainting). */
+    read(key: string): Promise<Buffer>;
   };
   engine: {
     generate(
@@ -49,6 +51,10 @@ export interface ProcessorDeps {
   objectKeyFor(imageId: string, attempt: number, index?: number): string;
   workerId: string;
   modelName: string;
+  /** What this worker's model fills in for parameters a job left to it (a model never served when the job was submitted). */
+  runDefaults?: ModelRunDefaults;
+  /** MAX_PIXEL_STEPS, checked again once those are filled in; no limit when absent. */
+  maxPixelSteps?: number;
   /** Shortest interval between progress writes. */
   progressIntervalMs: number;
   /** An attempt running longer than this is aborted and recorded as timed_out. 0 = no limit. */
@@ -194,7 +200,7 @@ function createAttempt(deps: ProcessorDeps) {
 
   return async function attemptJob(job: JobInput, seen: Seen): Promise<JobOutcome> {
     const { imageId, log } = job;
-    const claimed = await deps.repo.startAttempt(imageId, deps.workerId);
+    const claimed = await deps.repo.startAttempt(imageId, deps.workerId, deps.runDefaults);
     if (!claimed) {
       // Canceled while its previous attempt's worker was gone: end it as canceled now.
       if (await deps.repo.finishCanceled(imageId)) {
@@ -208,11 +214,30 @@ function createAttempt(deps: ProcessorDeps) {
     }
     const { record, attempt } = claimed;
     publish(imageId, { type: 'status', status: 'running', attempt });
-    seen.scheduler = record.scheduler;
+    seen.scheduler = record.scheduler ?? undefined;
     // Prompts are user data: an error text that quotes one must not carry it to the error tracker.
     seen.secrets.push(record.prompt, ...(record.negativePrompt ? [record.negativePrompt] : []));
     const started = performance.now();
-    log.info({ dbAttempt: attempt, steps: record.numSteps, scheduler: record.scheduler, size: `${record.width}x${record.height}` }, 'generation started');
+    const task = record.maskKey ? 'inpainting' : record.imageKey ? 'image-to-image' : 'text-to-image';
+    log.info(
+      { dbAttempt: attempt, model: deps.modelName, task, steps: record.numSteps, scheduler: record.scheduler, size: `${record.width}x${record.height}` },
+      'generation started',
+    );
+    // The API checked the compute bound with the model's announced defaults; a job that left them
+    // to this worker is checked now that they are filled in.
+    if (deps.maxPixelSteps !== undefined && record.pixelSteps > deps.maxPixelSteps) {
+      const detail = `width × height × num_steps is ${record.pixelSteps.toLocaleString('en-US')} with this model's defaults; this server allows at most ${deps.maxPixelSteps.toLocaleString('en-US')}.`;
+      throw await failed(job, attempt, failure('invalid_for_model', detail), new Error(detail), true);
+    }
+    let inputs: { image: Buffer | null; mask: Buffer | null };
+    try {
+      inputs = {
+        image: record.imageKey ? await deps.storage.read(record.imageKey) : null,
+        mask: record.maskKey ? await deps.storage.read(record.maskKey) : null,
+      };
+    } catch (err) {
+      throw await failed(job, attempt, failure('storage_unavailable'), err);
+    }
     log.debug({ prompt: record.prompt, negativePrompt: record.negativePrompt }, 'prompt');
 
     // Stops the attempt: canceled by a user, taken over by another attempt, handed back because
@@ -286,13 +311,17 @@ function createAttempt(deps: ProcessorDeps) {
           {
             prompt: record.prompt,
             negativePrompt: record.negativePrompt,
-            numSteps: record.numSteps,
-            guidanceScale: record.guidanceScale,
+            // Null only when startAttempt had no defaults to fill in (then the engine's own apply).
+            ...(record.numSteps !== null ? { numSteps: record.numSteps } : {}),
+            ...(record.guidanceScale !== null ? { guidanceScale: record.guidanceScale } : {}),
             seed: record.seed,
-            width: record.width,
-            height: record.height,
-            scheduler: record.scheduler as SchedulerName,
+            ...(record.width !== null ? { width: record.width } : {}),
+            ...(record.height !== null ? { height: record.height } : {}),
+            ...(record.scheduler !== null ? { scheduler: record.scheduler as SchedulerName } : {}),
             ...(record.numImages > 1 ? { numImages: record.numImages } : {}),
+            ...(inputs.image ? { image: inputs.image } : {}),
+            ...(inputs.mask ? { mask: inputs.mask } : {}),
+            ...(record.strength !== null ? { strength: record.strength } : {}),
           },
           {
             onProgress,

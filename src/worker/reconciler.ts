@@ -24,6 +24,11 @@ import { IDEMPOTENCY_TTL_MS } from '../core/idempotency.js';
  * each tenant's line first), so a tenant with a long backlog keeps taking turns with newcomers
  * instead of being pushed behind them.
  *
+ * Each row's job is looked for on the queue of the row's model, whichever model this worker
+ * serves: a model with no worker (scaled to zero) keeps its jobs queued, so that its first worker
+ * finds them. A row from before models had names (model null) is given to this worker's model
+ * and enqueued on its queue.
+ *
  * Every worker may run one; all repairs are idempotent or conditional, so several can overlap.
  * Each pass also deletes Idempotency-Keys past their 24 hours (they no longer hold anyway).
  */
@@ -32,6 +37,8 @@ export interface ReconcilerDeps {
   repo: ImagesRepo;
   queue: Pick<ProducerQueue, 'jobState' | 'enqueue' | 'remove' | 'changePriority'>;
   log: { info(obj: object, msg: string): void; warn(obj: object, msg: string): void };
+  /** This worker's model: rows without one (from before models had names) are given to it. */
+  model: string;
   /** Where a job it fails is announced to live streams; nowhere when absent. */
   events?: JobEventSink;
   /** A queued row untouched this long is checked. */
@@ -53,9 +60,18 @@ export interface ReconcileSummary {
 
 export function createReconciler(deps: ReconcilerDeps) {
   async function repair(row: ImageRecord, summary: ReconcileSummary): Promise<void> {
-    const job = await deps.queue.jobState(row.id);
+    if (row.model === null) {
+      // Its job (if any) is on the queue of before, which no worker consumes any more.
+      if (!(await deps.repo.assignModel(row.id, deps.model))) return;
+      await deps.queue.enqueue(deps.model, row.id, row.queuePriority);
+      summary.requeued++;
+      deps.log.warn({ imageId: row.id, model: deps.model }, "reconciler: job without a model given to this worker's model and enqueued");
+      return;
+    }
+    const model = row.model;
+    const job = await deps.queue.jobState(model, row.id);
     if (!job) {
-      await deps.queue.enqueue(row.id, row.queuePriority);
+      await deps.queue.enqueue(model, row.id, row.queuePriority);
       summary.requeued++;
       deps.log.warn({ imageId: row.id, status: row.status }, 'reconciler: job missing from the queue; enqueued again');
       return;
@@ -70,8 +86,8 @@ export function createReconciler(deps: ReconcilerDeps) {
       return;
     }
     if (job.state === 'completed' && row.status === 'queued') {
-      if (await deps.queue.remove(row.id)) {
-        await deps.queue.enqueue(row.id, row.queuePriority);
+      if (await deps.queue.remove(model, row.id)) {
+        await deps.queue.enqueue(model, row.id, row.queuePriority);
         summary.requeued++;
         deps.log.warn({ imageId: row.id }, 'reconciler: queue had completed a job whose row is still queued; enqueued again');
       }
@@ -89,10 +105,10 @@ export function createReconciler(deps: ReconcilerDeps) {
       summary.checked++;
       await repair(row, summary);
     }
-    for (const { id, priority } of await deps.repo.unfairPriorities(deps.priorityBatch ?? 1_000)) {
+    for (const { id, model, priority } of await deps.repo.unfairPriorities(deps.priorityBatch ?? 1_000)) {
       // The queue first: the row records what the queue has. A job that is gone or already
       // running keeps its row as it is (the repairs above handle missing jobs).
-      if (await deps.queue.changePriority(id, priority)) {
+      if (await deps.queue.changePriority(model, id, priority)) {
         await deps.repo.setPriority(id, priority);
         summary.reprioritized++;
       }

@@ -1,8 +1,8 @@
 import { purgeImage, type ImageObjects, type ImagesRepo } from '../core/images.js';
 
 /**
- * Retention: jobs that finished more than RETENTION_DAYS ago lose their image objects and their
- * prompts, as if their owner had deleted them (the row stays as a tombstone: tenant, size,
+ * Retention: jobs that finished more than RETENTION_DAYS ago lose their image objects, their
+ * input pictures and their prompts, as if their owner had deleted them (the row stays as a tombstone: tenant, size,
  * pixel-steps and times, for accounting). It also finishes deletions whose object removal failed
  * (storage down at the time), and removes objects an attempt stored after its job was deleted.
  *
@@ -11,7 +11,7 @@ import { purgeImage, type ImageObjects, type ImagesRepo } from '../core/images.j
 
 export interface SweeperDeps {
   repo: ImagesRepo;
-  storage: Pick<ImageObjects, 'removeImageObjects'>;
+  storage: Pick<ImageObjects, 'removeImageObjects' | 'remove'>;
   log: { info(obj: object, msg: string): void; warn(obj: object, msg: string): void };
   /** 0 keeps finished jobs forever (deleted ones are still cleaned up). */
   retentionDays: number;

@@ -24,8 +24,10 @@ import { AccountsService } from '../../src/core/accounts.js';
 import { ImagesService } from '../../src/core/images.js';
 import { GENERATION_LIMITS } from '../../src/engine/pipeline.js';
 import { failure } from '../../src/core/failures.js';
+import { queueNameFor } from '../../src/core/jobs.js';
 import { queueSettings, storageOptions } from '../../src/core/wiring.js';
 import { createTestKey } from '../support/accounts.js';
+import { SD_MODEL, testFleet } from '../support/fleet.js';
 import { responseChecker } from '../support/openapi.js';
 import { isolatedConfig } from '../support/system.js';
 
@@ -40,6 +42,7 @@ let app: FastifyInstance;
 let redis: Redis;
 let inspectQueue: Queue;
 let auth: { authorization: string };
+let fleet: Awaited<ReturnType<typeof testFleet>>;
 /** Every answer these tests receive, checked against the OpenAPI document at the end. */
 const answers: Array<{ method: string; url: string; routed: boolean; status: number; type: string | null; payload: string }> = [];
 
@@ -52,13 +55,15 @@ beforeAll(async () => {
   await storage.ensureBucket();
   const repo = createImagesRepo(db);
   const logger = pino({ level: 'silent' });
-  const images = new ImagesService({ repo, queue: producer, storage, log: logger });
+  // No worker runs: an SD 1.x model is announced as its worker would announce it.
+  fleet = await testFleet(config);
+  const images = new ImagesService({ repo, queue: producer, storage, models: fleet.catalog, log: logger });
   app = buildApp({
     images,
     accounts: new AccountsService(createAccountsRepo(db)),
     logger,
     bodyLimit: config.BODY_LIMIT_BYTES,
-    checks: { postgres: () => repo.ping(), redis: async () => void (await producer.counts()), storage: () => storage.ping() },
+    checks: { postgres: () => repo.ping(), redis: () => producer.ping(), storage: () => storage.ping() },
   });
   // Added before the routes' plugins load, so it sees every answer.
   app.addHook('onSend', async (request, reply, payload) => {
@@ -74,11 +79,12 @@ beforeAll(async () => {
   });
   await app.ready();
   redis = new Redis(config.REDIS_URL, { maxRetriesPerRequest: null });
-  inspectQueue = new Queue(config.QUEUE_NAME, { connection: redis });
+  inspectQueue = new Queue(queueNameFor(config.QUEUE_NAME, SD_MODEL), { connection: redis });
 });
 
 afterAll(async () => {
   await app?.close();
+  await fleet?.close();
   await inspectQueue?.close();
   redis?.disconnect();
   await producer?.close();
@@ -141,7 +147,7 @@ async function tinyPng(): Promise<Buffer> {
 }
 
 describe('POST /generated-images', () => {
-  it('creates a queued job with the defaults filled in, a resolved seed, and a Location header', async () => {
+  it("creates a queued job on the only model served, with that model's defaults filled in, a resolved seed, and a Location header", async () => {
     const prompt = `a red circle on the left ${randomUUID()}`;
     const before = Date.now();
     const res = await api().post('/generated-images').send({ prompt });
@@ -155,11 +161,16 @@ describe('POST /generated-images', () => {
       progress: 0,
       prompt,
       negative_prompt: null,
+      // The model's own defaults (an SD 1.x model announces these), as its worker would use them.
+      model: SD_MODEL,
       num_steps: 50,
       guidance_scale: 9,
       width: 512,
       height: 512,
       scheduler: 'pndm',
+      strength: null,
+      inputs: { image: false, mask: false },
+      hold: null,
       file_name: null,
       error: null,
       started_at: null,
@@ -193,7 +204,7 @@ describe('POST /generated-images', () => {
     expect(job).toBeDefined();
     expect(job!.id).toBe(body.id);
     expect(job!.data).toEqual({ imageId: body.id });
-    const raw = await redis.hgetall(`bull:${config.QUEUE_NAME}:${body.id}`);
+    const raw = await redis.hgetall(`bull:${queueNameFor(config.QUEUE_NAME, SD_MODEL)}:${body.id}`);
     expect(Object.keys(raw).length).toBeGreaterThan(0);
     expect(JSON.stringify(raw)).not.toContain(prompt);
   });

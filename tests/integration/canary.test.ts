@@ -188,8 +188,8 @@ describe('canary key and prompt', () => {
         cursor = next;
         keys.push(...batch);
       } while (cursor !== '0');
-      // Our queue's jobs and our rate-limit counters are among them.
-      expect(keys.some((k) => k.startsWith(`bull:${config.QUEUE_NAME}:`))).toBe(true);
+      // Our model's queue's jobs and our rate-limit counters are among them.
+      expect(keys.some((k) => k.startsWith(`bull:${config.QUEUE_NAME}.test-engine:`))).toBe(true);
       expect(keys.some((k) => k.startsWith(`t2i:${config.QUEUE_NAME}:rate:`))).toBe(true);
       let dump = keys.join('\n');
       for (const k of keys) {
@@ -219,7 +219,7 @@ describe('canary key and prompt', () => {
   it('appears in no metric of the API or the worker', () => {
     // Counted by route pattern and outcome, never by path, key or text.
     expect(scraped.api).toMatch(/http_requests_total\{method="GET",route="\/generated-images\/:id",status_class="4xx"\} [1-9]/);
-    expect(scraped.worker).toMatch(/t2i_jobs_finished_total\{outcome="failed"\} 1/);
+    expect(scraped.worker).toMatch(/t2i_jobs_finished_total\{outcome="failed",model="test-engine"\} 1/);
     expectNoCanary('api metrics', scraped.api!);
     expectNoCanary('worker metrics', scraped.worker!);
   });

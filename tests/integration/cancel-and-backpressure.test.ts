@@ -15,8 +15,9 @@ import { isolatedConfig } from '../support/system.js';
  */
 
 const silent = pino({ level: 'silent' });
-const SETTINGS = { PROGRESS_INTERVAL_MS: '50', MAX_QUEUE_DEPTH: '3' };
-/** How long the API trusts a measured queue depth (DEPTH_CACHE_MS in src/core/images.ts), in ms. */
+/** The system without a worker holds its jobs: the test engine's model is known, and so is another, whose queue has its own back-pressure. */
+const SETTINGS = { PROGRESS_INTERVAL_MS: '50', MAX_QUEUE_DEPTH: '3', KNOWN_MODELS: 'test-engine,idle-model', DEFAULT_MODEL: 'test-engine' };
+/** How long the API trusts a measured queue depth (DEPTH_CACHE_MS in src/core/submission.ts), in ms. */
 const DEPTH_CACHE_MS = 1_000;
 
 let queuedOnly: RunningApi | undefined;
@@ -95,7 +96,11 @@ describe('back-pressure', () => {
     expect(full.status).toBe(503);
     expect(full.headers.get('content-type')).toContain('application/problem+json');
     expect(Number(full.headers.get('retry-after'))).toBeGreaterThan(0);
-    expect(((await full.json()) as { detail: string }).detail).toMatch(/queue is full \(3 jobs waiting\)/);
+    expect(((await full.json()) as { detail: string }).detail).toMatch(/queue of model "test-engine" is full \(3 jobs waiting\)/);
+    // Each model's queue has its own bound: another model's requests are still taken.
+    const other = await noWorker.post({ prompt: 'another model', model: 'idle-model' });
+    expect(other.status).toBe(201);
+    expect((await noWorker.cancel(((await other.json()) as { id: string }).id)).status).toBe(200);
 
     // Canceling queued jobs removes them from the queue, which makes room again.
     for (const id of ids) {

@@ -168,6 +168,7 @@ describe('applyMigrations', () => {
         'generated_images_progress_check',
         'generated_images_queue_priority_check',
         'generated_images_seed_check',
+        'generated_images_strength_check',
       ]);
       const tenant = (await c.query<{ id: string }>(`INSERT INTO tenants (name) VALUES ('checks') RETURNING id`)).rows[0]!.id;
       const insert = (over: Record<string, unknown>) => {
@@ -200,6 +201,12 @@ describe('applyMigrations', () => {
       await insert({ num_images: 4 });
       await expect(insert({ num_images: 0 })).rejects.toThrow(/generated_images_num_images_check/);
       await expect(insert({ num_images: 5 })).rejects.toThrow(/generated_images_num_images_check/);
+      await insert({ strength: 0 });
+      await insert({ strength: 1 });
+      await expect(insert({ strength: 1.5 })).rejects.toThrow(/generated_images_strength_check/);
+      await expect(insert({ strength: -0.1 })).rejects.toThrow(/generated_images_strength_check/);
+      // A job held for a model never served leaves its parameters to the model's first worker.
+      await insert({ num_steps: null, guidance_scale: null, width: null, height: null, scheduler: null, model: 'held-model' });
     });
   });
 

@@ -75,8 +75,17 @@ const svc = (name: string): ComposeService => {
   return s;
 };
 
-const APP_SERVICES: Record<string, Role> = { migrate: 'any', api: 'api', 'worker-gpu': 'worker', 'worker-cpu': 'worker' };
-const WORKERS = ['worker-gpu', 'worker-cpu'];
+const APP_SERVICES: Record<string, Role> = {
+  migrate: 'any',
+  api: 'api',
+  'worker-gpu': 'worker',
+  'worker-cpu': 'worker',
+  'worker-sd15': 'worker',
+  'worker-sdxl-turbo': 'worker',
+};
+/** The two-models profile: one worker per model. */
+const MODEL_WORKERS = ['worker-sd15', 'worker-sdxl-turbo'];
+const WORKERS = ['worker-gpu', 'worker-cpu', ...MODEL_WORKERS];
 
 /** What the process in a service sees: env_file .env (from .env.example), then `environment`. */
 function effectiveEnv(name: string): Record<string, string> {
@@ -113,6 +122,7 @@ describe('docker-compose.yml', () => {
       expect(services[s], `service ${s}`).toBeDefined();
     expect(svc('worker-gpu').profiles).toEqual(['gpu']);
     expect(svc('worker-cpu').profiles).toEqual(['cpu']);
+    for (const w of MODEL_WORKERS) expect(svc(w).profiles, w).toEqual(['two-models']);
     for (const s of Object.keys(services).filter((s) => !WORKERS.includes(s))) expect(svc(s).profiles, `${s} runs in every profile`).toBeUndefined();
   });
 
@@ -173,6 +183,11 @@ describe('docker-compose.yml', () => {
     expect(environmentOf(gpu).EXECUTION_PROVIDER).toBe('cuda');
     expect(gpu.build).toMatchObject({ args: { VARIANT: 'cuda' } });
     expect(gpu.deploy?.resources?.reservations?.devices).toEqual([{ driver: 'nvidia', count: 1, capabilities: ['gpu'] }]);
+    for (const w of MODEL_WORKERS) {
+      expect(environmentOf(svc(w)).EXECUTION_PROVIDER, w).toBe('cuda');
+      expect(svc(w).deploy?.resources?.reservations?.devices, w).toEqual(gpu.deploy?.resources?.reservations?.devices);
+      expect(svc(w).image, w).toBe(gpu.image);
+    }
     const cpu = svc('worker-cpu');
     expect(environmentOf(cpu).EXECUTION_PROVIDER).toBe('cpu');
     expect(cpu.build).toMatchObject({ args: { VARIANT: 'cpu' } });
@@ -187,6 +202,27 @@ describe('docker-compose.yml', () => {
     for (const s of ['api', ...WORKERS]) expect(dependsOn(svc(s)), s).toEqual(afterInit);
     expect(dependsOn(svc('minio-init'))).toEqual({ minio: 'service_healthy' });
     expect(svc('migrate').image, 'migrate runs the API image').toBe(svc('api').image);
+  });
+
+  it('serves two models in the two-models profile: a worker each, under distinct names, and API settings from .env.example that name both', () => {
+    const configs = MODEL_WORKERS.map((w) => loadConfig(effectiveEnv(w), 'worker'));
+    const names = configs.map((c) => c.MODEL_NAME);
+    expect(names).toEqual(['sd15', 'sdxl-turbo']);
+    // Two exports, each in the read-only models mount.
+    expect(new Set(configs.map((c) => c.MODEL_DIR)).size).toBe(2);
+    for (const [i, c] of configs.entries())
+      expect(
+        mounts(svc(MODEL_WORKERS[i]!)).some((m) => isInside(c.MODEL_DIR!, m.target) && m.readOnly),
+        c.MODEL_DIR,
+      ).toBe(true);
+    // What the guide and .env.example tell the operator to set for this profile, as the API reads it.
+    const suggested = Object.fromEntries([...read('.env.example').matchAll(/^# (KNOWN_MODELS|DEFAULT_MODEL)=(.*)$/gm)].map((m) => [m[1]!, m[2]!]));
+    const api = loadConfig({ ...effectiveEnv('api'), ...suggested }, 'api');
+    expect(api.KNOWN_MODELS).toEqual(names);
+    expect(names).toContain(api.DEFAULT_MODEL);
+    const guide = read('docs/deployment.md');
+    expect(guide).toContain('--profile two-models');
+    for (const n of names) expect(guide, `docs/deployment.md names ${n}`).toContain(n);
   });
 
   it('runs Postgres, Redis and MinIO with volumes and health checks; Redis never evicts', () => {
@@ -246,7 +282,7 @@ describe('docker-compose.yml', () => {
 
   it('builds from contexts and Dockerfiles that exist', () => {
     const built = Object.entries(services).filter(([, s]) => s.build);
-    expect(built.map(([n]) => n).sort()).toEqual(['api', 'migrate', 'worker-cpu', 'worker-gpu']);
+    expect(built.map(([n]) => n).sort()).toEqual(['api', 'migrate', 'worker-cpu', 'worker-gpu', ...MODEL_WORKERS].sort());
     for (const [name, s] of built) {
       const b = typeof s.build === 'string' ? { context: s.build, dockerfile: undefined } : s.build!;
       expect(existsSync(path.resolve(rel(''), b.context)), `${name}: context ${b.context}`).toBe(true);

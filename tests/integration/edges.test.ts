@@ -16,7 +16,8 @@ let config: Config;
 const procs: ServiceProcess[] = [];
 
 beforeAll(async () => {
-  config = await isolatedConfig();
+  // No worker runs here: the test engine's model is known, so jobs are taken and wait.
+  config = await isolatedConfig({ KNOWN_MODELS: 'test-engine' });
 });
 
 afterAll(async () => {

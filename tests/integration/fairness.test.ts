@@ -26,8 +26,8 @@ afterAll(async () => {
   await Promise.allSettled(dbs.map((d) => d.$disconnect()));
 });
 
-/** Limits out of the way: this is about order, not refusals. */
-const UNLIMITED = { RATE_LIMIT_MAX: '0', TENANT_MAX_IN_FLIGHT: '0', TENANT_DAILY_PIXEL_STEPS: '0' };
+/** Limits out of the way: this is about order, not refusals. Jobs are submitted before the (test-engine) worker starts: its model is known. */
+const UNLIMITED = { RATE_LIMIT_MAX: '0', TENANT_MAX_IN_FLIGHT: '0', TENANT_DAILY_PIXEL_STEPS: '0', KNOWN_MODELS: 'test-engine' };
 
 async function system(overrides: Record<string, string>): Promise<{ config: Config; db: Db; url: string }> {
   const config = await isolatedConfig({ ...UNLIMITED, ...overrides });

@@ -15,6 +15,7 @@ import { ImagesService } from '../../src/core/images.js';
 import { queueSettings, storageOptions } from '../../src/core/wiring.js';
 import { hostileBodies } from '../support/fuzz.js';
 import { createTestKey } from '../support/accounts.js';
+import { testFleet } from '../support/fleet.js';
 import { isolatedConfig } from '../support/system.js';
 
 /**
@@ -28,6 +29,7 @@ let db: Db;
 let producer: ProducerQueue;
 let app: FastifyInstance;
 let auth: { authorization: string };
+let fleet: Awaited<ReturnType<typeof testFleet>>;
 
 beforeAll(async () => {
   config = await isolatedConfig();
@@ -36,8 +38,16 @@ beforeAll(async () => {
   producer = createProducer(config.REDIS_URL, queueSettings(config));
   const storage = createStorage(storageOptions(config));
   const logger = pino({ level: 'silent' });
+  fleet = await testFleet(config);
   app = buildApp({
-    images: new ImagesService({ repo: createImagesRepo(db), queue: producer, storage, maxPixelSteps: config.MAX_PIXEL_STEPS, log: logger }),
+    images: new ImagesService({
+      repo: createImagesRepo(db),
+      queue: producer,
+      storage,
+      models: fleet.catalog,
+      maxPixelSteps: config.MAX_PIXEL_STEPS,
+      log: logger,
+    }),
     accounts: new AccountsService(createAccountsRepo(db)),
     logger,
     bodyLimit: config.BODY_LIMIT_BYTES,
@@ -47,6 +57,7 @@ beforeAll(async () => {
 
 afterAll(async () => {
   await app?.close();
+  await fleet?.close();
   await producer?.close();
   await db?.$disconnect();
 });

@@ -24,7 +24,8 @@ let auth: Record<string, string>;
 let otherAuth: Record<string, string>;
 
 beforeAll(async () => {
-  config = await isolatedConfig();
+  // No worker runs here: the test engine's model is known, so jobs are taken and wait.
+  config = await isolatedConfig({ KNOWN_MODELS: 'test-engine' });
   for (let i = 0; i < 2; i++) {
     const port = await freePort();
     procs.push(spawnService(`api-${i}`, 'api', configEnv(config, { PORT: String(port), LOG_LEVEL: 'info' })));

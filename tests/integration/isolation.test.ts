@@ -21,6 +21,7 @@ import { createApiMetrics } from '../../src/api/metrics.js';
 import { webAsset } from '../../src/api/web.js';
 import type { Config } from '../../src/config.js';
 import { AccountsService } from '../../src/core/accounts.js';
+import { ModelCatalog } from '../../src/core/models.js';
 import { ImagesService } from '../../src/core/images.js';
 import { queueSettings, storageOptions } from '../../src/core/wiring.js';
 import { createTestKey, revokeTestKey, type TestKey } from '../support/accounts.js';
@@ -178,7 +179,12 @@ describe('the isolation matrix', () => {
     const dbForApp = createPrismaClient(config.DATABASE_URL, { poolMax: 1 });
     const producer = createProducer(config.REDIS_URL, queueSettings(config));
     const app = buildApp({
-      images: new ImagesService({ repo: createImagesRepo(dbForApp), queue: producer, storage: createStorage(storageOptions(config)) }),
+      images: new ImagesService({
+        repo: createImagesRepo(dbForApp),
+        queue: producer,
+        storage: createStorage(storageOptions(config)),
+        models: new ModelCatalog({ fleet: { members: unused, profiles: unused } }),
+      }),
       accounts: new AccountsService(createAccountsRepo(dbForApp)),
       logger: pino({ level: 'silent' }),
       bodyLimit: 65_536,
@@ -188,7 +194,7 @@ describe('the isolation matrix', () => {
       events: { follow: unused, heartbeatMs: 15_000 },
       webhooks: { deliveries: { forImage: unused } },
       openai: { follow: unused, readImage: unused, models: unused, waitMs: 1_000 },
-      discovery: { models: unused, maxPixelSteps: 1 },
+      discovery: { fleet: unused, known: [], defaultOf: () => undefined, maxPixelSteps: 1 },
       imageFiles: { read: unused, thumbnail: unused },
       // A built page's shape: index.html, hashed assets, the icon.
       web: {

@@ -173,7 +173,15 @@ function numbers(data: { resultType: string; result: PromSample[] | [number, str
 
 /** Grafana's built-in variables as Grafana would substitute them for a 1 s scrape interval. */
 function grafanaExpr(expr: string): string {
-  return expr.replaceAll('$__rate_interval', '1m').replaceAll('${__rate_interval}', '1m').replaceAll('$__interval', '1s').replaceAll('$__range', '5m');
+  return (
+    expr
+      .replaceAll('$__rate_interval', '1m')
+      .replaceAll('${__rate_interval}', '1m')
+      .replaceAll('$__interval', '1s')
+      .replaceAll('$__range', '5m')
+      // The dashboard's model variable set to All (its allValue): every model.
+      .replaceAll('$model', '.*')
+  );
 }
 
 /** Splits a PromQL condition at its top-level and/or/unless, and drops each part's trailing comparison with a number. */
@@ -311,17 +319,20 @@ describe('metrics endpoints', () => {
 
   it('worker: jobs by outcome, durations, queue wait, steps, queue depth by state and worker info', async () => {
     const text = await (await fetch(`${worker!.metricsUrl}/metrics`, SCRAPE)).text();
-    expect(text).toMatch(/t2i_jobs_finished_total\{outcome="succeeded"\} 3/);
-    expect(text).toMatch(/t2i_jobs_finished_total\{outcome="failed"\} 0/);
-    expect(text).toMatch(/t2i_job_retries_total 0/);
-    expect(text).toMatch(/t2i_job_duration_seconds_count\{outcome="succeeded"\} 3/);
-    expect(text).toMatch(/t2i_job_queue_wait_seconds_count 3/);
+    // Every series names the worker's model.
+    expect(text).toMatch(/t2i_jobs_finished_total\{outcome="succeeded",model="oracle"\} 3/);
+    expect(text).toMatch(/t2i_jobs_finished_total\{outcome="failed",model="oracle"\} 0/);
+    expect(text).toMatch(/t2i_job_retries_total\{model="oracle"\} 0/);
+    expect(text).toMatch(/t2i_job_duration_seconds_count\{model="oracle",outcome="succeeded"\} 3/);
+    expect(text).toMatch(/t2i_job_queue_wait_seconds_count\{model="oracle"\} 3/);
     // At least 3 steps per job (PNDM adds a warm-up step).
-    expect(Number(/t2i_denoise_step_duration_seconds_count (\d+)/.exec(text)?.[1])).toBeGreaterThanOrEqual(9);
-    expect(text).toMatch(/t2i_jobs_in_progress 0/);
-    for (const state of ['waiting', 'active', 'delayed', 'failed']) expect(text).toMatch(new RegExp(`t2i_queue_jobs\\{state="${state}"\\} 0`));
-    expect(text).toMatch(/t2i_worker_info\{model="oracle",schedulers="pndm,ddim,euler,euler_ancestral,dpmpp_2m,lcm",provider="cpu",version="[^"]+"\} 1/);
-    expect(text).toMatch(/t2i_model_load_duration_seconds \d/);
+    expect(Number(/t2i_denoise_step_duration_seconds_count\{model="oracle"\} (\d+)/.exec(text)?.[1])).toBeGreaterThanOrEqual(9);
+    expect(text).toMatch(/t2i_jobs_in_progress\{model="oracle"\} 0/);
+    for (const state of ['waiting', 'active', 'delayed', 'failed']) expect(text).toMatch(new RegExp(`t2i_queue_jobs\\{state="${state}",model="oracle"\\} 0`));
+    expect(text).toMatch(
+      /t2i_worker_info\{variant="SD 1\.x\/2\.x-shaped \(text hidden size 16\)",schedulers="pndm,ddim,euler,euler_ancestral,dpmpp_2m,lcm",provider="cpu",version="[^"]+",model="oracle"\} 1/,
+    );
+    expect(text).toMatch(/t2i_model_load_duration_seconds\{model="oracle"\} \d/);
     expect(text).toContain('process_resident_memory_bytes');
   });
 });

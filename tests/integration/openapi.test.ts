@@ -83,7 +83,21 @@ describe('GET /openapi.json', () => {
     };
     const body = create.content['application/json']!.schema;
     expect(body.required).toEqual(['prompt']);
-    expect(body.properties.num_steps).toMatchObject({ type: 'integer', minimum: 1, maximum: 150, default: 50 });
+    // No fixed default: a request that leaves it out gets its model's.
+    expect(body.properties.num_steps).toMatchObject({
+      type: 'integer',
+      minimum: 1,
+      maximum: 150,
+      description: expect.stringContaining("the model's own") as unknown,
+    });
+    expect(body.properties.num_steps).not.toHaveProperty('default');
+    expect(body.properties.model).toMatchObject({ anyOf: [{ type: 'string', pattern: expect.any(String) as unknown }, { type: 'null' }] });
+    expect(body.properties.strength).toMatchObject({ anyOf: [{ type: 'number', minimum: 0, maximum: 1 }, { type: 'null' }] });
+    // Image-to-image and inpainting: the same route as multipart/form-data, the request as JSON beside the files.
+    const form = create.content['multipart/form-data']!.schema;
+    expect(form.required).toEqual(['request']);
+    expect(Object.keys(form.properties).sort()).toEqual(['image', 'mask', 'request']);
+    expect(form.properties.image).toMatchObject({ type: 'string', contentMediaType: 'application/octet-stream' });
     expect(body.properties.num_images).toMatchObject({ minimum: 1, maximum: 4, default: 1 });
     expect(body.properties.scheduler).toMatchObject({ enum: ['pndm', 'ddim', 'euler', 'euler_ancestral', 'dpmpp_2m', 'lcm'] });
     expect(Object.keys(doc.components.schemas)).toEqual(expect.arrayContaining(['Job', 'Problem', 'OpenAIError', 'WebhookDeliveries']));

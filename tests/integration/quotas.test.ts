@@ -25,7 +25,8 @@ let db: Db;
 const procs: ServiceProcess[] = [];
 
 beforeAll(async () => {
-  config = await isolatedConfig();
+  // Jobs are submitted with no worker running: the test engine's model is known, so they wait.
+  config = await isolatedConfig({ KNOWN_MODELS: 'test-engine' });
   db = createPrismaClient(config.DATABASE_URL);
 });
 

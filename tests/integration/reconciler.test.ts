@@ -5,10 +5,11 @@ import { createImagesRepo } from '../../src/adapters/images-repo.js';
 import { createProducer, createRedis, type ProducerQueue } from '../../src/adapters/queue.js';
 import { createPrismaClient, type Db } from '../../src/adapters/db/client.js';
 import type { ImagesRepo } from '../../src/core/images.js';
+import { queueNameFor } from '../../src/core/jobs.js';
 import { queueSettings } from '../../src/core/wiring.js';
 import { createReconciler } from '../../src/worker/reconciler.js';
 import type { Config } from '../../src/config.js';
-import { createTenant, insertJob } from '../support/accounts.js';
+import { createTenant, insertJob, TEST_MODEL } from '../support/accounts.js';
 import { isolatedConfig } from '../support/system.js';
 
 /** The reconciler against real Postgres and a real BullMQ queue. */
@@ -27,7 +28,7 @@ beforeAll(async () => {
   repo = createImagesRepo(db);
   tenantId = await createTenant(db);
   producer = createProducer(config.REDIS_URL, queueSettings(config));
-  inspect = new Queue(config.QUEUE_NAME, { connection: createRedis(config.REDIS_URL) });
+  inspect = new Queue(queueNameFor(config.QUEUE_NAME, TEST_MODEL), { connection: createRedis(config.REDIS_URL) });
 });
 // The reconciler scans the whole table and queue: each test starts from an empty table and an
 // empty queue, so what one test leaves (a waiting job, a failed row) cannot change another's count.
@@ -50,16 +51,16 @@ async function row(status: 'queued' | 'running' = 'queued'): Promise<string> {
   return id;
 }
 
-const reconciler = () => createReconciler({ repo, queue: producer, log: silent, queuedGraceMs: 10_000, runningGraceMs: 10_000 });
+const reconciler = () => createReconciler({ repo, queue: producer, log: silent, model: TEST_MODEL, queuedGraceMs: 10_000, runningGraceMs: 10_000 });
 
 describe('reconciler', () => {
   it('enqueues a queued row that has no job (enqueue failed after the commit)', async () => {
     const id = await row();
-    expect(await producer.jobState(id)).toBeNull();
+    expect(await producer.jobState(TEST_MODEL, id)).toBeNull();
     const summary = await reconciler().runOnce();
     expect(summary).toMatchObject({ requeued: 1 });
     // Every job is queued with a priority (its tenant rank): BullMQ calls such a waiting job "prioritized".
-    expect((await producer.jobState(id))?.state).toBe('prioritized');
+    expect((await producer.jobState(TEST_MODEL, id))?.state).toBe('prioritized');
     // A second pass finds the job in flight and does nothing.
     await db.$executeRaw`UPDATE generated_images SET updated_at = now() - interval '1 minute' WHERE id = ${id}::uuid`;
     expect((await reconciler().runOnce()).requeued).toBe(0);
@@ -69,21 +70,21 @@ describe('reconciler', () => {
     const id = await row('running');
     await reconciler().runOnce();
     // Every job is queued with a priority (its tenant rank): BullMQ calls such a waiting job "prioritized".
-    expect((await producer.jobState(id))?.state).toBe('prioritized');
+    expect((await producer.jobState(TEST_MODEL, id))?.state).toBe('prioritized');
   });
 
   it('marks failed a row whose job the queue failed for good', async () => {
     const id = await row('running');
-    await producer.enqueue(id, 1);
+    await producer.enqueue(TEST_MODEL, id, 1);
     // A consumer that gives up on it, as BullMQ does when a job stalls too often.
     const worker = new Worker(
-      config.QUEUE_NAME,
+      queueNameFor(config.QUEUE_NAME, TEST_MODEL),
       async () => {
         throw new UnrecoverableError('job stalled more than allowable limit');
       },
       { connection: createRedis(config.REDIS_URL) },
     );
-    await expect.poll(async () => (await producer.jobState(id))?.state, { timeout: 10_000 }).toBe('failed');
+    await expect.poll(async () => (await producer.jobState(TEST_MODEL, id))?.state, { timeout: 10_000 }).toBe('failed');
     await worker.close();
     await reconciler().runOnce();
     // The queue's own reason is no public message: the job says its workers were lost.
@@ -110,11 +111,11 @@ describe('reconciler', () => {
       scheduler: 'pndm',
     });
     const waiting = await row();
-    await producer.enqueue(waiting, 1);
+    await producer.enqueue(TEST_MODEL, waiting, 1);
     const before = await inspect.getJobCounts('waiting', 'prioritized');
     const summary = await reconciler().runOnce();
     expect(summary.requeued + summary.failed).toBe(0);
-    expect(await producer.jobState(fresh)).toBeNull();
+    expect(await producer.jobState(TEST_MODEL, fresh)).toBeNull();
     expect(await inspect.getJobCounts('waiting', 'prioritized')).toEqual(before);
   });
 
@@ -136,7 +137,7 @@ describe('reconciler', () => {
       });
       // Queued behind the tenant's own earlier jobs: priority = 1 + jobs already in flight.
       expect(job.queuePriority).toBe(i + 1);
-      await producer.enqueue(job.id, job.queuePriority);
+      await producer.enqueue(TEST_MODEL, job.id, job.queuePriority);
     }
     // The first two finish and the third starts: the last two are now second and third in line.
     const rows = await db.generatedImage.findMany({ where: { tenantId: tenant }, orderBy: { createdAt: 'asc' }, select: { id: true } });
@@ -152,10 +153,67 @@ describe('reconciler', () => {
     ] as const) {
       expect((await inspect.getJob(id))?.priority, id).toBe(rank);
       expect((await repo.get(id))?.queuePriority).toBe(rank);
-      expect(await producer.jobState(id)).toMatchObject({ state: 'prioritized' });
+      expect(await producer.jobState(TEST_MODEL, id)).toMatchObject({ state: 'prioritized' });
     }
     // Nothing of this tenant's is left to correct.
     const left = await repo.unfairPriorities(10_000);
     expect(left.filter((m) => ids.includes(m.id))).toEqual([]);
+  });
+
+  it("looks for each row's job on its own model's queue, and enqueues it there: a model with no worker keeps its jobs", async () => {
+    const other = 'model-without-worker';
+    const id = randomUUID();
+    await insertJob(repo, {
+      id,
+      tenantId,
+      model: other,
+      prompt: 'p',
+      negativePrompt: null,
+      numSteps: 5,
+      guidanceScale: 9,
+      seed: 1,
+      width: 64,
+      height: 64,
+      scheduler: 'pndm',
+    });
+    await db.$executeRaw`UPDATE generated_images SET updated_at = now() - interval '1 minute' WHERE id = ${id}::uuid`;
+    expect((await reconciler().runOnce()).requeued).toBe(1);
+    expect((await producer.jobState(other, id))?.state).toBe('prioritized');
+    // Not on the reconciling worker's queue.
+    expect(await producer.jobState(TEST_MODEL, id)).toBeNull();
+    await producer.remove(other, id);
+  });
+
+  it('gives a row from before models had names to its own model and enqueues it on that queue', async () => {
+    const id = await row();
+    await db.$executeRaw`UPDATE generated_images SET model = NULL WHERE id = ${id}::uuid`;
+    expect((await reconciler().runOnce()).requeued).toBe(1);
+    expect((await repo.get(id))?.model).toBe(TEST_MODEL);
+    expect((await producer.jobState(TEST_MODEL, id))?.state).toBe('prioritized');
+  });
+
+  it("ranks a tenant's jobs per model: its first job on another model is first in that model's line", async () => {
+    const tenant = await createTenant(db);
+    const job = (i: number, model: string) =>
+      insertJob(repo, {
+        id: randomUUID(),
+        tenantId: tenant,
+        model,
+        prompt: `m ${i}`,
+        negativePrompt: null,
+        numSteps: 1,
+        guidanceScale: 9,
+        seed: 1,
+        width: 64,
+        height: 64,
+        scheduler: 'pndm',
+      });
+    const a = [await job(0, 'model-a'), await job(1, 'model-a'), await job(2, 'model-a')];
+    const b = await job(3, 'model-b');
+    expect(a.map((j) => j.queuePriority)).toEqual([1, 2, 3]);
+    expect(b.queuePriority).toBe(1);
+    // The reconciler agrees: nothing to correct.
+    const left = await repo.unfairPriorities(10_000);
+    expect(left.filter((m) => [...a, b].some((j) => j.id === m.id))).toEqual([]);
   });
 });

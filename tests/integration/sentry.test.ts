@@ -28,6 +28,7 @@ import { createDatabase } from '../../src/dev/services.js';
 import { Engine } from '../../src/engine/thread/engine-host.js';
 import { createProcessor, type JobLog } from '../../src/worker/processor.js';
 import { createTenant, createTestKey, insertJob } from '../support/accounts.js';
+import { testFleet } from '../support/fleet.js';
 import { isolatedConfig } from '../support/system.js';
 
 const SECRET_KEY = 'storage-secret-key-9f8e7d6c';
@@ -111,8 +112,9 @@ describe('API', () => {
     const { key, auth } = await createTestKey(config.DATABASE_URL);
     const queue = createProducer(config.REDIS_URL, queueSettings(config));
     const r = reporter('api');
+    const fleet = await testFleet(config);
     const app = buildApp({
-      images: new ImagesService({ repo: createImagesRepo(db), queue, storage: createStorage(storageOptions(config)) }),
+      images: new ImagesService({ repo: createImagesRepo(db), queue, storage: createStorage(storageOptions(config)), models: fleet.catalog }),
       accounts: new AccountsService(createAccountsRepo(accountsDb)),
       logger: createLogger({ name: 'api', level: 'silent' }),
       bodyLimit: 65_536,
@@ -145,7 +147,7 @@ describe('API', () => {
       expect(e.raw).not.toContain(key);
     }
     await app.close();
-    await Promise.all([r.close(), queue.close(), db.$disconnect(), accountsDb.$disconnect()]);
+    await Promise.all([r.close(), queue.close(), fleet.close(), db.$disconnect(), accountsDb.$disconnect()]);
   });
 });
 

@@ -29,6 +29,7 @@ afterAll(async () => {
 const job = (tenantId: string, steps = 4) => ({
   id: randomUUID(),
   tenantId,
+  model: 'counted-model',
   prompt: 'counted',
   negativePrompt: null,
   numSteps: steps,
@@ -47,7 +48,17 @@ async function countersAndRows(tenantId: string) {
     SELECT count(*) FILTER (WHERE status IN ('queued', 'running'))::int AS in_flight,
            COALESCE(sum(pixel_steps) FILTER (WHERE NOT (status = 'canceled' AND attempts = 0)), 0)::bigint AS today
       FROM generated_images WHERE tenant_id = ${tenantId}::uuid`;
-  return { counters: { inFlight: t!.in_flight, pixelStepsToday: Number(t!.today) }, rows: { inFlight: r!.in_flight, pixelStepsToday: Number(r!.today) } };
+  // Per model: jobs in flight, as tenant_model_usage counts them and as the rows say.
+  const byModel = (ms: Array<{ model: string; n: number }>) => Object.fromEntries(ms.map((m) => [m.model, m.n]));
+  const countedModels = byModel(await db.$queryRaw`SELECT model, in_flight AS n FROM tenant_model_usage WHERE tenant_id = ${tenantId}::uuid AND in_flight > 0`);
+  const rowModels = byModel(
+    await db.$queryRaw`SELECT model, count(*)::int AS n FROM generated_images
+                        WHERE tenant_id = ${tenantId}::uuid AND status IN ('queued', 'running') AND model IS NOT NULL GROUP BY model`,
+  );
+  return {
+    counters: { inFlight: t!.in_flight, pixelStepsToday: Number(t!.today), models: countedModels },
+    rows: { inFlight: r!.in_flight, pixelStepsToday: Number(r!.today), models: rowModels },
+  };
 }
 
 describe('per-tenant usage counters', () => {
@@ -55,7 +66,8 @@ describe('per-tenant usage counters', () => {
     const tenantId = await createTenant(db);
     const made = [];
     for (let i = 0; i < 10; i++) {
-      const r = await repo.create(job(tenantId, i + 1), NO_QUOTA);
+      // Two models, counted apart.
+      const r = await repo.create({ ...job(tenantId, i + 1), model: i % 2 === 0 ? 'model-a' : 'model-b' }, NO_QUOTA);
       if (!('record' in r)) throw new Error('refused');
       made.push(r.record.id);
     }
@@ -78,6 +90,29 @@ describe('per-tenant usage counters', () => {
     expect(counters).toEqual(rows);
     // 10 made; a, b, c, f, g, h ended; d, e and the last two remain.
     expect(counters.inFlight).toBe(4);
+  });
+
+  it('follow the charge a worker corrects when it fills in the parameters a held job left to its model', async () => {
+    const tenantId = await createTenant(db);
+    // A job of a model never served: its parameters wait for the model's first worker, charged
+    // as 512x512 at 50 steps (GENERATION_DEFAULTS) meanwhile; two images.
+    const held = {
+      ...job(tenantId),
+      numSteps: null,
+      guidanceScale: null,
+      scheduler: null,
+      width: 128,
+      height: 128,
+      numImages: 2,
+      pixelSteps: 128 * 128 * 50 * 2,
+    };
+    const r = await repo.create(held, NO_QUOTA);
+    if (!('record' in r)) throw new Error('refused');
+    const claimed = (await repo.startAttempt(held.id, 'w', { numSteps: 4, guidanceScale: 8.5, width: 512, height: 512, scheduler: 'lcm' }))!;
+    expect(claimed.record).toMatchObject({ numSteps: 4, guidanceScale: 8.5, width: 128, height: 128, scheduler: 'lcm', pixelSteps: 128 * 128 * 4 * 2 });
+    const { counters, rows } = await countersAndRows(tenantId);
+    expect(counters).toEqual(rows);
+    expect(counters.pixelStepsToday).toBe(128 * 128 * 4 * 2);
   });
 
   it('never let concurrent admissions overshoot the in-flight cap or the daily budget', async () => {
@@ -113,6 +148,20 @@ describe('per-tenant usage counters', () => {
       const { counters, rows } = await countersAndRows(t);
       expect(counters).toEqual(rows);
     }
+  });
+
+  it('rank a tenant’s jobs per model, in one batch and after it: each model has its own queue', async () => {
+    const t = await createTenant(db);
+    const batch = Array.from({ length: 6 }, (_, i) => ({ ...job(t), model: i % 2 === 0 ? 'model-a' : 'model-b' }));
+    const results = await repo.createMany(batch, NO_QUOTA);
+    expect(results.map((r) => ('record' in r ? r.record.queuePriority : r.exceeded))).toEqual([1, 1, 2, 2, 3, 3]);
+    const later = await repo.create({ ...job(t), model: 'model-c' }, NO_QUOTA);
+    expect('record' in later && later.record.queuePriority).toBe(1);
+    const next = await repo.create({ ...job(t), model: 'model-b' }, NO_QUOTA);
+    expect('record' in next && next.record.queuePriority).toBe(4);
+    const { counters, rows } = await countersAndRows(t);
+    expect(counters).toEqual(rows);
+    expect(counters.models).toEqual({ 'model-a': 3, 'model-b': 4, 'model-c': 1 });
   });
 
   it('give each admitted job its rank among the tenant’s jobs in flight as its queue priority', async () => {

@@ -238,8 +238,10 @@ describe('the web page', () => {
     const png = await readFile(saved);
     expect(await sharp(png).metadata()).toMatchObject({ format: 'png', width: 64, height: 64 });
     // The bytes the API stored for the job.
-    const jobs = (await (await apiFetch('/generated-images?limit=1')).json()) as { items: Array<{ id: string; seed: number; status: string }> };
-    expect(jobs.items[0]).toMatchObject({ seed: 42, status: 'succeeded' });
+    const jobs = (await (await apiFetch('/generated-images?limit=1')).json()) as { items: Array<{ id: string; seed: number; status: string; model: string }> };
+    // The model chosen in the form (the only one served, selected) is the job's: it went to that model's queue.
+    expect(jobs.items[0]).toMatchObject({ seed: 42, status: 'succeeded', model: await page.locator('#f-model').inputValue() });
+    expect(jobs.items[0]!.model).toBe('test-engine');
     expect(Buffer.from(await (await apiFetch(`/generated-images/${jobs.items[0]!.id}/images/0`)).arrayBuffer()).equals(png)).toBe(true);
 
     await page.getByLabel('Seed (empty: random)').fill('');

@@ -51,7 +51,7 @@ async function engineGoesDown(directive: '[test:crash]' | '[test:hang]', reason:
   const poisonAttempts = await sys.repo.attempts(poison);
   const otherRows = await sys.db.generatedImage.findMany({ where: { id: { in: others } } });
   const otherAttempts = await sys.db.jobAttempt.findMany({ where: { imageId: { in: others } } });
-  const restarts = await metricValue(metricsUrlOf(w), `t2i_engine_restarts_total{reason="${reason}"}`);
+  const restarts = await metricValue(metricsUrlOf(w), `t2i_engine_restarts_total{reason="${reason}",model="test-engine"}`);
 
   expect(poisonRow).toMatchObject({ status: 'failed', errorCode: 'engine_crashed' });
   expect(poisonAttempts.map((a) => a.outcome)).toEqual(['engine_failed', 'engine_failed']);
@@ -109,7 +109,7 @@ describe('the engine, with real processes', () => {
     const next = await submit(url, { prompt: 'small', num_steps: 5 }, sys.auth);
     await waitTerminal(sys.db, [next], 30_000);
     expect((await sys.repo.get(next))?.status).toBe('succeeded');
-    expect(await metricValue(metricsUrlOf(w), 't2i_engine_restarts_total{reason="out_of_memory"}')).toBe(0);
+    expect(await metricValue(metricsUrlOf(w), 't2i_engine_restarts_total{reason="out_of_memory",model="test-engine"}')).toBe(0);
     report.outOfMemory = { status: job.status, code: job.error.code, attempts: job.attempts, nextJob: (await sys.repo.get(next))?.status };
   });
 
@@ -159,7 +159,7 @@ describe('the engine, with real processes', () => {
       expect(outcomes.slice(0, -1).filter((o) => o !== 'released')).toEqual([]);
       expect(outcomes.at(-1)).toBe('succeeded');
     }
-    expect(await metricValue(metricsUrlOf(w), 't2i_engine_restarts_total{reason="crashed"}')).toBe(3);
+    expect(await metricValue(metricsUrlOf(w), 't2i_engine_restarts_total{reason="crashed",model="test-engine"}')).toBe(3);
     expect(w.running).toBe(true);
     report.batchCrash = {
       batch: 3,

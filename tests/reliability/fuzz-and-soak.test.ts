@@ -30,7 +30,7 @@ let db: Db;
 let auth: { authorization: string };
 const procs: ServiceProcess[] = [];
 /** Submissions at these rates must not be refused for being too many: limits have their own tests. */
-const NO_LIMITS = { RATE_LIMIT_MAX: '0', TENANT_MAX_IN_FLIGHT: '0', TENANT_DAILY_PIXEL_STEPS: '0' };
+const NO_LIMITS = { RATE_LIMIT_MAX: '0', TENANT_MAX_IN_FLIGHT: '0', TENANT_DAILY_PIXEL_STEPS: '0', KNOWN_MODELS: 'test-engine' };
 const report: Record<string, unknown> = {};
 
 beforeAll(async () => {

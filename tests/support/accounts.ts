@@ -2,6 +2,7 @@ import { randomUUID } from 'node:crypto';
 import { createAccountsRepo } from '../../src/adapters/accounts-repo.js';
 import { createPrismaClient, type Db } from '../../src/adapters/db/client.js';
 import { AccountsService } from '../../src/core/accounts.js';
+import { pixelStepsOf } from '../../src/core/job-params.js';
 import type { ImageRecord, ImagesRepo, NewImage, QuotaLimits } from '../../src/core/images.js';
 
 /** An API key as a test uses it: the key, its public prefix, its tenant, and the header to send. */
@@ -44,9 +45,12 @@ export async function createTenant(db: Db, name = `tenant-${randomUUID().slice(0
   return (await db.tenant.create({ data: { name } })).id;
 }
 
-/** Inserts a job through the repository, as the API does (charged width x height x steps, no quota). */
-export async function insertJob(repo: ImagesRepo, job: Omit<NewImage, 'pixelSteps'>): Promise<ImageRecord> {
-  const r = await repo.create({ ...job, pixelSteps: job.width * job.height * job.numSteps }, NO_QUOTA);
+/** The model of jobs tests insert without naming one. */
+export const TEST_MODEL = 'test-model';
+
+/** Inserts a job through the repository, as the API does (charged width x height x steps, no quota), on TEST_MODEL unless it names a model. */
+export async function insertJob(repo: ImagesRepo, job: Omit<NewImage, 'pixelSteps' | 'model'> & { model?: string }): Promise<ImageRecord> {
+  const r = await repo.create({ ...job, model: job.model ?? TEST_MODEL, pixelSteps: pixelStepsOf(job) }, NO_QUOTA);
   if (!('record' in r)) throw new Error('insertJob: refused by a quota');
   return r.record;
 }

@@ -36,6 +36,8 @@ export const FAST = {
   RATE_LIMIT_MAX: '0',
   TENANT_MAX_IN_FLIGHT: '0',
   TENANT_DAILY_PIXEL_STEPS: '0',
+  // Jobs are submitted while workers are down or not yet started: the test engine's model is known, so they wait.
+  KNOWN_MODELS: 'test-engine',
   LOG_LEVEL: 'info',
 } as const;
 
@@ -167,7 +169,7 @@ export async function pollFor<T>(probe: () => Promise<T | undefined>, timeoutMs:
 
 export const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)] ?? NaN;
 
-/** A Prometheus text exposition's value for one series, e.g. `t2i_engine_restarts_total{reason="crashed"}`. */
+/** A Prometheus text exposition's value for one series, written as exposed, e.g. `t2i_engine_restarts_total{reason="crashed",model="test-engine"}` (a worker's series end with its model). */
 export async function metricValue(metricsUrl: string, series: string): Promise<number | undefined> {
   const text = await (await fetch(`${metricsUrl}/metrics`)).text();
   const line = text.split('\n').find((l) => l.startsWith(`${series} `));

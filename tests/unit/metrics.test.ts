@@ -4,6 +4,7 @@ import { createApiMetrics } from '../../src/api/metrics.js';
 import { AccountsService, type AccountsRepo } from '../../src/core/accounts.js';
 import { ImagesService, type ImagesRepo, type JobQueue } from '../../src/core/images.js';
 import { createLogger } from '../../src/core/logger.js';
+import { ModelCatalog } from '../../src/core/models.js';
 import { createWorkerMetrics } from '../../src/worker/metrics.js';
 
 /** Metric modules without services (fake repositories that know no job and no key): registries per instance, the /metrics token, queue-depth timeouts. */
@@ -25,6 +26,8 @@ function fakeRepo(): ImagesRepo {
     usage: unused('usage'),
     markDeleted: unused('markDeleted'),
     clearObjects: unused('clearObjects'),
+    discard: unused('discard'),
+    assignModel: unused('assignModel'),
     findExpired: unused('findExpired'),
     findDeletedWithObjects: unused('findDeletedWithObjects'),
     unfairPriorities: unused('unfairPriorities'),
@@ -69,7 +72,13 @@ function app(token: string | null = TOKEN) {
   const images = new ImagesService({
     repo: fakeRepo(),
     queue: fakeQueue,
-    storage: { presignGet: async () => ({ url: '', expiresAt: new Date() }), removeImageObjects: async () => undefined },
+    storage: {
+      presignGet: async () => ({ url: '', expiresAt: new Date() }),
+      removeImageObjects: async () => undefined,
+      putInput: async () => undefined,
+      remove: async () => undefined,
+    },
+    models: new ModelCatalog({ fleet: { members: async () => [], profiles: async () => [] } }),
   });
   return buildApp({
     images,
@@ -160,5 +169,21 @@ describe('worker metrics', () => {
     expect(text).toContain('t2i_job_duration_seconds_count{outcome="retried"} 1');
     expect(text).toContain('t2i_job_queue_wait_seconds_count 1');
     expect(text).toContain('t2i_denoise_step_duration_seconds_count 1');
+  });
+
+  it('labels every series with the model once it is loaded; the info metric names its variant', async () => {
+    const m = createWorkerMetrics();
+    m.watchQueue(async () => ({ waiting: 2 }), 1_000);
+    m.setModel({ model: 'sdxl-turbo', variant: 'SDXL Turbo', schedulers: ['euler'], provider: 'cpu', version: '0.1.0', loadSeconds: 3 });
+    m.job.started(0.5);
+    m.job.finished('succeeded', 2);
+    const text = await m.registry.metrics();
+    expect(text).toContain('t2i_queue_jobs{state="waiting",model="sdxl-turbo"} 2');
+    expect(text).toContain('t2i_jobs_finished_total{outcome="succeeded",model="sdxl-turbo"} 1');
+    expect(text).toContain('t2i_worker_info{variant="SDXL Turbo",schedulers="euler",provider="cpu",version="0.1.0",model="sdxl-turbo"} 1');
+    // Every sample line of every t2i series carries it.
+    const samples = text.split('\n').filter((l) => l.startsWith('t2i_'));
+    expect(samples.length).toBeGreaterThan(10);
+    for (const line of samples) expect(line, line).toContain('model="sdxl-turbo"');
   });
 });

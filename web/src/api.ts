@@ -14,12 +14,15 @@ export interface Job {
   progress: number;
   prompt: string;
   negative_prompt: string | null;
-  num_steps: number;
-  guidance_scale: number;
+  /** The model it runs on. */
+  model: string | null;
+  // Null only while a job waits for the first worker of a model never served (its defaults come from that worker).
+  num_steps: number | null;
+  guidance_scale: number | null;
   seed: number;
-  width: number;
-  height: number;
-  scheduler: string;
+  width: number | null;
+  height: number | null;
+  scheduler: string | null;
   num_images: number;
   error: { code: string; message: string } | null;
   created_at: string;
@@ -34,8 +37,23 @@ export interface Defaults {
 }
 
 export interface Models {
-  models: Array<{ id: string; variant: string | null; workers: number; providers: string[]; model_defaults: Defaults; schedulers: string[] }>;
-  request_defaults: Defaults & { num_images: number };
+  /**
+   * Served models (status serving), then those the server takes jobs for while none of their
+   * workers runs (no_worker: the jobs wait in the model's queue); `default` is the model of a
+   * request that names none. A model never served has no defaults yet.
+   */
+  models: Array<{
+    id: string;
+    status: 'serving' | 'no_worker';
+    default: boolean;
+    variant: string | null;
+    workers: number;
+    providers: string[];
+    model_defaults: Defaults | null;
+    schedulers: string[];
+  }>;
+  /** The default model's defaults; null when requests must name a model (several, no default). */
+  request_defaults: (Defaults & { num_images: number; model: string }) | null;
   limits: Limits;
 }
 
@@ -107,7 +125,7 @@ export class Api {
   usage = () => this.json<Usage>('GET', '/usage');
   models = () => this.json<Models>('GET', '/models');
   schedulers = () => this.json<Schedulers>('GET', '/schedulers');
-  submit = (body: CreateBody) => this.json<Job>('POST', '/generated-images', body);
+  submit = (body: CreateBody & { model?: string }) => this.json<Job>('POST', '/generated-images', body);
   cancel = (id: string) => this.json<Job>('POST', `/generated-images/${encodeURIComponent(id)}/cancel`);
   job = (id: string) => this.json<Job>('GET', `/generated-images/${encodeURIComponent(id)}`);
   list = (limit: number, cursor: string | null) =>

@@ -81,8 +81,11 @@ export class PromptForm {
         ? models.models.map((m) => h('option', { value: m.id }, m.variant ? `${m.id} (${m.variant})` : m.id))
         : [h('option', { value: '' }, 'No worker is serving a model yet')]),
     );
+    // The server's default model first; else the first listed (the one most workers serve).
+    const preferred = models.models.find((m) => m.default) ?? models.models[0];
+    if (preferred) this.model.value = preferred.id;
     this.applyModel(true);
-    input('num_images').value = String(models.request_defaults.num_images);
+    input('num_images').value = String(models.request_defaults?.num_images ?? 1);
     this.countPrompt();
   }
 
@@ -90,22 +93,24 @@ export class PromptForm {
   private applyModel(withDefaults: boolean): void {
     if (!this.models || !this.schedulers) return;
     const m = this.models.models.find((x) => x.id === this.model.value);
-    const defaults = m?.model_defaults ?? this.models.request_defaults;
-    // The API takes no model in a request: a job runs on whichever worker takes it. With one model
-    // served (the usual deployment) that is the one listed; with several, the hint says so.
-    const served = m
-      ? `Served by ${m.workers} worker${m.workers === 1 ? '' : 's'}${m.providers.length ? ` (${m.providers.join(', ')})` : ''}.`
-      : 'Jobs wait in the queue until a worker starts.';
-    const several =
-      this.models.models.length > 1 ? ' This server runs several models: a job goes to whichever worker is free, so choosing one sets only its defaults.' : '';
+    // A model never served has no defaults yet: the fields keep what they hold.
+    const defaults = m ? m.model_defaults : this.models.request_defaults;
+    // Each model has its own queue and workers: a job runs on a worker of the model chosen here.
+    const served =
+      m?.status === 'no_worker'
+        ? 'No worker serves it right now: its jobs wait in its queue until one starts.'
+        : m
+          ? `Served by ${m.workers} worker${m.workers === 1 ? '' : 's'}${m.providers.length ? ` (${m.providers.join(', ')})` : ''}.`
+          : 'Jobs wait in the queue until a worker starts.';
+    const several = this.models.models.length > 1 ? ' This server runs several models: the job runs on this one, with its defaults.' : '';
     byId('f-model-hint').textContent = m ? `${served}${several || ' Choosing it sets its defaults.'}` : served;
     const names = new Set(m?.schedulers.length ? m.schedulers : this.schedulers.schedulers.map((s) => s.name));
     const keep = this.scheduler.value;
     this.scheduler.replaceChildren(...this.schedulers.schedulers.filter((s) => names.has(s.name)).map((s) => h('option', { value: s.name }, s.name)));
-    this.scheduler.value = withDefaults || !names.has(keep) ? defaults.scheduler : keep;
+    this.scheduler.value = (withDefaults || !names.has(keep)) && defaults ? defaults.scheduler : keep;
     this.scheduler.onchange = () => this.describeScheduler();
     this.describeScheduler();
-    if (withDefaults) {
+    if (withDefaults && defaults) {
       input('num_steps').value = String(defaults.num_steps);
       input('guidance_scale').value = String(defaults.guidance_scale);
       input('width').value = String(defaults.width);
@@ -182,7 +187,8 @@ export class PromptForm {
     this.button.disabled = true;
     this.status.textContent = 'Sending…';
     try {
-      const job = await this.api().submit(body);
+      // The chosen model, so the job goes to its queue (none listed: the server's default).
+      const job = await this.api().submit(this.model.value ? { ...body, model: this.model.value } : body);
       this.status.textContent = 'Started.';
       this.onCreated(job);
     } catch (err) {
@@ -201,10 +207,22 @@ export class PromptForm {
   fill(job: Job): void {
     input('prompt').value = job.prompt;
     input('negative_prompt').value = job.negative_prompt ?? '';
-    if (![...this.scheduler.options].some((o) => o.value === job.scheduler)) this.scheduler.append(h('option', { value: job.scheduler }, job.scheduler));
-    this.scheduler.value = job.scheduler;
-    this.describeScheduler();
-    for (const f of ['num_steps', 'guidance_scale', 'width', 'height', 'seed', 'num_images'] as const) input(f).value = String(job[f]);
+    // Its model, when the server still lists it (its defaults are not applied: the job's values follow).
+    if (job.model !== null && [...this.model.options].some((o) => o.value === job.model)) {
+      this.model.value = job.model;
+      this.applyModel(false);
+    }
+    if (job.scheduler !== null) {
+      const scheduler = job.scheduler;
+      if (![...this.scheduler.options].some((o) => o.value === scheduler)) this.scheduler.append(h('option', { value: scheduler }, scheduler));
+      this.scheduler.value = scheduler;
+      this.describeScheduler();
+    }
+    // A value the job left to its model's first worker stays as the form has it.
+    for (const f of ['num_steps', 'guidance_scale', 'width', 'height', 'seed', 'num_images'] as const) {
+      const v = job[f];
+      if (v !== null) input(f).value = String(v);
+    }
     this.countPrompt();
   }
 

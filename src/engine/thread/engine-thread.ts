@@ -70,7 +70,9 @@ if (init.kind === 'test') {
   const pipeline = new TestPipeline({ stepMs: init.stepMs, batchMax: init.batchMax });
   start(pipeline);
   const batching = { max: pipeline.batching.max, summary: `batching: up to ${pipeline.batching.max} generations per step (test engine)` };
-  post({ type: 'ready', info: { modelDir: 'test-engine', provider: 'none', defaultScheduler: 'pndm', loadMs: 0, sizeBytes: 0, batching } });
+  // The double takes (and ignores) input pictures and masks, so the service's paths for them can be tested.
+  const inputs = { family: 'test' as const, inpainting: false, imageInputs: true };
+  post({ type: 'ready', info: { modelDir: 'test-engine', provider: 'none', defaultScheduler: 'pndm', inputs, loadMs: 0, sizeBytes: 0, batching } });
 } else {
   await loadOnnx(init);
 }
@@ -90,6 +92,7 @@ async function loadOnnx(onnx: Extract<ThreadInit, { kind: 'onnx' }>): Promise<vo
         defaultScheduler: model.defaultScheduler,
         variant: model.variant.name,
         defaults: model.defaults,
+        inputs: { family: model.variant.family, inpainting: model.variant.inpainting, imageInputs: model.hasVaeEncoder },
         loadMs: model.loadMs,
         sizeBytes: model.sizeBytes,
         batching: { max: pipeline.batching.max, summary: pipeline.batching.summary },

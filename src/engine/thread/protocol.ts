@@ -20,6 +20,8 @@ export interface EngineInfo {
   variant?: string;
   /** What a request that leaves parameters out gets on this model. */
   defaults?: ModelDefaults;
+  /** What the model can take, for the service to refuse requests it cannot run (absent: text-to-image only). */
+  inputs?: { family: 'sd' | 'sdxl' | 'test'; inpainting: boolean; imageInputs: boolean };
   loadMs: number;
   sizeBytes: number;
   /** Most generations one UNet run takes here (1: one at a time), and why, in one line. */
