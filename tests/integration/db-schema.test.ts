@@ -13,7 +13,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { createPrismaClient, type Db } from '../../src/adapters/db/client.js';
+import { createPrismaClient, sqlPool, type Db } from '../../src/adapters/db/client.js';
 import { applyMigrations, MigrationError, readMigrations, sha256Hex } from '../../src/adapters/db/migrate.js';
 import { createDatabase, startServices, type LocalServices } from '../../src/dev/services.js';
 import { describeDatabase, describeExpected, driftReport, parseSchema } from '../support/prisma-schema.js';
@@ -442,6 +442,32 @@ describe('createPrismaClient (generated client over @prisma/adapter-pg)', () => 
         data: { prompt: 'p', numSteps: 0, guidanceScale: 1, seed: 1n, width: 64, height: 64, scheduler: 'ddim', tenantId, pixelSteps: 1n },
       }),
     ).rejects.toThrow(/num_steps_check/);
+  });
+
+  it('survives the server ending an idle connection that only the SQL pool has used (no Prisma query yet): logged, not a crash', async () => {
+    const url = await freshDb();
+    const logged: string[] = [];
+    const client = createPrismaClient(url, { log: (_level, msg) => void logged.push(msg) });
+    try {
+      const pool = sqlPool(client);
+      const { rows } = await pool.query<{ pid: number }>('SELECT pg_backend_pid() AS pid');
+      const uncaught: unknown[] = [];
+      const onUncaught = (err: unknown) => void uncaught.push(err);
+      process.prependListener('uncaughtException', onUncaught);
+      try {
+        const ended = new Promise<void>((resolve) => pool.once('remove', () => resolve()));
+        await withClient(url, (c) => c.query('SELECT pg_terminate_backend($1)', [rows[0]!.pid]));
+        await ended;
+      } finally {
+        process.removeListener('uncaughtException', onUncaught);
+      }
+      expect(uncaught).toEqual([]);
+      expect(logged.filter((m) => m.startsWith('idle database connection failed'))).toHaveLength(1);
+      // The pool opens a new connection for the next statement.
+      expect((await pool.query<{ one: number }>('SELECT 1 AS one')).rows[0]!.one).toBe(1);
+    } finally {
+      await client.$disconnect();
+    }
   });
 
   it('fails fast, not hangs, when the database is unreachable', async () => {

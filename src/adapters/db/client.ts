@@ -48,13 +48,15 @@ export function createPrismaClient(databaseUrl: string, opts: DbClientOptions = 
   // One pool for Prisma and for the few hot statements written in SQL (sqlPool): the pool size
   // is one budget for both.
   const pool = new pg.Pool(poolConfig);
+  // An idle connection the server ends (a restart, a failover, a shutdown racing ours) is an
+  // 'error' event on the pool: listened to from the start, so it can never crash the process.
+  // PrismaPg listens too, but only from Prisma's first query; the SQL on this pool (sqlPool) may
+  // come first, and may be all a process runs.
+  pool.on('error', (err) => log?.('error', `idle database connection failed: ${err.message}`));
   const adapter = new PrismaPg(pool, {
     ...(schema ? { schema } : {}),
     // Ours, but ended with the client, so $disconnect() still releases every connection.
     disposeExternalPool: true,
-    // PrismaPg always listens for pool errors (so a database restart does not crash the process
-    // with an unhandled 'error' event); this only makes them visible.
-    onPoolError: (err) => log?.('error', `idle database connection failed: ${err.message}`),
   });
   if (!log) return withPool(new PrismaClient({ adapter }), pool, schema);
 
