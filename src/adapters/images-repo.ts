@@ -308,11 +308,13 @@ export function createImagesRepo(db: Db): ImagesRepo {
     async unfairPriorities(limit) {
       // Each queued job's rank among its tenant's jobs in flight on its model (running ones
       // first, then by age), where it differs from the priority it was queued with. Jobs of
-      // different models wait in different queues, so ranks are counted per model.
+      // different models wait in different queues, so ranks are counted per model. Jobs admitted
+      // by one statement share their created_at: among them the order admission ranked them in
+      // (their priority) decides, not their random ids.
       const rows = await db.$queryRaw<Array<{ id: string; rank: bigint; model: string | null }>>`
         SELECT id, rank, model FROM (
           SELECT id, status, queue_priority, model,
-                 row_number() OVER (PARTITION BY tenant_id, model ORDER BY (status = 'running') DESC, created_at, id) AS rank
+                 row_number() OVER (PARTITION BY tenant_id, model ORDER BY (status = 'running') DESC, created_at, queue_priority, id) AS rank
             FROM generated_images WHERE status IN ('queued', 'running')) ranked
          WHERE status = 'queued' AND queue_priority <> LEAST(rank, ${MAX_PRIORITY}) AND model IS NOT NULL
          ORDER BY rank LIMIT ${limit}`;

@@ -216,4 +216,28 @@ describe('reconciler', () => {
     const left = await repo.unfairPriorities(10_000);
     expect(left.filter((m) => [...a, b].some((j) => j.id === m.id))).toEqual([]);
   });
+
+  it('agrees with admission on jobs admitted by one statement (one created_at): nothing to correct, whatever their ids', async () => {
+    const tenant = await createTenant(db);
+    const batch = Array.from({ length: 12 }, (_, i) => ({
+      id: randomUUID(),
+      tenantId: tenant,
+      model: TEST_MODEL,
+      prompt: `batch ${i}`,
+      negativePrompt: null,
+      numSteps: 1,
+      guidanceScale: 9,
+      seed: 1,
+      width: 64,
+      height: 64,
+      scheduler: 'pndm',
+      pixelSteps: 64 * 64,
+    }));
+    const admitted = await repo.createMany(batch, { maxInFlight: 0, dailyPixelSteps: 0 });
+    const records = admitted.map((r) => ('record' in r ? r.record : null));
+    expect(records.map((r) => r?.queuePriority)).toEqual(batch.map((_, i) => i + 1));
+    expect(new Set(records.map((r) => r?.createdAt.getTime())).size).toBe(1);
+    const left = await repo.unfairPriorities(10_000);
+    expect(left.filter((m) => batch.some((j) => j.id === m.id))).toEqual([]);
+  });
 });
