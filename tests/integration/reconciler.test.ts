@@ -194,20 +194,7 @@ describe('reconciler', () => {
 
   it("ranks a tenant's jobs per model: its first job on another model is first in that model's line", async () => {
     const tenant = await createTenant(db);
-    const job = (i: number, model: string) =>
-      insertJob(repo, {
-        id: randomUUID(),
-        tenantId: tenant,
-        model,
-        prompt: `m ${i}`,
-        negativePrompt: null,
-        numSteps: 1,
-        guidanceScale: 9,
-        seed: 1,
-        width: 64,
-        height: 64,
-        scheduler: 'pndm',
-      });
+    const job = (i: number, model: string) => insertJob(repo, smallJob(tenant, model, `m ${i}`));
     const a = [await job(0, 'model-a'), await job(1, 'model-a'), await job(2, 'model-a')];
     const b = await job(3, 'model-b');
     expect(a.map((j) => j.queuePriority)).toEqual([1, 2, 3]);
@@ -219,20 +206,7 @@ describe('reconciler', () => {
 
   it('agrees with admission on jobs admitted by one statement (one created_at): nothing to correct, whatever their ids', async () => {
     const tenant = await createTenant(db);
-    const batch = Array.from({ length: 12 }, (_, i) => ({
-      id: randomUUID(),
-      tenantId: tenant,
-      model: TEST_MODEL,
-      prompt: `batch ${i}`,
-      negativePrompt: null,
-      numSteps: 1,
-      guidanceScale: 9,
-      seed: 1,
-      width: 64,
-      height: 64,
-      scheduler: 'pndm',
-      pixelSteps: 64 * 64,
-    }));
+    const batch = Array.from({ length: 12 }, (_, i) => ({ ...smallJob(tenant, TEST_MODEL, `batch ${i}`), pixelSteps: 64 * 64 }));
     const admitted = await repo.createMany(batch, { maxInFlight: 0, dailyPixelSteps: 0 });
     const records = admitted.map((r) => ('record' in r ? r.record : null));
     expect(records.map((r) => r?.queuePriority)).toEqual(batch.map((_, i) => i + 1));
@@ -241,3 +215,8 @@ describe('reconciler', () => {
     expect(left.filter((m) => batch.some((j) => j.id === m.id))).toEqual([]);
   });
 });
+
+/** A one-step 64 x 64 job of `tenantId` on `model`, with a fresh id. */
+function smallJob(tenantId: string, model: string, prompt: string) {
+  return { id: randomUUID(), tenantId, model, prompt, negativePrompt: null, numSteps: 1, guidanceScale: 9, seed: 1, width: 64, height: 64, scheduler: 'pndm' };
+}

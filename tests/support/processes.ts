@@ -73,11 +73,6 @@ export class ServiceProcess {
   }
 
   /** Resident set size in bytes, from /proc. */
-  rss(): number {
-    const m = /VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${this.pid}/status`, 'utf8'));
-    return Number(m?.[1] ?? 0) * 1024;
-  }
-
   /**
    * Resolves with the first log line matching `pred`, as soon as it is read; fails with the
    * process's output if it exits first (checked once all its output is read) or on timeout.
