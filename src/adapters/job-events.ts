@@ -27,8 +27,8 @@ export interface JobEventStoreOptions {
 }
 
 export interface JobEventStore {
-  /** Appends an event; resolves with its id. */
-  append(imageId: string, event: JobEvent): Promise<string>;
+  /** Appends events in order, in one round trip; resolves once all are written, rejects if any is not. */
+  appendMany(events: ReadonlyArray<{ imageId: string; event: JobEvent }>): Promise<void>;
   log: JobEventLog;
   close(): Promise<void>;
 }
@@ -58,8 +58,7 @@ export function createJobEventStore(redisUrl: string, opts: JobEventStoreOptions
   // Commands fail fast while Redis is away (publishing is best effort; readers answer 503).
   const commands = createRedis(redisUrl, { failFast: true });
   commands.defineCommand('t2iAppendEvent', { numberOfKeys: 1, lua: APPEND });
-  const appendCmd = (k: string, ...args: Array<string | number>) =>
-    (commands as unknown as { t2iAppendEvent(k: string, ...a: Array<string | number>): Promise<string> }).t2iAppendEvent(k, ...args);
+  type Appender = { t2iAppendEvent(k: string, ...a: Array<string | number>): unknown };
 
   // One subscriber connection per process, shared by every reader of every job; ioredis
   // subscribes again by itself after a reconnect.
@@ -114,7 +113,13 @@ export function createJobEventStore(redisUrl: string, opts: JobEventStoreOptions
   };
 
   return {
-    append: (imageId, event) => appendCmd(key(imageId), opts.maxLen, opts.ttlMs, JSON.stringify(event)),
+    async appendMany(events) {
+      const pipeline = commands.pipeline();
+      for (const { imageId, event } of events) (pipeline as unknown as Appender).t2iAppendEvent(key(imageId), opts.maxLen, opts.ttlMs, JSON.stringify(event));
+      const results = (await pipeline.exec()) ?? [];
+      const failed = results.find(([err]) => err !== null);
+      if (failed) throw failed[0];
+    },
     log: translateErrors(log, translateRedisError),
     async close() {
       listeners.clear();
@@ -131,13 +136,13 @@ const WRITE_TIMEOUT_MS = 2_000;
  * The sink a process publishes through: ordered writes to the store, each bounded in time. A
  * failed write is logged at most every 10 s (a Redis outage would otherwise log every step).
  */
-export function eventSink(store: Pick<JobEventStore, 'append'>, log: { warn(obj: object, msg: string): void }): JobEventSink & { flush(): Promise<void> } {
+export function eventSink(store: Pick<JobEventStore, 'appendMany'>, log: { warn(obj: object, msg: string): void }): JobEventSink & { flush(): Promise<void> } {
   let lastWarn = Number.NEGATIVE_INFINITY;
   let dropped = 0;
   return orderedSink(
-    (imageId, event) => withTimeout(store.append(imageId, event), WRITE_TIMEOUT_MS, 'publishing a job event'),
-    (err) => {
-      dropped++;
+    (events) => withTimeout(store.appendMany(events), WRITE_TIMEOUT_MS, 'publishing job events'),
+    (err, lost) => {
+      dropped += lost;
       if (performance.now() - lastWarn < 10_000) return;
       lastWarn = performance.now();
       log.warn({ err, dropped }, 'could not publish job events; live streams fall back to the job rows');

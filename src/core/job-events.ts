@@ -94,21 +94,38 @@ export function eventTime(): number {
 }
 
 /**
- * A sink that writes one job's events in the order they were published, one at a time, so a
- * slow write (a preview) cannot be overtaken by a later event. Errors are reported, not thrown.
+ * A sink that writes events in the order they were published, one write at a time, so a slow
+ * write (a preview) cannot be overtaken by a later event. Events published while a write is
+ * in flight go together in the next one (one round trip for a whole admitted batch, or for the
+ * steps of several jobs). Errors are reported with the number of events lost, not thrown.
  */
 export function orderedSink(
-  write: (imageId: string, event: JobEvent) => Promise<unknown>,
-  onError: (err: unknown) => void,
+  write: (events: Array<{ imageId: string; event: JobEvent }>) => Promise<unknown>,
+  onError: (err: unknown, lost: number) => void,
 ): JobEventSink & { flush(): Promise<void> } {
-  let chain: Promise<unknown> = Promise.resolve();
+  let chain: Promise<void> = Promise.resolve();
+  let pending: Array<{ imageId: string; event: JobEvent }> = [];
+  // The write that will take `pending`, once the writes before it are done.
+  let next: Promise<void> | undefined;
   return {
     /** Resolves once every event published so far is written or given up on (before closing the store). */
-    flush: async () => void (await chain),
+    flush: () => chain,
     publish(imageId, event, at = eventTime()) {
-      const written = chain.then(async () => void (await write(imageId, { ...event, at }))).catch(onError);
-      chain = written;
-      return written;
+      pending.push({ imageId, event: { ...event, at } });
+      if (next === undefined) {
+        next = chain.then(async () => {
+          const events = pending;
+          pending = [];
+          next = undefined;
+          try {
+            await write(events);
+          } catch (err) {
+            onError(err, events.length);
+          }
+        });
+        chain = next;
+      }
+      return next;
     },
   };
 }
