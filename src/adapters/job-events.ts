@@ -2,7 +2,7 @@ import type { Redis } from 'ioredis';
 import { withTimeout } from '../core/lifecycle.js';
 import { orderedSink, type JobEvent, type JobEventLog, type JobEventSink, type LoggedEvent } from '../core/job-events.js';
 import { createRedis, translateRedisError } from './queue.js';
-import { translateErrors } from './translate.js';
+import { asError, translateErrors } from './translate.js';
 
 /**
  * Job events on Redis (the ioredis client comes from queue.ts, the one module that builds Redis
@@ -118,7 +118,7 @@ export function createJobEventStore(redisUrl: string, opts: JobEventStoreOptions
       for (const { imageId, event } of events) (pipeline as unknown as Appender).t2iAppendEvent(key(imageId), opts.maxLen, opts.ttlMs, JSON.stringify(event));
       const results = (await pipeline.exec()) ?? [];
       const failed = results.find(([err]) => err !== null);
-      if (failed) throw failed[0];
+      if (failed) throw asError(failed[0]);
     },
     log: translateErrors(log, translateRedisError),
     async close() {
