@@ -4,6 +4,7 @@ import { z } from 'zod';
 import type { ImagesService } from '../core/images.js';
 import { MAX_IMAGES } from '../core/params.js';
 import { jobIdParams, problems } from './schemas.js';
+import { holds } from './web.js';
 
 /**
  * A succeeded job's images through the API itself, behind the key like every job route:
@@ -66,7 +67,7 @@ export const imageFileRoutes: FastifyPluginAsync<ImageFileRoutesOptions> = async
     // The object key names the attempt that won: a job's image never changes under it.
     const etag = `"${createHash('sha256').update(`${key}\n${variant}`).digest('base64url').slice(0, 27)}"`;
     reply.header('cache-control', 'private, no-cache').header('vary', 'authorization').header('etag', etag);
-    if (request.headers['if-none-match'] === etag) return reply.status(304).send();
+    if (holds(request, etag)) return reply.status(304).send();
     const bytes = await body(await opts.read(key));
     reply.header('content-type', type);
     if (variant === 'png') reply.header('content-disposition', `inline; filename="t2i-${id}-${index}.png"`);

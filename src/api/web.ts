@@ -134,10 +134,10 @@ function encodingFor(request: FastifyRequest, asset: Asset): 'br' | 'gzip' | und
 }
 
 /**
- * Whether If-None-Match names `etag`: a list of tags or `*`, compared weakly as RFC 9110 says
- * for this header (a `W/` a cache or proxy added still matches).
+ * Whether the request's If-None-Match names `etag`: a list of tags or `*`, compared weakly as
+ * RFC 9110 says for this header (a `W/` a cache or proxy added still matches).
  */
-function holds(request: FastifyRequest, etag: string): boolean {
+export function holds(request: FastifyRequest, etag: string): boolean {
   const header = request.headers['if-none-match'];
   if (!header) return false;
   return header.split(',').some((tag) => {

@@ -300,6 +300,17 @@ describe('the isolation matrix', () => {
     expect([png.status, png.headers.get('content-type')]).toEqual([200, 'image/png']);
     const thumbnail = await ROUTES.find((r) => r.route.endsWith('/thumbnail'))!.call('owner', jobId);
     expect([thumbnail.status, thumbnail.headers.get('content-type')]).toEqual([200, 'image/webp']);
+    // Conditional GETs, as browsers and caches send them (RFC 9110: a list of tags, `*`, weak
+    // forms match): 304 for the owner's copy; the other tenant gets the same 404 as without a tag.
+    const etag = png.headers.get('etag')!;
+    const pngPath = `/generated-images/${jobId}/images/0`;
+    for (const inm of [etag, `"stale", W/${etag}`, '*'])
+      expect((await call('GET', pngPath, { ...headersOf.owner, 'if-none-match': inm })).status, inm).toBe(304);
+    expect((await call('GET', pngPath, { ...headersOf.owner, 'if-none-match': '"stale"' })).status).toBe(200);
+    expect(thumbnail.headers.get('etag')).not.toBe(etag);
+    const foreign = await call('GET', pngPath, { ...headersOf.other, 'if-none-match': etag });
+    expect(foreign.status).toBe(404);
+    seen.push({ who: 'other', route: 'GET /generated-images/:id/images/:index (If-None-Match)', answer: foreign });
     expect((await ROUTES[4]!.call('owner', jobId)).status).toBe(409);
     const usage = JSON.parse((await ROUTES[6]!.call('owner', jobId)).text) as { tenant: string; jobs_today: number };
     expect(usage).toMatchObject({ tenant: 'owner-co', jobs_today: 1 });
