@@ -68,16 +68,20 @@ interface Memory {
   /** V8's committed heap: what the collector holds from the system, used or not. */
   heapTotal: number;
   heapUsed: number;
+  /** Major (mark-compact) collections so far (prom-client's nodejs_gc_duration_seconds count). */
+  majorGcs: number;
 }
 
 async function memoryOf(pid: number, metricsUrl: string, auth?: string): Promise<Memory> {
   const status = readFileSync(`/proc/${pid}/status`, 'utf8');
   const rssAnon = Number(/^RssAnon:\s+(\d+) kB/m.exec(status)?.[1] ?? NaN) * 1024;
   const text = await (await fetch(`${metricsUrl}/metrics`, auth ? { headers: { authorization: `Bearer ${auth}` } } : {})).text();
-  const value = (name: string) => {
-    // A worker's series carry its model as a label.
-    const m = new RegExp(`^${name}(?:\\{[^}]*\\})? (\\S+)`, 'm').exec(text);
-    if (!m) throw new Error(`${metricsUrl}/metrics has no ${name}`);
+  // A worker's series carry its model as a label; `labels` picks one series by its labels;
+  // `absent` is the value of a series not written yet (a count before its first event).
+  const value = (name: string, labels = '', absent?: number) => {
+    const m = new RegExp(`^${name}(?:\\{[^}]*${labels}[^}]*\\})? (\\S+)`, 'm').exec(text);
+    if (!m && absent !== undefined) return absent;
+    if (!m) throw new Error(`${metricsUrl}/metrics has no ${name}${labels}`);
     return Number(m[1]);
   };
   return {
@@ -85,6 +89,7 @@ async function memoryOf(pid: number, metricsUrl: string, auth?: string): Promise
     rss: value('process_resident_memory_bytes'),
     heapTotal: value('nodejs_heap_size_total_bytes'),
     heapUsed: value('nodejs_heap_size_used_bytes'),
+    majorGcs: value('nodejs_gc_duration_seconds_count', 'kind="major"', 0),
   };
 }
 
@@ -207,19 +212,25 @@ describe('bad input and long runs, with real processes', () => {
     //   allocator); file-backed pages are left out: the node binary's code and data fault in as
     //   code paths first run, slowly after other work evicted them from the page cache (a run
     //   after the whole suite measured 25 MB/min of RSS growth that way), and no leak is a file;
-    // - JS: the heap in use, on its lower envelope (after collections).
+    // - JS: the heap in use.
     // RSS itself also holds V8's committed but unused pages, which its memory reducer hands back
     // and takes again 40 MB at a time with no leak at all (measured here: RSS 252 -> 209 -> 247 MB
     // within a minute while the heap in use stayed at 53-60 MB), so its floors swing by tens of
     // MB a minute either way; it is reported, not judged. The run after its first sixth (warm-up)
-    // is cut into five windows; each trend is the least-squares slope of one point per window:
-    // - for the heap in use, the window's lowest sample: garbage only ever adds to it;
-    // - for native memory, the window's median: the allocator (glibc malloc) moves it both ways
-    //   for a while. Measured in the API after the fuzz test: native at 74 MB, then 28 s at 48 MB
-    //   after malloc returned free pages to the system, then back at 72-74 MB for the remaining
-    //   140 s, through six collections. Its floors (48, 60, 73, 73, 73) made that one trough a
-    //   "leak" of 10 MB/min; its medians (74, 73, 73, 74, 74) are flat, as the memory was. A
-    //   leak moves the median of every window, so it still shows.
+    // is cut into five windows; each trend is the least-squares slope of the windows' medians.
+    // A leak raises every sample, so it moves every median; what no leak does barely moves them:
+    // - native memory: the allocator (glibc malloc) moves it both ways for a while. Measured in
+    //   the API after the fuzz test: native at 74 MB, then 28 s at 48 MB after malloc returned
+    //   free pages to the system, then back at 72-74 MB for the remaining 140 s. The windows'
+    //   lowest samples (48, 60, 73, 73, 73) made that one trough a "leak" of 10 MB/min; their
+    //   medians (74, 73, 73, 74, 74) are flat, as the memory was;
+    // - the heap in use is a sawtooth of garbage cut by each major collection (every ~13 s in
+    //   the API, ~25 s in a worker, here), and even right after one it varies by ~10 MB with
+    //   what the young generation holds then. The lowest sample of a window is one draw of that
+    //   (a worker's: 74, 71, 73, 77, 72 MB, whose slope swung up to 2.55 MB/min between runs);
+    //   the median of a window that spans whole cycles sits at the same level each time (81.5,
+    //   84, 80.5, 81.5, 80.5). So the process must collect about once a window (as many major
+    //   collections as windows over the run; measured: 9-25), or the test says it does not.
     const warm = samples.filter((s) => s.t >= SOAK_SECONDS / 6);
     const windows = 5;
     const span = (SOAK_SECONDS * 5) / 6 / windows;
@@ -243,7 +254,9 @@ describe('bad input and long runs, with real processes', () => {
       rssSlopeMbPerMin: round(floorSlope((m) => m.rss, k)),
       nativeMb: windowed.map((win) => round(median(win.map((s) => native(s.mem[k]!))) / 2 ** 20)),
       nativeSlopeMbPerMin: round(medianSlope(native, k)),
-      heapUsedSlopeMbPerMin: round(floorSlope((m) => m.heapUsed, k)),
+      heapUsedMb: windowed.map((win) => round(median(win.map((s) => s.mem[k]!.heapUsed)) / 2 ** 20)),
+      heapUsedSlopeMbPerMin: round(medianSlope((m) => m.heapUsed, k)),
+      majorGcsPerWindow: windowed.map((win) => win.at(-1)!.mem[k]!.majorGcs - win[0]!.mem[k]!.majorGcs),
     }));
     expect(failures.slice(0, 5)).toEqual([]);
     expect(errorLines.slice(0, 5)).toEqual([]);
@@ -257,6 +270,8 @@ describe('bad input and long runs, with real processes', () => {
     // window for a slope to mean anything: they report it without judging it.
     if (SOAK_SECONDS >= 120) {
       for (const m of rssMb) {
+        const majors = m.majorGcsPerWindow.reduce((a, b) => a + b, 0);
+        expect(majors, `major collections of ${m.process} per window: ${m.majorGcsPerWindow.join(', ')}`).toBeGreaterThanOrEqual(windows);
         expect(m.nativeSlopeMbPerMin, `native memory (anonymous RSS - V8 heap) slope of ${m.process}`).toBeLessThan(3);
         expect(m.heapUsedSlopeMbPerMin, `heap-in-use slope of ${m.process}`).toBeLessThan(3);
       }
