@@ -79,8 +79,9 @@ const DESCRIPTIONS: Record<SchedulerName, string> = {
   lcm: 'LCM; for latent-consistency models, 2-8 steps; adds noise each step (seeded)',
 };
 
-export const discoveryRoutes: FastifyPluginAsync<DiscoveryOptions> = async (app, opts) => {
-  const limits = {
+/** The limits a request must keep, as GET /models and GET /schedulers list them. */
+export function requestLimits(maxPixelSteps: number) {
+  return {
     min_steps: 1,
     max_steps: GENERATION_LIMITS.maxSteps,
     min_side: GENERATION_LIMITS.minSide,
@@ -89,8 +90,12 @@ export const discoveryRoutes: FastifyPluginAsync<DiscoveryOptions> = async (app,
     max_guidance_scale: GENERATION_LIMITS.maxGuidance,
     max_prompt_chars: GENERATION_LIMITS.maxPromptChars,
     max_images: MAX_IMAGES,
-    max_pixel_steps: opts.maxPixelSteps,
+    max_pixel_steps: maxPixelSteps,
   };
+}
+
+export const discoveryRoutes: FastifyPluginAsync<DiscoveryOptions> = async (app, opts) => {
+  const limits = requestLimits(opts.maxPixelSteps);
   // What POST /generated-images fills in for a request that names no model: the default model's own defaults.
   const requestDefaults = (models: ListedModel[]) => {
     const d = models.find((m) => m.default);

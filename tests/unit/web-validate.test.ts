@@ -7,21 +7,12 @@
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 import { createImageBody, fieldErrors } from '../../src/core/params.js';
-import { GENERATION_LIMITS, MAX_IMAGES } from '../../src/engine/params.js';
 import { SCHEDULER_NAMES } from '../../src/engine/schedulers/types.js';
+import { requestLimits } from '../../src/api/discovery.js';
 import { randomSeed, validateForm, type FormValues, type Limits } from '../../web/src/validate.js';
 
-const LIMITS: Limits = {
-  min_steps: 1,
-  max_steps: GENERATION_LIMITS.maxSteps,
-  min_side: GENERATION_LIMITS.minSide,
-  max_side: GENERATION_LIMITS.maxSide,
-  side_multiple_of: 8,
-  max_guidance_scale: GENERATION_LIMITS.maxGuidance,
-  max_prompt_chars: GENERATION_LIMITS.maxPromptChars,
-  max_images: MAX_IMAGES,
-  max_pixel_steps: 52_428_800,
-};
+/** The limits the API lists (GET /models), with a MAX_PIXEL_STEPS of 52,428,800. */
+const LIMITS: Limits = requestLimits(52_428_800);
 
 const VALID: FormValues = {
   prompt: 'a red circle',
